@@ -1,0 +1,171 @@
+"""The FlowCut encoder: run layers 0…F, score each from its own q/k/v, prune progressively.
+
+The layers run exactly as the model defines them, with its own attention implementation
+(SDPA by default): the scores come from forward hooks on the q/k/v projections, so the S×S
+attention matrix is never built. Layers after the feature layer F are not run.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .checks import check_int, check_tensor, require
+from .towers import Tower, find_tower
+
+
+@dataclass
+class FlowCutOutput:
+    """What :func:`encode` returns.
+
+    features: (B, target_num, C) output of the feature layer for the kept patches, CLS row dropped.
+    keep_indices: (B, target_num) int64, ascending, original patch numbering (0 … N₀ − 1).
+    tokens_per_layer: tokens (CLS included) each run layer 0 … F processed.
+    """
+
+    features: Tensor
+    keep_indices: Tensor
+    tokens_per_layer: list[int]
+
+
+def feature_index(feature_layer: int, num_layers: int, argument: str = "feature_layer") -> int:
+    """F = L + feature_layer, for a negative ``feature_layer`` that leaves at least one layer before F."""
+    require(
+        isinstance(feature_layer, int) and not isinstance(feature_layer, bool),
+        f"{argument} must be an int, got {type(feature_layer).__name__}",
+    )
+    require(
+        -num_layers < feature_layer < 0,
+        f"{argument}={feature_layer} is out of range for a {num_layers}-layer encoder: pass a negative index in "
+        f"[{1 - num_layers}, -1], counted from the end like LLaVA's vision_feature_layer (-1 = last layer, "
+        f"-2 = LLaVA-1.5); the first layer cannot be the feature layer, since no layer before it could prune",
+    )
+    return num_layers + feature_layer
+
+
+def check_target(target_num: int, num_patches: int) -> int:
+    """1 ≤ target_num < N₀."""
+    return check_int("target_num", target_num, 1, num_patches - 1)
+
+
+@contextmanager
+def _projections(attention: nn.Module, enabled: bool):
+    """Collect the outputs of the attention's q/k/v projections during one forward."""
+    out: dict[str, Tensor] = {}
+
+    def keeper(name):
+        def hook(module, args, result):
+            out[name] = result
+
+        return hook
+
+    names = ("q_proj", "k_proj", "v_proj") if enabled else ()
+    handles = [getattr(attention, name).register_forward_hook(keeper(name)) for name in names]
+    try:
+        yield out
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_pruned(
+    tower: Tower,
+    hidden: Tensor,
+    target_num: int,
+    feature_idx: int,
+    backend: str,
+    layer_outputs: list[Tensor] | None = None,
+    **layer_kwargs,
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Run layers 0 … F of ``tower`` on ``hidden`` with FlowCut pruning.
+
+    Args:
+        hidden: (B, S₀, C) input of layer 0.
+        target_num: patches that reach the feature layer's output.
+        feature_idx: F, 0-based index of the feature layer.
+        backend: a concrete backend name.
+        layer_outputs: if a list, each run layer's output is appended (before that step's pruning).
+
+    Returns:
+        out (B, T, C) output of layer F (relay row first in the CLS variant), keep_indices
+        (B, target_num) int64 ascending, tokens_per_layer (F + 1 ints).
+    """
+    has_cls = tower.has_cls
+    target = target_num + 1 if has_cls else target_num
+    batch, seq, _ = hidden.shape
+    n = seq - 1 if has_cls else seq
+    index_map = torch.arange(n, device=hidden.device).expand(batch, n)
+    cum = None
+    tokens = []
+    for i, layer in enumerate(tower.layers[:feature_idx]):
+        tokens.append(seq)
+        scored = seq > target
+        attn = tower.attention(layer)
+        with _projections(attn, scored) as qkv:
+            hidden = layer(hidden, None, **layer_kwargs)
+        if layer_outputs is not None:
+            layer_outputs.append(hidden)
+        if not scored:
+            continue
+        q, k, v = (qkv[name].view(batch, seq, attn.num_heads, attn.head_dim) for name in ("q_proj", "k_proj", "v_proj"))
+        q_relay = q[:, 0] if has_cls else q.mean(dim=1, dtype=torch.float32)
+        cum, entropy, _ = ops.flow_scores(
+            q_relay, k.transpose(1, 2), v.transpose(1, 2), cum, scale=attn.scale, has_cls=has_cls, backend=backend
+        )
+        steps_left = feature_idx - i - 1
+        if steps_left % 2:
+            continue
+        keep = max(seq - ops.prune_count(entropy, n, target, steps_left), target)
+        if keep < seq:
+            hidden, cum, index_map = ops.select_gather(hidden, cum, index_map, keep, has_cls=has_cls, backend=backend)
+            seq, n = keep, (keep - 1 if has_cls else keep)
+    tokens.append(seq)
+    hidden = tower.layers[feature_idx](hidden, None, **layer_kwargs)
+    if layer_outputs is not None:
+        layer_outputs.append(hidden)
+    return hidden, index_map, tokens
+
+
+def check_pixels(pixel_values: Tensor, tower: Tower) -> None:
+    """(B, 3, H, W) floating pixels on the tower's device."""
+    check_tensor("pixel_values", pixel_values, 4, (torch.float16, torch.bfloat16, torch.float32, torch.float64), "(B, 3, H, W)")
+    require(
+        pixel_values.device == tower.device,
+        f"pixel_values is on {pixel_values.device} but the model is on {tower.device}; "
+        f"move it with pixel_values.to({str(tower.device)!r})",
+    )
+
+
+def encode(
+    vision_model: nn.Module,
+    pixel_values: Tensor,
+    target_num: int,
+    *,
+    feature_layer: int = -1,
+    backend: str = "auto",
+) -> FlowCutOutput:
+    """Encode images with FlowCut pruning, returning ``target_num`` patch features per image.
+
+    Args:
+        vision_model: a HF ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``.
+        pixel_values: (B, 3, H, W) images at the model's resolution.
+        target_num: patches to keep, 1 ≤ target_num < N₀ (576 for ViT-L/14-336).
+        feature_layer: negative layer index whose output is the feature (-1 last; LLaVA-1.5 uses -2).
+        backend: "auto" or a name from :func:`flowcut_kernels.available_backends`.
+
+    Returns:
+        A :class:`FlowCutOutput`: features (B, target_num, C), keep_indices (B, target_num),
+        tokens_per_layer.
+    """
+    tower = find_tower(vision_model, "vision_model")
+    feature_idx = feature_index(feature_layer, len(tower.layers))
+    target_num = check_target(target_num, tower.num_patches)
+    check_pixels(pixel_values, tower)
+    backend = ops.resolve_backend(backend, tower.device)
+    out, keep_indices, tokens = run_pruned(tower, tower.embed(pixel_values), target_num, feature_idx, backend)
+    features = out[:, 1:] if tower.has_cls else out
+    return FlowCutOutput(features, keep_indices, tokens)

@@ -1,0 +1,201 @@
+"""Naive, independent test oracle for FlowCut (see /work/shared/SPEC.md).
+
+Deliberately plain: float64 everywhere for the scores, explicit loops over batch and heads,
+one formula per line. Nothing here is shared with the `flowcut_kernels` package.
+
+Shapes: B images, S tokens (relay first in the CLS variant), N candidates (S-1 with CLS, S without),
+H heads, D head dim, C = H*D hidden size.
+"""
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. per-layer signals
+# ----------------------------------------------------------------------------------------------
+def _entropy_normalised(p):
+    """p: list of N floats summing to 1 -> (-sum p ln p) / ln N, 0 ln 0 = 0, and 0 when N == 1."""
+    n = len(p)
+    if n <= 1:
+        return 0.0
+    h = 0.0
+    for x in p:
+        if x > 0.0:
+            h -= x * math.log(x)
+    return h / math.log(n)
+
+
+def naive_flow_scores(q_relay, k, v, prev, scale, has_cls=True, semantic=True):
+    """FlowCut layer signals.
+
+    q_relay (B,H,D); k, v (B,H,S,D); prev (B,N) or None.
+    Returns float64 (cum (B,N), hn (B,), attn (B,N)); attn = A, the head-mean relay attention on candidates.
+    """
+    q_relay, k, v = q_relay.double(), k.double(), v.double()
+    B, H, S, D = k.shape
+    first = 1 if has_cls else 0
+    N = S - first
+    cum = torch.zeros(B, N, dtype=torch.float64)
+    hn = torch.zeros(B, dtype=torch.float64)
+    attn = torch.zeros(B, N, dtype=torch.float64)
+    for b in range(B):
+        # A: mean over heads of softmax over all S tokens of scale * r_h . k_h[j]
+        A = torch.zeros(S, dtype=torch.float64)
+        for h in range(H):
+            logits = torch.stack([scale * torch.dot(q_relay[b, h], k[b, h, j]) for j in range(S)])
+            A += torch.softmax(logits, dim=0) / H
+        A = A[first:]
+        # rho: L1 norm over d of the head-averaged value
+        v_mean = v[b].mean(dim=0)                          # (S, D)
+        rho = v_mean.abs().sum(dim=1)[first:]              # (N,)
+        if has_cls:
+            p_attn = A / A.sum()
+            if semantic:
+                # Sm: mean over heads of softmax over all S tokens of v_h[0] . v_h[j]  (no scale)
+                Sm = torch.zeros(S, dtype=torch.float64)
+                for h in range(H):
+                    logits = torch.stack([torch.dot(v[b, h, 0], v[b, h, j]) for j in range(S)])
+                    Sm += torch.softmax(logits, dim=0) / H
+                Sm = Sm[first:]
+                I = (p_attn + Sm / Sm.sum()) * rho
+            else:
+                I = p_attn * rho
+        else:
+            I = A * rho
+        cum[b] = I if prev is None else 0.5 * prev[b].double() + 0.5 * I
+        hn[b] = _entropy_normalised((A / A.sum()).tolist())
+        attn[b] = A
+    return cum, hn, attn
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. select + gather
+# ----------------------------------------------------------------------------------------------
+def naive_select_gather(hidden, cum, index_map, keep, has_cls=True):
+    """Keep the relay row (CLS variant) and the best candidates by cum, in ascending original order.
+
+    hidden (B,S,C), cum (B,N), index_map (B,N) int64; keep counts the relay row when has_cls.
+    Returns hidden_out (B,keep,C), cum_out (B,n_keep), index_out (B,n_keep), n_keep = keep-1 or keep.
+    Ties: equal cum -> lower candidate index first.
+    """
+    first = 1 if has_cls else 0
+    n_keep = keep - first
+    B, N = cum.shape
+    assert 0 <= n_keep <= N
+    hid_rows, cum_rows, idx_rows = [], [], []
+    for b in range(B):
+        values = cum[b].tolist()
+        order = sorted(range(N), key=lambda j: (-values[j], j))
+        chosen = sorted(order[:n_keep])
+        rows = ([0] if has_cls else []) + [j + first for j in chosen]
+        hid_rows.append(hidden[b, rows])
+        cum_rows.append(cum[b, chosen])
+        idx_rows.append(index_map[b, chosen])
+    return torch.stack(hid_rows), torch.stack(cum_rows), torch.stack(idx_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. prune count
+# ----------------------------------------------------------------------------------------------
+def naive_prune_count(hn, n_candidates, target, steps_left):
+    """Number of tokens to drop. hn (B,) or list; target = T (relay included in the CLS variant)."""
+    excess = n_candidates - (target - 1)
+    if steps_left == 0:
+        return excess
+    best = max(float(excess) / math.sqrt(steps_left) * (1.0 - float(h) ** 2) for h in list(hn))
+    return max(0, round(best))  # Python round = round half to even
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. whole FlowCut encoder on an HF CLIP vision model (CLS variant)
+# ----------------------------------------------------------------------------------------------
+def find_vision_tower(model):
+    """The module holding `embeddings`, `pre_layrnorm` and `encoder` (the model itself or .vision_model)."""
+    for m in (model, getattr(model, "vision_model", None)):
+        if m is not None and all(hasattr(m, a) for a in ("embeddings", "pre_layrnorm", "encoder")):
+            return m
+    raise ValueError("no CLIP vision tower found")
+
+
+def eager_clip_layer(layer, x):
+    """One CLIPEncoderLayer written out. x (B,S,C) in the layer's dtype.
+
+    Returns (out (B,S,C), q, k, v (B,H,S,D) float64, probs (B,H,S,S) float64, scale).
+    The attention probabilities are built in float64; the rest runs in x's dtype.
+    """
+    attn = layer.self_attn
+    B, S, C = x.shape
+    H = attn.num_heads
+    D = C // H
+    scale = D ** -0.5
+    residual = x
+    h = layer.layer_norm1(x)
+    q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, S, H, D).transpose(1, 2)
+    k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, S, H, D).transpose(1, 2)
+    v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, S, H, D).transpose(1, 2)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    probs = torch.softmax(scale * (q64 @ k64.transpose(-1, -2)), dim=-1)       # (B,H,S,S)
+    ctx = probs.to(x.dtype) @ v                                                 # (B,H,S,D)
+    ctx = ctx.transpose(1, 2).reshape(B, S, C)
+    x = residual + F.linear(ctx, attn.out_proj.weight, attn.out_proj.bias)
+    x = x + layer.mlp(layer.layer_norm2(x))
+    return x, q64, k64, v64, probs, scale
+
+
+def scores_from_attention(probs, v, prev):
+    """CLS-variant FlowCut scores from a layer's full attention probabilities and values.
+
+    probs (B,H,S,S), v (B,H,S,D), prev (B,S-1) or None -> float64 (cum (B,S-1), hn (B,), A (B,S-1)).
+    """
+    probs, v = probs.double(), v.double()
+    B, H, S, _ = probs.shape
+    A = probs[:, :, 0, :].mean(dim=1)[:, 1:]                                    # row 0 = relay query
+    Sm = torch.softmax(v[:, :, :1, :] @ v.transpose(-1, -2), dim=-1)[:, :, 0, :].mean(dim=1)[:, 1:]
+    rho = v.mean(dim=1).abs().sum(dim=-1)[:, 1:]
+    I = (A / A.sum(-1, keepdim=True) + Sm / Sm.sum(-1, keepdim=True)) * rho
+    cum = I if prev is None else 0.5 * prev.double() + 0.5 * I
+    hn = torch.tensor([_entropy_normalised((A[b] / A[b].sum()).tolist()) for b in range(B)],
+                      dtype=torch.float64)
+    return cum, hn, A
+
+
+@torch.no_grad()
+def naive_encode(vision_model, pixel_values, target_num, feature_layer=-1, compute_dtype=torch.float64):
+    """FlowCut on a CLIP vision tower.
+
+    pixel_values (B,3,H,W). Returns features (B,target_num,C) in compute_dtype,
+    keep_indices (B,target_num) int64 ascending in 0..N0-1, tokens_per_layer (list, len F+1).
+    """
+    tower = find_vision_tower(vision_model)
+    layers = tower.encoder.layers
+    L = len(layers)
+    Fl = L + feature_layer
+    T = target_num + 1
+    embeddings = copy.deepcopy(tower.embeddings).to(compute_dtype)
+    pre = copy.deepcopy(tower.pre_layrnorm).to(compute_dtype)
+    x = pre(embeddings(pixel_values.to(compute_dtype)))
+    B, S, C = x.shape
+    index_map = torch.arange(S - 1, dtype=torch.int64).repeat(B, 1)
+    cum = None
+    tokens_per_layer = []
+    for l in range(Fl):
+        layer = copy.deepcopy(layers[l]).to(compute_dtype)
+        S = x.shape[1]
+        tokens_per_layer.append(S)
+        x, _, _, v, probs, _ = eager_clip_layer(layer, x)
+        rpl = Fl - l - 1
+        if S > T:
+            cum, hn, _ = scores_from_attention(probs, v, cum)
+            if rpl % 2 == 0:
+                if rpl == 0:
+                    keep = T
+                else:
+                    keep = max(S - naive_prune_count(hn, S - 1, T, rpl), T)
+                x, cum, index_map = naive_select_gather(x, cum, index_map, keep, has_cls=True)
+    layer = copy.deepcopy(layers[Fl]).to(compute_dtype)
+    tokens_per_layer.append(x.shape[1])
+    x = eager_clip_layer(layer, x)[0]
+    return x[:, 1:], index_map, tokens_per_layer

@@ -1,0 +1,162 @@
+"""flowcut_kernels.encode against the eager re-implementation of the whole flow (naive_encode)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import CPU_BACKENDS
+from flowcut_kernels import FlowCutInputError, encode, synthetic
+from naive_flowcut import naive_encode
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("batch,seed", [(1, 0), (3, 1)])
+@pytest.mark.parametrize("feature_layer", [-1, -2, -4])
+@pytest.mark.parametrize("target", [1, 8, 30])
+def test_encode_matches_eager_oracle_fp32(tiny_clip, backend, batch, seed, feature_layer, target):
+    model = tiny_clip(seed=seed)
+    pixels = synthetic.random_pixels(model, batch, seed=seed)
+    got = encode(model, pixels, target, feature_layer=feature_layer, backend=backend)
+    features, keep_indices, tokens = naive_encode(model, pixels, target, feature_layer)
+
+    assert got.tokens_per_layer == tokens
+    assert got.features.shape == (batch, target, 32) and got.features.dtype == torch.float32
+    assert got.keep_indices.dtype == torch.int64
+    assert torch.equal(got.keep_indices, keep_indices)
+    torch.testing.assert_close(got.features.double(), features, rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_prunes_progressively(tiny_clip):
+    """Sharpened attention makes the adaptive steps prune before the last one (the tests above bite)."""
+    model = tiny_clip()
+    out = encode(model, synthetic.random_pixels(model, 2), 8, feature_layer=-1)
+    # 6 layers, F = 5: prune steps after layers 0, 2, 4 (steps left 4, 2, 0).
+    assert out.tokens_per_layer[0] == 65 and out.tokens_per_layer[-1] == 9
+    assert 65 > out.tokens_per_layer[1] > out.tokens_per_layer[3] > 9
+    keep = out.keep_indices
+    assert (keep[:, 1:] > keep[:, :-1]).all() and keep.min() >= 0 and keep.max() < 64
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_encode_bf16_tracks_the_oracle(seed):
+    """bf16 hidden states differ from float64 ones, so a few kept tokens may differ; most must not."""
+    model = synthetic.random_clip_vision("tiny", seed=seed, sharpen=8.0, dtype=torch.bfloat16)
+    pixels = synthetic.random_pixels(model, 3, seed=seed)
+    got = encode(model, pixels, 8, feature_layer=-1)
+    features, keep_indices, tokens = naive_encode(model, pixels, 8, -1)
+
+    assert got.features.dtype == torch.bfloat16 and got.features.shape == (3, 8, 32)
+    assert len(got.tokens_per_layer) == len(tokens) and got.tokens_per_layer[-1] == 9
+    same = got.keep_indices[:, :, None] == keep_indices[:, None, :]  # (B, K, K)
+    assert same.any(-1).float().mean() >= 0.85
+    # Where an image kept exactly the oracle's tokens, its features agree to bf16 precision.
+    agree = (got.keep_indices == keep_indices).all(-1)
+    assert agree.any()
+    torch.testing.assert_close(got.features[agree].double(), features[agree], rtol=5e-2, atol=5e-2)
+
+
+def test_encode_with_projection_and_eager_attention(tiny_clip):
+    plain = tiny_clip(seed=3)
+    projected = tiny_clip(seed=3, with_projection=True, attn_implementation="eager")
+    pixels = synthetic.random_pixels(plain, 2, seed=3)
+    a, b = encode(plain, pixels, 8), encode(projected, pixels, 8)
+    assert torch.equal(a.keep_indices, b.keep_indices)
+    torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-5)
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _square_token_tensors(shapes, tokens):
+    return [s for s in shapes if len(s) >= 2 and s[-1] == s[-2] and s[-1] in tokens]
+
+
+def test_encode_never_builds_the_attention_matrix(tiny_clip):
+    model = tiny_clip()  # sdpa, the default
+    pixels = synthetic.random_pixels(model, 2)
+    with _Shapes() as sdpa:
+        out = encode(model, pixels, 8)
+    assert _square_token_tensors(sdpa.shapes, set(out.tokens_per_layer)) == []
+    # The detector does see an S×S matrix when the model itself uses eager attention.
+    eager = tiny_clip(attn_implementation="eager")
+    with _Shapes() as seen:
+        encode(eager, pixels, 8)
+    assert _square_token_tensors(seen.shapes, {65})
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_layers_after_the_feature_layer_do_not_run(tiny_clip):
+    model = tiny_clip()
+    layers = model.encoder.layers if hasattr(model, "encoder") else model.vision_model.encoder.layers
+    ran = []
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    out = encode(model, synthetic.random_pixels(model, 1), 4, feature_layer=-3)
+    assert ran == [0, 1, 2, 3] and len(out.tokens_per_layer) == 4
+
+
+def test_worked_example_clip_l_336_schedule():
+    """SPEC's worked example: 24 layers, 577 tokens, F = 22; layer 21 prunes to T, 22 runs on it, 23 never runs.
+
+    Token geometry of CLIP ViT-L/14-336 (image 336, patch 14), narrow width to stay fast on CPU.
+    """
+    model = synthetic.random_clip_vision(
+        "clip-l-336", hidden_size=64, intermediate_size=128, num_attention_heads=4, sharpen=10.0
+    )
+    layers = model.encoder.layers if hasattr(model, "encoder") else model.vision_model.encoder.layers
+    layers[23].register_forward_hook(lambda *_: pytest.fail("layer 23 ran"))
+    pixels = synthetic.random_pixels(model, 1)
+    for target in (64, 128, 192):
+        out = encode(model, pixels, target, feature_layer=-2)
+        tokens = out.tokens_per_layer
+        assert len(tokens) == 23 and tokens[0] == 577
+        assert tokens[22] == target + 1  # layer 21 pruned to T, layer 22 runs on T
+        assert out.features.shape == (1, target, 64)
+        # Only layers 1, 3, …, 21 prune: a count changes only after an odd layer.
+        changed = [i for i in range(22) if tokens[i + 1] != tokens[i]]
+        assert changed and all(i % 2 == 1 for i in changed)
+        assert len(changed) > 1  # progressive, not only the last step
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_encode_bad_input(tiny_clip):
+    model = tiny_clip()
+    pixels = synthetic.random_pixels(model, 1)
+    with pytest.raises(FlowCutInputError, match="target_num=0 is out of range"):
+        encode(model, pixels, 0)
+    with pytest.raises(FlowCutInputError, match="target_num=64 is out of range"):
+        encode(model, pixels, 64)
+    with pytest.raises(FlowCutInputError, match="target_num must be an int"):
+        encode(model, pixels, 8.0)
+    for layer in (0, 1, 6, -6, -7):
+        with pytest.raises(FlowCutInputError, match=f"feature_layer={layer} is out of range"):
+            encode(model, pixels, 8, feature_layer=layer)
+    with pytest.raises(FlowCutInputError, match="backend='nope'"):
+        encode(model, pixels, 8, backend="nope")
+    with pytest.raises(FlowCutInputError, match="pixel_values must have shape"):
+        encode(model, pixels[0], 8)
+    with pytest.raises(FlowCutInputError, match="pixel_values is on meta"):
+        encode(model, pixels.to("meta"), 8)
+    with pytest.raises(FlowCutInputError, match="vision_model is a Linear"):
+        encode(torch.nn.Linear(2, 2), pixels, 8)
