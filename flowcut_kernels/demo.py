@@ -1,6 +1,6 @@
 """Demo: FlowCut on a CLIP ViT-L/14-336-shaped encoder against the unpruned model.
 
-    python -m flowcut_kernels.demo [--target 64] [--batch 1] [--device auto] [--repeats 3]
+    python -m flowcut_kernels.demo [--target 64] [--batch 1] [--device auto] [--repeats 3] [--json PATH]
 
 The model has random weights (seeded) with sharpened attention (see flowcut_kernels.synthetic),
 so the adaptive schedule prunes as it would on a trained CLIP. "unpruned" is the stock HF forward
@@ -11,10 +11,14 @@ up to the feature layer. Times are medians over ``--repeats`` runs after one war
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import platform
 import statistics
 import time
 
 import torch
+import transformers
 
 from . import __version__, encode, synthetic
 from .ops import resolve_backend
@@ -34,6 +38,12 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times[1:])
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine()}, {torch.get_num_threads()} threads"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="clip-l-336", choices=sorted(synthetic.PRESETS))
@@ -44,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     args = parser.parse_args(argv)
 
     if args.device == "auto":
@@ -70,7 +81,21 @@ def main(argv: list[str] | None = None) -> None:
         patches = find_tower(model).num_patches
         print(f"  flowcut   {pruned * 1e3:9.1f} ms   {unpruned / pruned:.2f}x faster, "
               f"{args.target} of {patches} patches kept")
-
+    if args.json:
+        row = {
+            "preset": args.preset, "batch": args.batch, "target": args.target,
+            "feature_layer": args.feature_layer, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+            "sharpen": synthetic.DEFAULT_SHARPEN, "seed": args.seed, "repeats": args.repeats,
+            "tokens_per_layer": result.tokens_per_layer,
+            "unpruned_ms": unpruned * 1e3, "flowcut_ms": pruned * 1e3, "speedup": unpruned / pruned,
+            "device": _device_name(device),
+            "versions": {"flowcut_kernels": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+            "date": datetime.date.today().isoformat(),
+        }
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=2)
+        print(f"wrote {args.json}")
 
 if __name__ == "__main__":
     main()

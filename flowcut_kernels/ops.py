@@ -193,7 +193,7 @@ def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int
     """Tokens to drop at a prune step (the schedule rule of SPEC.md).
 
     Args:
-        entropy: (B,) float normalised entropies Hn of this layer (one per image).
+        entropy: (B,) normalised entropies Hn of this layer, one per image (a tensor, or floats).
         n_candidates: N, candidates in the current layer.
         target: T, the final keep target, relay row included (target_num + 1 in the CLS variant).
         steps_left: rpl, prune steps left after this one; 0 means this step goes to T.
@@ -202,6 +202,8 @@ def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int
         N − (T − 1) when steps_left is 0, else round_half_to_even(max_b (N − (T − 1)) / √rpl · (1 − Hn_b²)).
         The step then keeps max(S − prune, T) rows. Reads Hn on the host (one sync).
     """
+    if isinstance(entropy, (float, list, tuple)):
+        entropy = torch.tensor(entropy, dtype=torch.float64).reshape(-1)
     check_tensor("entropy", entropy, 1, FLOAT_DTYPES + (torch.float64,), "(B,)")
     require(entropy.numel() >= 1, "entropy must hold one value per image, got an empty tensor")
     target = check_int("target", target, 1)

@@ -43,7 +43,7 @@ class FlowCutVisionOutput(BaseModelOutputWithPooling):
     """
 
     keep_indices: Tensor | None = None
-    tokens_per_layer: tuple[int, ...] | None = None
+    tokens_per_layer: list[int] | None = None
 
 
 @dataclass
@@ -52,7 +52,7 @@ class FlowCutVisionProjectionOutput(CLIPVisionModelOutput):
     pooled CLS row, and the fields of :class:`FlowCutVisionOutput` except the pooled row."""
 
     keep_indices: Tensor | None = None
-    tokens_per_layer: tuple[int, ...] | None = None
+    tokens_per_layer: list[int] | None = None
 
 
 def _pruned_forward(
@@ -89,7 +89,7 @@ def _pruned_forward(
         last_hidden_state=last,
         hidden_states=tuple(states) if states else None,
         keep_indices=keep_indices,
-        tokens_per_layer=tuple(tokens),
+        tokens_per_layer=tokens,
     )
     if hasattr(self, "visual_projection"):
         out = FlowCutVisionProjectionOutput(image_embeds=self.visual_projection(pooled), **fields)

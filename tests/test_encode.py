@@ -45,9 +45,15 @@ def test_schedule_prunes_progressively(tiny_clip):
     assert (keep[:, 1:] > keep[:, :-1]).all() and keep.min() >= 0 and keep.max() < 64
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_encode_bf16_tracks_the_oracle(seed):
-    """bf16 hidden states differ from float64 ones, so a few kept tokens may differ; most must not."""
+    """bf16 runs keep bf16 end to end and track the float64 oracle.
+
+    With sharp attention a bf16 forward drifts from a float64 one by itself (the same bf16 weights
+    computed in float32 match the oracle exactly: see the fp32 test), so a few kept tokens may
+    differ, and features are compared by norm-relative error on the images that kept the oracle's
+    exact set: a wrong row, layer or CLS handling gives errors near 1.
+    """
     model = synthetic.random_clip_vision("tiny", seed=seed, sharpen=8.0, dtype=torch.bfloat16)
     pixels = synthetic.random_pixels(model, 3, seed=seed)
     got = encode(model, pixels, 8, feature_layer=-1)
@@ -57,10 +63,11 @@ def test_encode_bf16_tracks_the_oracle(seed):
     assert len(got.tokens_per_layer) == len(tokens) and got.tokens_per_layer[-1] == 9
     same = got.keep_indices[:, :, None] == keep_indices[:, None, :]  # (B, K, K)
     assert same.any(-1).float().mean() >= 0.85
-    # Where an image kept exactly the oracle's tokens, its features agree to bf16 precision.
     agree = (got.keep_indices == keep_indices).all(-1)
     assert agree.any()
-    torch.testing.assert_close(got.features[agree].double(), features[agree], rtol=5e-2, atol=5e-2)
+    diff = got.features[agree].double() - features[agree]
+    rel = diff.norm(dim=(1, 2)) / features[agree].norm(dim=(1, 2))
+    assert rel.max() <= 0.2 and rel.median() <= 0.03, rel
 
 
 def test_encode_with_projection_and_eager_attention(tiny_clip):

@@ -54,6 +54,7 @@ def test_prune_count_op():
     hn = torch.tensor([0.7, 0.4])
     assert ops.prune_count(hn, 576, 65, 20) == reference.prune_count(hn, 576, 65, 20) > 0
     assert torch.ops.flowcut.prune_count(hn, 576, 65, 0) == 512
+    assert ops.prune_count([0.7, 0.4], 576, 65, 20) == ops.prune_count(0.4, 576, 65, 20) == ops.prune_count(hn, 576, 65, 20)
 
 
 def test_opcheck():
@@ -134,7 +135,7 @@ def test_prune_count_bad_input():
     _raises("target=0 is out of range", ops.prune_count, hn, 100, 0, 2)
     _raises("n_candidates=5 is out of range", ops.prune_count, hn, 5, 10, 2)
     _raises("entropy must have shape", ops.prune_count, hn[None], 100, 10, 2)
-    _raises("entropy must be a torch.Tensor", ops.prune_count, [0.5], 100, 10, 2)
+    _raises("entropy must be a torch.Tensor", ops.prune_count, "0.5", 100, 10, 2)
 
 
 def test_errors_are_standard_exceptions():

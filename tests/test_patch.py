@@ -27,7 +27,7 @@ def test_patched_forward_equals_encode(tiny_clip):
     assert out.last_hidden_state.shape == (3, 9, 32)
     torch.testing.assert_close(out.last_hidden_state[:, 1:], want.features, rtol=0, atol=0)
     assert torch.equal(out.keep_indices, want.keep_indices)
-    assert list(out.tokens_per_layer) == want.tokens_per_layer
+    assert out.tokens_per_layer == want.tokens_per_layer
     tower = model.vision_model if hasattr(model, "vision_model") else model
     torch.testing.assert_close(out.pooler_output, tower.post_layernorm(out.last_hidden_state[:, 0]))
 
@@ -38,7 +38,7 @@ def test_default_feature_layer_is_last_and_hidden_states(tiny_clip):
     out = model(pixels, output_hidden_states=True)
     assert len(out.tokens_per_layer) == 6  # all 6 layers ran, the last one is the feature layer
     assert len(out.hidden_states) == 7  # embeddings + each layer's output, before its pruning
-    assert [h.shape[1] for h in out.hidden_states[1:]] == list(out.tokens_per_layer)
+    assert [h.shape[1] for h in out.hidden_states[1:]] == out.tokens_per_layer
     assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
     as_tuple = model(pixels, return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
