@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .checks import check_int, check_tensor, require
+from .checks import FLOAT_DTYPES, check_int, check_tensor, require
 from .towers import Tower, find_tower
 
 
@@ -132,7 +132,7 @@ def run_pruned(
 
 def check_pixels(pixel_values: Tensor, tower: Tower) -> None:
     """(B, 3, H, W) floating pixels on the tower's device."""
-    check_tensor("pixel_values", pixel_values, 4, (torch.float16, torch.bfloat16, torch.float32, torch.float64), "(B, 3, H, W)")
+    check_tensor("pixel_values", pixel_values, 4, FLOAT_DTYPES + (torch.float64,), "(B, 3, H, W)")
     require(
         pixel_values.device == tower.device,
         f"pixel_values is on {pixel_values.device} but the model is on {tower.device}; "

@@ -127,7 +127,9 @@ def flow_scores(
     check_tensor("q_relay", q_relay, 3, FLOAT_DTYPES, "(B, H, D)")
     check_tensor("k", k, 4, FLOAT_DTYPES, "(B, H, S, D)")
     check_tensor("v", v, 4, FLOAT_DTYPES, "(B, H, S, D)")
-    require(k.shape == v.shape, f"k and v must have the same shape (B, H, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    require(
+        k.shape == v.shape, f"k and v must have the same shape (B, H, S, D), got {tuple(k.shape)} and {tuple(v.shape)}"
+    )
     require(k.dtype == v.dtype, f"k and v must have the same dtype, got {k.dtype} and {v.dtype}")
     batch, heads, seq, dim = k.shape
     require(
@@ -181,7 +183,8 @@ def select_gather(
     for name, t in (("cum", cum), ("index_map", index_map)):
         require(
             t.shape == (batch, n),
-            f"{name} must have shape (B, N) = {(batch, n)} for hidden of shape {tuple(hidden.shape)}, got {tuple(t.shape)}",
+            f"{name} must have shape (B, N) = {(batch, n)} for hidden of shape {tuple(hidden.shape)}, "
+            f"got {tuple(t.shape)}",
         )
     keep = check_int("keep", keep, 1, seq)
     device = check_same_device(hidden=hidden, cum=cum, index_map=index_map)

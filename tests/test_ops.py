@@ -54,18 +54,21 @@ def test_prune_count_op():
     hn = torch.tensor([0.7, 0.4])
     assert ops.prune_count(hn, 576, 65, 20) == reference.prune_count(hn, 576, 65, 20) > 0
     assert torch.ops.flowcut.prune_count(hn, 576, 65, 0) == 512
-    assert ops.prune_count([0.7, 0.4], 576, 65, 20) == ops.prune_count(0.4, 576, 65, 20) == ops.prune_count(hn, 576, 65, 20)
+    as_floats = ops.prune_count([0.7, 0.4], 576, 65, 20)
+    assert as_floats == ops.prune_count(0.4, 576, 65, 20) == ops.prune_count(hn, 576, 65, 20)
 
 
 def test_opcheck():
     q, k, v = inputs()
     for prev in (None, torch.rand(2, 16)):
         torch.library.opcheck(torch.ops.flowcut.flow_scores.default, (q, k, v, prev, 0.35, True, True))
-    torch.library.opcheck(torch.ops.flowcut.flow_scores.default, (q, k, v, torch.rand(2, 17), 0.35, False, True))
+    mean_variant = (q, k, v, torch.rand(2, 17), 0.35, False, True)
+    torch.library.opcheck(torch.ops.flowcut.flow_scores.default, mean_variant)
     hidden, cum, index_map = torch.randn(2, 17, 8), torch.rand(2, 16), torch.arange(16).repeat(2, 1)
     for keep in (1, 5, 17):
         torch.library.opcheck(torch.ops.flowcut.select_gather.default, (hidden, cum, index_map, keep, True))
-    torch.library.opcheck(torch.ops.flowcut.select_gather.default, (hidden, torch.rand(2, 17), torch.arange(17).repeat(2, 1), 4, False))
+    no_cls = (hidden, torch.rand(2, 17), torch.arange(17).repeat(2, 1), 4, False)
+    torch.library.opcheck(torch.ops.flowcut.select_gather.default, no_cls)
     torch.library.opcheck(torch.ops.flowcut.prune_count.default, (torch.rand(3), 100, 10, 4))
 
 

@@ -128,7 +128,8 @@ def test_bad_arguments_leave_the_model_unchanged(tiny_clip, kwargs, match):
 def test_unsupported_models_are_refused():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = CLIPTextModel(config)
     for model in (text, torch.nn.Linear(2, 2)):
         with pytest.raises(FlowCutInputError, match=f"model is a {type(model).__name__}.*CLIPVisionModel"):
             flowcut(model, 8)
