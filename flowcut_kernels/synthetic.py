@@ -4,7 +4,8 @@ No weights can be downloaded here, and random weights give near-uniform attentio
 normalised entropy Hn ≈ 1, so FlowCut's schedule would keep everything until the last step.
 :func:`sharpen_attention` multiplies each layer's q and k projections (weights and biases) by
 ``factor``, which multiplies the attention logits by ``factor²`` and concentrates the attention the
-way a trained CLIP's does, so the adaptive schedule prunes progressively. Everything is seeded.
+way a trained CLIP's does, so the adaptive schedule prunes progressively. Everything is seeded; the
+weights come from transformers' own initialisation, so they differ between transformers releases.
 """
 
 from __future__ import annotations
