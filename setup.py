@@ -3,13 +3,14 @@
 torch is deliberately not a build requirement: an isolated build would pull a CUDA torch.
 """
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 setup(
     name="flowcut-kernels",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+)"', Path("flowcut_kernels/__init__.py").read_text()).group(1),
     description="FlowCut visual-token pruning for vision-language models: fused ops and HF model patches",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -20,7 +20,8 @@ import time
 import torch
 import transformers
 
-from . import __version__, encode, synthetic
+from . import FlowCutInputError, __version__, encode, synthetic
+from .encoder import check_target, feature_index
 from .ops import resolve_backend
 from .towers import find_tower
 
@@ -61,7 +62,13 @@ def main(argv: list[str] | None = None) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    backend = resolve_backend(args.backend, device)
+    shape = synthetic.PRESETS[args.preset]
+    try:  # bad arguments are a usage error, before minutes of model building
+        backend = resolve_backend(args.backend, device)
+        check_target(args.target, (shape["image_size"] // shape["patch_size"]) ** 2)
+        feature_index(args.feature_layer, shape["num_hidden_layers"])
+    except FlowCutInputError as error:
+        parser.error(str(error))
     print(f"flowcut_kernels {__version__}, torch {torch.__version__}, device {device}, {dtype}, backend {backend}")
     print(f"building a random {args.preset} vision model (seed {args.seed}, q/k sharpened "
           f"x{synthetic.DEFAULT_SHARPEN:g}) ...", flush=True)
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=2)
         print(f"wrote {args.json}")
+
 
 if __name__ == "__main__":
     main()

@@ -49,8 +49,9 @@ def flow_scores(
     # Information density: L1 norm of the head-averaged value of each token.
     rho = v.mean(dim=1).abs().sum(dim=-1)[:, first:]
 
+    p = attn / attn.sum(dim=-1, keepdim=True)  # A normalised over the candidates
     if has_cls:
-        score = attn / attn.sum(dim=-1, keepdim=True)
+        score = p
         if semantic:
             # Semantic relevance: the CLS value against every value, softmax without scale.
             sim = torch.einsum("bhd,bhsd->bhs", v[:, :, 0], v).softmax(dim=-1).mean(dim=1)[:, first:]
@@ -64,7 +65,6 @@ def flow_scores(
 
     # Normalised entropy of the candidates' attention (0·ln 0 = 0; 0 for a single candidate).
     n = attn.shape[-1]
-    p = attn / attn.sum(dim=-1, keepdim=True)
     entropy = -torch.xlogy(p, p).sum(dim=-1)
     entropy = entropy / math.log(n) if n > 1 else torch.zeros_like(entropy)
     return cum.contiguous(), entropy, attn.contiguous()
