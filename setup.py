@@ -18,6 +18,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["flowcut_kernels", "flowcut_kernels.*"]),
     install_requires=["torch>=2.4", "transformers>=5.0,<6"],
-    extras_require={"test": ["pytest>=7"]},
-    entry_points={"console_scripts": ["flowcut-demo=flowcut_kernels.demo:main"]},
+    extras_require={"test": ["pytest>=7", "triton>=3.2"]},
+    entry_points={"console_scripts": ["flowcut-bench=flowcut_kernels.bench:main"]},
 )

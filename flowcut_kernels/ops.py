@@ -7,7 +7,9 @@ and ``torch.ops.flowcut.select_gather``), each with a fake implementation so Fak
 The functions below check their inputs, pick the backend and call the op.
 """
 
-from typing import Optional
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -65,15 +67,66 @@ def _(entropy, n_candidates, target, steps_left):
 # ---------------------------------------------------------------------------------------------
 # Backends
 
-# name -> (flow_scores op, select_gather op); "auto" takes the first available in this order.
-_BACKEND_OPS = {"torch": (torch.ops.flowcut.flow_scores, torch.ops.flowcut.select_gather)}
-_AUTO_ORDER = ("torch",)
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend: its two ops (called like the reference ops) and the device types it runs on."""
+
+    name: str
+    flow_scores: Callable
+    select_gather: Callable
+    device_types: tuple[str, ...]
 
 
-def available_backends(device: torch.device | str) -> list[str]:
-    """The backends that run on ``device``, fastest first. "torch" (the reference) runs everywhere."""
-    torch.device(device)  # rejects a malformed device string
-    return [name for name in _AUTO_ORDER if name in _BACKEND_OPS]
+_BACKENDS: dict[str, Backend] = {}
+_UNAVAILABLE: dict[str, str] = {}  # backend name -> why it could not be loaded
+# "auto" takes the first backend in this order that runs on the device type.
+_AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
+_OPTIONAL = {"triton": "flowcut_kernels.triton_backend", "native": "flowcut_kernels.native"}
+
+
+def register_backend(backend: Backend) -> None:
+    """Make ``backend`` selectable by name (backend modules call this when they load)."""
+    _BACKENDS[backend.name] = backend
+    _UNAVAILABLE.pop(backend.name, None)
+
+
+def _load_optional_backends() -> None:
+    """Import the optional backend modules; a failure makes the backend unavailable, with its reason."""
+    for name, module in _OPTIONAL.items():
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001 - any failure only disables this backend
+            _UNAVAILABLE[name] = f"{module} failed to load: {type(error).__name__}: {error}"
+
+
+register_backend(Backend("torch", torch.ops.flowcut.flow_scores, torch.ops.flowcut.select_gather, ("cpu", "cuda")))
+
+
+def _order(device_type: str) -> list[str]:
+    known = _AUTO_ORDER.get(device_type, ("torch",))
+    return list(known) + sorted(set(_BACKENDS) - set(known))
+
+
+def available_backends(device: torch.device | str, *, reasons: bool = False) -> list[str] | dict[str, str | None]:
+    """The backends that run on ``device``, fastest first ("auto" takes the first).
+
+    "torch" (the reference) runs everywhere. With ``reasons=True``, a dict of every known backend
+    name to None (available) or the reason it is not available on ``device``.
+    """
+    device_type = torch.device(device).type  # also rejects a malformed device string
+    usable = [n for n in _order(device_type) if n in _BACKENDS and device_type in _BACKENDS[n].device_types]
+    if not reasons:
+        return usable
+    report: dict[str, str | None] = {}
+    for name in _order(device_type) + sorted(_UNAVAILABLE):
+        if name in usable:
+            report[name] = None
+        elif name in _UNAVAILABLE:
+            report[name] = _UNAVAILABLE[name]
+        elif name in _BACKENDS:
+            report[name] = f"runs on {'/'.join(_BACKENDS[name].device_types)} tensors, not {device_type}"
+    return report
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -82,10 +135,14 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     require(isinstance(backend, str), f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
         return usable[0]
-    require(
-        backend in usable,
-        f"backend={backend!r} is not available on {torch.device(device)}; choose 'auto' or one of {usable}",
-    )
+    if backend not in usable:
+        why = available_backends(device, reasons=True).get(backend)
+        require(
+            False,
+            f"backend={backend!r} is not available on {torch.device(device)}"
+            + (f" ({why})" if why else "")
+            + f"; choose 'auto' or one of {usable}",
+        )
     return backend
 
 
@@ -149,7 +206,7 @@ def flow_scores(
         isinstance(scale, (int, float)) and not isinstance(scale, bool),
         f"scale must be a float (the attention scale, e.g. head_dim ** -0.5), got {type(scale).__name__}",
     )
-    op = _BACKEND_OPS[resolve_backend(backend, device)][0]
+    op = _BACKENDS[resolve_backend(backend, device)].flow_scores
     return op(q_relay, k, v, prev, float(scale), bool(has_cls), bool(semantic))
 
 
@@ -188,7 +245,7 @@ def select_gather(
         )
     keep = check_int("keep", keep, 1, seq)
     device = check_same_device(hidden=hidden, cum=cum, index_map=index_map)
-    op = _BACKEND_OPS[resolve_backend(backend, device)][1]
+    op = _BACKENDS[resolve_backend(backend, device)].select_gather
     return op(hidden, cum, index_map, keep, bool(has_cls))
 
 
@@ -215,4 +272,15 @@ def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int
     return torch.ops.flowcut.prune_count(entropy, n_candidates, target, steps_left)
 
 
-__all__ = ["FlowCutInputError", "available_backends", "flow_scores", "prune_count", "resolve_backend", "select_gather"]
+__all__ = [
+    "Backend",
+    "FlowCutInputError",
+    "available_backends",
+    "register_backend",
+    "flow_scores",
+    "prune_count",
+    "resolve_backend",
+    "select_gather",
+]
+
+_load_optional_backends()
