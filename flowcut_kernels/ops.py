@@ -29,7 +29,8 @@ def _flow_scores_op(
 
 
 @_flow_scores_op.register_fake
-def _(q_relay, k, v, prev, scale, has_cls, semantic):
+def flow_scores_fake(q_relay, k, v, prev, scale, has_cls, semantic):
+    """Output shapes of every backend's flow_scores op (for FakeTensor tracing)."""
     batch, _, seq, _ = k.shape
     n = seq - 1 if has_cls else seq
     scores = k.new_empty((batch, n), dtype=torch.float32)
@@ -44,7 +45,8 @@ def _select_gather_op(
 
 
 @_select_gather_op.register_fake
-def _(hidden, cum, index_map, keep, has_cls):
+def select_gather_fake(hidden, cum, index_map, keep, has_cls):
+    """Output shapes of every backend's select_gather op (for FakeTensor tracing)."""
     batch, _, channels = hidden.shape
     n_keep = keep - 1 if has_cls else keep
     return (

@@ -16,9 +16,20 @@ def inputs(b=2, h=4, s=17, d=8, dtype=torch.float32, seed=0):
 
 
 def test_available_backends():
-    assert available_backends("cpu")[-1] == "torch"
+    assert "torch" in CPU_BACKENDS
     assert available_backends(torch.device("cpu")) == CPU_BACKENDS
-    assert ops.resolve_backend("auto", "cpu") == CPU_BACKENDS[0]
+    assert ops.resolve_backend("auto", "cpu") == CPU_BACKENDS[0] != "triton"  # never the slow interpreter
+    report = available_backends("cpu", reasons=True)
+    assert {name for name, why in report.items() if why is None} == set(CPU_BACKENDS)
+    assert all(isinstance(why, str) and why for name, why in report.items() if name not in CPU_BACKENDS)
+
+
+def test_unavailable_backend_error_gives_the_reason(monkeypatch):
+    monkeypatch.setitem(ops._UNAVAILABLE, "native", "flowcut_kernels._C is not built")
+    monkeypatch.delitem(ops._BACKENDS, "native", raising=False)
+    q, k, v = inputs()
+    with pytest.raises(FlowCutInputError, match=r"backend='native' is not available on cpu \(flowcut_kernels._C is"):
+        ops.flow_scores(q, k, v, scale=1.0, backend="native")
 
 
 @pytest.mark.parametrize("backend", ["auto"] + CPU_BACKENDS)
