@@ -7,9 +7,10 @@ Per image the kernel reads q_relay, k and v once, chunk by chunk of ``BLOCK_S`` 
   phase 2 (per image): the chunk statistics merged into each head's softmax max and sum, then
           A = mean_h softmax(l_h), Sm, their sums, the layer score, the cumulative update with
           ``prev`` and the normalised entropy Hn.
-For short sequences one program per image runs both phases (one launch). For long sequences at
-small batch, phase 1 is split over (image, chunk) programs and phase 2 is one small second launch
-that reads only the scratch (2·H + 1 floats per token). Everything accumulates in float32.
+For short sequences (CLIP's 577 tokens) one program per image runs both phases: one launch.
+For long sequences (≥ 2048 tokens) at small batch, phase 1 is split over (image, chunk) programs
+and phase 2 is one small second launch that reads only the scratch (2·H + 1 floats per token).
+Everything accumulates in float32.
 """
 
 import torch
@@ -196,8 +197,10 @@ def _flow_scores_finish(
 
 
 BLOCK_S = 64
-# Split phase 1 over chunks when one program per image would leave most of the GPU idle.
-SPLIT_MIN_PROGRAMS = 128
+# Long sequences at small batch split phase 1 over (image, chunk) programs: one program per image
+# would stream a whole 16k-token image through a single SM.
+SPLIT_MIN_TOKENS = 2048
+SPLIT_MAX_BATCH = 64
 
 
 def flow_scores_into(
@@ -215,7 +218,7 @@ def flow_scores_into(
     semantic = semantic and has_cls
     n_chunks = triton.cdiv(seq, BLOCK_S)
     if split is None:
-        split = n_chunks > 1 and batch < SPLIT_MIN_PROGRAMS
+        split = seq >= SPLIT_MIN_TOKENS and batch <= SPLIT_MAX_BATCH
     f32 = dict(dtype=torch.float32, device=k.device)
     logits = torch.empty((batch, heads, seq), **f32)
     sem = torch.empty((batch, heads, seq), **f32) if semantic else logits
