@@ -1,16 +1,93 @@
-"""Build of flowcut_kernels (pure Python for now; the native extension arrives with csrc/).
+"""Build of flowcut_kernels, with its optional native extension ``flowcut_kernels._C``.
 
-torch is deliberately not a build requirement: an isolated build would pull a CUDA torch.
+torch is deliberately not a build requirement: an isolated build would pull a CUDA torch. The
+extension is built against the torch already installed, so build with
+``pip install --no-build-isolation -e .`` (torch and ninja installed first). FLOWCUT_BUILD_NATIVE
+chooses: ``0`` skips the extension, ``1`` requires it (a failed build fails the install), unset
+builds it when torch is importable and only warns when that fails. The CUDA kernels are built too
+where torch has CUDA and nvcc is found (CUDA_HOME), for the archs in FLOWCUT_CUDA_ARCHS
+(default ``80;90a``). Without the extension the package works; its "native" backend is unavailable.
 """
 
+import os
 import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+VERSION = re.search(r'__version__ = "(.+)"', Path("flowcut_kernels/__init__.py").read_text()).group(1)
+NATIVE = os.environ.get("FLOWCUT_BUILD_NATIVE", "auto").strip().lower()
+HOW_TO = "build it with `pip install --no-build-isolation -e .` with torch and ninja installed"
+
+
+def _say(message: str) -> None:
+    print(f"flowcut-kernels: {message}", flush=True)
+
+
+def native_build() -> tuple[list, dict]:
+    """(ext_modules, cmdclass) for flowcut_kernels._C, or ([], {}) after saying why it is skipped."""
+    if NATIVE in ("0", "false", "no", "off"):
+        _say("FLOWCUT_BUILD_NATIVE=0: skipping the native extension (the 'native' backend will be unavailable)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as error:
+        if NATIVE in ("1", "true", "yes", "on"):
+            raise RuntimeError(f"FLOWCUT_BUILD_NATIVE=1 but torch cannot be imported ({error}); {HOW_TO}") from error
+        _say(f"torch is not importable in the build environment ({error}; an isolated build?): skipping the "
+             f"native extension, so the 'native' backend will be unavailable; {HOW_TO}")
+        return [], {}
+
+    required = NATIVE in ("1", "true", "yes", "on")
+    with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None
+    archs = [a for a in os.environ.get("FLOWCUT_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a]
+    sources = ["python/flowcut_module.cpp", "csrc/ops.cpp", "csrc/flowcut_cpu.cpp"]
+    macros = [("FLOWCUT_VERSION", VERSION), ("FLOWCUT_WITH_CUDA", "1" if with_cuda else "0"),
+              ("FLOWCUT_CUDA_ARCHS", ",".join(archs) if with_cuda else "")]
+    cxx = ["-O3", "-std=c++17"]
+    if with_cuda:
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        ext = CUDAExtension(
+            "flowcut_kernels._C",
+            sources + ["csrc/cuda_binding.cpp"] + sorted(str(cu) for cu in Path("csrc").glob("*.cu")),
+            include_dirs=[str(Path("csrc").resolve())],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo", *gencode]},
+        )
+        _say(f"building the native extension: C++ CPU kernels and CUDA kernels for sm {', '.join(archs)}")
+    else:
+        ext = CppExtension(
+            "flowcut_kernels._C",
+            sources,
+            include_dirs=[str(Path("csrc").resolve())],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx},
+        )
+        why = "torch has no CUDA" if not torch.version.cuda else "nvcc/CUDA_HOME not found"
+        _say(f"building the native extension: C++ CPU kernels only ({why})")
+
+    class BuildNative(BuildExtension):
+        """BuildExtension (ninja) that, unless FLOWCUT_BUILD_NATIVE=1, survives a failed native build."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as error:  # noqa: BLE001 - the package stays usable without the extension
+                if required:
+                    raise
+                _say(f"building the native extension failed ({type(error).__name__}: {error}); the package "
+                     "installs without it and the 'native' backend will be unavailable "
+                     "(set FLOWCUT_BUILD_NATIVE=1 to make this an error)")
+
+    return [ext], {"build_ext": BuildNative.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = native_build()
+
 setup(
     name="flowcut-kernels",
-    version=re.search(r'__version__ = "(.+)"', Path("flowcut_kernels/__init__.py").read_text()).group(1),
+    version=VERSION,
     description="FlowCut visual-token pruning for vision-language models: fused ops and HF model patches",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
@@ -20,4 +97,6 @@ setup(
     install_requires=["torch>=2.4", "transformers>=5.0,<6"],
     extras_require={"test": ["pytest>=7", "triton>=3.2"]},
     entry_points={"console_scripts": ["flowcut-bench=flowcut_kernels.bench:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,10 +1,14 @@
 """The op surface other libraries build on: checked inputs, a backend choice, torch ops.
 
-``flow_scores`` and ``select_gather`` are registered per backend as torch ops in the
-``flowcut`` namespace (the "torch" backend — the reference — as ``torch.ops.flowcut.flow_scores``
-and ``torch.ops.flowcut.select_gather``), each with a fake implementation so FakeTensor tracing and
-``torch.compile`` see through them; ``torch.ops.flowcut.prune_count`` returns a data-dependent int.
-The functions below check their inputs, pick the backend and call the op.
+``flow_scores`` and ``select_gather`` are registered per backend as torch ops in the ``flowcut``
+namespace, each with a fake implementation so FakeTensor tracing and ``torch.compile`` see through
+them: "torch" (the reference) as ``torch.ops.flowcut.flow_scores`` / ``select_gather``, "triton"
+as ``triton_flow_scores`` / ``triton_select_gather`` (:mod:`flowcut_kernels.triton_backend`), and
+"native" (C++/CUDA, :mod:`flowcut_kernels.native`) as ``native_flow_scores`` /
+``native_select_gather``. ``torch.ops.flowcut.prune_count`` returns a data-dependent int. The
+optional backends load at import; one that fails is unavailable, with its reason in
+``available_backends(device, reasons=True)``. The functions below check their inputs, pick the
+backend and call the op.
 """
 
 import importlib

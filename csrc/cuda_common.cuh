@@ -1,0 +1,156 @@
+// Device helpers shared by the FlowCut CUDA kernels: dtype conversion, 16-byte vector loads,
+// warp and block reductions and scans, and the launch-time device facts.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "flowcut_cuda.h"
+
+namespace flowcut {
+namespace cuda {
+namespace detail {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Element i of a tensor of runtime dtype, as float (used for the small relay query).
+__device__ __forceinline__ float load_any(const void* p, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::kFloat64: return float(static_cast<const double*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// A load unit of T: 16 bytes (VEC) or one element, converted to `width` floats.
+template <typename T, bool VEC>
+struct Unit;
+
+template <typename T>
+struct Unit<T, false> {
+  using Raw = T;
+  static constexpr int width = 1;
+  __device__ static Raw load(const T* p) { return *p; }
+  __device__ static void convert(const Raw& r, float* out) { out[0] = to_float(r); }
+};
+
+template <>
+struct Unit<float, true> {
+  using Raw = float4;
+  static constexpr int width = 4;
+  __device__ static Raw load(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+  __device__ static void convert(const Raw& r, float* out) {
+    out[0] = r.x, out[1] = r.y, out[2] = r.z, out[3] = r.w;
+  }
+};
+
+template <>
+struct Unit<__half, true> {
+  using Raw = uint4;
+  static constexpr int width = 8;
+  __device__ static Raw load(const __half* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ static void convert(const Raw& r, float* out) {
+    const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    }
+  }
+};
+
+template <>
+struct Unit<__nv_bfloat16, true> {
+  using Raw = uint4;
+  static constexpr int width = 8;
+  __device__ static Raw load(const __nv_bfloat16* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ static void convert(const Raw& r, float* out) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    }
+  }
+};
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
+  return x;
+}
+
+// Sum over the block, the same order every time (deterministic); every thread gets the result.
+// scratch: 33 floats of shared memory; blockDim.x a multiple of 32.
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  x = warp_sum(x);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    float y = lane < warps ? scratch[lane] : 0.0f;
+    y = warp_sum(y);
+    if (lane == 0) scratch[32] = y;
+  }
+  __syncthreads();
+  return scratch[32];
+}
+
+// Exclusive prefix sum of x over the block in thread order; *total gets the block's sum.
+// scratch: 33 ints of shared memory; blockDim.x a multiple of 32.
+__device__ __forceinline__ int block_exclusive_scan(int x, int* scratch, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  int incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += y;
+  }
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < warps ? scratch[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFullMask, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < warps) scratch[lane] = w;  // inclusive sums of the warps
+    if (lane == 31) scratch[32] = w;
+  }
+  __syncthreads();
+  *total = scratch[32];
+  return incl - x + (warp > 0 ? scratch[warp - 1] : 0);
+}
+
+// Streaming-multiprocessor count and the opt-in shared memory limit of the current device.
+struct DeviceFacts {
+  int sms = 0;
+  int smem_optin = 0;
+};
+
+inline std::string device_facts(DeviceFacts* facts) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&facts->sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&facts->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return err == cudaSuccess ? std::string() : std::string("querying the CUDA device: ") + cudaGetErrorString(err);
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace flowcut

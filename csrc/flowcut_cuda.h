@@ -1,0 +1,70 @@
+// CUDA kernels of the two FlowCut ops (SPEC.md), behind a launcher interface free of torch headers:
+// raw pointers, sizes, strides in elements, and a cudaStream_t. Used by cuda_binding.cpp (the torch ops)
+// and by test_kernels.cpp (the standalone CMake test program).
+//
+// Shapes: B images, H heads, S tokens (relay row first when has_cls), D head dim, C hidden size,
+// N candidates (S - 1 with a CLS token, S without), K kept candidates (keep - 1 with CLS, else keep).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace flowcut {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// One layer's scores. Inputs may have any strides; outputs are contiguous float32.
+struct FlowScoresArgs {
+  int64_t B = 0, H = 0, S = 0, D = 0;
+  const void* q = nullptr;  // (B, H, D) relay query, dtype q_dtype (float32/float16/bfloat16/float64)
+  DType q_dtype = DType::kFloat32;
+  int64_t q_stride[3] = {0, 0, 0};
+  const void* k = nullptr;  // (B, H, S, D), dtype kv_dtype (float32/float16/bfloat16)
+  const void* v = nullptr;  // (B, H, S, D), dtype kv_dtype
+  DType kv_dtype = DType::kFloat32;
+  int64_t k_stride[4] = {0, 0, 0, 0};
+  int64_t v_stride[4] = {0, 0, 0, 0};
+  const float* prev = nullptr;  // (B, N) previous cumulative score, or nullptr for the first scored layer
+  int64_t prev_stride[2] = {0, 0};
+  float scale = 1.0f;
+  bool has_cls = true;   // CLS variant (row 0 is the relay) or mean variant
+  bool semantic = true;  // CLS-value similarity term (CLS variant only)
+  float* cum = nullptr;      // out (B, N)
+  float* entropy = nullptr;  // out (B,)
+  float* attn = nullptr;     // out (B, N)
+};
+
+// Device scratch, in bytes, that launch_flow_scores needs for these args on the current device.
+size_t flow_scores_workspace_bytes(const FlowScoresArgs& args);
+
+// One kernel launch (after a memset of the per-image block counters inside workspace) on stream.
+// workspace: at least flow_scores_workspace_bytes(args) bytes, 16-byte aligned.
+// Returns "" on success, else what went wrong.
+std::string launch_flow_scores(const FlowScoresArgs& args, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+
+// Keep the relay row and the K best candidates (ties: lower index), in ascending order, and gather.
+struct SelectGatherArgs {
+  int64_t B = 0, S = 0, C = 0, keep = 0;
+  bool has_cls = true;
+  const void* hidden = nullptr;  // (B, S, C), any dtype of elem_size 2, 4 or 8 bytes
+  size_t elem_size = 4;
+  int64_t hidden_stride[3] = {0, 0, 0};
+  const float* cum = nullptr;  // (B, N)
+  int64_t cum_stride[2] = {0, 0};
+  const int64_t* index_map = nullptr;  // (B, N)
+  int64_t index_stride[2] = {0, 0};
+  void* hidden_out = nullptr;    // out (B, keep, C), contiguous
+  float* cum_out = nullptr;      // out (B, K)
+  int64_t* index_out = nullptr;  // out (B, K)
+};
+
+// One kernel launch on stream. Returns "" on success, else what went wrong.
+std::string launch_select_gather(const SelectGatherArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace flowcut

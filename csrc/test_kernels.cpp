@@ -1,0 +1,276 @@
+// Standalone test of the CUDA kernels (built by CMakeLists.txt; needs a GPU to run): both ops on random
+// data, in several layouts and dtypes, against plain CPU loops in double that share no code with the kernels.
+// Exit status 0 when every case passes.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "flowcut_cuda.h"
+
+namespace {
+
+using flowcut::cuda::DType;
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  std::printf("%s  %s\n", ok ? "PASS" : "FAIL", what.c_str());
+  if (!ok) ++failures;
+}
+
+void cuda_ok(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    std::printf("CUDA error in %s: %s\n", what, cudaGetErrorString(err));
+    std::exit(2);
+  }
+}
+
+// Host copies of values in a dtype: the stored bits and the value they represent.
+struct Encoded {
+  std::vector<unsigned char> bits;
+  std::vector<double> value;
+};
+
+Encoded encode(const std::vector<float>& x, DType dtype) {
+  Encoded e;
+  const size_t n = x.size();
+  e.value.resize(n);
+  if (dtype == DType::kFloat32) {
+    e.bits.resize(n * 4);
+    std::memcpy(e.bits.data(), x.data(), n * 4);
+    for (size_t i = 0; i < n; ++i) e.value[i] = x[i];
+  } else if (dtype == DType::kFloat16) {
+    e.bits.resize(n * 2);
+    for (size_t i = 0; i < n; ++i) {
+      const __half h = __float2half(x[i]);
+      std::memcpy(e.bits.data() + 2 * i, &h, 2);
+      e.value[i] = __half2float(h);
+    }
+  } else {
+    e.bits.resize(n * 2);
+    for (size_t i = 0; i < n; ++i) {
+      const __nv_bfloat16 h = __float2bfloat16(x[i]);
+      std::memcpy(e.bits.data() + 2 * i, &h, 2);
+      e.value[i] = __bfloat162float(h);
+    }
+  }
+  return e;
+}
+
+template <typename T>
+T* to_device(const T* host, size_t n) {
+  T* dev = nullptr;
+  cuda_ok(cudaMalloc(&dev, std::max<size_t>(n, 1) * sizeof(T)), "cudaMalloc");
+  if (n) cuda_ok(cudaMemcpy(dev, host, n * sizeof(T), cudaMemcpyHostToDevice), "copy to device");
+  return dev;
+}
+
+template <typename T>
+std::vector<T> to_host(const T* dev, size_t n) {
+  std::vector<T> host(n);
+  if (n) cuda_ok(cudaMemcpy(host.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost), "copy to host");
+  return host;
+}
+
+double max_rel_error(const std::vector<float>& got, const std::vector<double>& want) {
+  double worst = 0.0;
+  for (size_t i = 0; i < got.size(); ++i)
+    worst = std::max(worst, std::abs(got[i] - want[i]) / (std::abs(want[i]) + 1e-6));
+  return worst;
+}
+
+// ---- flow_scores ------------------------------------------------------------------------------------
+
+struct ScoreCase {
+  int64_t B, H, S, D;
+  DType dtype;
+  bool heads_inner;  // memory (B, S, H, D) viewed as (B, H, S, D), as HF models hand k and v; else contiguous
+  bool has_cls, semantic, with_prev;
+};
+
+void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
+  const int64_t B = t.B, H = t.H, S = t.S, D = t.D, first = t.has_cls ? 1 : 0, N = S - first;
+  std::normal_distribution<float> normal;
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  std::vector<float> q(B * H * D), k(B * H * S * D), v(B * H * S * D), prev(B * N);
+  for (auto& x : q) x = 2.0f * normal(rng);
+  for (auto& x : k) x = 2.0f * normal(rng);
+  for (auto& x : v) x = normal(rng);
+  for (auto& x : prev) x = uniform(rng);
+  const Encoded qe = encode(q, DType::kFloat32), ke = encode(k, t.dtype), ve = encode(v, t.dtype);
+  int64_t st[4] = {H * S * D, S * D, D, 1};
+  if (t.heads_inner) st[0] = S * H * D, st[1] = D, st[2] = H * D, st[3] = 1;
+  auto at = [&](const std::vector<double>& x, int64_t b, int64_t h, int64_t j, int64_t d) {
+    return x[b * st[0] + h * st[1] + j * st[2] + d * st[3]];
+  };
+
+  // Oracle, SPEC.md signals 1-7 in double.
+  const double scale = 1.0 / std::sqrt(double(D));
+  std::vector<double> cum(B * N), ent(B), attn(B * N);
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<double> A(S, 0.0), Sm(S, 0.0), rho(S, 0.0);
+    for (int64_t h = 0; h < H; ++h) {
+      std::vector<double> la(S), ls(S);
+      for (int64_t j = 0; j < S; ++j) {
+        double x = 0.0, y = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          x += qe.value[(b * H + h) * D + d] * at(ke.value, b, h, j, d);
+          y += at(ve.value, b, h, 0, d) * at(ve.value, b, h, j, d);
+        }
+        la[j] = scale * x, ls[j] = y;
+      }
+      const double ma = *std::max_element(la.begin(), la.end()), ms = *std::max_element(ls.begin(), ls.end());
+      double za = 0.0, zs = 0.0;
+      for (int64_t j = 0; j < S; ++j) za += std::exp(la[j] - ma), zs += std::exp(ls[j] - ms);
+      for (int64_t j = 0; j < S; ++j) A[j] += std::exp(la[j] - ma) / za / H, Sm[j] += std::exp(ls[j] - ms) / zs / H;
+    }
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        double m = 0.0;
+        for (int64_t h = 0; h < H; ++h) m += at(ve.value, b, h, j, d) / H;
+        rho[j] += std::abs(m);
+      }
+    double sa = 0.0, ss = 0.0, e = 0.0;
+    for (int64_t n = 0; n < N; ++n) sa += A[n + first], ss += Sm[n + first];
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t j = n + first;
+      const double p = A[j] / sa;
+      if (p > 0) e -= p * std::log(p);
+      double score = A[j] * rho[j];
+      if (t.has_cls) score = (p + (t.semantic ? Sm[j] / ss : 0.0)) * rho[j];
+      cum[b * N + n] = t.with_prev ? 0.5 * prev[b * N + n] + 0.5 * score : score;
+      attn[b * N + n] = A[j];
+    }
+    ent[b] = N > 1 ? e / std::log(double(N)) : 0.0;
+  }
+
+  flowcut::cuda::FlowScoresArgs a;
+  a.B = B, a.H = H, a.S = S, a.D = D;
+  a.q = to_device(qe.bits.data(), qe.bits.size()), a.q_dtype = DType::kFloat32;
+  a.q_stride[0] = H * D, a.q_stride[1] = D, a.q_stride[2] = 1;
+  a.k = to_device(ke.bits.data(), ke.bits.size()), a.v = to_device(ve.bits.data(), ve.bits.size());
+  a.kv_dtype = t.dtype;
+  for (int i = 0; i < 4; ++i) a.k_stride[i] = a.v_stride[i] = st[i];
+  if (t.with_prev) a.prev = to_device(prev.data(), prev.size()), a.prev_stride[0] = N, a.prev_stride[1] = 1;
+  a.scale = float(scale), a.has_cls = t.has_cls, a.semantic = t.semantic;
+  std::vector<float> poison(B * N, NAN);
+  a.cum = to_device(poison.data(), poison.size()), a.attn = to_device(poison.data(), poison.size());
+  a.entropy = to_device(poison.data(), size_t(B));
+  const size_t bytes = flowcut::cuda::flow_scores_workspace_bytes(a);
+  void* ws = nullptr;
+  cuda_ok(cudaMalloc(&ws, bytes), "cudaMalloc workspace");
+  std::string err;
+  for (int rep = 0; rep < 2 && err.empty(); ++rep)  // twice: the block counters must be left reusable
+    err = flowcut::cuda::launch_flow_scores(a, ws, bytes, nullptr);
+  cuda_ok(cudaDeviceSynchronize(), "flow_scores");
+  const auto got_cum = to_host(a.cum, B * N), got_attn = to_host(a.attn, B * N), got_ent = to_host(a.entropy, B);
+  const double e1 = max_rel_error(got_cum, cum), e2 = max_rel_error(got_attn, attn), e3 = max_rel_error(got_ent, ent);
+  char name[256];
+  std::snprintf(name, sizeof name,
+                "flow_scores B=%ld H=%ld S=%ld D=%ld dtype=%d %s cls=%d semantic=%d prev=%d: rel err %.2e %.2e %.2e",
+                long(B), long(H), long(S), long(D), int(t.dtype), t.heads_inner ? "(B,S,H,D)" : "(B,H,S,D)",
+                int(t.has_cls), int(t.semantic), int(t.with_prev), e1, e2, e3);
+  expect(err.empty() && e1 < 1e-4 && e2 < 1e-4 && e3 < 1e-4, err.empty() ? name : name + (" " + err));
+  cudaFree(const_cast<void*>(a.q)), cudaFree(const_cast<void*>(a.k)), cudaFree(const_cast<void*>(a.v));
+  cudaFree(const_cast<float*>(a.prev)), cudaFree(a.cum), cudaFree(a.attn), cudaFree(a.entropy), cudaFree(ws);
+}
+
+// ---- select_gather ----------------------------------------------------------------------------------
+
+void test_select_gather(int64_t B, int64_t S, int64_t C, int64_t keep, bool has_cls, size_t elem, std::mt19937& rng) {
+  const int64_t first = has_cls ? 1 : 0, N = S - first, K = keep - first;
+  std::uniform_int_distribution<int> level(0, 9);  // few distinct scores: many ties
+  std::vector<float> cum(B * N);
+  for (auto& x : cum) x = level(rng) == 0 ? -0.0f : float(level(rng)) / 7.0f;
+  std::vector<int64_t> index(B * N);
+  for (int64_t i = 0; i < B * N; ++i) index[i] = 1000 + i;
+  std::vector<unsigned char> hidden(size_t(B * S * C) * elem);
+  for (auto& x : hidden) x = static_cast<unsigned char>(rng());
+
+  // Oracle: order by score descending (-0.0 == 0.0), ties by lower index; keep K; ascending.
+  std::vector<int64_t> want_rows;
+  std::vector<float> want_cum;
+  std::vector<int64_t> want_index;
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<int64_t> order(N);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return cum[b * N + i] > cum[b * N + j]; });
+    std::vector<int64_t> kept(order.begin(), order.begin() + K);
+    std::sort(kept.begin(), kept.end());
+    if (has_cls) want_rows.push_back(0);
+    for (int64_t j : kept) {
+      want_rows.push_back(j + first);
+      want_cum.push_back(cum[b * N + j]);
+      want_index.push_back(index[b * N + j]);
+    }
+  }
+
+  flowcut::cuda::SelectGatherArgs a;
+  a.B = B, a.S = S, a.C = C, a.keep = keep, a.has_cls = has_cls, a.elem_size = elem;
+  a.hidden = to_device(hidden.data(), hidden.size());
+  a.hidden_stride[0] = S * C, a.hidden_stride[1] = C, a.hidden_stride[2] = 1;
+  a.cum = to_device(cum.data(), cum.size()), a.cum_stride[0] = N, a.cum_stride[1] = 1;
+  a.index_map = to_device(index.data(), index.size()), a.index_stride[0] = N, a.index_stride[1] = 1;
+  std::vector<unsigned char> poison(size_t(B * keep * C) * elem, 0xff);
+  a.hidden_out = to_device(poison.data(), poison.size());
+  std::vector<float> poison_f(B * K, NAN);
+  std::vector<int64_t> poison_i(B * K, -1);
+  a.cum_out = to_device(poison_f.data(), poison_f.size()), a.index_out = to_device(poison_i.data(), poison_i.size());
+  const std::string err = flowcut::cuda::launch_select_gather(a, nullptr);
+  cuda_ok(cudaDeviceSynchronize(), "select_gather");
+  const auto got_hidden = to_host(static_cast<unsigned char*>(a.hidden_out), poison.size());
+  const auto got_cum = to_host(a.cum_out, B * K);
+  const auto got_index = to_host(a.index_out, B * K);
+  bool ok = err.empty() && got_index == want_index;
+  for (int64_t i = 0; ok && i < B * K; ++i) ok = got_cum[i] == want_cum[i];
+  for (int64_t br = 0; ok && br < B * keep; ++br) {
+    const int64_t b = br / keep, src = b * S + want_rows[br];
+    ok = std::memcmp(got_hidden.data() + br * C * elem, hidden.data() + src * C * elem, C * elem) == 0;
+  }
+  char name[160];
+  std::snprintf(name, sizeof name, "select_gather B=%ld S=%ld C=%ld keep=%ld cls=%d elem=%zu %s", long(B), long(S),
+                long(C), long(keep), int(has_cls), elem, err.c_str());
+  expect(ok, name);
+  cudaFree(const_cast<void*>(a.hidden)), cudaFree(const_cast<float*>(a.cum));
+  cudaFree(const_cast<int64_t*>(a.index_map)), cudaFree(a.hidden_out), cudaFree(a.cum_out), cudaFree(a.index_out);
+}
+
+}  // namespace
+
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("no CUDA device: nothing to test\n");
+    return 77;  // ctest's conventional "skipped"
+  }
+  std::mt19937 rng(1234);
+  const ScoreCase score_cases[] = {
+      {2, 4, 37, 16, DType::kFloat32, true, true, true, true},      // 16-byte loads, CLS variant
+      {3, 16, 577, 64, DType::kFloat16, true, true, true, false},   // CLIP-L/336 shape
+      {2, 16, 300, 80, DType::kBFloat16, true, false, true, true},  // Qwen2-VL head dim, mean variant
+      {2, 6, 41, 72, DType::kFloat16, false, true, false, true},    // SigLIP head dim, contiguous, no semantic
+      {2, 3, 29, 5, DType::kFloat32, true, true, true, true},       // odd head dim: element loads
+      {1, 16, 4097, 64, DType::kFloat16, true, false, true, false}, // long sequence, many chunks
+      {1, 2, 2, 8, DType::kFloat32, true, true, true, true},        // a single candidate
+  };
+  for (const ScoreCase& t : score_cases) test_flow_scores(t, rng);
+  for (bool cls : {true, false})
+    for (int64_t keep : {1, 2, 17, 100}) {
+      test_select_gather(3, 100, 40, keep, cls, 4, rng);  // 16-byte copies
+      test_select_gather(2, 100, 33, keep, cls, 2, rng);  // element copies
+    }
+  test_select_gather(2, 16385, 64, 4000, true, 2, rng);    // large N: several radix levels, many row groups
+  test_select_gather(70, 577, 128, 65, true, 8, rng);      // many images
+  std::printf("%d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}

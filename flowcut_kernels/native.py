@@ -1,0 +1,67 @@
+"""The "native" backend: hand-written C++ (CPU) and CUDA kernels from the compiled ``flowcut_kernels._C``.
+
+Importing ``_C`` loads its op library, which registers ``torch.ops.flowcut.native_flow_scores`` and
+``torch.ops.flowcut.native_select_gather`` (csrc/ops.cpp) with CPU kernels, and CUDA kernels when the
+extension was built with CUDA. This module adds their fake (meta) implementations and registers the
+backend with :mod:`flowcut_kernels.ops`. Without a usable ``_C`` it raises ImportError, which
+``ops`` records as the reason "native" is unavailable; the other backends keep working.
+
+Shapes: B images, H heads, S tokens (relay row first when ``has_cls``), D head dim, C hidden size,
+N candidates (S − 1 with a CLS token, S without), K kept candidates (keep − 1 with CLS, else keep).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+
+_BUILD_HINT = (
+    "build it from a source checkout with `pip install --no-build-isolation -e .` (torch and ninja installed "
+    "first, so that the build sees torch; FLOWCUT_BUILD_NATIVE=0 skips it)"
+)
+
+try:
+    from . import _C
+except ImportError as error:
+    raise ImportError(
+        f"the compiled extension flowcut_kernels._C is missing or does not load ({error}); {_BUILD_HINT}"
+    ) from error
+
+if not hasattr(torch.ops.flowcut, "native_flow_scores"):
+    raise ImportError(f"flowcut_kernels._C loaded but registered no torch.ops.flowcut.native_* ops; {_BUILD_HINT}")
+
+
+def build_info() -> dict:
+    """How ``_C`` was built: {"version": str, "with_cuda": bool, "cuda_archs": ["80", "90a", ...]}."""
+    return _C.build_info()
+
+
+@torch.library.register_fake("flowcut::native_flow_scores")
+def _flow_scores_fake(q_relay, k, v, prev, scale, has_cls, semantic):
+    """cum (B, N), entropy (B,), attn (B, N), float32 on k's device."""
+    batch, _, seq, _ = k.shape
+    n = seq - 1 if has_cls else seq
+    scores = k.new_empty((batch, n), dtype=torch.float32)
+    return scores, k.new_empty((batch,), dtype=torch.float32), torch.empty_like(scores)
+
+
+@torch.library.register_fake("flowcut::native_select_gather")
+def _select_gather_fake(hidden, cum, index_map, keep, has_cls):
+    """hidden_out (B, keep, C) in hidden's dtype, cum_out (B, K) float32, index_out (B, K) int64."""
+    batch, _, channels = hidden.shape
+    n_keep = keep - 1 if has_cls else keep
+    return (
+        hidden.new_empty((batch, keep, channels)),
+        cum.new_empty((batch, n_keep)),
+        index_map.new_empty((batch, n_keep)),
+    )
+
+
+DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
+
+ops.register_backend(
+    ops.Backend(
+        "native", torch.ops.flowcut.native_flow_scores, torch.ops.flowcut.native_select_gather, DEVICE_TYPES
+    )
+)
