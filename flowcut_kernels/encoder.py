@@ -1,5 +1,8 @@
 """The FlowCut encoder: run layers 0…F, score each from its own q/k/v, prune progressively.
 
+CLIP towers use the CLS variant of SPEC.md (relay = the CLS row's query), SigLIP towers the mean-query
+variant (relay = the mean query over the image's tokens, taken in float32).
+
 The layers run exactly as the model defines them, with its own attention implementation
 (SDPA by default): the scores come from forward hooks on the q/k/v projections, so the S×S
 attention matrix is never built. Layers after the feature layer F are not run.
@@ -22,9 +25,9 @@ from .towers import Tower, find_tower
 class FlowCutOutput:
     """What :func:`encode` returns.
 
-    features: (B, target_num, C) output of the feature layer for the kept patches, CLS row dropped.
+    features: (B, target_num, C) output of the feature layer for the kept patches (CLS row dropped).
     keep_indices: (B, target_num) int64, ascending, original patch numbering (0 … N₀ − 1).
-    tokens_per_layer: tokens (CLS included) each run layer 0 … F processed.
+    tokens_per_layer: tokens (CLS included, if any) each run layer 0 … F processed.
     """
 
     features: Tensor
@@ -150,8 +153,12 @@ def encode(
 ) -> FlowCutOutput:
     """Encode images with FlowCut pruning, returning ``target_num`` patch features per image.
 
+    The features are the feature layer's raw output (no post-layernorm), as LLaVA takes them from
+    ``hidden_states[vision_feature_layer]``.
+
     Args:
-        vision_model: a HF ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``.
+        vision_model: a HF ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` (CLS variant), or a
+            ``SiglipVisionModel`` (mean-query variant: no CLS row, the target_num kept tokens are the features).
         pixel_values: (B, 3, H, W) images at the model's resolution.
         target_num: patches to keep, 1 ≤ target_num < N₀ (576 for ViT-L/14-336).
         feature_layer: negative layer index whose output is the feature (-1 last; LLaVA-1.5 uses -2).

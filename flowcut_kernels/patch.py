@@ -1,7 +1,10 @@
-"""``flowcut(model, target_num)`` makes one HF vision model instance prune; ``remove_flowcut`` undoes it.
+"""``flowcut(model, target_num)`` makes one HF model instance prune its visual tokens; ``remove_flowcut`` undoes it.
 
-The patch is an instance attribute ``forward`` (the class and every other instance stay untouched)
-plus ``model.flowcut_config``; removing both restores the model exactly (no weight is changed).
+Vision towers alone (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``): the patch
+is an instance attribute ``forward`` plus ``model.flowcut_config``. LLaVA (``LlavaForConditionalGeneration``,
+``LlavaModel``): instance attributes on its ``LlavaModel`` (see :mod:`flowcut_kernels.llava`) and, when given,
+the processor's placeholder count. The classes and every other instance stay untouched; removing restores
+each patched object's attributes exactly (no weight is changed).
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
 from . import ops
 from .checks import FlowCutInputError, require
 from .encoder import check_pixels, check_target, feature_index, run_pruned
-from .towers import find_tower
-
-_NO_PRIOR = object()
+from .instance import restore_attrs, set_attrs
+from .llava import check_llava, is_llava, patch_llava, unpatch_llava
+from .towers import SUPPORTED, find_tower, is_tower
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,12 @@ class FlowCutConfig:
 
 @dataclass
 class FlowCutVisionOutput(BaseModelOutputWithPooling):
-    r"""Output of a patched ``CLIPVisionModel``.
+    r"""Output of a patched ``CLIPVisionModel`` or ``SiglipVisionModel``.
 
-    last_hidden_state: (B, 1 + target_num, C) output of the feature layer on the kept tokens, CLS row first.
-    pooler_output: (B, C) post-layernorm CLS row of it.
+    last_hidden_state: CLIP: (B, 1 + target_num, C) output of the feature layer on the kept tokens, CLS row
+        first. SigLIP: (B, target_num, C) the same output after ``post_layernorm``, as the stock model's.
+    pooler_output: CLIP: (B, C) post-layernorm CLS row. SigLIP: (B, C) the attention-pooling head on
+        ``last_hidden_state`` (None for a model without head).
     hidden_states: (with output_hidden_states) the embeddings and each run layer's output, before that
         layer's pruning — token counts shrink along the tuple.
     keep_indices: (B, target_num) int64 ascending original patch indices of the kept patches.
@@ -75,7 +80,7 @@ def _pruned_forward(
             "matrix; call flowcut_kernels.remove_flowcut(model) first"
         )
     hidden = tower.embed(pixel_values, interpolate_pos_encoding)
-    target_num = check_target(config.target_num, hidden.shape[1] - 1)
+    target_num = check_target(config.target_num, hidden.shape[1] - int(tower.has_cls))
     feature_idx = len(tower.layers) + config.feature_layer
     backend = ops.resolve_backend(config.backend, tower.device)
     if output_hidden_states is None:
@@ -84,7 +89,12 @@ def _pruned_forward(
 
     last, keep_indices, tokens = run_pruned(tower, hidden, target_num, feature_idx, backend, states, **kwargs)
 
-    pooled = tower.core.post_layernorm(last[:, 0])
+    core = tower.core
+    if tower.has_cls:
+        pooled = core.post_layernorm(last[:, 0])
+    else:  # SigLIP: the stock last_hidden_state is post-layernormed, and the head pools it
+        last = core.post_layernorm(last)
+        pooled = core.head(last) if getattr(core, "use_head", False) else None
     fields = dict(
         last_hidden_state=last,
         hidden_states=tuple(states) if states else None,
@@ -111,42 +121,59 @@ def flowcut(
     """Make ``model`` prune its visual tokens with FlowCut; returns the same model.
 
     Args:
-        model: a HF ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` (this instance only is patched).
-        target_num: patches kept at the feature layer, 1 ≤ target_num < N₀.
-        feature_layer: negative index of the feature layer (default -1, the last layer). Layers after
-            it are not run, and the output's ``last_hidden_state`` is its output.
+        model: a HF ``LlavaForConditionalGeneration`` or ``LlavaModel`` with a CLIP or SigLIP vision tower, or
+            a vision model alone: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``.
+            This instance only is patched.
+        target_num: patches kept per image, 1 ≤ target_num < N₀ (the tower's patch count). A LLaVA language
+            model receives exactly ``target_num`` image tokens per image.
+        feature_layer: negative index of the feature layer. Vision models: default -1 (the last layer), and
+            the output's ``last_hidden_state`` is its output. LLaVA: the model's
+            ``config.vision_feature_layer`` (leave unset, or pass the same layer). Layers after it are not run.
         backend: "auto" or a name from :func:`flowcut_kernels.available_backends`, resolved at each
             forward for the model's device.
-        processor: not needed for CLIP vision models (their image processor does not depend on the
-            token count); accepted and left untouched.
+        processor: LLaVA: the model's ``LlavaProcessor``; this instance is made to expand each ``<image>`` to
+            ``target_num`` placeholders (other instances are untouched, ``remove_flowcut`` restores it).
+            Without it, prompts must already hold ``target_num`` image tokens per image, and a forward
+            whose count differs fails with a message saying to pass it. Vision models: not needed (their
+            image processor does not depend on the token count); accepted and left untouched.
 
-    The patched forward returns a :class:`FlowCutVisionOutput` (``CLIPVisionModel``) or a
-    :class:`FlowCutVisionProjectionOutput` (``CLIPVisionModelWithProjection``); the kept indices are
-    its ``keep_indices``. Applying again replaces the settings; :func:`remove_flowcut` undoes it.
-    Bad arguments raise :class:`~flowcut_kernels.FlowCutInputError` and leave the model unchanged.
+    A patched vision model's forward returns a :class:`FlowCutVisionOutput` (CLIP, SigLIP) or a
+    :class:`FlowCutVisionProjectionOutput` (``CLIPVisionModelWithProjection``); the kept indices are its
+    ``keep_indices``. A patched LLaVA model's ``get_image_features`` returns a
+    :class:`~flowcut_kernels.llava.FlowCutImageFeatures`, and its ``forward``/``generate`` run on the pruned
+    features. Applying again replaces the settings (a LLaVA model keeps the processor it was given, updated
+    to the new target, unless another is passed); :func:`remove_flowcut` undoes it. Bad arguments raise
+    :class:`~flowcut_kernels.FlowCutInputError` and leave the model (and the processor) unchanged.
     """
+    if is_llava(model):
+        target_num, feature_layer = check_llava(model, target_num, feature_layer, backend, processor)
+        patch_llava(model, FlowCutConfig(target_num, feature_layer, backend), processor)
+        return model
+    if not is_tower(model):
+        raise FlowCutInputError(
+            f"model is a {type(model).__name__}, which FlowCut does not support; pass a LlavaForConditionalGeneration "
+            f"or LlavaModel (with a CLIP or SigLIP vision tower), or one of {SUPPORTED}"
+        )
     tower = find_tower(model)
     if feature_layer is None:
         feature_layer = -1
     feature_index(feature_layer, len(tower.layers))
     target_num = check_target(target_num, tower.num_patches)
     ops.resolve_backend(backend, tower.device)
-
-    if not hasattr(model, "flowcut_config"):
-        model._flowcut_prior_forward = model.__dict__.get("forward", _NO_PRIOR)
-        model.forward = types.MethodType(_pruned_forward, model)
-    model.flowcut_config = FlowCutConfig(target_num, feature_layer, backend)
+    set_attrs(
+        model,
+        forward=types.MethodType(_pruned_forward, model),
+        flowcut_config=FlowCutConfig(target_num, feature_layer, backend),
+    )
     return model
 
 
 def remove_flowcut(model: nn.Module) -> nn.Module:
-    """Undo :func:`flowcut` on ``model`` (a no-op on an unpatched model); returns the same model."""
-    if hasattr(model, "flowcut_config"):
-        prior = model.__dict__.pop("_flowcut_prior_forward")
-        del model.forward
-        if prior is not _NO_PRIOR:
-            model.forward = prior
-        del model.flowcut_config
+    """Undo :func:`flowcut` on ``model`` and its processor (a no-op on an unpatched model); returns the model."""
+    if is_llava(model):
+        unpatch_llava(model)
+    else:
+        restore_attrs(model)
     return model
 
 

@@ -77,3 +77,148 @@ def random_pixels(
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, 3, size, size, generator=generator)
     return pixels.to(tower.device, dtype or tower.core.embeddings.patch_embedding.weight.dtype)
+
+
+def _vision_fields(preset: str, overrides: dict) -> dict:
+    fields = {**PRESETS[preset], **overrides}
+    fields.pop("projection_dim", None)  # CLIP's projection, absent from SigLIP's config
+    return fields
+
+
+def random_siglip_vision(
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    sharpen: float = DEFAULT_SHARPEN,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    **overrides,
+) -> nn.Module:
+    """A seeded random ``SiglipVisionModel`` (no CLS row; attention-pooling head) of ``preset`` shape, in eval mode.
+
+    ``overrides`` replace config fields (e.g. ``vision_use_head=False``).
+    """
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(**_vision_fields(preset, overrides))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = SiglipVisionModel._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    sharpen_attention(model, sharpen)
+    return model.to(dtype).eval()
+
+
+#: Words of :func:`tiny_tokenizer`; ids follow this order, ``<image>`` comes last (id 63).
+TINY_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "USER:", "ASSISTANT:"] + [f"w{i}" for i in range(57)]
+
+
+def tiny_tokenizer():
+    """An in-memory word-level ``PreTrainedTokenizerFast`` (64 ids, ``<image>`` = 63), left padding.
+
+    Words are split on whitespace; ``<image>`` is a special token, so repeated placeholders need no spaces.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def random_llava(
+    vision: str = "clip",
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    sharpen: float = 8.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    vision_feature_layer: int | list[int] = -2,
+    vision_feature_select_strategy: str | None = None,
+    text: dict | None = None,
+    **vision_overrides,
+) -> nn.Module:
+    """A seeded random ``LlavaForConditionalGeneration`` for :func:`tiny_tokenizer`, in eval mode.
+
+    Args:
+        vision: "clip" (LLaVA-1.5's tower, strategy "default") or "siglip" (strategy "full" by default).
+        preset: the vision tower's shape (:data:`PRESETS`); ``vision_overrides`` replace its fields.
+        sharpen: q/k factor of the vision tower (:func:`sharpen_attention`).
+        text: LlamaConfig fields replacing the tiny defaults (vocabulary of 64, hidden 32, 2 layers).
+
+    The generation config is greedy, pads with ``<pad>``, never emits ``<image>`` and has no end token, so
+    ``generate`` always returns ``max_new_tokens`` tokens.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    vision_config = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[vision](
+        **_vision_fields(preset, vision_overrides)
+    )
+    text_config = LlamaConfig(
+        **{
+            **dict(
+                vocab_size=len(TINY_WORDS) + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            ),
+            **(text or {}),
+        }
+    )
+    if vision_feature_select_strategy is None:
+        vision_feature_select_strategy = "default" if vision == "clip" else "full"
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=len(TINY_WORDS),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(
+            config, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    sharpen_attention(model.model.vision_tower, sharpen)
+    model.generation_config.do_sample = False
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> would be a placeholder
+    return model.to(dtype).eval()
+
+
+def tiny_llava_processor(model: nn.Module, tokenizer=None):
+    """A stock ``LlavaProcessor`` matching ``model`` (a :func:`random_llava`): :func:`tiny_tokenizer` and a
+    ``CLIPImageProcessor`` at the tower's resolution. Before FlowCut it expands ``<image>`` to all patches
+    (minus the CLS drop of the "default" strategy). Needs Pillow (transformers' image processors do).
+    """
+    import transformers
+    from transformers import LlavaProcessor
+
+    # Recent 5.x name the PIL-backed processor apart (the default one wants torchvision).
+    image_processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    vision = model.config.vision_config
+    size = vision.image_size
+    has_cls = vision.model_type == "clip_vision_model"
+    return LlavaProcessor(
+        image_processor=image_processor_class(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(has_cls),
+    )

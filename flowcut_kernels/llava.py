@@ -1,0 +1,293 @@
+"""FlowCut for HF LLaVA-1.5 (``LlavaForConditionalGeneration`` / ``LlavaModel``) and its ``LlavaProcessor``.
+
+The patch replaces two methods on the one ``LlavaModel`` instance (never on its class):
+
+- ``get_image_features``: runs the vision tower's layers 0 … F with FlowCut pruning (F = L +
+  ``vision_feature_layer``; later layers are not run), each image on its own schedule (SPEC.md's batch
+  maximum taken over that image alone, so that a prompt's output does not depend on what it is batched
+  with, as ``generate`` users expect), drops the CLS row (CLIP towers), and applies the
+  model's own ``multi_modal_projector``. It returns what the stock method returns in transformers 5.x: an
+  output whose ``pooler_output`` is the list of per-image projected features, here (target_num, C_text)
+  each. ``forward`` and ``generate`` (which in recent 5.x pre-encodes the images through
+  ``model.base_model.get_image_features``) both reach it.
+- ``get_placeholder_mask``: the stock check, preceded by one that names the fix when the prompt's
+  image-token count is not ``target_num`` per image (a processor that still expands ``<image>`` to the
+  unpruned count).
+
+The processor, when given, is made to expand each ``<image>`` to ``target_num`` placeholders, for any
+target: its count is ``(height // patch_size) · (width // patch_size) + num_additional_image_tokens``
+(− 1 with the "default" strategy) in every 5.x release, so ``patch_size`` is set above any image size
+(the product is 0) and ``num_additional_image_tokens`` carries the count. Both values are restored by
+:func:`unpatch_llava`.
+
+Towers: CLIP (CLS variant, strategy "default": the CLS row is dropped as in stock LLaVA-1.5) and SigLIP
+(mean-query variant, no CLS row: all target_num kept tokens reach the projector, with either strategy;
+stock LLaVA would drop SigLIP's first patch under "default", which only makes sense for a CLS row).
+Features are the feature layer's raw output, as stock LLaVA takes ``hidden_states[vision_feature_layer]``
+(no post-layernorm).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from . import ops
+from .checks import FlowCutInputError, require
+from .encoder import check_pixels, check_target, feature_index, run_pruned
+from .instance import is_patched, prior_attr, restore_attrs, set_attrs
+from .towers import SUPPORTED, Tower, find_tower, is_tower
+
+#: The processor's patch_size while patched: larger than any image side, so (h // p) · (w // p) = 0.
+PROCESSOR_PATCH_SIZE = sys.maxsize
+
+
+@dataclass
+class FlowCutImageFeatures(BaseModelOutputWithPooling):
+    r"""What a patched LLaVA's ``get_image_features`` returns.
+
+    last_hidden_state: (B, T, C_vision) output of the feature layer on the kept tokens (T = 1 + target_num
+        with the CLS row first for CLIP towers, target_num for SigLIP).
+    pooler_output: list of B tensors (target_num, C_text): the projected features, one per image, as the
+        stock method returns them.
+    hidden_states: (with output_hidden_states) one tuple per image: its embeddings (1, S₀, C_vision) and each
+        run layer's output before that layer's pruning (token counts shrink along it, per image).
+    keep_indices: (B, target_num) int64 ascending original patch indices of the kept patches.
+    tokens_per_layer: one list per image: the tokens each run layer 0 … F processed.
+
+    Each image is pruned on its own schedule (SPEC.md with a batch of one), so the features of an image
+    do not depend on the other images of the batch, and batched prompts give their single-prompt results.
+    """
+
+    keep_indices: Tensor | None = None
+    tokens_per_layer: list[int] | None = None
+
+
+def _llava_classes() -> tuple[type, type]:
+    from transformers import LlavaForConditionalGeneration, LlavaModel
+
+    return LlavaForConditionalGeneration, LlavaModel
+
+
+def is_llava(model) -> bool:
+    """Whether ``model`` is a ``LlavaForConditionalGeneration`` or a ``LlavaModel``."""
+    return isinstance(model, _llava_classes())
+
+
+def llava_core(model: nn.Module) -> nn.Module:
+    """The ``LlavaModel`` of a ``LlavaForConditionalGeneration`` (or the ``LlavaModel`` itself)."""
+    return model.model if isinstance(model, _llava_classes()[0]) else model
+
+
+def llava_tower(core: nn.Module) -> Tower:
+    """The vision tower of a ``LlavaModel``, or a FlowCutInputError naming the supported towers."""
+    if not is_tower(core.vision_tower):
+        raise FlowCutInputError(
+            f"model's vision tower is a {type(core.vision_tower).__name__}, which FlowCut does not support; "
+            f"a LLaVA model is supported with one of {SUPPORTED} as its vision tower"
+        )
+    return find_tower(core.vision_tower)
+
+
+def feature_layer_of(vision_feature_layer, num_layers: int, argument: str = "vision_feature_layer") -> int:
+    """LLaVA's ``vision_feature_layer`` (an index into the tower's L + 1 hidden states) as a negative layer.
+
+    ``hidden_states[k]`` is the output of layer k − 1, so k ≥ 1 is the feature layer k − (L + 1) of SPEC.md;
+    negative k is already that. A list (several layers concatenated) is refused.
+    """
+    require(
+        not isinstance(vision_feature_layer, (list, tuple)),
+        f"{argument}={vision_feature_layer!r} selects several feature layers, which FlowCut does not support: "
+        f"pruning keeps different tokens at each layer, so their features cannot be concatenated; use a model "
+        f"whose {argument} is a single int (LLaVA-1.5: -2)",
+    )
+    if isinstance(vision_feature_layer, int) and not isinstance(vision_feature_layer, bool):
+        if vision_feature_layer >= 0:
+            vision_feature_layer -= num_layers + 1
+    return feature_index(vision_feature_layer, num_layers, argument) - num_layers
+
+
+def check_strategy(strategy, tower: Tower, argument: str = "vision_feature_select_strategy") -> None:
+    """CLIP towers: "default" only (the features exclude the CLS row); SigLIP: "default" or "full" (no CLS)."""
+    allowed = ("default",) if tower.has_cls else ("default", "full")
+    require(
+        strategy in allowed,
+        f"{argument}={strategy!r} is not supported with a {type(tower.core).__name__} tower: "
+        + (
+            "FlowCut's features are the kept patches without the CLS row (SPEC.md), as with 'default'; "
+            "set the model's config.vision_feature_select_strategy = 'default'"
+            if tower.has_cls
+            else "use 'default' or 'full' (a SigLIP tower has no CLS row, so both give all kept tokens)"
+        ),
+    )
+
+
+def _pruned_image_features(
+    self: nn.Module,
+    pixel_values: Tensor,
+    vision_feature_layer: int | list[int] | None = None,
+    vision_feature_select_strategy: str | None = None,
+    image_sizes: Tensor | None = None,
+    **kwargs,
+):
+    """Patched ``LlavaModel.get_image_features``: (B, 3, H, W) pixels → B projected (target_num, C_text) features.
+
+    Returns a :class:`FlowCutImageFeatures` (a tuple with ``return_dict=False``), like the stock method.
+    """
+    config = self.flowcut_config
+    tower = llava_tower(self)
+    if vision_feature_layer is None:
+        vision_feature_layer = self.config.vision_feature_layer
+    if vision_feature_select_strategy is None:
+        vision_feature_select_strategy = self.config.vision_feature_select_strategy
+    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
+    check_strategy(vision_feature_select_strategy, tower)
+    require(
+        image_sizes is None,
+        "image_sizes is not supported by FlowCut's LLaVA patch (LLaVA-1.5 takes fixed-size images); leave it unset",
+    )
+    return_dict = kwargs.pop("return_dict", None)
+    output_hidden_states = kwargs.pop("output_hidden_states", None)
+    if kwargs.pop("output_attentions", None):
+        raise FlowCutInputError(
+            "output_attentions=True is unavailable on a FlowCut-patched vision tower: it never builds the attention "
+            "matrix; call flowcut_kernels.remove_flowcut(model) first"
+        )
+    interpolate = bool(kwargs.pop("interpolate_pos_encoding", False))
+    require(pixel_values is not None, "pixel_values is required: pass (B, 3, H, W) images")
+    if isinstance(pixel_values, Tensor):  # as the stock tower's forward would, under a device map
+        pixel_values = pixel_values.to(tower.device)
+    check_pixels(pixel_values, tower)
+
+    hidden = tower.embed(pixel_values, interpolate)
+    target_num = check_target(config.target_num, hidden.shape[1] - int(tower.has_cls))
+    backend = ops.resolve_backend(config.backend, tower.device)
+    feature_idx = len(tower.layers) + feature_layer
+    # Each image on its own schedule (SPEC.md with B = 1): a prompt's result never depends on its batch.
+    runs, states = [], []
+    for image in hidden.split(1):
+        layer_outputs = [image] if output_hidden_states else None
+        runs.append(run_pruned(tower, image, target_num, feature_idx, backend, layer_outputs, **kwargs))
+        states.append(tuple(layer_outputs) if output_hidden_states else None)
+    last = torch.cat([run[0] for run in runs])
+    features = last[:, 1:] if tower.has_cls else last
+    projected = self.multi_modal_projector(features)
+    out = FlowCutImageFeatures(
+        last_hidden_state=last,
+        pooler_output=list(projected),
+        hidden_states=tuple(states) if output_hidden_states else None,
+        keep_indices=torch.cat([run[1] for run in runs]),
+        tokens_per_layer=[run[2] for run in runs],
+    )
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
+def _checked_placeholder_mask(self: nn.Module, input_ids, inputs_embeds, image_features):
+    """Patched ``LlavaModel.get_placeholder_mask``: a mismatch names the fix (pass the processor), then stock."""
+    token_id = self.config.image_token_id
+    if input_ids is not None:
+        n_tokens = int((input_ids == token_id).sum())
+    else:
+        embedded = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        n_tokens = int((inputs_embeds == embedded).all(-1).sum())
+    n_features = image_features.numel() // inputs_embeds.shape[-1]
+    if n_tokens != n_features:
+        target = self.flowcut_config.target_num
+        raise FlowCutInputError(
+            f"the prompts hold {n_tokens} image placeholder tokens, but FlowCut gives the language model "
+            f"{target} features per image ({n_features} for {n_features // target} image(s)): the processor still "
+            f"expands each image token to the unpruned count; pass it when patching, "
+            f"flowcut(model, {target}, processor=processor), and process the prompts again "
+            f"(or build input_ids with {target} image tokens per image)"
+        )
+    stock = prior_attr(self, "get_placeholder_mask")
+    return stock(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+
+
+def check_processor(processor, model: nn.Module, core: nn.Module) -> None:
+    """``processor`` must be a ``LlavaProcessor`` with the model's image token, not patched for another model."""
+    from transformers import LlavaProcessor
+
+    require(
+        isinstance(processor, LlavaProcessor),
+        f"processor is a {type(processor).__name__}; pass the model's LlavaProcessor (e.g. "
+        f"AutoProcessor.from_pretrained of the same checkpoint), whose image-token expansion FlowCut adjusts",
+    )
+    model_token = core.config.image_token_id
+    require(
+        processor.image_token_id == model_token,
+        f"processor does not match the model: its image token {processor.image_token!r} has id "
+        f"{processor.image_token_id}, but the model's config.image_token_id is {model_token}; pass the processor "
+        f"of the model's checkpoint",
+    )
+    owner = vars(core).get("_flowcut_processor")
+    require(
+        not is_patched(processor) or owner is processor,
+        "processor is already patched by flowcut() for another model; call remove_flowcut() on that model first, "
+        "or pass a separate processor instance (e.g. copy.deepcopy(processor))",
+    )
+
+
+def _patch_processor(processor, target_num: int) -> None:
+    """Make ``processor`` expand each ``<image>`` to ``target_num`` placeholders (restored by restore_attrs)."""
+    default = processor.vision_feature_select_strategy == "default"
+    set_attrs(processor, patch_size=PROCESSOR_PATCH_SIZE, num_additional_image_tokens=target_num + int(default))
+
+
+def check_llava(model: nn.Module, target_num: int, feature_layer, backend: str, processor) -> tuple[int, int]:
+    """Validate a LLaVA patch before anything changes; returns (target_num, feature_layer) resolved."""
+    core = llava_core(model)
+    tower = llava_tower(core)
+    num_layers = len(tower.layers)
+    configured = feature_layer_of(core.config.vision_feature_layer, num_layers, "model.config.vision_feature_layer")
+    if feature_layer is not None:
+        require(
+            feature_index(feature_layer, num_layers) - num_layers == configured,
+            f"feature_layer={feature_layer} differs from the model's config.vision_feature_layer "
+            f"({core.config.vision_feature_layer}), whose features its projector was trained on; leave feature_layer "
+            f"unset for a LLaVA model",
+        )
+    check_strategy(core.config.vision_feature_select_strategy, tower, "model.config.vision_feature_select_strategy")
+    target_num = check_target(target_num, tower.num_patches)
+    ops.resolve_backend(backend, tower.device)
+    if processor is not None:
+        check_processor(processor, model, core)
+    return target_num, configured
+
+
+def patch_llava(model: nn.Module, config, processor) -> None:
+    """Patch a checked LLaVA ``model`` with ``config`` (a FlowCutConfig); see the module docstring."""
+    core = llava_core(model)
+    previous = vars(core).get("_flowcut_processor")
+    if processor is not None and previous is not None and previous is not processor:
+        restore_attrs(previous)  # the model now expands with the new processor only
+    processor = processor if processor is not None else previous
+    if processor is not None:
+        _patch_processor(processor, config.target_num)
+    set_attrs(
+        core,
+        get_image_features=types.MethodType(_pruned_image_features, core),
+        get_placeholder_mask=types.MethodType(_checked_placeholder_mask, core),
+        flowcut_config=config,
+        _flowcut_processor=processor,
+    )
+    if model is not core:
+        set_attrs(model, flowcut_config=config)
+
+
+def unpatch_llava(model: nn.Module) -> None:
+    """Undo :func:`patch_llava`: the model's and the processor's attributes are restored exactly."""
+    core = llava_core(model)
+    processor = vars(core).get("_flowcut_processor")
+    if processor is not None:
+        restore_attrs(processor)
+    restore_attrs(core)
+    if model is not core:
+        restore_attrs(model)
