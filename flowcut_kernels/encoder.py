@@ -91,7 +91,8 @@ def run_pruned(
         target_num: patches that reach the feature layer's output.
         feature_idx: F, 0-based index of the feature layer.
         backend: a concrete backend name.
-        layer_outputs: if a list, each run layer's output is appended (before that step's pruning).
+        layer_outputs: if a list, each run layer's whole output is appended (before that step's
+            pruning); otherwise a pruning step drops tokens before the layer's MLP.
 
     Returns:
         out (B, T, C) output of layer F (relay row first in the CLS variant), keep_indices
@@ -107,9 +108,18 @@ def run_pruned(
     for i, layer in enumerate(tower.layers[:feature_idx]):
         tokens.append(seq)
         scored = seq > target
+        steps_left = feature_idx - i - 1
+        # A pruning step drops tokens before the layer's MLP: the scores need only q/k/v, and the
+        # MLP acts on each row alone, so the kept rows come out exactly as from the whole layer.
+        # (Not when every layer's full output is asked for.)
+        prune_first = scored and steps_left % 2 == 0 and layer_outputs is None
         attn = tower.attention(layer)
         with _projections(attn, scored) as qkv:
-            hidden = layer(hidden, None, **layer_kwargs)
+            if prune_first:
+                attended, _ = attn(hidden_states=layer.layer_norm1(hidden), attention_mask=None, **layer_kwargs)
+                hidden = hidden + attended
+            else:
+                hidden = layer(hidden, None, **layer_kwargs)
         if layer_outputs is not None:
             layer_outputs.append(hidden)
         if not scored:
@@ -119,13 +129,15 @@ def run_pruned(
         cum, entropy, _ = ops.flow_scores(
             q_relay, k.transpose(1, 2), v.transpose(1, 2), cum, scale=attn.scale, has_cls=has_cls, backend=backend
         )
-        steps_left = feature_idx - i - 1
-        if steps_left % 2:
-            continue
-        keep = max(seq - ops.prune_count(entropy, n, target, steps_left), target)
-        if keep < seq:
-            hidden, cum, index_map = ops.select_gather(hidden, cum, index_map, keep, has_cls=has_cls, backend=backend)
-            seq, n = keep, (keep - 1 if has_cls else keep)
+        if steps_left % 2 == 0:
+            keep = max(seq - ops.prune_count(entropy, n, target, steps_left), target)
+            if keep < seq:
+                hidden, cum, index_map = ops.select_gather(
+                    hidden, cum, index_map, keep, has_cls=has_cls, backend=backend
+                )
+                seq, n = keep, (keep - 1 if has_cls else keep)
+        if prune_first:
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
     tokens.append(seq)
     hidden = tower.layers[feature_idx](hidden, None, **layer_kwargs)
     if layer_outputs is not None:

@@ -116,8 +116,8 @@ def test_layers_after_the_feature_layer_do_not_run(tiny_clip):
     model = tiny_clip()
     layers = model.encoder.layers if hasattr(model, "encoder") else model.vision_model.encoder.layers
     ran = []
-    for i, layer in enumerate(layers):
-        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    for i, layer in enumerate(layers):  # self_attn: pruning steps call the layer's parts, not the layer
+        layer.self_attn.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
     out = encode(model, synthetic.random_pixels(model, 1), 4, feature_layer=-3)
     assert ran == [0, 1, 2, 3] and len(out.tokens_per_layer) == 4
 
@@ -131,7 +131,8 @@ def test_worked_example_clip_l_336_schedule():
         "clip-l-336", hidden_size=64, intermediate_size=128, num_attention_heads=4, sharpen=10.0
     )
     layers = model.encoder.layers if hasattr(model, "encoder") else model.vision_model.encoder.layers
-    layers[23].register_forward_hook(lambda *_: pytest.fail("layer 23 ran"))
+    for part in (layers[23], layers[23].self_attn, layers[23].mlp):
+        part.register_forward_hook(lambda *_: pytest.fail("layer 23 ran"))
     pixels = synthetic.random_pixels(model, 1)
     for target in (64, 128, 192):
         out = encode(model, pixels, target, feature_layer=-2)

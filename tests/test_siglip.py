@@ -89,8 +89,8 @@ def test_patched_forward_feature_layer_and_no_head():
     pixels = synthetic.random_pixels(model, 2)
     flowcut(model, 12, feature_layer=-3)
     ran = []
-    for i, layer in enumerate(find_siglip_tower(model).encoder.layers):
-        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    for i, layer in enumerate(find_siglip_tower(model).encoder.layers):  # pruning steps call the layer's parts
+        layer.self_attn.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
     out = model(pixels)
     assert ran == [0, 1, 2, 3] and out.pooler_output is None
     assert out.last_hidden_state.shape == (2, 12, 32) and len(out.tokens_per_layer) == 4

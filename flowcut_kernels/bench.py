@@ -1,0 +1,343 @@
+"""Prefill benchmark: FlowCut against the unpruned model and the original-style FlowCut, side by side.
+
+    python -m flowcut_kernels.bench                     # CLIP ViT-L/14-336, target 64, batch 1, CUDA else CPU
+    python -m flowcut_kernels.bench --preset llava-1.5-7b --batch 1 8 32 --target 64 128 192 --json r.json
+    python -m flowcut_kernels.bench --preset kernels    # one prune step per backend vs the copy bandwidth
+
+Model presets (see :mod:`flowcut_kernels.bench_models`) measure, in one run and interleaved, ``unpruned``
+(the stock HF forward, SDPA), ``original`` (benchmarks/original.py: eager attention with the full
+probabilities, Python scoring, a host sync per prune step, every layer) and ``flowcut-<backend>``
+(:func:`flowcut_kernels.encode`) for every backend available on the device. The random weights are seeded
+and their q/k projections sharpened (``--sharpen``, see :mod:`flowcut_kernels.synthetic`) so the attention
+concentrates and the schedule prunes progressively; the tokens each layer processed are printed.
+Kernel presets are described in :mod:`flowcut_kernels.bench_kernels`; timing and memory in
+:mod:`flowcut_kernels.bench_timing`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import shlex
+import sys
+
+import torch
+
+from . import FlowCutInputError, __version__, bench_kernels, bench_models, synthetic
+from .bench_report import (
+    as_text, kernel_table, model_table, parent_writable, write_json, write_markdown, write_plot,
+)
+from .bench_timing import Progress, Timer, peak_memory_mb
+from .encoder import check_target, feature_index
+
+METHOD_FAMILIES = ("unpruned", "original", "flowcut")
+PRESETS = sorted(bench_models.MODEL_PRESETS) + sorted(bench_kernels.KERNEL_PRESETS)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flowcut-bench", description=__doc__.splitlines()[0],
+        epilog="Model presets: " + "; ".join(f"{k}: {v.description}" for k, v in bench_models.MODEL_PRESETS.items())
+        + ". Kernel presets: kernels (CLIP-L/336 at B=1,16,64 and a Qwen-VL image of 4096 and 16384 tokens on "
+        "CUDA; fewer, smaller cases on a CPU), kernels-tiny (for tests).",
+    )
+    p.add_argument("--preset", default="clip-l-336", choices=PRESETS, help="what to measure (default clip-l-336)")
+    p.add_argument("--batch", type=int, nargs="+", metavar="B", help="batch sizes to sweep (default 1)")
+    p.add_argument("--target", type=int, nargs="+", metavar="T",
+                   help="patches kept, to sweep (default 64; 8 for the tiny presets)")
+    p.add_argument("--feature-layer", type=int, default=None, help="feature layer, from the end (default -2, LLaVA)")
+    p.add_argument("--methods", nargs="+", choices=METHOD_FAMILIES, help="method families (default all)")
+    p.add_argument("--backends", nargs="+", metavar="NAME",
+                   help="flowcut backends (default every backend available on the device)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: float16 on CUDA, float32 on CPU")
+    p.add_argument("--repeats", type=int, help="timed calls per method (default 5 on CPU, 20 on CUDA; kernels 20/100)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 1 on CPU, 3 on CUDA; at least 1 is run)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--sharpen", type=float, default=synthetic.DEFAULT_SHARPEN,
+                   help=f"q/k projection factor of the random tower (default {synthetic.DEFAULT_SHARPEN:g})")
+    p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown with device, versions and date")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of the speed-ups (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check every argument before any model is built; a bad one is an argparse usage error (exit 2)."""
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r} is not a device: {error}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: choose auto, cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available in this torch ({torch.__version__}); use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+    args.device = device
+    args.dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+        torch.float16 if device.type == "cuda" else torch.float32)
+    kernels = args.preset in bench_kernels.KERNEL_PRESETS
+    gpu = device.type == "cuda"
+    args.repeats = args.repeats if args.repeats is not None else (100 if gpu else 20) if kernels else (
+        20 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 3) if kernels else (3 if gpu else 1)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be at least 1")
+    if args.warmup < 0:
+        parser.error(f"--warmup {args.warmup}: must be 0 or more")
+    for b in args.batch or []:
+        if b < 1:
+            parser.error(f"--batch {b}: batch sizes must be at least 1")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path and not parent_writable(path):
+            parser.error(f"{flag} {path}: its directory does not exist or is not writable")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
+
+    usable, skipped = bench_kernels.measurable_backends(device)
+    if args.backends:
+        args.backends = list(dict.fromkeys(args.backends))
+        for name in args.backends:
+            if name in skipped:
+                parser.error(f"--backends {name}: not measurable on {device}: {skipped[name]}")
+            if name not in usable:
+                parser.error(f"--backends {name}: unknown backend; choose from {usable}")
+        args.skipped = {}
+    else:
+        args.backends = usable
+        args.skipped = skipped
+
+    if kernels:
+        for flag, value in (("--target", args.target), ("--feature-layer", args.feature_layer),
+                            ("--methods", args.methods)):
+            if value is not None:
+                parser.error(f"{flag} does not apply to --preset {args.preset}: one prune step keeps about half "
+                             "the tokens, for every flowcut backend")
+        if "torch" not in args.backends:
+            args.backends = ["torch", *args.backends]  # the reference the speed-ups are measured against
+        return
+
+    preset = bench_models.MODEL_PRESETS[args.preset]
+    if preset.cuda_only and device.type != "cuda":
+        parser.error(f"--preset {args.preset} runs on CUDA only: {preset.cuda_only}")
+    args.batch = args.batch or [1]
+    args.target = args.target or [64 if preset.num_patches > 64 else preset.num_patches // 8]
+    args.feature_layer = -2 if args.feature_layer is None else args.feature_layer
+    args.methods = args.methods or list(METHOD_FAMILIES)
+    try:
+        for t in args.target:
+            check_target(t, preset.num_patches)
+        feature_index(args.feature_layer, preset.num_layers)
+    except FlowCutInputError as error:
+        parser.error(f"{error} (preset {args.preset}: {preset.num_patches} patches, {preset.num_layers} layers)")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu {model}, {torch.get_num_threads()} threads"
+
+
+def versions(device: torch.device) -> dict:
+    out = {"flowcut_kernels": __version__, "torch": torch.__version__,
+           "transformers": importlib.metadata.version("transformers"), "python": platform.python_version()}
+    try:
+        out["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if device.type == "cuda":
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def _run_models(args, info: dict) -> list[dict]:
+    preset = bench_models.MODEL_PRESETS[args.preset]
+    original, why = (None, None)
+    if "original" in args.methods:
+        original, why = bench_models.load_original()
+        if original is None:
+            print(f"original: skipped — {why}", flush=True)
+    print(f"building {preset.name} ({preset.description}); random weights, seed {args.seed}, q/k x{args.sharpen:g}",
+          flush=True)
+    built = bench_models.build(preset, args.device, args.dtype, args.seed, args.sharpen)
+    print(f"  {built.weights_mb:.0f} MiB of weights on {args.device}", flush=True)
+    n_methods = ("unpruned" in args.methods) + (original is not None) + (
+        len(args.backends) if "flowcut" in args.methods else 0)
+    calls = max(args.warmup, 1) + args.repeats
+    bar = Progress(len(args.batch) * len(args.target) * n_methods * calls, enabled=not args.no_progress)
+    timer = Timer(args.device)
+    rows = []
+    for batch in args.batch:
+        pixels = synthetic.random_pixels(built.tower, batch, seed=args.seed)
+        for target in args.target:
+            label = f"B={batch} T={target}"
+            fns = bench_models.methods(built, pixels, target, args.feature_layer, args.backends,
+                                       set(args.methods), original)
+            with torch.inference_mode():
+                first, peaks = {}, {}
+                for name, fn in fns.items():  # warm-up; the last warm-up call also gives the peak memory
+                    for _ in range(max(args.warmup, 1) - 1):
+                        fn()
+                        bar.step(f"{label} {name} warm-up")
+                    peaks[name] = peak_memory_mb(lambda fn=fn, name=name: first.update({name: fn()}), args.device)
+                    bar.step(f"{label} {name} warm-up")
+                timings = timer.round_robin(fns, args.repeats, bar, label)
+            _print_schedules(label, first)
+            group = []
+            for name, timing in timings.items():
+                result = first[name]
+                row = dict(
+                    method=name, preset=preset.name, batch=batch, target=target, tokens_out=result.tokens_out,
+                    median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                    peak_mem_mb=peaks[name], **info,
+                    feature_layer=args.feature_layer, tokens_per_layer=result.tokens_per_layer,
+                    lm_tokens=result.lm_tokens, times_ms=list(timing.times_ms),
+                )
+                if "original" in first and result.keep_indices is not None and name != "original":
+                    row["agreement_with_original"] = bench_models.agreement(
+                        result.keep_indices, first["original"].keep_indices)
+                group.append(row)
+            for row in group:
+                for base in ("unpruned", "original"):
+                    ref = timings.get(base)
+                    row[f"speedup_vs_{base}"] = ref.median_ms / row["median_ms"] if ref else None
+            rows += group
+    return rows
+
+
+def _print_schedules(label: str, first: dict) -> None:
+    """The tokens each layer processed, per pruning method, and whether the kept patches agree."""
+    for name, result in first.items():
+        if name == "unpruned":
+            continue
+        print(f"{label} {name}: tokens per layer {' '.join(map(str, result.tokens_per_layer))}", flush=True)
+        if name != "original" and "original" in first:
+            share = bench_models.agreement(result.keep_indices, first["original"].keep_indices)
+            print(f"{label} {name}: keeps {share:.1%} of the patches original keeps", flush=True)
+
+
+def _kernel_rows(args, info: dict) -> tuple[list[dict], float]:
+    raw, copy_gbps = bench_kernels.run(
+        args.preset, args.device, args.dtype, args.backends, batches=args.batch, warmup=args.warmup,
+        repeats=args.repeats, progress=not args.no_progress,
+    )
+    rows = []
+    for r in raw:
+        row = dict(
+            method=f"flowcut-{r['backend']}", preset=args.preset, batch=r["batch"], target=r["keep"],
+            tokens_out=r["keep"], median_ms=r["median_us"] / 1e3, p20_ms=r["p20_us"] / 1e3,
+            p80_ms=r["p80_us"] / 1e3, peak_mem_mb=r["peak_mem_mb"], **info, copy_gbps=copy_gbps,
+        )
+        rows.append({**row, **{k: v for k, v in r.items() if k not in row}})
+    return rows, copy_gbps
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``flowcut-bench`` command (a console script: it must return None, its exit status 0)."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark the command line ``argv`` asks for; returns the rows (also printed / written)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    command = "python -m flowcut_kernels.bench " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    dtype_name = str(args.dtype).removeprefix("torch.")
+    info = dict(device=device_name(args.device), versions=versions(args.device), dtype=dtype_name,
+                date=datetime.date.today().isoformat(), seed=args.seed, sharpen=args.sharpen,
+                warmup=args.warmup, repeats=args.repeats)
+    if args.device.type == "cpu" and hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other work on the cores skews CPU timings
+    vs = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    print(f"{vs}\ndevice {args.device} ({info['device']}), {dtype_name}, "
+          f"backends {', '.join(args.backends) or 'none'}", flush=True)
+    for name, why in args.skipped.items():
+        print(f"backend {name}: skipped — {why}", flush=True)
+
+    kernels = args.preset in bench_kernels.KERNEL_PRESETS
+    if kernels:
+        rows, copy_gbps = _kernel_rows(args, info)
+        lines = kernel_table(rows)
+        facts = [f"copy bandwidth {copy_gbps:.1f} GB/s (dst.copy_(src), read + write counted)"]
+        title = f"FlowCut prune step per backend ({args.preset})"
+    else:
+        rows = _run_models(args, info)
+        lines = model_table(rows)
+        facts = [f"feature layer {args.feature_layer}, q/k sharpened x{args.sharpen:g} (seed {args.seed})"]
+        title = f"FlowCut prefill benchmark ({args.preset})"
+    if "load_avg_1min" in info:
+        end_load = round(os.getloadavg()[0], 2)
+        for row in rows:
+            row["load_avg_1min_end"] = end_load
+        facts.append(f"1-minute load average {info['load_avg_1min']} at the start, {end_load} at the end, on "
+                     f"{os.cpu_count()} cores (other work on the cores slows every method)")
+    timing = "CUDA events" if args.device.type == "cuda" else "time.perf_counter"
+    when = "one call after the warm-up" if kernels else "the last warm-up call"
+    facts.append(f"{max(args.warmup, 1)} warm-up + {args.repeats} timed calls per method, interleaved; "
+                 f"median, p20, p80 by {timing}; peak memory: {when}, above the level before it")
+    print(f"\n{title}: {info['device']}, {dtype_name}\n" + "\n".join(facts) + "\n" + as_text(lines), flush=True)
+    if not kernels:
+        _print_summary(rows)
+
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        header = [f"Command: `{command}`", f"Date: {info['date']}", f"Device: {args.device}, {info['device']}",
+                  "Versions: " + vs, f"dtype: {dtype_name}", *facts]
+        notes = [] if kernels else _schedule_notes(rows)
+        write_markdown(args.markdown, title, header, lines, notes)
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        write_plot(args.plot, rows, f"{title}: {info['device']}, {dtype_name}, {info['date']}")
+        print(f"wrote {args.plot}")
+    return rows
+
+
+def _print_summary(rows: list[dict]) -> None:
+    for r in rows:
+        if r["method"].startswith("flowcut"):
+            parts = [f"{r[f'speedup_vs_{b}']:.2f}x the speed of {b}" for b in ("unpruned", "original")
+                     if r.get(f"speedup_vs_{b}") is not None]
+            if parts:
+                print(f"B={r['batch']} T={r['target']} {r['method']}: " + ", ".join(parts))
+
+
+METHOD_NOTES = [
+    "Methods: `unpruned` — the stock HF forward (SDPA), `output_hidden_states=True`, all layers, features "
+    "`hidden_states[-2]` without CLS; `original` — benchmarks/original.py, the published approach re-implemented "
+    "(eager attention keeping every layer's S×S probabilities, Python scoring from their CLS row, a host sync "
+    "per prune step, every layer run); `flowcut-<backend>` — `flowcut_kernels.encode` (layers 0…F only).",
+    "",
+]
+
+
+def _schedule_notes(rows: list[dict]) -> list[str]:
+    notes = [*METHOD_NOTES, "Tokens per layer:", ""]
+    for r in rows:
+        if r["method"] != "unpruned":
+            notes.append(f"- B={r['batch']} T={r['target']} {r['method']}: "
+                         + " ".join(map(str, r["tokens_per_layer"])))
+    return notes
+
+
+if __name__ == "__main__":
+    main()

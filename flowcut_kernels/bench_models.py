@@ -1,0 +1,237 @@
+"""Model presets and the methods :mod:`flowcut_kernels.bench` measures on them.
+
+Encoder presets run a random CLIP vision tower (``flowcut_kernels.synthetic``, seeded, q/k sharpened so
+the attention concentrates and the schedule prunes progressively) and return LLaVA's features: the
+feature layer's patch rows. LLaVA presets add a LLaVA-1.5 projector (Linear → GELU → Linear) and a
+Llama language model, and measure the whole prefill: tower → projector → language model on a prompt
+with the projected image features inserted (``inputs_embeds``, ``use_cache=True``, logits of the last
+position only, as ``generate`` does it). Everything is built directly on the target device in the
+target dtype (no CPU copy of the weights).
+
+Methods, each a zero-argument callable returning a :class:`MethodResult`:
+
+- ``unpruned`` — the stock HF forward (its SDPA attention), ``output_hidden_states=True``, all layers run,
+  features ``hidden_states[feature_layer][:, 1:]`` — how LLaVA calls its tower;
+- ``original`` — the original-style FlowCut of ``benchmarks/original.py`` (eager attention with the full
+  probabilities, Python scoring, a host sync per prune step, every layer run);
+- ``flowcut-<backend>`` — :func:`flowcut_kernels.encode` with that backend (layers 0 … F only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import encode, synthetic
+
+#: Vicuna-7B (LLaVA-1.5-7B's language model) shapes.
+VICUNA_7B = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+)
+TINY_LM = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A benchmark model: a synthetic CLIP tower, plus a projector and language model for LLaVA presets.
+
+    tower: a :data:`flowcut_kernels.synthetic.PRESETS` name. lm: ``LlamaConfig`` fields, or None for the
+    encoder alone. prompt_tokens: text tokens of the prompt; the image features go in after
+    ``image_position`` of them (LLaVA-1.5's system prompt and "USER:" come first).
+    """
+
+    name: str
+    tower: str
+    description: str
+    lm: dict | None = None
+    prompt_tokens: int = 60
+    image_position: int = 35
+    cuda_only: str | None = None  # why the preset cannot run on a CPU, if it cannot
+
+    @property
+    def num_patches(self) -> int:
+        shape = synthetic.PRESETS[self.tower]
+        return (shape["image_size"] // shape["patch_size"]) ** 2
+
+    @property
+    def num_layers(self) -> int:
+        return synthetic.PRESETS[self.tower]["num_hidden_layers"]
+
+
+MODEL_PRESETS = {
+    "clip-l-336": ModelPreset("clip-l-336", "clip-l-336", "CLIP ViT-L/14-336 vision tower (LLaVA-1.5's), 577 tokens"),
+    "clip-tiny": ModelPreset("clip-tiny", "tiny", "a tiny CLIP tower for tests (6 layers, 65 tokens, C=32)"),
+    "llava-1.5-7b": ModelPreset(
+        "llava-1.5-7b", "clip-l-336",
+        "LLaVA-1.5-7B prefill: CLIP-L/336 tower + projector + Vicuna-7B-shaped LM, 60-token prompt",
+        lm=VICUNA_7B,
+        cuda_only="Vicuna-7B needs 27 GB in float32 and minutes per prefill on a CPU; "
+        "run it on a CUDA GPU, or use --preset llava-tiny on a CPU",
+    ),
+    "llava-tiny": ModelPreset(
+        "llava-tiny", "tiny", "a tiny LLaVA for tests: tiny tower + projector + 2-layer LM, 12-token prompt",
+        lm=TINY_LM, prompt_tokens=12, image_position=7,
+    ),
+}
+
+
+@dataclass
+class MethodResult:
+    """What one call of a method gives back.
+
+    output: the features (B, tokens_out, C) for an encoder, the last position's logits (B, 1, V) for LLaVA.
+    keep_indices: (B, tokens_out) kept patch indices, or None (unpruned). tokens_per_layer: tokens each run
+    vision layer processed. tokens_out: visual tokens per image that reach the output / the language model.
+    """
+
+    output: Tensor
+    keep_indices: Tensor | None
+    tokens_per_layer: list[int]
+    tokens_out: int
+    lm_tokens: int | None = None  # prefill length (prompt + visual tokens) for LLaVA presets
+
+
+def load_original() -> tuple[ModuleType | None, str | None]:
+    """benchmarks/original.py of this checkout, as a module; (None, reason) when it is not there.
+
+    The benchmarks/ directory sits next to the package in the repository (an editable install finds it);
+    a wheel install has no benchmarks/, so the ``original`` method is then skipped with the reason.
+    """
+    name = "flowcut_benchmarks_original"
+    if name in sys.modules:
+        return sys.modules[name], None
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "original.py"
+    if not path.is_file():
+        return None, (f"{path} is not there (the original-style baseline lives in the repository's benchmarks/; "
+                      "install the checkout with pip install -e . to measure it)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # noqa: BLE001 - any failure only skips the baseline
+        del sys.modules[name]
+        return None, f"{path} failed to import: {type(error).__name__}: {error}"
+    return module, None
+
+
+class LlavaPrefill(nn.Module):
+    """LLaVA-1.5's projector and language model: image features → prefill logits.
+
+    prompt_ids: (1, P) token ids; the image goes in after ``image_position`` of them.
+    """
+
+    def __init__(self, projector: nn.Module, lm: nn.Module, prompt_ids: Tensor, image_position: int):
+        super().__init__()
+        self.projector = projector
+        self.lm = lm
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        self.image_position = image_position
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, V, C_vision) → logits (B, 1, vocab) of the last prompt position."""
+        image = self.projector(features)
+        text = self.lm.get_input_embeddings()(self.prompt_ids).expand(features.shape[0], -1, -1)
+        pos = self.image_position
+        embeds = torch.cat([text[:, :pos], image, text[:, pos:]], dim=1)
+        return self.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits
+
+
+@dataclass
+class Built:
+    """The models of a preset on one device: the vision tower and, for LLaVA presets, the prefill."""
+
+    preset: ModelPreset
+    tower: nn.Module
+    prefill: LlavaPrefill | None
+    weights_mb: float
+    extra: dict = field(default_factory=dict)
+
+
+def build(preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: int, sharpen: float) -> Built:
+    """Build ``preset`` with seeded random weights directly on ``device`` in ``dtype``."""
+    tower = synthetic.random_clip_vision(preset.tower, seed=seed, sharpen=sharpen, dtype=dtype, device=device)
+    prefill = None
+    if preset.lm is not None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed + 1)
+        vision_width = synthetic.PRESETS[preset.tower]["hidden_size"]
+        width = preset.lm["hidden_size"]
+        with torch.device(device):
+            lm = LlamaForCausalLM._from_config(LlamaConfig(**preset.lm), attn_implementation="sdpa", dtype=dtype)
+            projector = nn.Sequential(
+                nn.Linear(vision_width, width, dtype=dtype), nn.GELU(), nn.Linear(width, width, dtype=dtype)
+            )
+            generator = torch.Generator(device=device).manual_seed(seed)
+            prompt = torch.randint(3, preset.lm["vocab_size"], (1, preset.prompt_tokens), generator=generator,
+                                   device=device)
+        prefill = LlavaPrefill(projector, lm.eval(), prompt, preset.image_position).eval()
+    modules = [tower] + ([prefill] if prefill is not None else [])
+    weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return Built(preset, tower, prefill, weights / 2**20)
+
+
+def methods(
+    built: Built,
+    pixels: Tensor,
+    target: int,
+    feature_layer: int,
+    backends: list[str],
+    include: set[str],
+    original: ModuleType | None,
+) -> dict[str, Callable[[], MethodResult]]:
+    """The methods to measure for one (batch, target): name -> zero-argument callable.
+
+    pixels: (B, 3, H, W). include: the method families asked for ("unpruned", "original", "flowcut").
+    """
+    tower, prefill = built.tower, built.prefill
+    num_layers = built.preset.num_layers
+
+    def finish(features: Tensor, keep: Tensor | None, tokens: list[int]) -> MethodResult:
+        if prefill is None:
+            return MethodResult(features, keep, tokens, features.shape[1])
+        logits = prefill(features)
+        return MethodResult(logits, keep, tokens, features.shape[1], built.preset.prompt_tokens + features.shape[1])
+
+    def unpruned() -> MethodResult:
+        out = tower(pixel_values=pixels, output_hidden_states=True)
+        features = out.hidden_states[feature_layer][:, 1:]
+        return finish(features, None, [features.shape[1] + 1] * num_layers)
+
+    def original_style() -> MethodResult:
+        return finish(*original.encode_original(tower, pixels, target, feature_layer))
+
+    def flowcut(backend: str) -> Callable[[], MethodResult]:
+        def run() -> MethodResult:
+            out = encode(tower, pixels, target, feature_layer=feature_layer, backend=backend)
+            return finish(out.features, out.keep_indices, out.tokens_per_layer)
+
+        return run
+
+    found: dict[str, Callable[[], MethodResult]] = {}
+    if "unpruned" in include:
+        found["unpruned"] = unpruned
+    if "original" in include and original is not None:
+        found["original"] = original_style
+    if "flowcut" in include:
+        for backend in backends:
+            found[f"flowcut-{backend}"] = flowcut(backend)
+    return found
+
+
+def agreement(a: Tensor, b: Tensor) -> float:
+    """Share of kept patches two methods have in common: a, b (B, K) index sets → mean |a ∩ b| / K."""
+    same = [len(set(x.tolist()) & set(y.tolist())) / max(len(x), 1) for x, y in zip(a.cpu(), b.cpu())]
+    return sum(same) / len(same)

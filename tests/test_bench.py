@@ -1,0 +1,203 @@
+"""The benchmark harness (python -m flowcut_kernels.bench) at tiny sizes, and the original-style baseline."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowcut_kernels import bench, bench_kernels, bench_models, bench_timing, encode, synthetic
+from flowcut_kernels.towers import find_tower
+
+REQUIRED = {"method", "preset", "batch", "target", "tokens_out", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
+            "device", "versions"}
+FAST = ["--device", "cpu", "--repeats", "1", "--warmup", "1", "--no-progress"]
+
+
+def cpu_backends():
+    return bench_kernels.measurable_backends("cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def original():
+    module, why = bench_models.load_original()
+    assert module is not None, why
+    return module
+
+
+def test_encoder_preset_rows(tmp_path, capsys):
+    path = tmp_path / "rows.json"
+    rows = bench.run(["--preset", "clip-tiny", "--batch", "1", "2", "--target", "8", "12", *FAST,
+                       "--json", str(path), "--markdown", str(tmp_path / "rows.md")])
+    printed = capsys.readouterr().out
+    assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
+    methods = ["unpruned", "original"] + [f"flowcut-{b}" for b in cpu_backends()]
+    assert len(rows) == 2 * 2 * len(methods)
+    for row in rows:
+        assert REQUIRED <= set(row)
+        assert row["method"] in methods and row["preset"] == "clip-tiny"
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert {"torch", "transformers", "python", "flowcut_kernels"} <= set(row["versions"])
+        assert row["speedup_vs_unpruned"] > 0 and row["speedup_vs_original"] > 0
+        if row["method"] == "unpruned":
+            assert row["tokens_out"] == 64 and row["tokens_per_layer"] == [65] * 6
+        else:
+            assert row["tokens_out"] == row["target"]
+            assert row["tokens_per_layer"][0] == 65 and row["tokens_per_layer"][4] == row["target"] + 1
+        if row["method"].startswith("flowcut"):
+            assert len(row["tokens_per_layer"]) == 5  # layers 0 … F = 4; layer 5 is not run
+            assert row["agreement_with_original"] == 1.0  # float32: the same patches as the original
+    assert {(r["batch"], r["target"]) for r in rows} == {(1, 8), (1, 12), (2, 8), (2, 12)}
+    assert "tokens per layer 65 " in printed and "keeps 100.0% of the patches original keeps" in printed
+    markdown = (tmp_path / "rows.md").read_text()
+    assert "| method | batch | target |" in markdown and "Versions: " in markdown and "Tokens per layer" in markdown
+
+
+def test_llava_preset_prefills_the_language_model():
+    rows = bench.run(["--preset", "llava-tiny", "--target", "8", *FAST])
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["unpruned"]["lm_tokens"] == 12 + 64
+    for name, row in by_method.items():
+        if name != "unpruned":
+            assert row["tokens_out"] == 8 and row["lm_tokens"] == 12 + 8
+
+
+def test_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    for preset, extra in (("clip-tiny", ["--batch", "1", "2"]), ("kernels-tiny", [])):
+        path = tmp_path / f"{preset}.png"
+        bench.run(["--preset", preset, *extra, *FAST, "--plot", str(path)])
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kernels_preset_covers_every_cpu_backend_but_the_interpreter(tmp_path):
+    rows = bench.run(["--preset", "kernels-tiny", *FAST, "--json", str(tmp_path / "k.json")])
+    backends = cpu_backends()
+    assert "triton" not in backends  # only the interpreter runs Triton on a CPU
+    cases = bench_kernels.cases_for("kernels-tiny", torch.device("cpu"))
+    assert {r["method"] for r in rows} == {f"flowcut-{b}" for b in backends}
+    assert len(rows) == len(cases) * len(backends)
+    for row in rows:
+        assert REQUIRED <= set(row) and row["gbps"] > 0 and 0 < row["bw_share"] and row["copy_gbps"] > 0
+        assert row["tokens_out"] == row["keep"] and row["median_us"] == pytest.approx(row["median_ms"] * 1e3)
+        if row["method"] == "flowcut-torch":
+            assert row["speedup_vs_torch"] == 1.0
+
+
+def test_kernels_script_function():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_bench.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows, copy_gbps = module.kernel_benchmark("cpu", preset="kernels-tiny", batches=[3], backends=["torch"],
+                                              warmup=1, repeats=1)
+    assert copy_gbps > 0 and {(r["case"], r["batch"]) for r in rows} == {("tiny", 3), ("tiny-mean", 1)}
+
+
+def test_bytes_moved_counts_the_minimal_traffic():
+    case = bench_kernels.KernelCase("x", batch=2, seq=5, heads=3, head_dim=4, has_cls=True)  # N = 4, keep = 3
+    q_kv = 2 * 3 * 4 * 2 + 2 * (2 * 3 * 5 * 4 * 2)  # float16 q_relay, k, v
+    scores = 2 * 4 * 4 + 2 * (2 * 4 * 4) + 2 * 4  # prev read; cum, attn, entropy written
+    select = 2 * 4 * 12 + 2 * (2 * 3 * 12 * 2) + 2 * 2 * 12  # cum + index read, rows read + written, kept out
+    assert case.keep == 3 and case.bytes_moved(2) == q_kv + scores + select
+
+
+def test_original_is_faithful_to_encode(tiny_clip, original):
+    """Same features and kept tokens as flowcut_kernels.encode in float32; every layer runs."""
+    for seed, batch, target, feature_layer in [(0, 1, 8, -2), (1, 3, 16, -2), (2, 2, 5, -1), (3, 2, 30, -3)]:
+        model = tiny_clip(seed=seed, sharpen=16.0)
+        pixels = synthetic.random_pixels(model, batch, seed=seed)
+        with torch.inference_mode():
+            want = encode(model, pixels, target, feature_layer=feature_layer, backend="torch")
+            features, keep, tokens = original.encode_original(model, pixels, target, feature_layer)
+        assert torch.equal(keep, want.keep_indices)
+        torch.testing.assert_close(features, want.features, rtol=1e-5, atol=1e-5)
+        assert len(tokens) == 6 and tokens[: len(want.tokens_per_layer)] == want.tokens_per_layer
+        assert len(set(want.tokens_per_layer)) > 2  # the sharpened tower prunes progressively
+
+
+def test_original_eager_layers_match_the_stock_layers(tiny_clip, original):
+    """The eager layers reproduce the model's own (SDPA) layers, and give softmax rows as probabilities."""
+    model = tiny_clip(seed=4)
+    pixels = synthetic.random_pixels(model, 2, seed=4)
+    with torch.inference_mode():
+        stock = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        for i, layer in enumerate(find_tower(model).layers):
+            hidden, probs, values = original.eager_layer(layer, stock[i])
+            torch.testing.assert_close(hidden, stock[i + 1], rtol=1e-5, atol=1e-5)
+            assert probs.shape == (2, 4, 65, 65) and values.shape == (2, 4, 65, 8)
+            torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 65))
+
+
+def test_missing_original_is_skipped_with_its_reason(monkeypatch, capsys):
+    monkeypatch.setattr(bench_models, "load_original", lambda: (None, "benchmarks/original.py is not there"))
+    rows = bench.run(["--preset", "clip-tiny", *FAST])
+    assert "original: skipped — benchmarks/original.py is not there" in capsys.readouterr().out
+    assert "original" not in {r["method"] for r in rows}
+    assert all(r["speedup_vs_original"] is None for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "64"], "target_num=64 is out of range"),  # clip-tiny has 64 patches
+    (["--target", "8", "0"], "target_num=0 is out of range"),
+    (["--feature-layer", "0"], "feature_layer=0 is out of range"),
+    (["--backends", "nope"], "--backends nope"),
+    (["--batch", "0"], "--batch 0"),
+    (["--repeats", "0"], "--repeats 0"),
+    (["--warmup", "-1"], "--warmup -1"),
+    (["--methods", "fast"], "invalid choice: 'fast'"),
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--preset", "llava-1.5-7b"], "--preset llava-1.5-7b runs on CUDA only"),
+    (["--preset", "kernels-tiny", "--target", "8"], "--target does not apply to --preset kernels-tiny"),
+    (["--device", "tpu9"], "--device 'tpu9'"),
+    (["--json", "/nonexistent/dir/rows.json"], "--json /nonexistent/dir/rows.json"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys, monkeypatch):
+    """Checked before any model is built; reported as argparse usage errors (exit 2)."""
+    monkeypatch.setattr(bench_models, "build", lambda *a, **k: pytest.fail("built a model for bad arguments"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.run(["--preset", "clip-tiny", "--device", "cpu", *argv])  # later flags win
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.run(["--preset", "clip-tiny", "--device", "cuda"])
+    assert exit_info.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_timing_helpers():
+    assert bench_timing.quantile([4.0, 1.0, 3.0, 2.0, 5.0], 0.5) == 3.0
+    assert bench_timing.quantile([1.0, 2.0], 0.2) == pytest.approx(1.2)
+    timing = bench_timing.Timer(torch.device("cpu")).round_robin({"a": lambda: None, "b": lambda: None}, 3)
+    assert set(timing) == {"a", "b"} and len(timing["a"].times_ms) == 3
+    peak = bench_timing.peak_memory_mb(lambda: torch.ones(2**24).sum(), torch.device("cpu"))
+    assert peak is None or peak >= 0
+
+
+def test_progress_lines_without_a_terminal(capsys):
+    import sys
+
+    bar = bench_timing.Progress(20, stream=sys.stderr)
+    for _ in range(20):
+        bar.step("x")
+    lines = capsys.readouterr().err.splitlines()
+    assert 2 <= len(lines) <= 12 and lines[-1].startswith("[####################] 20/20")
+
+
+def test_command_line_exits_cleanly(tmp_path):
+    """``python -m flowcut_kernels.bench`` (and the flowcut-bench console script, which calls main) exits 0."""
+    import subprocess
+    import sys
+
+    assert bench.main(["--preset", "kernels-tiny", *FAST, "--backends", "torch"]) is None
+    path = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, "-m", "flowcut_kernels.bench", "--preset", "clip-tiny", *FAST,
+                           "--methods", "unpruned", "flowcut", "--backends", "torch", "--json", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["method"] for r in json.loads(path.read_text())] == ["unpruned", "flowcut-torch"]
+    assert "flowcut-torch" in done.stdout
