@@ -95,7 +95,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["flowcut_kernels", "flowcut_kernels.*"]),
     install_requires=["torch>=2.4", "transformers>=5.0,<6"],
-    extras_require={"test": ["pytest>=7", "triton>=3.2", "pillow"]},
+    extras_require={
+        "test": ["pytest>=7", "triton>=3.2", "pillow", "matplotlib"],
+        "bench": ["matplotlib"],
+    },
     entry_points={"console_scripts": ["flowcut-bench=flowcut_kernels.bench:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
