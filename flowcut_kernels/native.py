@@ -37,26 +37,9 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-@torch.library.register_fake("flowcut::native_flow_scores")
-def _flow_scores_fake(q_relay, k, v, prev, scale, has_cls, semantic):
-    """cum (B, N), entropy (B,), attn (B, N), float32 on k's device."""
-    batch, _, seq, _ = k.shape
-    n = seq - 1 if has_cls else seq
-    scores = k.new_empty((batch, n), dtype=torch.float32)
-    return scores, k.new_empty((batch,), dtype=torch.float32), torch.empty_like(scores)
-
-
-@torch.library.register_fake("flowcut::native_select_gather")
-def _select_gather_fake(hidden, cum, index_map, keep, has_cls):
-    """hidden_out (B, keep, C) in hidden's dtype, cum_out (B, K) float32, index_out (B, K) int64."""
-    batch, _, channels = hidden.shape
-    n_keep = keep - 1 if has_cls else keep
-    return (
-        hidden.new_empty((batch, keep, channels)),
-        cum.new_empty((batch, n_keep)),
-        index_map.new_empty((batch, n_keep)),
-    )
-
+# The same output shapes as every backend's ops.
+torch.library.register_fake("flowcut::native_flow_scores")(ops.flow_scores_fake)
+torch.library.register_fake("flowcut::native_select_gather")(ops.select_gather_fake)
 
 DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
 

@@ -5,6 +5,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from flowcut_kernels import available_backends, synthetic  # noqa: E402
 
@@ -21,3 +22,18 @@ def tiny_clip():
         return synthetic.random_clip_vision("tiny", seed=seed, sharpen=sharpen, **overrides)
 
     return make
+
+
+class TensorShapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns (to show no S×S tensor is built)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, TensorShapes
 from flowcut_kernels import FlowCutInputError, encode, synthetic
 from naive_flowcut import naive_encode
 
@@ -79,19 +78,6 @@ def test_encode_with_projection_and_eager_attention(tiny_clip):
     torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-5)
 
 
-class _Shapes(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
 
 
 def _square_token_tensors(shapes, tokens):
@@ -101,12 +87,12 @@ def _square_token_tensors(shapes, tokens):
 def test_encode_never_builds_the_attention_matrix(tiny_clip):
     model = tiny_clip()  # sdpa, the default
     pixels = synthetic.random_pixels(model, 2)
-    with _Shapes() as sdpa:
+    with TensorShapes() as sdpa:
         out = encode(model, pixels, 8)
     assert _square_token_tensors(sdpa.shapes, set(out.tokens_per_layer)) == []
     # The detector does see an S×S matrix when the model itself uses eager attention.
     eager = tiny_clip(attn_implementation="eager")
-    with _Shapes() as seen:
+    with TensorShapes() as seen:
         encode(eager, pixels, 8)
     assert _square_token_tensors(seen.shapes, {65})
     assert model.config._attn_implementation == "sdpa"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlavaModel
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, TensorShapes
 from flowcut_kernels import FlowCutInputError, encode, flowcut, remove_flowcut, synthetic
 from flowcut_kernels.llava import FlowCutImageFeatures
 from naive_llava import naive_llava_embeds, naive_llava_features
@@ -199,21 +199,7 @@ def test_tower_runs_only_to_the_feature_layer_without_the_attention_matrix():
     tower_layers[layers - 1].register_forward_hook(lambda *_: pytest.fail("a layer after the feature layer ran"))
     given = inputs(model, PROMPTS[:2], 10)
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Shapes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.shapes.append(tuple(t.shape))
-            return out
-
-    with Shapes() as seen:
+    with TensorShapes() as seen:
         model.model.get_image_features(pixel_values=given["pixel_values"])
     assert not [s for s in seen.shapes if len(s) == 4 and s[-1] == s[-2] and s[-1] > 10]
     assert model.model.vision_tower.config._attn_implementation == "sdpa"

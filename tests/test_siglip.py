@@ -4,9 +4,8 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, TensorShapes
 from flowcut_kernels import FlowCutInputError, FlowCutVisionOutput, encode, flowcut, remove_flowcut, synthetic
 from flowcut_kernels.towers import find_tower
 from naive_llava import find_siglip_tower, naive_siglip_encode
@@ -119,29 +118,18 @@ def test_per_instance_reversible_and_deepcopy():
     assert torch.equal(clone(pixels).last_hidden_state, before.last_hidden_state)
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
 
 
 def test_never_builds_the_attention_matrix():
     model = tiny_siglip()
     pixels = synthetic.random_pixels(model, 2)
-    with _Shapes() as seen:
+    with TensorShapes() as seen:
         out = encode(model, pixels, 10)  # no token count equals the 8×8 patch grid of the embedding
     tokens = set(out.tokens_per_layer)
     # (B, H, S, S) per-head attention; 3-d (B, 64, 64) tensors are the MLP's (intermediate size 64)
     assert [s for s in seen.shapes if len(s) == 4 and s[-1] == s[-2] and s[-1] in tokens] == []
     eager = tiny_siglip(attn_implementation="eager")  # the detector does see the eager model's matrix
-    with _Shapes() as seen:
+    with TensorShapes() as seen:
         encode(eager, pixels, 10)
     assert [s for s in seen.shapes if len(s) == 4 and s[-1] == s[-2] == 64]
 
