@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="flowcut backends (default every backend available on the device)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: float16 on CUDA, float32 on CPU")
-    p.add_argument("--repeats", type=int, help="timed calls per method (default 5 on CPU, 20 on CUDA; kernels 20/100)")
+    p.add_argument("--repeats", type=int, help="timed calls per method (default 9 on CPU, 20 on CUDA; kernels 20/100)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default 1 on CPU, 3 on CUDA; at least 1 is run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--sharpen", type=float, default=synthetic.DEFAULT_SHARPEN,
@@ -86,7 +86,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     kernels = args.preset in bench_kernels.KERNEL_PRESETS
     gpu = device.type == "cuda"
     args.repeats = args.repeats if args.repeats is not None else (100 if gpu else 20) if kernels else (
-        20 if gpu else 5)
+        20 if gpu else 9)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 3) if kernels else (3 if gpu else 1)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be at least 1")
