@@ -61,6 +61,11 @@ def random_clip_vision(
     """
     config = CLIPVisionConfig(**{**PRESETS[preset], **overrides})
     cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
+    return _build(cls, config, seed, sharpen, dtype, device, attn_implementation)
+
+
+def _build(cls, config, seed, sharpen, dtype, device, attn_implementation) -> nn.Module:
+    """``cls`` from ``config``: seeded float32 weights made on ``device``, q/k sharpened, cast, in eval mode."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
@@ -102,11 +107,7 @@ def random_siglip_vision(
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     config = SiglipVisionConfig(**_vision_fields(preset, overrides))
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = SiglipVisionModel._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
-    sharpen_attention(model, sharpen)
-    return model.to(dtype).eval()
+    return _build(SiglipVisionModel, config, seed, sharpen, dtype, device, attn_implementation)
 
 
 #: Words of :func:`tiny_tokenizer`; ids follow this order, ``<image>`` comes last (id 63).
