@@ -99,7 +99,7 @@ setup(
         "test": ["pytest>=7", "triton>=3.2", "pillow", "matplotlib"],
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["flowcut-bench=flowcut_kernels.bench:main"]},
+    entry_points={"console_scripts": ["flowcut-bench=flowcut_kernels.bench.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -7,7 +7,7 @@ Triton is skipped on a CPU, where it only runs in its interpreter) is timed on t
 (S=577, H=16, D=64, C=1024; B = 1, 16, 64) and on one Qwen-VL-sized image (S=4096 and 16384, mean-query
 variant), fewer and smaller cases on a CPU. Reported: median µs, the minimal bytes moved and the GB/s
 they give, its share of the device's measured copy bandwidth, and the speed-up over "torch".
-The implementation is :mod:`flowcut_kernels.bench_kernels`; this script is
+The implementation is :mod:`flowcut_kernels.bench.kernels`; this script is
 ``python -m flowcut_kernels.bench --preset kernels`` with the same options. (The file is not called
 kernels.py: run as a script, its directory comes first on sys.path, and transformers would import it as
 the Hugging Face ``kernels`` package.)
@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from flowcut_kernels import bench, bench_kernels
+from flowcut_kernels import bench
+from flowcut_kernels.bench import kernels as bench_kernels
 
 
 def kernel_benchmark(
@@ -34,7 +35,7 @@ def kernel_benchmark(
 ) -> tuple[list[dict], float]:
     """Time one prune step per case and backend; returns (rows, copy bandwidth in GB/s).
 
-    Rows as :func:`flowcut_kernels.bench_kernels.run` gives them (case, shape, backend, median_us, gbps,
+    Rows as :func:`flowcut_kernels.bench.kernels.run` gives them (case, shape, backend, median_us, gbps,
     bw_share, speedup_vs_torch, …). ``backends`` defaults to every measurable backend on ``device``.
     """
     device = torch.device(device)

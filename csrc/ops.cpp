@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_gather_cpu_checked(
 }  // namespace flowcut
 
 TORCH_LIBRARY(flowcut, m) {
-  m.set_python_module("flowcut_kernels.native");
+  m.set_python_module("flowcut_kernels.ops.native");
   m.def(
       "native_flow_scores(Tensor q_relay, Tensor k, Tensor v, Tensor? prev, float scale, bool has_cls, "
       "bool semantic) -> (Tensor cum, Tensor entropy, Tensor attn)");

@@ -1,4 +1,4 @@
-"""The reference (flowcut_kernels.reference) against the naive per-formula oracle in naive_flowcut.py."""
+"""The reference (flowcut_kernels.reference) against the naive per-formula oracle in oracle/flowcut.py."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowcut_kernels import reference
-from naive_flowcut import naive_flow_scores, naive_prune_count, naive_select_gather
+from oracle.flowcut import naive_flow_scores, naive_prune_count, naive_select_gather
 
 SHAPES = [(1, 1, 2, 4), (2, 4, 17, 8), (3, 2, 33, 16), (2, 16, 65, 64)]  # (B, H, S, D)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,6 +1,6 @@
 """Naive, independent oracle for FlowCut on SigLIP towers and LLaVA (see /work/shared/SPEC.md).
 
-Built only on naive_flowcut.py (the per-formula oracle) and the models' weights: float64, eager
+Built only on oracle/flowcut.py (the per-formula oracle) and the models' weights: float64, eager
 attention written out, nothing shared with the `flowcut_kernels` package.
 
 - naive_siglip_encode: the mean-query variant of SPEC.md on a HF SigLIP vision tower (no CLS row:
@@ -14,7 +14,7 @@ import copy
 
 import torch
 
-from naive_flowcut import (
+from oracle.flowcut import (
     eager_clip_layer,
     naive_encode,
     naive_flow_scores,

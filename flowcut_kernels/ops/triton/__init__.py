@@ -12,9 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
-from .triton_flow_scores import flow_scores_into, flow_scores_outputs
-from .triton_select_gather import select_gather_into, select_gather_outputs
+from ..backends import Backend, register_backend
+from ..library import flow_scores_fake, select_gather_fake
+from .flow_scores import flow_scores_into, flow_scores_outputs
+from .select_gather import select_gather_into, select_gather_outputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -54,11 +55,11 @@ def triton_select_gather(
 
 
 if INTERPRET:
-    triton_flow_scores.register_fake(ops.flow_scores_fake)
-    triton_select_gather.register_fake(ops.select_gather_fake)
+    triton_flow_scores.register_fake(flow_scores_fake)
+    triton_select_gather.register_fake(select_gather_fake)
 
-ops.register_backend(
-    ops.Backend(
+register_backend(
+    Backend(
         "triton",
         torch.ops.flowcut.triton_flow_scores,
         torch.ops.flowcut.triton_select_gather,

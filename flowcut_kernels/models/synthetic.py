@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
-from .towers import find_tower
+from .registry import find_tower
 
 #: CLIP vision shapes: ViT-L/14 at 336 px (LLaVA-1.5's tower: 577 tokens, 24 layers) and a tiny one for tests.
 PRESETS = {

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-from .bench_timing import Progress, Timer, peak_memory_mb, summarize
+from .. import ops
+from .timing import Progress, Timer, peak_memory_mb, summarize
 
 
 @dataclass(frozen=True)

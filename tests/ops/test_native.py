@@ -10,7 +10,7 @@ import torch
 
 import flowcut_kernels
 from flowcut_kernels import available_backends, encode, ops, reference, synthetic
-from naive_flowcut import naive_flow_scores, naive_select_gather
+from oracle.flowcut import naive_flow_scores, naive_select_gather
 
 _why = available_backends("cpu", reasons=True).get("native", "not registered")
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"native backend unavailable: {_why}")
@@ -42,7 +42,8 @@ def poison_allocator(numel):
 
 
 def test_build_info():
-    from flowcut_kernels import _C, native
+    from flowcut_kernels import _C
+    from flowcut_kernels.ops import native
 
     info = native.build_info()
     assert info == _C.build_info()

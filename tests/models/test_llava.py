@@ -1,7 +1,7 @@
 """flowcut() on HF LLaVA-1.5: placeholders, projector input, generate(), per instance and reversible.
 
 Tiny random models from configs (synthetic.random_llava: CLIP tower 32 px / patch 4 → 64 patches, 6 layers;
-Llama text model, vocabulary 64, 2 layers). The independent references are tests/naive_llava.py (features
+Llama text model, vocabulary 64, 2 layers). The independent references are tests/oracle/llava.py (features
 from SPEC.md in float64) fed to a stock, unpatched twin of the model through inputs_embeds.
 """
 
@@ -15,8 +15,8 @@ from transformers import LlavaModel
 
 from conftest import CPU_BACKENDS, TensorShapes
 from flowcut_kernels import FlowCutInputError, encode, flowcut, remove_flowcut, synthetic
-from flowcut_kernels.llava import FlowCutImageFeatures
-from naive_llava import naive_llava_embeds, naive_llava_features
+from flowcut_kernels import FlowCutImageFeatures
+from oracle.llava import naive_llava_embeds, naive_llava_features
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -1,10 +1,7 @@
-"""``flowcut(model, target_num)`` makes one HF model instance prune its visual tokens; ``remove_flowcut`` undoes it.
+"""The patch shared by bare vision towers (CLIP, SigLIP): a pruned ``forward`` on one instance.
 
-Vision towers alone (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``): the patch
-is an instance attribute ``forward`` plus ``model.flowcut_config``. LLaVA (``LlavaForConditionalGeneration``,
-``LlavaModel``): instance attributes on its ``LlavaModel`` (see :mod:`flowcut_kernels.llava`) and, when given,
-the processor's placeholder count. The classes and every other instance stay untouched; removing restores
-each patched object's attributes exactly (no weight is changed).
+The patch is an instance attribute ``forward`` plus ``model.flowcut_config``; the class and every
+other instance stay untouched, and :func:`unpatch_vision_model` restores the instance exactly.
 """
 
 from __future__ import annotations
@@ -16,21 +13,11 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
 
-from . import ops
-from .checks import FlowCutInputError, require
+from .. import ops
+from ..checks import FlowCutInputError, require
 from .encoder import check_pixels, check_target, feature_index, run_pruned
 from .instance import restore_attrs, set_attrs
-from .llava import check_llava, is_llava, patch_llava, unpatch_llava
-from .towers import SUPPORTED, find_tower, is_tower
-
-
-@dataclass(frozen=True)
-class FlowCutConfig:
-    """What a patched model does: keep ``target_num`` patches at layer F = L + ``feature_layer``."""
-
-    target_num: int
-    feature_layer: int
-    backend: str
+from .registry import FlowCutConfig, find_tower
 
 
 @dataclass
@@ -110,50 +97,8 @@ def _pruned_forward(
     return out if return_dict else out.to_tuple()
 
 
-def flowcut(
-    model: nn.Module,
-    target_num: int,
-    *,
-    feature_layer: int | None = None,
-    backend: str = "auto",
-    processor=None,
-) -> nn.Module:
-    """Make ``model`` prune its visual tokens with FlowCut; returns the same model.
-
-    Args:
-        model: a HF ``LlavaForConditionalGeneration`` or ``LlavaModel`` with a CLIP or SigLIP vision tower, or
-            a vision model alone: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``.
-            This instance only is patched.
-        target_num: patches kept per image, 1 ≤ target_num < N₀ (the tower's patch count). A LLaVA language
-            model receives exactly ``target_num`` image tokens per image.
-        feature_layer: negative index of the feature layer. Vision models: default -1 (the last layer), and
-            the output's ``last_hidden_state`` is its output. LLaVA: the model's
-            ``config.vision_feature_layer`` (leave unset, or pass the same layer). Layers after it are not run.
-        backend: "auto" or a name from :func:`flowcut_kernels.available_backends`, resolved at each
-            forward for the model's device.
-        processor: LLaVA: the model's ``LlavaProcessor``; this instance is made to expand each ``<image>`` to
-            ``target_num`` placeholders (other instances are untouched, ``remove_flowcut`` restores it).
-            Without it, prompts must already hold ``target_num`` image tokens per image, and a forward
-            whose count differs fails with a message saying to pass it. Vision models: not needed (their
-            image processor does not depend on the token count); accepted and left untouched.
-
-    A patched vision model's forward returns a :class:`FlowCutVisionOutput` (CLIP, SigLIP) or a
-    :class:`FlowCutVisionProjectionOutput` (``CLIPVisionModelWithProjection``); the kept indices are its
-    ``keep_indices``. A patched LLaVA model's ``get_image_features`` returns a
-    :class:`~flowcut_kernels.llava.FlowCutImageFeatures`, and its ``forward``/``generate`` run on the pruned
-    features. Applying again replaces the settings (a LLaVA model keeps the processor it was given, updated
-    to the new target, unless another is passed); :func:`remove_flowcut` undoes it. Bad arguments raise
-    :class:`~flowcut_kernels.FlowCutInputError` and leave the model (and the processor) unchanged.
-    """
-    if is_llava(model):
-        target_num, feature_layer = check_llava(model, target_num, feature_layer, backend, processor)
-        patch_llava(model, FlowCutConfig(target_num, feature_layer, backend), processor)
-        return model
-    if not is_tower(model):
-        raise FlowCutInputError(
-            f"model is a {type(model).__name__}, which FlowCut does not support; pass a LlavaForConditionalGeneration "
-            f"or LlavaModel (with a CLIP or SigLIP vision tower), or one of {SUPPORTED}"
-        )
+def patch_vision_model(model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None):
+    """Check, then patch a bare vision model (``processor`` is accepted and left untouched)."""
     tower = find_tower(model)
     if feature_layer is None:
         feature_layer = -1
@@ -165,16 +110,6 @@ def flowcut(
         forward=types.MethodType(_pruned_forward, model),
         flowcut_config=FlowCutConfig(target_num, feature_layer, backend),
     )
-    return model
 
 
-def remove_flowcut(model: nn.Module) -> nn.Module:
-    """Undo :func:`flowcut` on ``model`` and its processor (a no-op on an unpatched model); returns the model."""
-    if is_llava(model):
-        unpatch_llava(model)
-    else:
-        restore_attrs(model)
-    return model
-
-
-__all__ = ["FlowCutConfig", "FlowCutVisionOutput", "FlowCutVisionProjectionOutput", "flowcut", "remove_flowcut"]
+unpatch_vision_model = restore_attrs

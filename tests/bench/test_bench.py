@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowcut_kernels import bench, bench_kernels, bench_models, bench_timing, encode, synthetic
-from flowcut_kernels.towers import find_tower
+from flowcut_kernels import bench, encode, synthetic
+from flowcut_kernels.bench import kernels as bench_kernels
+from flowcut_kernels.bench import presets as bench_models
+from flowcut_kernels.bench import timing as bench_timing
+from flowcut_kernels.models.registry import find_tower
 
 REQUIRED = {"method", "preset", "batch", "target", "tokens_out", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
             "device", "versions"}
@@ -86,7 +89,7 @@ def test_kernels_preset_covers_every_cpu_backend_but_the_interpreter(tmp_path):
 
 
 def test_kernels_script_function():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_bench.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
     spec = importlib.util.spec_from_file_location("benchmarks_kernels", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

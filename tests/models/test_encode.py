@@ -5,7 +5,7 @@ import torch
 
 from conftest import CPU_BACKENDS, TensorShapes
 from flowcut_kernels import FlowCutInputError, encode, synthetic
-from naive_flowcut import naive_encode
+from oracle.flowcut import naive_encode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .checks import FLOAT_DTYPES, check_int, check_tensor, require
-from .towers import Tower, find_tower
+from .. import ops
+from ..checks import FLOAT_DTYPES, check_int, check_tensor, require
+from .registry import find_tower
+from .tower import Tower
 
 
 @dataclass

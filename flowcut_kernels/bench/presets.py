@@ -1,6 +1,6 @@
 """Model presets and the methods :mod:`flowcut_kernels.bench` measures on them.
 
-Encoder presets run a random CLIP vision tower (``flowcut_kernels.synthetic``, seeded, q/k sharpened so
+Encoder presets run a random CLIP vision tower (``flowcut_kernels.models.synthetic``, seeded, q/k sharpened so
 the attention concentrates and the schedule prunes progressively) and return LLaVA's features: the
 feature layer's patch rows. LLaVA presets add a LLaVA-1.5 projector (Linear → GELU → Linear) and a
 Llama language model, and measure the whole prefill: tower → projector → language model on a prompt
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import encode, synthetic
+from .. import encode, synthetic
 
 #: Vicuna-7B (LLaVA-1.5-7B's language model) shapes.
 VICUNA_7B = dict(
@@ -46,7 +46,7 @@ TINY_LM = dict(
 class ModelPreset:
     """A benchmark model: a synthetic CLIP tower, plus a projector and language model for LLaVA presets.
 
-    tower: a :data:`flowcut_kernels.synthetic.PRESETS` name. lm: ``LlamaConfig`` fields, or None for the
+    tower: a :data:`flowcut_kernels.models.synthetic.PRESETS` name. lm: ``LlamaConfig`` fields, or None for the
     encoder alone. prompt_tokens: text tokens of the prompt; the image features go in after
     ``image_position`` of them (LLaVA-1.5's system prompt and "USER:" come first).
     """
@@ -111,7 +111,7 @@ def load_original() -> tuple[ModuleType | None, str | None]:
     name = "flowcut_benchmarks_original"
     if name in sys.modules:
         return sys.modules[name], None
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "original.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "original.py"
     if not path.is_file():
         return None, (f"{path} is not there (the original-style baseline lives in the repository's benchmarks/; "
                       "install the checkout with pip install -e . to measure it)")

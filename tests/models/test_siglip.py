@@ -7,8 +7,8 @@ import torch
 
 from conftest import CPU_BACKENDS, TensorShapes
 from flowcut_kernels import FlowCutInputError, FlowCutVisionOutput, encode, flowcut, remove_flowcut, synthetic
-from flowcut_kernels.towers import find_tower
-from naive_llava import find_siglip_tower, naive_siglip_encode
+from flowcut_kernels.models.registry import find_tower
+from oracle.llava import find_siglip_tower, naive_siglip_encode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -4,14 +4,14 @@
     python -m flowcut_kernels.bench --preset llava-1.5-7b --batch 1 8 32 --target 64 128 192 --json r.json
     python -m flowcut_kernels.bench --preset kernels    # one prune step per backend vs the copy bandwidth
 
-Model presets (see :mod:`flowcut_kernels.bench_models`) measure, in one run and interleaved, ``unpruned``
+Model presets (see :mod:`flowcut_kernels.bench.presets`) measure, in one run and interleaved, ``unpruned``
 (the stock HF forward, SDPA), ``original`` (benchmarks/original.py: eager attention with the full
 probabilities, Python scoring, a host sync per prune step, every layer) and ``flowcut-<backend>``
 (:func:`flowcut_kernels.encode`) for every backend available on the device. The random weights are seeded
-and their q/k projections sharpened (``--sharpen``, see :mod:`flowcut_kernels.synthetic`) so the attention
+and their q/k projections sharpened (``--sharpen``, see :mod:`flowcut_kernels.models.synthetic`) so the attention
 concentrates and the schedule prunes progressively; the tokens each layer processed are printed.
-Kernel presets are described in :mod:`flowcut_kernels.bench_kernels`; timing and memory in
-:mod:`flowcut_kernels.bench_timing`.
+Kernel presets are described in :mod:`flowcut_kernels.bench.kernels`; timing and memory in
+:mod:`flowcut_kernels.bench.timing`.
 """
 
 from __future__ import annotations
@@ -26,22 +26,23 @@ import sys
 
 import torch
 
-from . import FlowCutInputError, __version__, bench_kernels, bench_models, synthetic
-from .bench_report import (
+from .. import FlowCutInputError, __version__, synthetic
+from . import kernels, presets
+from .report import (
     as_text, kernel_table, model_table, parent_writable, write_json, write_markdown, write_plot,
 )
-from .bench_timing import Progress, Timer, peak_memory_mb
-from .encoder import check_target, feature_index
+from .timing import Progress, Timer, peak_memory_mb
+from ..models.encoder import check_target, feature_index
 
 METHOD_FAMILIES = ("unpruned", "original", "flowcut")
-PRESETS = sorted(bench_models.MODEL_PRESETS) + sorted(bench_kernels.KERNEL_PRESETS)
+PRESETS = sorted(presets.MODEL_PRESETS) + sorted(kernels.KERNEL_PRESETS)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowcut-bench", description=__doc__.splitlines()[0],
-        epilog="Model presets: " + "; ".join(f"{k}: {v.description}" for k, v in bench_models.MODEL_PRESETS.items())
+        epilog="Model presets: " + "; ".join(f"{k}: {v.description}" for k, v in presets.MODEL_PRESETS.items())
         + ". Kernel presets: kernels (CLIP-L/336 at B=1,16,64 and a Qwen-VL image of 4096 and 16384 tokens on "
         "CUDA; fewer, smaller cases on a CPU), kernels-tiny (for tests).",
     )
@@ -83,11 +84,11 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     args.device = device
     args.dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
         torch.float16 if device.type == "cuda" else torch.float32)
-    kernels = args.preset in bench_kernels.KERNEL_PRESETS
+    kernel_preset = args.preset in kernels.KERNEL_PRESETS
     gpu = device.type == "cuda"
-    args.repeats = args.repeats if args.repeats is not None else (100 if gpu else 20) if kernels else (
+    args.repeats = args.repeats if args.repeats is not None else (100 if gpu else 20) if kernel_preset else (
         20 if gpu else 9)
-    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 3) if kernels else (3 if gpu else 1)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 3) if kernel_preset else (3 if gpu else 1)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be at least 1")
     if args.warmup < 0:
@@ -104,7 +105,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         except ImportError:
             parser.error("--plot needs matplotlib: pip install matplotlib")
 
-    usable, skipped = bench_kernels.measurable_backends(device)
+    usable, skipped = kernels.measurable_backends(device)
     if args.backends:
         args.backends = list(dict.fromkeys(args.backends))
         for name in args.backends:
@@ -117,7 +118,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         args.backends = usable
         args.skipped = skipped
 
-    if kernels:
+    if kernel_preset:
         for flag, value in (("--target", args.target), ("--feature-layer", args.feature_layer),
                             ("--methods", args.methods)):
             if value is not None:
@@ -127,7 +128,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             args.backends = ["torch", *args.backends]  # the reference the speed-ups are measured against
         return
 
-    preset = bench_models.MODEL_PRESETS[args.preset]
+    preset = presets.MODEL_PRESETS[args.preset]
     if preset.cuda_only and device.type != "cuda":
         parser.error(f"--preset {args.preset} runs on CUDA only: {preset.cuda_only}")
     args.batch = args.batch or [1]
@@ -167,15 +168,15 @@ def versions(device: torch.device) -> dict:
 
 
 def _run_models(args, info: dict) -> list[dict]:
-    preset = bench_models.MODEL_PRESETS[args.preset]
+    preset = presets.MODEL_PRESETS[args.preset]
     original, why = (None, None)
     if "original" in args.methods:
-        original, why = bench_models.load_original()
+        original, why = presets.load_original()
         if original is None:
             print(f"original: skipped — {why}", flush=True)
     print(f"building {preset.name} ({preset.description}); random weights, seed {args.seed}, q/k x{args.sharpen:g}",
           flush=True)
-    built = bench_models.build(preset, args.device, args.dtype, args.seed, args.sharpen)
+    built = presets.build(preset, args.device, args.dtype, args.seed, args.sharpen)
     print(f"  {built.weights_mb:.0f} MiB of weights on {args.device}", flush=True)
     n_methods = ("unpruned" in args.methods) + (original is not None) + (
         len(args.backends) if "flowcut" in args.methods else 0)
@@ -187,7 +188,7 @@ def _run_models(args, info: dict) -> list[dict]:
         pixels = synthetic.random_pixels(built.tower, batch, seed=args.seed)
         for target in args.target:
             label = f"B={batch} T={target}"
-            fns = bench_models.methods(built, pixels, target, args.feature_layer, args.backends,
+            fns = presets.methods(built, pixels, target, args.feature_layer, args.backends,
                                        set(args.methods), original)
             with torch.inference_mode():
                 first, peaks = {}, {}
@@ -210,7 +211,7 @@ def _run_models(args, info: dict) -> list[dict]:
                     lm_tokens=result.lm_tokens, times_ms=list(timing.times_ms),
                 )
                 if "original" in first and result.keep_indices is not None and name != "original":
-                    row["agreement_with_original"] = bench_models.agreement(
+                    row["agreement_with_original"] = presets.agreement(
                         result.keep_indices, first["original"].keep_indices)
                 group.append(row)
             for row in group:
@@ -228,12 +229,12 @@ def _print_schedules(label: str, first: dict) -> None:
             continue
         print(f"{label} {name}: tokens per layer {' '.join(map(str, result.tokens_per_layer))}", flush=True)
         if name != "original" and "original" in first:
-            share = bench_models.agreement(result.keep_indices, first["original"].keep_indices)
+            share = presets.agreement(result.keep_indices, first["original"].keep_indices)
             print(f"{label} {name}: keeps {share:.1%} of the patches original keeps", flush=True)
 
 
 def _kernel_rows(args, info: dict) -> tuple[list[dict], float]:
-    raw, copy_gbps = bench_kernels.run(
+    raw, copy_gbps = kernels.run(
         args.preset, args.device, args.dtype, args.backends, batches=args.batch, warmup=args.warmup,
         repeats=args.repeats, progress=not args.no_progress,
     )
@@ -272,8 +273,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
     for name, why in args.skipped.items():
         print(f"backend {name}: skipped — {why}", flush=True)
 
-    kernels = args.preset in bench_kernels.KERNEL_PRESETS
-    if kernels:
+    kernel_preset = args.preset in kernels.KERNEL_PRESETS
+    if kernel_preset:
         rows, copy_gbps = _kernel_rows(args, info)
         lines = kernel_table(rows)
         facts = [f"copy bandwidth {copy_gbps:.1f} GB/s (dst.copy_(src), read + write counted)"]
@@ -290,11 +291,11 @@ def run(argv: list[str] | None = None) -> list[dict]:
         facts.append(f"1-minute load average {info['load_avg_1min']} at the start, {end_load} at the end, on "
                      f"{os.cpu_count()} cores (other work on the cores slows every method)")
     timing = "CUDA events" if args.device.type == "cuda" else "time.perf_counter"
-    when = "one call after the warm-up" if kernels else "the last warm-up call"
+    when = "one call after the warm-up" if kernel_preset else "the last warm-up call"
     facts.append(f"{max(args.warmup, 1)} warm-up + {args.repeats} timed calls per method, interleaved; "
                  f"median, p20, p80 by {timing}; peak memory: {when}, above the level before it")
     print(f"\n{title}: {info['device']}, {dtype_name}\n" + "\n".join(facts) + "\n" + as_text(lines), flush=True)
-    if not kernels:
+    if not kernel_preset:
         _print_summary(rows)
 
     if args.json:
@@ -303,7 +304,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     if args.markdown:
         header = [f"Command: `{command}`", f"Date: {info['date']}", f"Device: {args.device}, {info['device']}",
                   "Versions: " + vs, f"dtype: {dtype_name}", *facts]
-        notes = [] if kernels else _schedule_notes(rows)
+        notes = [] if kernel_preset else _schedule_notes(rows)
         write_markdown(args.markdown, title, header, lines, notes)
         print(f"wrote {args.markdown}")
     if args.plot:
@@ -338,6 +339,3 @@ def _schedule_notes(rows: list[dict]) -> list[str]:
                          + " ".join(map(str, r["tokens_per_layer"])))
     return notes
 
-
-if __name__ == "__main__":
-    main()

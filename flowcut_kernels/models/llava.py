@@ -37,11 +37,12 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from . import ops
-from .checks import FlowCutInputError, require
+from .. import ops
+from ..checks import FlowCutInputError, require
 from .encoder import check_pixels, check_target, feature_index, run_pruned
 from .instance import is_patched, prior_attr, restore_attrs, set_attrs
-from .towers import SUPPORTED, Tower, find_tower, is_tower
+from .registry import Family, FlowCutConfig, find_tower, is_tower, supported_towers
+from .tower import Tower
 
 #: The processor's patch_size while patched: larger than any image side, so (h // p) · (w // p) = 0.
 PROCESSOR_PATCH_SIZE = sys.maxsize
@@ -68,7 +69,7 @@ class FlowCutImageFeatures(BaseModelOutputWithPooling):
     tokens_per_layer: list[int] | None = None
 
 
-def _llava_classes() -> tuple[type, type]:
+def classes() -> tuple[type, type]:
     from transformers import LlavaForConditionalGeneration, LlavaModel
 
     return LlavaForConditionalGeneration, LlavaModel
@@ -76,12 +77,12 @@ def _llava_classes() -> tuple[type, type]:
 
 def is_llava(model) -> bool:
     """Whether ``model`` is a ``LlavaForConditionalGeneration`` or a ``LlavaModel``."""
-    return isinstance(model, _llava_classes())
+    return isinstance(model, classes())
 
 
 def llava_core(model: nn.Module) -> nn.Module:
     """The ``LlavaModel`` of a ``LlavaForConditionalGeneration`` (or the ``LlavaModel`` itself)."""
-    return model.model if isinstance(model, _llava_classes()[0]) else model
+    return model.model if isinstance(model, classes()[0]) else model
 
 
 def llava_tower(core: nn.Module) -> Tower:
@@ -89,7 +90,7 @@ def llava_tower(core: nn.Module) -> Tower:
     if not is_tower(core.vision_tower):
         raise FlowCutInputError(
             f"model's vision tower is a {type(core.vision_tower).__name__}, which FlowCut does not support; "
-            f"a LLaVA model is supported with one of {SUPPORTED} as its vision tower"
+            f"a LLaVA model is supported with one of {supported_towers()} as its vision tower"
         )
     return find_tower(core.vision_tower)
 
@@ -241,7 +242,7 @@ def _patch_processor(processor, target_num: int) -> None:
     set_attrs(processor, patch_size=PROCESSOR_PATCH_SIZE, num_additional_image_tokens=target_num + int(default))
 
 
-def check_llava(model: nn.Module, target_num: int, feature_layer, backend: str, processor) -> tuple[int, int]:
+def _check_llava(model: nn.Module, target_num: int, feature_layer, backend: str, processor) -> tuple[int, int]:
     """Validate a LLaVA patch before anything changes; returns (target_num, feature_layer) resolved."""
     core = llava_core(model)
     tower = llava_tower(core)
@@ -262,8 +263,10 @@ def check_llava(model: nn.Module, target_num: int, feature_layer, backend: str, 
     return target_num, configured
 
 
-def patch_llava(model: nn.Module, config, processor) -> None:
-    """Patch a checked LLaVA ``model`` with ``config`` (a FlowCutConfig); see the module docstring."""
+def patch_llava(model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None) -> None:
+    """Check every argument, then patch the LLaVA ``model`` (and ``processor``); see the module docstring."""
+    target_num, feature_layer = _check_llava(model, target_num, feature_layer, backend, processor)
+    config = FlowCutConfig(target_num, feature_layer, backend)
     core = llava_core(model)
     previous = vars(core).get("_flowcut_processor")
     if processor is not None and previous is not None and previous is not processor:
@@ -291,3 +294,12 @@ def unpatch_llava(model: nn.Module) -> None:
     restore_attrs(core)
     if model is not core:
         restore_attrs(model)
+
+
+FAMILY = Family(
+    "llava",
+    classes,
+    patch_llava,
+    unpatch_llava,
+    label="LlavaForConditionalGeneration, LlavaModel (with a CLIP or SigLIP vision tower)",
+)

@@ -1,4 +1,4 @@
-"""Sanity tests of the naive FlowCut oracle (tests/naive_flowcut.py) itself."""
+"""Sanity tests of the naive FlowCut oracle (tests/oracle/flowcut.py) itself."""
 import copy
 import math
 import os
@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from naive_flowcut import (  # noqa: E402
+from oracle.flowcut import (  # noqa: E402
     eager_clip_layer,
     find_vision_tower,
     naive_encode,

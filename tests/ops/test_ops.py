@@ -25,8 +25,8 @@ def test_available_backends():
 
 
 def test_unavailable_backend_error_gives_the_reason(monkeypatch):
-    monkeypatch.setitem(ops._UNAVAILABLE, "native", "flowcut_kernels._C is not built")
-    monkeypatch.delitem(ops._BACKENDS, "native", raising=False)
+    monkeypatch.setitem(ops.backends.UNAVAILABLE, "native", "flowcut_kernels._C is not built")
+    monkeypatch.delitem(ops.backends.BACKENDS, "native", raising=False)
     q, k, v = inputs()
     with pytest.raises(FlowCutInputError, match=r"backend='native' is not available on cpu \(flowcut_kernels._C is"):
         ops.flow_scores(q, k, v, scale=1.0, backend="native")

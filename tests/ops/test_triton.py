@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from flowcut_kernels import available_backends, ops, reference
-from naive_flowcut import naive_flow_scores, naive_select_gather
+from oracle.flowcut import naive_flow_scores, naive_select_gather
 
 triton = pytest.importorskip("triton", reason="the triton backend needs the triton package")
 if "triton" not in available_backends("cpu") + available_backends("cuda"):
     pytest.skip(f"triton backend unavailable: {available_backends('cpu', reasons=True)}", allow_module_level=True)
 
-from flowcut_kernels import triton_flow_scores as tfs  # noqa: E402
-from flowcut_kernels import triton_select_gather as tsg  # noqa: E402
+from flowcut_kernels.ops.triton import flow_scores as tfs  # noqa: E402
+from flowcut_kernels.ops.triton import select_gather as tsg  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

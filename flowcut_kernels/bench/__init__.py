@@ -1,0 +1,12 @@
+"""The prefill benchmark: ``python -m flowcut_kernels.bench`` (also the ``flowcut-bench`` command).
+
+- :mod:`.cli` — arguments, the run, the printed table and the written files.
+- :mod:`.presets` — model presets (random weights at real shapes) and the methods timed on them.
+- :mod:`.kernels` — the kernel microbenchmark (one prune step per backend).
+- :mod:`.timing` — interleaved timing, peak memory, the progress line.
+- :mod:`.report` — tables, markdown, JSON and the plot.
+"""
+
+from .cli import main, run
+
+__all__ = ["main", "run"]

@@ -1,0 +1,16 @@
+"""HF model families FlowCut patches, one module each, and the generic pruned-encoder loop.
+
+- :mod:`.encoder` — ``encode`` and ``run_pruned``: any family's tower, layer by layer, with the ops.
+- :mod:`.registry` — ``flowcut`` / ``remove_flowcut`` dispatch to the family of a model.
+- :mod:`.tower`, :mod:`.vision`, :mod:`.instance` — what a tower is, the bare-tower patch, and the
+  per-instance attribute bookkeeping every patch uses.
+- one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.llava`. A new family is a module that
+  exports a ``FAMILY`` and one ``register`` line below.
+"""
+
+from . import clip, llava, siglip
+from .registry import register
+
+register(clip.FAMILY)
+register(siglip.FAMILY)
+register(llava.FAMILY)
