@@ -11,7 +11,9 @@ from torch import Tensor
 
 from ..checks import FLOAT_DTYPES, FlowCutInputError, check_int, check_same_device, check_tensor, require
 from . import library  # noqa: F401 - registers torch.ops.flowcut.flow_scores / select_gather / prune_count
-from .backends import BACKENDS, Backend, available_backends, load_optional_backends, register_backend, resolve_backend
+from .backends import (
+    BACKENDS, Backend, available_backends, load_optional_backends, mark_unavailable, register_backend, resolve_backend,
+)
 
 def flow_scores(
     q_relay: Tensor,

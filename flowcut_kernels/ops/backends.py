@@ -14,19 +14,26 @@ import torch
 from ..checks import require
 from . import library  # noqa: F401 - defines the reference ops registered below
 
+
+
+#: Every floating dtype the ops take; a backend may take fewer (Triton declines float64).
+ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 @dataclass(frozen=True)
 class Backend:
-    """A backend: its two ops (called like the reference ops) and the device types it runs on."""
+    """A backend: its two ops (called like the reference ops), the device types and input dtypes it takes."""
 
     name: str
     flow_scores: Callable
     select_gather: Callable
     device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
 
 
 BACKENDS: dict[str, Backend] = {}
 UNAVAILABLE: dict[str, str] = {}  # backend name -> why it could not be loaded
-# "auto" takes the first backend in this order that runs on the device type.
+# "auto" takes the first backend in this order that runs on the device type and takes the dtype.
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 _OPTIONAL = {"triton": "flowcut_kernels.ops.triton", "native": "flowcut_kernels.ops.native"}
 
@@ -35,6 +42,12 @@ def register_backend(backend: Backend) -> None:
     """Make ``backend`` selectable by name (backend modules call this when they load)."""
     BACKENDS[backend.name] = backend
     UNAVAILABLE.pop(backend.name, None)
+
+
+def mark_unavailable(name: str, reason: str) -> None:
+    """Record why backend ``name`` cannot be used (a backend module that loads but cannot run calls this)."""
+    BACKENDS.pop(name, None)
+    UNAVAILABLE[name] = reason
 
 
 def load_optional_backends() -> None:
@@ -49,46 +62,61 @@ def load_optional_backends() -> None:
 register_backend(Backend("torch", torch.ops.flowcut.flow_scores, torch.ops.flowcut.select_gather, ("cpu", "cuda")))
 
 
+def known_backends() -> list[str]:
+    """Every backend name, available or not."""
+    return sorted(set(BACKENDS) | set(UNAVAILABLE))
+
+
 def _order(device_type: str) -> list[str]:
     known = _AUTO_ORDER.get(device_type, ("torch",))
     return list(known) + sorted(set(BACKENDS) - set(known))
 
 
-def available_backends(device: torch.device | str, *, reasons: bool = False) -> list[str] | dict[str, str | None]:
-    """The backends that run on ``device``, fastest first ("auto" takes the first).
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
-    "torch" (the reference) runs everywhere. With ``reasons=True``, a dict of every known backend
-    name to None (available) or the reason it is not available on ``device``.
+
+def available_backends(
+    device: torch.device | str, *, dtype: torch.dtype | None = None, reasons: bool = False
+) -> list[str] | dict[str, str | None]:
+    """The backends that run on ``device`` (and take ``dtype`` inputs, if given), fastest first.
+
+    "auto" takes the first. "torch" (the reference) runs everywhere. With ``reasons=True``, a dict of
+    every known backend name to None (available) or the reason it is not available.
     """
     device_type = torch.device(device).type  # also rejects a malformed device string
-    usable = [n for n in _order(device_type) if n in BACKENDS and device_type in BACKENDS[n].device_types]
-    if not reasons:
-        return usable
-    report: dict[str, str | None] = {}
-    for name in _order(device_type) + sorted(UNAVAILABLE):
-        if name in usable:
-            report[name] = None
-        elif name in UNAVAILABLE:
-            report[name] = UNAVAILABLE[name]
-        elif name in BACKENDS:
-            report[name] = f"runs on {'/'.join(BACKENDS[name].device_types)} tensors, not {device_type}"
-    return report
+
+    def why_not(name: str) -> str | None:
+        if name in UNAVAILABLE:
+            return UNAVAILABLE[name]
+        backend = BACKENDS[name]
+        if device_type not in backend.device_types:
+            return f"runs on {'/'.join(backend.device_types)} tensors, not {device_type}"
+        if dtype is not None and dtype not in backend.dtypes:
+            return f"does not take {_dtype_name(dtype)} inputs (it takes {', '.join(map(_dtype_name, backend.dtypes))})"
+        return None
+
+    names = [n for n in _order(device_type) if n in BACKENDS] + sorted(UNAVAILABLE)
+    if reasons:
+        return {name: why_not(name) for name in names}
+    return [name for name in names if why_not(name) is None]
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The concrete backend for ``backend`` ("auto" or a name) on ``device``; a clear error otherwise."""
-    usable = available_backends(device)
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for ``backend`` ("auto" or a name) on ``device`` for ``dtype`` inputs.
+
+    An unknown name, or one that cannot run here, is a FlowCutInputError that says why and lists the choices.
+    """
     require(isinstance(backend, str), f"backend must be a str, got {type(backend).__name__}")
+    usable = available_backends(device, dtype=dtype)
     if backend == "auto":
         return usable[0]
+    require(
+        backend in BACKENDS or backend in UNAVAILABLE,
+        f"backend={backend!r} is unknown; the known backends are {known_backends()} (or 'auto')",
+    )
     if backend not in usable:
-        why = available_backends(device, reasons=True).get(backend)
-        require(
-            False,
-            f"backend={backend!r} is not available on {torch.device(device)}"
-            + (f" ({why})" if why else "")
-            + f"; choose 'auto' or one of {usable}",
-        )
+        why = available_backends(device, dtype=dtype, reasons=True)[backend]
+        where = f"on {torch.device(device)}" + (f" for {_dtype_name(dtype)} inputs" if dtype is not None else "")
+        require(False, f"backend={backend!r} is not available {where} ({why}); choose 'auto' or one of {usable}")
     return backend
-
-

@@ -28,11 +28,24 @@ def _entropy_normalised(p):
     return h / math.log(n)
 
 
+def _log_head_mean_softmax(logits_per_head):
+    """logits_per_head: (H, S) float64 -> log of the head-mean softmax, (S,), exact where the mean underflows."""
+    log_probs = torch.log_softmax(logits_per_head, dim=1)                # (H, S)
+    return torch.logsumexp(log_probs, dim=0) - math.log(logits_per_head.shape[0])
+
+
+def _normalised(log_x):
+    """log_x: (N,) logs of non-negative values -> x / sum(x), computed from the logs (no 0/0)."""
+    return torch.exp(log_x - torch.logsumexp(log_x, dim=0))
+
+
 def naive_flow_scores(q_relay, k, v, prev, scale, has_cls=True, semantic=True):
     """FlowCut layer signals.
 
     q_relay (B,H,D); k, v (B,H,S,D); prev (B,N) or None.
     Returns float64 (cum (B,N), hn (B,), attn (B,N)); attn = A, the head-mean relay attention on candidates.
+    The normalised A / sum(A) and Sm / sum(Sm) come from logs, so they stay exact when the relay row takes
+    almost all the attention (A itself may then underflow to 0).
     """
     q_relay, k, v = q_relay.double(), k.double(), v.double()
     B, H, S, D = k.shape
@@ -43,30 +56,29 @@ def naive_flow_scores(q_relay, k, v, prev, scale, has_cls=True, semantic=True):
     attn = torch.zeros(B, N, dtype=torch.float64)
     for b in range(B):
         # A: mean over heads of softmax over all S tokens of scale * r_h . k_h[j]
-        A = torch.zeros(S, dtype=torch.float64)
-        for h in range(H):
-            logits = torch.stack([scale * torch.dot(q_relay[b, h], k[b, h, j]) for j in range(S)])
-            A += torch.softmax(logits, dim=0) / H
-        A = A[first:]
+        logits = torch.stack([
+            torch.stack([scale * torch.dot(q_relay[b, h], k[b, h, j]) for j in range(S)]) for h in range(H)
+        ])
+        log_A = _log_head_mean_softmax(logits)[first:]
+        A = torch.exp(log_A)
+        p_attn = _normalised(log_A)                        # A / sum A over the candidates
         # rho: L1 norm over d of the head-averaged value
         v_mean = v[b].mean(dim=0)                          # (S, D)
         rho = v_mean.abs().sum(dim=1)[first:]              # (N,)
         if has_cls:
-            p_attn = A / A.sum()
             if semantic:
                 # Sm: mean over heads of softmax over all S tokens of v_h[0] . v_h[j]  (no scale)
-                Sm = torch.zeros(S, dtype=torch.float64)
-                for h in range(H):
-                    logits = torch.stack([torch.dot(v[b, h, 0], v[b, h, j]) for j in range(S)])
-                    Sm += torch.softmax(logits, dim=0) / H
-                Sm = Sm[first:]
-                I = (p_attn + Sm / Sm.sum()) * rho
+                sims = torch.stack([
+                    torch.stack([torch.dot(v[b, h, 0], v[b, h, j]) for j in range(S)]) for h in range(H)
+                ])
+                p_sem = _normalised(_log_head_mean_softmax(sims)[first:])
+                I = (p_attn + p_sem) * rho
             else:
                 I = p_attn * rho
         else:
             I = A * rho
         cum[b] = I if prev is None else 0.5 * prev[b].double() + 0.5 * I
-        hn[b] = _entropy_normalised((A / A.sum()).tolist())
+        hn[b] = _entropy_normalised(p_attn.tolist())
         attn[b] = A
     return cum, hn, attn
 
