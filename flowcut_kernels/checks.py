@@ -7,7 +7,8 @@ import numbers
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Floating dtypes the ops and models take (a backend may take fewer: see ``ops.available_backends``).
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class FlowCutInputError(ValueError, TypeError, RuntimeError):

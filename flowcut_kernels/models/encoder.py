@@ -1,7 +1,7 @@
 """The FlowCut encoder: run layers 0…F, score each from its own q/k/v, prune progressively.
 
 CLIP towers use the CLS variant of SPEC.md (relay = the CLS row's query), SigLIP towers the mean-query
-variant (relay = the mean query over the image's tokens, taken in float32).
+variant (relay = the mean query over the image's tokens, taken in float32, or float64 for a float64 model).
 
 The layers run exactly as the model defines them, with its own attention implementation
 (SDPA by default): the scores come from forward hooks on the q/k/v projections, so the S×S
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..checks import FLOAT_DTYPES, check_int, check_tensor, require
+from ..checks import INPUT_DTYPES, check_int, check_tensor, require
 from .registry import find_tower
 from .tower import Tower
 
@@ -126,7 +126,7 @@ def run_pruned(
         if not scored:
             continue
         q, k, v = (qkv[name].view(batch, seq, attn.num_heads, attn.head_dim) for name in ("q_proj", "k_proj", "v_proj"))
-        q_relay = q[:, 0] if has_cls else q.mean(dim=1, dtype=torch.float32)
+        q_relay = q[:, 0] if has_cls else q.mean(dim=1, dtype=torch.promote_types(q.dtype, torch.float32))
         cum, entropy, _ = ops.flow_scores(
             q_relay, k.transpose(1, 2), v.transpose(1, 2), cum, scale=attn.scale, has_cls=has_cls, backend=backend
         )
@@ -148,7 +148,12 @@ def run_pruned(
 
 def check_pixels(pixel_values: Tensor, tower: Tower) -> None:
     """(B, 3, H, W) floating pixels on the tower's device."""
-    check_tensor("pixel_values", pixel_values, 4, FLOAT_DTYPES + (torch.float64,), "(B, 3, H, W)")
+    require(
+        not isinstance(pixel_values, Tensor) or pixel_values.is_floating_point(),
+        f"pixel_values has dtype {getattr(pixel_values, 'dtype', None)}: raw image values? Pass images through the "
+        f"model's image processor (it resizes, rescales and normalises them to float pixel_values)",
+    )
+    check_tensor("pixel_values", pixel_values, 4, INPUT_DTYPES, "(B, 3, H, W)")
     require(
         pixel_values.device == tower.device,
         f"pixel_values is on {pixel_values.device} but the model is on {tower.device}; "
@@ -185,7 +190,7 @@ def encode(
     feature_idx = feature_index(feature_layer, len(tower.layers))
     target_num = check_target(target_num, tower.num_patches)
     check_pixels(pixel_values, tower)
-    backend = ops.resolve_backend(backend, tower.device)
+    backend = ops.resolve_backend(backend, tower.device, tower.dtype)
     out, keep_indices, tokens = run_pruned(tower, tower.embed(pixel_values), target_num, feature_idx, backend)
     features = out[:, 1:] if tower.has_cls else out
     return FlowCutOutput(features, keep_indices, tokens)

@@ -167,7 +167,7 @@ def _pruned_image_features(
 
     hidden = tower.embed(pixel_values, interpolate)
     target_num = check_target(config.target_num, hidden.shape[1] - int(tower.has_cls))
-    backend = ops.resolve_backend(config.backend, tower.device)
+    backend = ops.resolve_backend(config.backend, tower.device, tower.dtype)
     feature_idx = len(tower.layers) + feature_layer
     # Each image on its own schedule (SPEC.md with B = 1): a prompt's result never depends on its batch.
     runs, states = [], []
@@ -257,7 +257,7 @@ def _check_llava(model: nn.Module, target_num: int, feature_layer, backend: str,
         )
     check_strategy(core.config.vision_feature_select_strategy, tower, "model.config.vision_feature_select_strategy")
     target_num = check_target(target_num, tower.num_patches)
-    ops.resolve_backend(backend, tower.device)
+    ops.resolve_backend(backend, tower.device, tower.dtype)
     if processor is not None:
         check_processor(processor, model, core)
     return target_num, configured

@@ -36,6 +36,10 @@ class Tower:
     def device(self) -> torch.device:
         return self.core.embeddings.patch_embedding.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.core.embeddings.patch_embedding.weight.dtype
+
     def embed(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
         """(B, 3, H, W) pixels → (B, S, C) input of layer 0 (S = 1 + patches with CLS, patches without)."""
         hidden = self.core.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)

@@ -69,7 +69,7 @@ def _pruned_forward(
     hidden = tower.embed(pixel_values, interpolate_pos_encoding)
     target_num = check_target(config.target_num, hidden.shape[1] - int(tower.has_cls))
     feature_idx = len(tower.layers) + config.feature_layer
-    backend = ops.resolve_backend(config.backend, tower.device)
+    backend = ops.resolve_backend(config.backend, tower.device, tower.dtype)
     if output_hidden_states is None:
         output_hidden_states = self.config.output_hidden_states
     states = [hidden] if output_hidden_states else None
@@ -104,7 +104,7 @@ def patch_vision_model(model: nn.Module, target_num: int, *, feature_layer=None,
         feature_layer = -1
     feature_index(feature_layer, len(tower.layers))
     target_num = check_target(target_num, tower.num_patches)
-    ops.resolve_backend(backend, tower.device)
+    ops.resolve_backend(backend, tower.device, tower.dtype)
     set_attrs(
         model,
         forward=types.MethodType(_pruned_forward, model),

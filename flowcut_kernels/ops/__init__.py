@@ -9,7 +9,7 @@ compiled ``flowcut_kernels._C``, :mod:`.native`); the optional ones load at impo
 import torch
 from torch import Tensor
 
-from ..checks import FLOAT_DTYPES, FlowCutInputError, check_int, check_same_device, check_tensor, require
+from ..checks import INPUT_DTYPES, FlowCutInputError, check_int, check_same_device, check_tensor, require
 from . import library  # noqa: F401 - registers torch.ops.flowcut.flow_scores / select_gather / prune_count
 from .backends import (
     BACKENDS, Backend, available_backends, load_optional_backends, mark_unavailable, register_backend, resolve_backend,
@@ -46,9 +46,9 @@ def flow_scores(
         (cum, entropy, attn): the new cumulative score (B, N) float32, the normalised entropy
         Hn (B,) float32 and the head-mean relay attention A (B, N) float32.
     """
-    check_tensor("q_relay", q_relay, 3, FLOAT_DTYPES, "(B, H, D)")
-    check_tensor("k", k, 4, FLOAT_DTYPES, "(B, H, S, D)")
-    check_tensor("v", v, 4, FLOAT_DTYPES, "(B, H, S, D)")
+    check_tensor("q_relay", q_relay, 3, INPUT_DTYPES, "(B, H, D)")
+    check_tensor("k", k, 4, INPUT_DTYPES, "(B, H, S, D)")
+    check_tensor("v", v, 4, INPUT_DTYPES, "(B, H, S, D)")
     require(
         k.shape == v.shape, f"k and v must have the same shape (B, H, S, D), got {tuple(k.shape)} and {tuple(v.shape)}"
     )
@@ -71,14 +71,14 @@ def flow_scores(
         isinstance(scale, (int, float)) and not isinstance(scale, bool),
         f"scale must be a float (the attention scale, e.g. head_dim ** -0.5), got {type(scale).__name__}",
     )
-    op = BACKENDS[resolve_backend(backend, device)].flow_scores
+    op = BACKENDS[resolve_backend(backend, device, k.dtype)].flow_scores
     return op(q_relay, k, v, prev, float(scale), bool(has_cls), bool(semantic))
 
 
 def select_gather(
     hidden: Tensor,
     cum: Tensor,
-    index_map: Tensor,
+    index_map: Tensor | None,
     keep: int,
     *,
     has_cls: bool = True,
@@ -89,7 +89,8 @@ def select_gather(
     Args:
         hidden: (B, S, C) hidden states, the relay (CLS) row first when ``has_cls``.
         cum: (B, N) float32 cumulative scores of the candidates (N = S − 1 with CLS, else S).
-        index_map: (B, N) int64 original patch index of each candidate.
+        index_map: (B, N) int64 original patch index of each candidate, or None for the identity
+            (0 … N − 1: the first prune step of an image); later steps pass the index_out of the last.
         keep: rows to keep, 1 ≤ keep ≤ S; it counts the relay row when ``has_cls``.
         backend: "auto" or a name from :func:`available_backends`.
 
@@ -97,11 +98,13 @@ def select_gather(
         hidden_out (B, keep, C) with the relay row first, cum_out and index_out (B, keep − 1)
         (CLS variant) or (B, keep), kept tokens in ascending original order.
     """
-    check_tensor("hidden", hidden, 3, FLOAT_DTYPES + (torch.float64,), "(B, S, C)")
+    check_tensor("hidden", hidden, 3, INPUT_DTYPES, "(B, S, C)")
     check_tensor("cum", cum, 2, (torch.float32,), "(B, N)")
-    check_tensor("index_map", index_map, 2, (torch.int64,), "(B, N)")
     batch, seq, _ = hidden.shape
     n = seq - 1 if has_cls else seq
+    if index_map is None:
+        index_map = torch.arange(n, device=cum.device).expand(batch, n)
+    check_tensor("index_map", index_map, 2, (torch.int64,), "(B, N)")
     for name, t in (("cum", cum), ("index_map", index_map)):
         require(
             t.shape == (batch, n),
@@ -110,7 +113,7 @@ def select_gather(
         )
     keep = check_int("keep", keep, 1, seq)
     device = check_same_device(hidden=hidden, cum=cum, index_map=index_map)
-    op = BACKENDS[resolve_backend(backend, device)].select_gather
+    op = BACKENDS[resolve_backend(backend, device, hidden.dtype)].select_gather
     return op(hidden, cum, index_map, keep, bool(has_cls))
 
 
@@ -129,7 +132,7 @@ def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int
     """
     if isinstance(entropy, (float, list, tuple)):
         entropy = torch.tensor(entropy, dtype=torch.float64).reshape(-1)
-    check_tensor("entropy", entropy, 1, FLOAT_DTYPES + (torch.float64,), "(B,)")
+    check_tensor("entropy", entropy, 1, INPUT_DTYPES, "(B,)")
     require(entropy.numel() >= 1, "entropy must hold one value per image, got an empty tensor")
     target = check_int("target", target, 1)
     n_candidates = check_int("n_candidates", n_candidates, max(target - 1, 1))

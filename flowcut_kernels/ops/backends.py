@@ -117,6 +117,6 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     )
     if backend not in usable:
         why = available_backends(device, dtype=dtype, reasons=True)[backend]
-        where = f"on {torch.device(device)}" + (f" for {_dtype_name(dtype)} inputs" if dtype is not None else "")
-        require(False, f"backend={backend!r} is not available {where} ({why}); choose 'auto' or one of {usable}")
+        require(False, f"backend={backend!r} is not available on {torch.device(device)} ({why}); choose 'auto' or one "
+                       f"of {usable}")
     return backend

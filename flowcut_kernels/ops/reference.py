@@ -2,8 +2,8 @@
 
 Read next to SPEC.md and the paper (FlowCut, arXiv 2505.19536). Notation: B images, H heads,
 S tokens (the relay/CLS token first when ``has_cls``), D head dim, C = H·D hidden size,
-N candidate tokens (S − 1 with a CLS token, S without). Every reduction runs in float32,
-whatever the input dtype; inputs may have any strides. No input validation here: the
+N candidate tokens (S − 1 with a CLS token, S without). Every reduction runs in float32 (float64 for
+float64 inputs); inputs may have any strides. No input validation here: the
 public wrappers in :mod:`flowcut_kernels.ops` do that.
 """
 
@@ -13,6 +13,25 @@ import math
 
 import torch
 from torch import Tensor
+
+
+def _head_mean_softmax(logits: Tensor, first: int) -> tuple[Tensor, Tensor]:
+    """Head-mean softmax over all S tokens, on the candidates, and the same normalised over the candidates.
+
+    logits: (B, H, S), relay row first when ``first`` is 1. Returns A (B, N) = mean_h softmax_h[first:] and
+    p (B, N) = A / Σ A, computed without dividing underflowed values: per head, the candidates' own softmax
+    (relative to their log-sum-exp), weighted by exp(lse_cand_h − lse_all_h − max over heads). p stays exact
+    when the relay takes almost all the mass (A then underflows to 0, its true value in float32).
+    """
+    cand = logits[..., first:]
+    lse_cand = cand.logsumexp(dim=-1)  # (B, H)
+    lse_all = torch.logaddexp(lse_cand, logits[..., 0]) if first else lse_cand
+    attn = (cand - lse_all.unsqueeze(-1)).exp().mean(dim=1)
+    log_share = lse_cand - lse_all  # log of the candidates' share of head h's mass, <= 0
+    weight = (log_share - log_share.amax(dim=1, keepdim=True)).exp()  # (B, H), the largest is 1
+    within = (cand - lse_cand.unsqueeze(-1)).exp()  # (B, H, N), each head's softmax over the candidates
+    p = torch.einsum("bh,bhn->bn", weight, within) / weight.sum(dim=1, keepdim=True)
+    return attn, p
 
 
 def flow_scores(
@@ -38,36 +57,36 @@ def flow_scores(
         cum (B, N) float32 — the new cumulative score S_cum,
         entropy (B,) float32 — the normalised entropy Hn of the candidates' attention,
         attn (B, N) float32 — A, the head-mean relay attention over the candidates.
+    Computed in float32 (float64 for float64 inputs).
     """
-    q, k, v = q_relay.float(), k.float(), v.float()
+    acc = torch.promote_types(k.dtype, torch.float32)
+    q, k, v = q_relay.to(acc), k.to(acc), v.to(acc)
     first = 1 if has_cls else 0
 
-    # Attention strength: each head's relay row, softmax over all S tokens, mean over heads.
-    logits = scale * torch.einsum("bhd,bhsd->bhs", q, k)
-    attn = logits.softmax(dim=-1).mean(dim=1)[:, first:]
+    # Attention strength: each head's relay row, softmax over all S tokens, mean over heads; p = A / ΣA.
+    attn, p = _head_mean_softmax(scale * torch.einsum("bhd,bhsd->bhs", q, k), first)
 
     # Information density: L1 norm of the head-averaged value of each token.
     rho = v.mean(dim=1).abs().sum(dim=-1)[:, first:]
 
-    p = attn / attn.sum(dim=-1, keepdim=True)  # A normalised over the candidates
     if has_cls:
         score = p
         if semantic:
-            # Semantic relevance: the CLS value against every value, softmax without scale.
-            sim = torch.einsum("bhd,bhsd->bhs", v[:, :, 0], v).softmax(dim=-1).mean(dim=1)[:, first:]
-            score = score + sim / sim.sum(dim=-1, keepdim=True)
+            # Semantic relevance: the CLS value against every value, softmax without scale, normalised.
+            score = score + _head_mean_softmax(torch.einsum("bhd,bhsd->bhs", v[:, :, 0], v), first)[1]
         score = score * rho
     else:
         score = attn * rho
 
     # Cumulative flow: halve the history, add half the new layer.
-    cum = score if prev is None else 0.5 * prev + 0.5 * score
+    cum = score if prev is None else 0.5 * prev.to(acc) + 0.5 * score
 
     # Normalised entropy of the candidates' attention (0·ln 0 = 0; 0 for a single candidate).
     n = attn.shape[-1]
     entropy = -torch.xlogy(p, p).sum(dim=-1)
     entropy = entropy / math.log(n) if n > 1 else torch.zeros_like(entropy)
-    return cum.contiguous(), entropy, attn.contiguous()
+    f32 = torch.float32
+    return cum.to(f32).contiguous(), entropy.to(f32), attn.to(f32).contiguous()
 
 
 def select_gather(

@@ -33,6 +33,18 @@ def test_encode_matches_eager_oracle_fp32(tiny_clip, backend, batch, seed, featu
     torch.testing.assert_close(got.features.double(), features, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["auto", *(b for b in CPU_BACKENDS if b != "triton")])
+def test_float64_model_matches_the_oracle_exactly(tiny_clip, backend):
+    """A float64 tower (how one checks fidelity) is pruned in float64: features equal the oracle's to 1e-10."""
+    model = tiny_clip(seed=4).double()
+    pixels = synthetic.random_pixels(model, 2, seed=4).double()
+    got = encode(model, pixels, 8, feature_layer=-2, backend=backend)
+    features, keep_indices, tokens = naive_encode(model, pixels, 8, -2)
+    assert got.features.dtype == torch.float64 and got.tokens_per_layer == tokens
+    assert torch.equal(got.keep_indices, keep_indices)
+    torch.testing.assert_close(got.features, features, rtol=1e-10, atol=1e-10)
+
+
 def test_schedule_prunes_progressively(tiny_clip):
     """Sharpened attention makes the adaptive steps prune before the last one (the tests above bite)."""
     model = tiny_clip()
@@ -150,6 +162,9 @@ def test_encode_bad_input(tiny_clip):
         encode(model, pixels, 8, backend="nope")
     with pytest.raises(FlowCutInputError, match="pixel_values must have shape"):
         encode(model, pixels[0], 8)
+    for dtype in (torch.uint8, torch.int64):
+        with pytest.raises(FlowCutInputError, match=f"pixel_values has dtype {dtype}: raw image values"):
+            encode(model, (pixels * 255).to(dtype), 8)
     with pytest.raises(FlowCutInputError, match="pixel_values is on meta"):
         encode(model, pixels.to("meta"), 8)
     with pytest.raises(FlowCutInputError, match="vision_model is a Linear"):

@@ -56,6 +56,24 @@ def test_every_backend_runs_the_mean_variant(backend):
     _check_against_oracle(3, 2, -2, 10, backend)
 
 
+def test_bf16_tower_takes_the_mean_relay_in_float32(monkeypatch):
+    """The relay of a bf16 SigLIP tower is the float32 mean of its bf16 queries (a bf16 mean moves the kept set)."""
+    from flowcut_kernels import ops
+
+    seen = []
+    real = ops.flow_scores
+    monkeypatch.setattr(ops, "flow_scores", lambda q_relay, *a, **k: seen.append(q_relay) or real(q_relay, *a, **k))
+    model = tiny_siglip(3, dtype=torch.bfloat16)
+    queries = []
+    for layer in find_tower(model).layers:
+        layer.self_attn.q_proj.register_forward_hook(lambda m, args, out: queries.append(out))
+    encode(model, synthetic.random_pixels(model, 2, seed=3), 8)
+    assert seen and all(q.dtype == torch.float32 for q in seen)
+    for q_relay, q in zip(seen, queries):  # each scored layer's relay against its own queries
+        want = q.double().view(*q.shape[:2], *q_relay.shape[1:]).mean(dim=1)
+        torch.testing.assert_close(q_relay.double(), want, rtol=1e-6, atol=1e-6)
+
+
 def test_schedule_prunes_progressively():
     model = tiny_siglip()
     out = encode(model, synthetic.random_pixels(model, 2), 8)
@@ -145,3 +163,5 @@ def test_bad_input():
     flowcut(model, 8)
     with pytest.raises(FlowCutInputError, match="output_attentions"):
         model(pixels, output_attentions=True)
+    with pytest.raises(FlowCutInputError, match="pixel_values has dtype torch.uint8: raw image values"):
+        model((pixels * 255).to(torch.uint8))

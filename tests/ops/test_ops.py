@@ -61,6 +61,42 @@ def test_select_gather_backends(backend, has_cls):
             assert torch.equal(x, y)
 
 
+def test_select_gather_index_map_none_is_the_identity():
+    hidden, cum = torch.randn(2, 17, 8), torch.rand(2, 17)
+    for has_cls in (True, False):
+        n = 17 - has_cls
+        got = ops.select_gather(hidden, cum[:, :n], None, 6, has_cls=has_cls)
+        want = ops.select_gather(hidden, cum[:, :n], torch.arange(n).expand(2, n), 6, has_cls=has_cls)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_float64_inputs(backend):
+    """float64 q/k/v and hidden (a float64 model) are taken; the scores are float32 as for every dtype."""
+    q, k, v = inputs(dtype=torch.float64)
+    cum, entropy, attn = ops.flow_scores(q, k, v, scale=8**-0.5, backend=backend)
+    assert cum.dtype == entropy.dtype == attn.dtype == torch.float32
+    want = reference.flow_scores(q, k, v, None, 8**-0.5)
+    torch.testing.assert_close(cum, want[0], rtol=1e-6, atol=1e-7)
+    out = ops.select_gather(k.transpose(1, 2).flatten(2), cum, None, 5, backend=backend)
+    assert out[0].dtype == torch.float64
+
+
+def test_a_backend_that_declines_a_dtype(monkeypatch):
+    """"auto" skips a backend that does not take the dtype; naming it says so."""
+    half_only = ops.Backend("half-only", ops.backends.BACKENDS["torch"].flow_scores,
+                            ops.backends.BACKENDS["torch"].select_gather, ("cpu",), (torch.float16,))
+    monkeypatch.setitem(ops.backends.BACKENDS, "half-only", half_only)
+    monkeypatch.setitem(ops.backends._AUTO_ORDER, "cpu", ("half-only", "torch"))
+    assert ops.resolve_backend("auto", "cpu", torch.float16) == "half-only"
+    assert ops.resolve_backend("auto", "cpu", torch.float32) == "torch"
+    q, k, v = inputs()
+    _raises(r"backend='half-only' is not available on cpu \(does not take float32 inputs",
+            ops.flow_scores, q, k, v, scale=1.0, backend="half-only")
+    assert ops.available_backends("cpu", dtype=torch.float32, reasons=True)["half-only"].startswith("does not take")
+
+
 def test_prune_count_op():
     hn = torch.tensor([0.7, 0.4])
     assert ops.prune_count(hn, 576, 65, 20) == reference.prune_count(hn, 576, 65, 20) > 0
@@ -110,11 +146,15 @@ def test_flow_scores_bad_input():
     _raises("prev must have shape", ops.flow_scores, q, k, v, torch.rand(2, 17), scale=1.0)
     _raises("prev must have shape", ops.flow_scores, q, k, v, torch.rand(2, 16), scale=1.0, has_cls=False)
     _raises("prev has dtype", ops.flow_scores, q, k, v, torch.rand(2, 16, dtype=torch.float64), scale=1.0)
-    _raises("k has dtype", ops.flow_scores, q, k.double(), v.double(), scale=1.0)
+    _raises("k has dtype", ops.flow_scores, q, k.int(), v.int(), scale=1.0)
     _raises("q_relay has dtype", ops.flow_scores, q.int(), k, v, scale=1.0)
     _raises("k and v must have the same dtype", ops.flow_scores, q, k, v.half(), scale=1.0)
     _raises("scale must be a float", ops.flow_scores, q, k, v, scale=None)
-    _raises("backend='cuda-magic'", ops.flow_scores, q, k, v, scale=1.0, backend="cuda-magic")
+    _raises("scale must be a float", ops.flow_scores, q, k, v, scale=True)
+    _raises("scale must be a float", ops.flow_scores, q, k, v, scale=torch.tensor(1.0))
+    _raises(r"backend='cuda-magic' is unknown; the known backends are \[.*'torch'.*\] \(or 'auto'\)",
+            ops.flow_scores, q, k, v, scale=1.0, backend="cuda-magic")
+    _raises("backend must be a str", ops.flow_scores, q, k, v, scale=1.0, backend=None)
     _raises("S >= 2", ops.flow_scores, q, k[:, :, :1], v[:, :, :1], scale=1.0)
     _raises("v must be a torch.Tensor", ops.flow_scores, q, k, v.tolist(), scale=1.0)
     with pytest.raises(TypeError):  # scale is keyword-only, as documented
