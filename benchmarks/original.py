@@ -5,7 +5,7 @@ The published FlowCut code patches the CLIP vision tower of LLaVA so that every 
 scores are then computed in Python from the CLS row of those S×S probabilities and from the
 value states, the prune count is read on the host at every prune step, and the tower still runs
 every layer (LLaVA then takes ``hidden_states[-2]``). This module does the same, written from the
-semantics of SPEC.md (not copied): same criteria, same schedule, same tokens as
+semantics of docs/semantics.md (not copied): same criteria, same schedule, same tokens as
 :func:`flowcut_kernels.encode` — only the way it gets there is the slow, original one:
 
 - each layer builds the (B, H, S, S) attention probabilities explicitly (matmul, float32 softmax,
@@ -62,7 +62,7 @@ def eager_layer(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 def layer_score(probs: Tensor, values: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor]:
-    """FlowCut's layer score from the attention probabilities (CLS variant, SPEC.md signals 1–7).
+    """FlowCut's layer score from the attention probabilities (CLS variant, docs/semantics.md signals 1–7).
 
     Args:
         probs: (B, H, S, S) attention probabilities; row 0 is the CLS query.

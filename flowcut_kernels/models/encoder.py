@@ -1,16 +1,15 @@
 """The FlowCut encoder: run layers 0…F, score each from its own q/k/v, prune progressively.
 
-CLIP towers use the CLS variant of SPEC.md (relay = the CLS row's query), SigLIP towers the mean-query
+CLIP towers use the CLS variant of docs/semantics.md (relay = the CLS row's query), SigLIP towers the mean-query
 variant (relay = the mean query over the image's tokens, taken in float32, or float64 for a float64 model).
 
 The layers run exactly as the model defines them, with its own attention implementation
-(SDPA by default): the scores come from forward hooks on the q/k/v projections, so the S×S
-attention matrix is never built. Layers after the feature layer F are not run.
+(SDPA by default): the scores come from the q/k/v each attention call receives (:mod:`.attention`),
+so the S×S attention matrix is never built. Layers after the feature layer F are not run.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import INPUT_DTYPES, check_int, check_tensor, require
+from .attention import capturing
 from .registry import find_tower
 from .tower import Tower
 
@@ -56,26 +56,6 @@ def check_target(target_num: int, num_patches: int) -> int:
     return check_int("target_num", target_num, 1, num_patches - 1)
 
 
-@contextmanager
-def _projections(attention: nn.Module, enabled: bool):
-    """Collect the outputs of the attention's q/k/v projections during one forward."""
-    out: dict[str, Tensor] = {}
-
-    def keeper(name):
-        def hook(module, args, result):
-            out[name] = result
-
-        return hook
-
-    names = ("q_proj", "k_proj", "v_proj") if enabled else ()
-    handles = [getattr(attention, name).register_forward_hook(keeper(name)) for name in names]
-    try:
-        yield out
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def run_pruned(
     tower: Tower,
     hidden: Tensor,
@@ -106,39 +86,39 @@ def run_pruned(
     index_map = torch.arange(n, device=hidden.device).expand(batch, n)
     cum = None
     tokens = []
-    for i, layer in enumerate(tower.layers[:feature_idx]):
-        tokens.append(seq)
-        scored = seq > target
-        steps_left = feature_idx - i - 1
-        # A pruning step drops tokens before the layer's MLP: the scores need only q/k/v, and the
-        # MLP acts on each row alone, so the kept rows come out exactly as from the whole layer.
-        # (Not when every layer's full output is asked for.)
-        prune_first = scored and steps_left % 2 == 0 and layer_outputs is None
-        attn = tower.attention(layer)
-        with _projections(attn, scored) as qkv:
+    with capturing(tower.core.config) as run:
+        for i, layer in enumerate(tower.layers[:feature_idx]):
+            tokens.append(seq)
+            scored = seq > target
+            steps_left = feature_idx - i - 1
+            # A pruning step drops tokens before the layer's MLP: the scores need only q/k/v, and the
+            # MLP acts on each row alone, so the kept rows come out exactly as from the whole layer.
+            # (Not when every layer's full output is asked for.)
+            prune_first = scored and steps_left % 2 == 0 and layer_outputs is None
+            attn = tower.attention(layer)
+            run.watch, run.seen = (attn if scored else None), None
             if prune_first:
                 attended, _ = attn(hidden_states=layer.layer_norm1(hidden), attention_mask=None, **layer_kwargs)
                 hidden = hidden + attended
             else:
                 hidden = layer(hidden, None, **layer_kwargs)
-        if layer_outputs is not None:
-            layer_outputs.append(hidden)
-        if not scored:
-            continue
-        q, k, v = (qkv[name].view(batch, seq, attn.num_heads, attn.head_dim) for name in ("q_proj", "k_proj", "v_proj"))
-        q_relay = q[:, 0] if has_cls else q.mean(dim=1, dtype=torch.promote_types(q.dtype, torch.float32))
-        cum, entropy, _ = ops.flow_scores(
-            q_relay, k.transpose(1, 2), v.transpose(1, 2), cum, scale=attn.scale, has_cls=has_cls, backend=backend
-        )
-        if steps_left % 2 == 0:
-            keep = max(seq - ops.prune_count(entropy, n, target, steps_left), target)
-            if keep < seq:
-                hidden, cum, index_map = ops.select_gather(
-                    hidden, cum, index_map, keep, has_cls=has_cls, backend=backend
-                )
-                seq, n = keep, (keep - 1 if has_cls else keep)
-        if prune_first:
-            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+            if layer_outputs is not None:
+                layer_outputs.append(hidden)
+            if not scored:
+                continue
+            q, k, v, scale = run.seen  # (B, H, S, D) each, as the attention used them
+            q_relay = q[:, :, 0] if has_cls else q.mean(dim=2, dtype=torch.promote_types(q.dtype, torch.float32))
+            cum, entropy, _ = ops.flow_scores(q_relay, k, v, cum, scale=scale, has_cls=has_cls, backend=backend)
+            if steps_left % 2 == 0:
+                keep = max(seq - ops.prune_count(entropy, n, target, steps_left), target)
+                if keep < seq:
+                    hidden, cum, index_map = ops.select_gather(
+                        hidden, cum, index_map, keep, has_cls=has_cls, backend=backend
+                    )
+                    seq, n = keep, (keep - 1 if has_cls else keep)
+            if prune_first:
+                hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        run.watch = run.seen = None
     tokens.append(seq)
     hidden = tower.layers[feature_idx](hidden, None, **layer_kwargs)
     if layer_outputs is not None:

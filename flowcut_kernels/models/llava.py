@@ -3,7 +3,7 @@
 The patch replaces two methods on the one ``LlavaModel`` instance (never on its class):
 
 - ``get_image_features``: runs the vision tower's layers 0 … F with FlowCut pruning (F = L +
-  ``vision_feature_layer``; later layers are not run), each image on its own schedule (SPEC.md's batch
+  ``vision_feature_layer``; later layers are not run), each image on its own schedule (docs/semantics.md's batch
   maximum taken over that image alone, so that a prompt's output does not depend on what it is batched
   with, as ``generate`` users expect), drops the CLS row (CLIP towers), and applies the
   model's own ``multi_modal_projector``. It returns what the stock method returns in transformers 5.x: an
@@ -61,7 +61,7 @@ class FlowCutImageFeatures(BaseModelOutputWithPooling):
     keep_indices: (B, target_num) int64 ascending original patch indices of the kept patches.
     tokens_per_layer: one list per image: the tokens each run layer 0 … F processed.
 
-    Each image is pruned on its own schedule (SPEC.md with a batch of one), so the features of an image
+    Each image is pruned on its own schedule (docs/semantics.md with a batch of one), so the features of an image
     do not depend on the other images of the batch, and batched prompts give their single-prompt results.
     """
 
@@ -98,7 +98,7 @@ def llava_tower(core: nn.Module) -> Tower:
 def feature_layer_of(vision_feature_layer, num_layers: int, argument: str = "vision_feature_layer") -> int:
     """LLaVA's ``vision_feature_layer`` (an index into the tower's L + 1 hidden states) as a negative layer.
 
-    ``hidden_states[k]`` is the output of layer k − 1, so k ≥ 1 is the feature layer k − (L + 1) of SPEC.md;
+    ``hidden_states[k]`` is the output of layer k − 1, so k ≥ 1 is the feature layer k − (L + 1) of docs/semantics.md;
     negative k is already that. A list (several layers concatenated) is refused.
     """
     require(
@@ -120,7 +120,7 @@ def check_strategy(strategy, tower: Tower, argument: str = "vision_feature_selec
         strategy in allowed,
         f"{argument}={strategy!r} is not supported with a {type(tower.core).__name__} tower: "
         + (
-            "FlowCut's features are the kept patches without the CLS row (SPEC.md), as with 'default'; "
+            "FlowCut's features are the kept patches without the CLS row (docs/semantics.md), as with 'default'; "
             "set the model's config.vision_feature_select_strategy = 'default'"
             if tower.has_cls
             else "use 'default' or 'full' (a SigLIP tower has no CLS row, so both give all kept tokens)"
@@ -169,7 +169,7 @@ def _pruned_image_features(
     target_num = check_target(config.target_num, hidden.shape[1] - int(tower.has_cls))
     backend = ops.resolve_backend(config.backend, tower.device, tower.dtype)
     feature_idx = len(tower.layers) + feature_layer
-    # Each image on its own schedule (SPEC.md with B = 1): a prompt's result never depends on its batch.
+    # Each image on its own schedule (docs/semantics.md with B = 1): a prompt's result never depends on its batch.
     runs, states = [], []
     for image in hidden.split(1):
         layer_outputs = [image] if output_hidden_states else None

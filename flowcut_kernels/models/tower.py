@@ -18,7 +18,7 @@ class Tower:
     """A vision tower seen by FlowCut.
 
     core: the module with ``embeddings``, ``encoder.layers`` and ``post_layernorm`` (CLIP also ``pre_layrnorm``).
-    has_cls: row 0 is a CLS relay token (CLS variant of SPEC.md); otherwise the mean-query variant.
+    has_cls: row 0 is a CLS relay token (CLS variant of docs/semantics.md); otherwise the mean-query variant.
     """
 
     core: nn.Module

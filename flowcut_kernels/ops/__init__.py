@@ -26,20 +26,22 @@ def flow_scores(
     semantic: bool = True,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer's FlowCut scores (SPEC.md signals 1–7).
+    """One layer's FlowCut scores (docs/semantics.md signals 1–7).
 
     Args:
         q_relay: (B, H, D) relay query: the CLS row's q (CLS variant) or the mean q over the
-            image's S tokens (mean variant). float16/bfloat16/float32.
-        k, v: (B, H, S, D) the layer's keys and values, same dtype; transposed views are fine.
-        prev: (B, N) float32 cumulative score from the previous scored layer, or None for the first.
+            image's S tokens (mean variant). float16/bfloat16/float32/float64.
+        k, v: (B, H, S, D) the layer's keys and values, same dtype (float64: "torch" and "native"
+            only; "auto" picks one); transposed views are fine.
+        prev: (B, N) float32 cumulative score from the previous scored layer (its ``cum``, gathered by
+            :func:`select_gather` if tokens were dropped since), or None to start it (first scored layer).
         scale: the model's attention scale (D^-1/2 for CLIP and SigLIP).
         has_cls: True for the CLS variant (row 0 is the relay, N = S − 1), False for the mean
             variant (N = S).
         semantic: add the CLS-value similarity term of the CLS variant; ignored when has_cls is
             False (the mean variant has no semantic term). Without it the CLS-variant layer score
             is (A / ΣA) · ρ.
-        backend: "auto" (fastest available on the tensors' device) or a name from
+        backend: "auto" (fastest available for the tensors' device and dtype) or a name from
             :func:`available_backends`.
 
     Returns:
@@ -118,7 +120,7 @@ def select_gather(
 
 
 def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int) -> int:
-    """Tokens to drop at a prune step (the schedule rule of SPEC.md).
+    """Tokens to drop at a prune step (the schedule rule of docs/semantics.md).
 
     Args:
         entropy: (B,) normalised entropies Hn of this layer, one per image (a tensor, or floats).

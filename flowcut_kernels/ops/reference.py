@@ -1,6 +1,6 @@
 """FlowCut in plain PyTorch: the reference every backend is checked against.
 
-Read next to SPEC.md and the paper (FlowCut, arXiv 2505.19536). Notation: B images, H heads,
+Read next to docs/semantics.md and the paper (FlowCut, arXiv 2505.19536). Notation: B images, H heads,
 S tokens (the relay/CLS token first when ``has_cls``), D head dim, C = H·D hidden size,
 N candidate tokens (S − 1 with a CLS token, S without). Every reduction runs in float32 (float64 for
 float64 inputs); inputs may have any strides. No input validation here: the
@@ -119,7 +119,7 @@ def select_gather(
 
 
 def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int) -> int:
-    """How many tokens a prune step drops (SPEC.md, "Schedule").
+    """How many tokens a prune step drops (docs/semantics.md, "Schedule").
 
     Args:
         entropy: (B,) normalised entropy Hn of this layer's attention, one per image.

@@ -45,6 +45,29 @@ def test_float64_model_matches_the_oracle_exactly(tiny_clip, backend):
     torch.testing.assert_close(got.features, features, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_attention_seam_is_per_run_and_restored(tiny_clip, implementation, monkeypatch):
+    """encode selects the "flowcut" attention on this instance only while it runs, even when it fails."""
+    from flowcut_kernels.models import attention
+
+    model, other = tiny_clip(seed=5, attn_implementation=implementation), tiny_clip(seed=6)
+    pixels = synthetic.random_pixels(model, 1, seed=5)
+    inside = []
+    real = attention.flowcut_attention
+    monkeypatch.setitem(
+        attention.ALL_ATTENTION_FUNCTIONS._global_mapping, attention.NAME,
+        lambda module, *a, **k: inside.append((module.config._attn_implementation, other.config._attn_implementation))
+        or real(module, *a, **k),
+    )
+    encode(model, pixels, 8)
+    assert inside and set(inside) == {("flowcut", "sdpa")}
+    assert model.config._attn_implementation == implementation
+    monkeypatch.setattr("flowcut_kernels.ops.prune_count", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        encode(model, pixels, 8)
+    assert model.config._attn_implementation == implementation
+
+
 def test_schedule_prunes_progressively(tiny_clip):
     """Sharpened attention makes the adaptive steps prune before the last one (the tests above bite)."""
     model = tiny_clip()
@@ -121,7 +144,7 @@ def test_layers_after_the_feature_layer_do_not_run(tiny_clip):
 
 
 def test_worked_example_clip_l_336_schedule():
-    """SPEC's worked example: 24 layers, 577 tokens, F = 22; layer 21 prunes to T, 22 runs on it, 23 never runs.
+    """The worked example of docs/semantics.md: 24 layers, 577 tokens, F = 22; layer 21 prunes to T, 22 runs on it, 23 never runs.
 
     Token geometry of CLIP ViT-L/14-336 (image 336, patch 14), narrow width to stay fast on CPU.
     """

@@ -2,7 +2,7 @@
 
 Tiny random models from configs (synthetic.random_llava: CLIP tower 32 px / patch 4 → 64 patches, 6 layers;
 Llama text model, vocabulary 64, 2 layers). The independent references are tests/oracle/llava.py (features
-from SPEC.md in float64) fed to a stock, unpatched twin of the model through inputs_embeds.
+from docs/semantics.md in float64) fed to a stock, unpatched twin of the model through inputs_embeds.
 """
 
 import copy
@@ -160,7 +160,7 @@ def test_every_backend(backend):
 
 
 def test_images_are_pruned_independently_of_their_batch():
-    """A batch's schedule is each image's own: SPEC's batch maximum would let one image change another's set."""
+    """A batch's schedule is each image's own: the batch rule's maximum would let one image change another's set."""
     model = flowcut(tiny_llava(), 10)
     pixels = synthetic.random_pixels(model.model.vision_tower, 3, seed=4)
     batched = model.model.get_image_features(pixel_values=pixels, output_hidden_states=True)

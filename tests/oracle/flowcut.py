@@ -1,4 +1,4 @@
-"""Naive, independent test oracle for FlowCut (see /work/shared/SPEC.md).
+"""Naive, independent test oracle for FlowCut (see docs/semantics.md).
 
 Deliberately plain: float64 everywhere for the scores, explicit loops over batch and heads,
 one formula per line. Nothing here is shared with the `flowcut_kernels` package.

@@ -1,9 +1,9 @@
-"""Naive, independent oracle for FlowCut on SigLIP towers and LLaVA (see /work/shared/SPEC.md).
+"""Naive, independent oracle for FlowCut on SigLIP towers and LLaVA (see docs/semantics.md).
 
 Built only on oracle/flowcut.py (the per-formula oracle) and the models' weights: float64, eager
 attention written out, nothing shared with the `flowcut_kernels` package.
 
-- naive_siglip_encode: the mean-query variant of SPEC.md on a HF SigLIP vision tower (no CLS row:
+- naive_siglip_encode: the mean-query variant of docs/semantics.md on a HF SigLIP vision tower (no CLS row:
   relay r_h = mean over the image's S tokens of q_h, layer score I = A * rho, T = target_num).
 - naive_llava_features: the features a LLaVA model's projector must receive (the feature layer's raw output
   for the kept patches, CLS row dropped for a CLIP tower) and their projection.
@@ -74,7 +74,7 @@ def naive_siglip_encode(vision_model, pixel_values, target_num, feature_layer=-1
 def naive_llava_features(llava, pixel_values, target_num):
     """What a FlowCut LLaVA feeds its projector, and the projection.
 
-    Each image is pruned on its own (SPEC.md's schedule with a batch of one image), so that a prompt's result
+    Each image is pruned on its own (docs/semantics.md's schedule with a batch of one image), so that a prompt's result
     does not depend on the other prompts of its batch.
     llava: LlavaForConditionalGeneration (CLIP or SigLIP tower, int vision_feature_layer).
     Returns features (B,K,C_vision) float64, projected (B,K,C_text) float64, keep_indices (B,K),

@@ -182,7 +182,7 @@ def test_prune_count():
     # batch max: the image with the lowest entropy decides
     assert naive_prune_count(torch.tensor([0.9, 0.0]), 20 + 4, 5, 4) == 10
     assert naive_prune_count(torch.tensor([1.0, 1.0]), 20 + 4, 5, 4) == 0
-    # worked example of SPEC: layer 1 of CLIP-L/336 with rpl = 20, hn = 0.5
+    # worked example of docs/semantics.md: layer 1 of CLIP-L/336 with rpl = 20, hn = 0.5
     assert naive_prune_count([0.5], 576, 65, 20) == round(512 / math.sqrt(20) * 0.75)
 
 

@@ -1,0 +1,73 @@
+"""Where FlowCut sees q, k and v: inside the model's own attention call, not in its projections.
+
+HF attention blocks hand their per-head q, k, v — split into heads, after any rotary embedding the
+block applies (Qwen2-VL's vision tower), exactly as the attention kernel uses them — to a function
+looked up by name in transformers' ``ALL_ATTENTION_FUNCTIONS`` (the ``AttentionInterface``).
+FlowCut registers one more name, ``"flowcut"``: it records the call's q/k/v and scale for the block
+being scored, then runs the implementation the model was configured with (SDPA, flash, eager, …), so
+the S×S matrix is never built by FlowCut. The name is selected on one model instance (its config)
+for the length of one pruned run (:func:`capturing`) and restored after it; other instances and the
+classes never see it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+NAME = "flowcut"
+
+
+@dataclass
+class Capture:
+    """One pruned run: the configured implementation, the block to record, what it saw.
+
+    watch: the attention module whose next call is recorded (None: record nothing).
+    seen: (query, key, value) (B, H, S, D) each, and ``scaling``, of the watched module's last call.
+    """
+
+    implementation: str
+    watch: nn.Module | None = None
+    seen: tuple[Tensor, Tensor, Tensor, float] | None = None
+
+
+_RUN: ContextVar[Capture | None] = ContextVar("flowcut_capture", default=None)
+
+
+def _inner(module: nn.Module, implementation: str):
+    """The attention function ``module`` would have used: a registered one, or its own module's eager."""
+    if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    return inspect.getmodule(type(module)).eager_attention_forward
+
+
+def flowcut_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """The registered ``"flowcut"`` attention: record q/k/v of the watched block, then run the real one."""
+    run = _RUN.get()
+    implementation = run.implementation if run is not None else "sdpa"
+    if run is not None and module is run.watch:
+        run.seen = (query, key, value, kwargs.get("scaling", module.scale))
+    return _inner(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(NAME, flowcut_attention)
+
+
+@contextmanager
+def capturing(config):
+    """Select ``"flowcut"`` on ``config`` (one model instance's) for the block; yields the :class:`Capture`."""
+    prior = config._attn_implementation_internal
+    run = Capture(prior or "eager")
+    token = _RUN.set(run)
+    config._attn_implementation_internal = NAME
+    try:
+        yield run
+    finally:
+        config._attn_implementation_internal = prior
+        _RUN.reset(token)
