@@ -4,10 +4,15 @@ On CPU they run under TRITON_INTERPRET=1 (conftest.py) at small shapes; the full
 torch.compile tests need CUDA and are skipped without it.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from flowcut_kernels import available_backends, ops, reference
+from flowcut_kernels import FlowCutInputError, available_backends, ops, reference
 from oracle.flowcut import naive_flow_scores, naive_select_gather
 
 triton = pytest.importorskip("triton", reason="the triton backend needs the triton package")
@@ -102,6 +107,113 @@ def test_flow_scores_concentrated_attention():
 
 
 # --------------------------------------------------------------------------------------------
+# flow_scores: hard numerics, against the float64 SPEC oracle
+
+
+def assert_matches_oracle(got, want, rtol):
+    """Triton's (cum, Hn, attn) against the oracle's float64 ones: finite, within rtol (atol: rtol·1e-3 of
+    each output's largest value; Hn ∈ [0, 1] to rtol·1e-2)."""
+    for name, x, y in zip(("cum", "entropy", "attn"), got, want):
+        assert x.dtype == torch.float32 and torch.isfinite(x).all(), (name, x)
+        y = y.to(x.device)
+        atol = rtol * 1e-2 if name == "entropy" else max(rtol * 1e-3 * float(y.abs().max()), 1e-37)
+        torch.testing.assert_close(x.double(), y, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_same_kept(cum, want, has_cls, rtol):
+    """select_gather on Triton's cum keeps the oracle's best candidates, at the keep count between N/8 and N/2
+    (scores not underflowed) where the oracle's scores are furthest from a tie."""
+    n = want.shape[1]
+    ranked = want.sort(dim=-1, descending=True).values
+    gap = (ranked[:, :-1] - ranked[:, 1:]) / ranked[:, :-1]  # relative gap after rank i
+    usable = (ranked[:, 1:] > 1e-30 * ranked[:, :1]).all(dim=0)
+    gap = gap.nan_to_num(0.0).amin(dim=0).where(usable, 0.0)
+    n_keep = n // 8 + int(gap[n // 8 : max(n // 2, n // 8 + 1)].argmax()) + 1
+    assert gap[n_keep - 1] > 3 * rtol, "no untied keep count"
+    hidden = torch.arange(cum.numel() + cum.shape[0] * has_cls, dtype=torch.float32, device=cum.device)
+    hidden = hidden.reshape(cum.shape[0], -1, 1)
+    got = ops.select_gather(hidden, cum, None, n_keep + has_cls, has_cls=has_cls, backend="triton")[2]
+    index_map = torch.arange(n).expand_as(want)
+    expected = naive_select_gather(hidden.cpu(), want, index_map, n_keep + has_cls, has_cls)[2]
+    assert torch.equal(got.cpu(), expected), (n_keep, got, expected)
+
+
+def oracle_case(q, k, v, scale, has_cls, semantic, rtol, split=None):
+    """Triton (fused or split path) against the oracle on the same inputs, then the kept indices."""
+    out = poisoned_scores(k, has_cls)
+    tfs.flow_scores_into(q, k, v, None, scale, has_cls, semantic, *out, split=split)
+    want = naive_flow_scores(q.cpu(), k.cpu(), v.cpu(), None, scale, has_cls, semantic)
+    assert_matches_oracle(out, want, rtol)
+    assert_same_kept(out[0], want[0], has_cls, rtol)
+    return out, want
+
+
+@pytest.mark.parametrize(
+    "has_cls,semantic,split", [(True, True, False), (True, True, True), (True, False, True), (False, True, False)]
+)
+def test_flow_scores_large_norms(has_cls, semantic, split):
+    """q, k, v ~ N(0, 9) at CLIP-L's shape; image 1's values scaled per head to norms 1 … 1e3. The relay takes
+    almost all the semantic mass (every candidate's Sm underflows): NaN without the stable normalisation."""
+    b, h, s, d = 2, 16, 577, 64
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (3 * torch.randn(b, s, h, d, generator=g) for _ in range(3))
+    v[1] *= torch.logspace(0, 3, h)[:, None] / d**0.5
+    q, k, v = q[:, 0].to(DEVICE), k.transpose(1, 2).to(DEVICE), v.transpose(1, 2).to(DEVICE)
+    oracle_case(q, k, v, d**-0.5, has_cls, semantic, rtol=1e-3, split=split)
+
+
+@pytest.mark.parametrize("semantic", [True, False])
+def test_flow_scores_one_hot_relay(semantic):
+    """The relay logit 1000 above every candidate's (and v_0 dominant): A underflows to exactly 0, p stays exact."""
+    b, h, s, d = 2, 4, 50, 16
+    q, k, v = qkv(b, h, s, d, torch.float32, seed=8)
+    k[:, :, 0] = q * (1000 / (0.25 * q.square().sum(-1, keepdim=True)))  # scale·r_h·k_h[0] = 1000
+    v[:, :, 0] *= 100
+    (_, _, attn), _ = oracle_case(q, k, v, 0.25, True, semantic, rtol=1e-3)  # weights: exp of d_h ≈ −1000
+    assert (attn == 0).all()
+
+
+@pytest.mark.parametrize("has_cls,semantic", VARIANTS)
+def test_flow_scores_all_equal(has_cls, semantic):
+    """Equal logits and values: uniform p, Hn = 1, equal scores, and the lowest indices kept."""
+    b, h, s, d = 2, 3, 40, 8
+    q, k, v = qkv(b, h, s, d, torch.float32, seed=9)
+    k, v = torch.zeros_like(k), v[:, :, :1].expand(-1, -1, s, -1)
+    got = ops.flow_scores(q, k, v, scale=0.3, has_cls=has_cls, semantic=semantic, backend="triton")
+    assert_matches_oracle(got, naive_flow_scores(q.cpu(), k.cpu(), v.cpu(), None, 0.3, has_cls, semantic), 1e-5)
+    torch.testing.assert_close(got[1], torch.ones(b, device=DEVICE), rtol=0, atol=1e-6)
+    assert (got[0] == got[0][:, :1]).all()
+    hidden = torch.randn(b, s, 4, device=DEVICE)
+    kept = ops.select_gather(hidden, got[0], None, 7 + has_cls, has_cls=has_cls, backend="triton")[2]
+    assert torch.equal(kept.cpu(), torch.arange(7).expand(b, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("has_cls,semantic", [(True, True), (False, True)])
+def test_flow_scores_half_inputs_with_large_logits(dtype, has_cls, semantic):
+    """Entries ≈ 40: every dot product (≈ 1e5) overflows float16; the kernels accumulate in float32."""
+    b, h, s, d = 2, 2, 90, 64
+    g = torch.Generator().manual_seed(12)
+    q, k, v = ((40 + torch.randn(b, s, h, d, generator=g)).to(dtype).to(DEVICE) for _ in range(3))
+    q, k, v = q[:, 0], k.transpose(1, 2), v.transpose(1, 2)
+    assert torch.isinf((k[0, 0, :1].float() @ k[0, 0].float().T).half()).all()
+    oracle_case(q, k, v, 0.01, has_cls, semantic, rtol=1e-2)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_flow_scores_merge_rescales_running_sums(split):
+    """> 64 chunks, so phase 2 merges several BLOCK_C blocks of chunk statistics, with the largest relay and
+    semantic logits in the last chunk: a merge that does not rescale its running sum to a new max is wrong."""
+    s = tfs.BLOCK_S * (tfs.BLOCK_C + 2) + 5
+    q, k, v = qkv(1, 2, s, 8, torch.float32, seed=4)
+    k[:, :, -1] = q * (30 / (0.35 * q.square().sum(-1, keepdim=True)))  # the last token's logit 30, others ≲ 15
+    v[:, :, -1] = 3 * v[:, :, 0]
+    out = poisoned_scores(k, True)
+    tfs.flow_scores_into(q, k, v, None, 0.35, True, True, *out, split=split)
+    assert_matches_oracle(out, naive_flow_scores(q.cpu(), k.cpu(), v.cpu(), None, 0.35, True, True), 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
 # select_gather
 
 
@@ -118,7 +230,6 @@ def poisoned_gather(hidden, cum, keep, has_cls):
         (torch.float32, (2, 150, 300)),
         (torch.bfloat16, (3, 70, 130)),
         (torch.float16, (1, 2, 8)),
-        (torch.float64, (2, 40, 24)),
     ],
 )
 @pytest.mark.parametrize("has_cls", [True, False])
@@ -169,6 +280,75 @@ def test_select_gather_many_candidates():
             assert torch.equal(x, y), keep
 
 
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_select_gather_nan_ranks_first(has_cls):
+    """Every NaN (either sign, any payload) ranks above +inf and NaNs among themselves by lower index, as
+    torch.sort(descending=True, stable=True) does; with ±inf, ±0.0 and ties, keeps from 1 to S, bit-exact."""
+    bits = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7F800000, 0xFF800000, 0x80000000, 0, 0x3F800000]
+    specials = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    assert torch.tensor(float("nan")).neg().view(torch.int32) == specials[1:2].view(torch.int32)  # −NaN
+    b, s, c = 2, 41, 8
+    n = s - has_cls
+    g = torch.Generator().manual_seed(5)
+    cum = specials[torch.randint(len(bits), (b, n), generator=g)]
+    cum[1, n // 2 :] = torch.randn(n - n // 2, generator=g)  # image 1: NaNs and infinities above plain numbers
+    cum, hidden = cum.to(DEVICE), torch.randn(b, s, c, generator=g).to(DEVICE)
+    index_map = torch.arange(n, device=DEVICE).repeat(b, 1)
+    for keep in (*range(1, s, 3), s):
+        out = poisoned_gather(hidden, cum, keep, has_cls)
+        tsg.select_gather_into(hidden, cum, index_map, keep, has_cls, *out)
+        want = reference.select_gather(hidden, cum, index_map, keep, has_cls)
+        assert torch.equal(out[0], want[0]) and torch.equal(out[2], want[2]), keep
+        assert torch.equal(out[1].view(torch.int32), want[1].view(torch.int32)), keep
+
+
+def check_big_offsets():
+    """flow_scores (both paths, every variant) and select_gather on views whose image 2 lies past element 2^31
+    of one float16 buffer, against the reference on the same views (run in a subprocess by the test below).
+
+    The batch stride, 2^30 + 2^12, fits int32, so only 64-bit arithmetic gets image·stride right (a stride
+    ≥ 2^31 would reach the kernels as a 64-bit integer and widen the product by itself)."""
+    big = torch.empty(2**31 + 2**20, dtype=torch.float16, device=DEVICE)  # virtual: only touched pages count
+    g = torch.Generator().manual_seed(0)
+    b, h, s, d = 3, 2, 70, 8
+    batch = 2**30 + 2**12
+    offset = 0
+
+    def view(size, stride):
+        nonlocal offset
+        t = torch.as_strided(big, size, (batch, *stride), offset)
+        t.copy_(torch.randn(size, generator=g))  # touches the images only
+        offset += t[0].numel()
+        return t
+
+    q, k, v = view((b, h, d), (d, 1)), view((b, h, s, d), (d, h * d, 1)), view((b, h, s, d), (d, h * d, 1))
+    hidden = view((b, s, h * d), (h * d, 1))
+    for has_cls, semantic in VARIANTS:
+        want = reference.flow_scores(q, k, v, None, 0.3, has_cls, semantic)
+        for split in (False, True):
+            out = poisoned_scores(k, has_cls)
+            tfs.flow_scores_into(q, k, v, None, 0.3, has_cls, semantic, *out, split=split)
+            assert_scores_close(out, want, torch.float16)
+    cum = torch.rand(b, s - 1, generator=g).to(DEVICE)
+    index_map = torch.arange(s - 1, device=DEVICE).repeat(b, 1)
+    for keep in (1, 30, s):
+        out = poisoned_gather(hidden, cum, keep, True)
+        tsg.select_gather_into(hidden, cum, index_map, keep, True, *out)
+        for x, y in zip(out, reference.select_gather(hidden, cum, index_map, keep, True)):
+            assert torch.equal(x, y), keep
+
+
+def test_int64_addresses():
+    """Element offsets past 2^31 (:func:`check_big_offsets`), in a subprocess: 32-bit address arithmetic would
+    read outside the buffer, which can crash the interpreter."""
+    here = Path(__file__).parent
+    path = [str(here), str(here.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    code = "import test_triton; test_triton.check_big_offsets()"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"exit status {run.returncode} (-11: a segfault)\n{run.stderr[-4000:]}"
+
+
 # --------------------------------------------------------------------------------------------
 # op registration
 
@@ -179,6 +359,20 @@ def test_backend_registered():
         assert ops.resolve_backend("auto", "cuda") == "triton"
     else:
         assert ops.resolve_backend("auto", "cpu") != "triton"  # the interpreter is never chosen for speed
+
+
+def test_float64_declined():
+    """Triton takes float16/bfloat16/float32: "auto" gives float64 inputs to another backend; naming it fails."""
+    assert "triton" not in available_backends(DEVICE, dtype=torch.float64)
+    assert ops.resolve_backend("auto", DEVICE, torch.float64) != "triton"
+    q, k, v = qkv(1, 2, 9, 4, torch.float64, seed=0)
+    with pytest.raises(FlowCutInputError, match="does not take float64"):
+        ops.flow_scores(q, k, v, scale=0.5, backend="triton")
+    hidden = torch.randn(1, 9, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(FlowCutInputError, match="does not take float64"):
+        ops.select_gather(hidden, torch.rand(1, 8, device=DEVICE), None, 3, backend="triton")
+    hidden = hidden.float()  # select_gather goes by the hidden states' dtype
+    ops.select_gather(hidden, torch.rand(1, 8, device=DEVICE), None, 3, backend="triton")
 
 
 def test_opcheck():
@@ -204,13 +398,13 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_full_shapes_cuda(b, h, s, d, dtype):
     q, k, v = qkv(b, h, s, d, dtype, seed=0, device="cuda")
     prev = torch.rand(b, s - 1, device="cuda")
-    got = ops.flow_scores(q, k, v, prev, scale=d**-0.5, backend="triton")
-    assert_scores_close(got, reference.flow_scores(q, k, v, prev, d**-0.5, True, True), dtype)
+    scores = ops.flow_scores(q, k, v, prev, scale=d**-0.5, backend="triton")
+    assert_scores_close(scores, reference.flow_scores(q, k, v, prev, d**-0.5, True, True), dtype)
     hidden = torch.randn(b, s, h * d, device="cuda", dtype=dtype)
     index_map = torch.arange(s - 1, device="cuda").repeat(b, 1)
     for keep in (65, s // 2):
-        got = ops.select_gather(hidden, got[0], index_map, keep, backend="triton")
-        for x, y in zip(got, reference.select_gather(hidden, got[0], index_map, keep, True)):
+        got = ops.select_gather(hidden, scores[0], index_map, keep, backend="triton")
+        for x, y in zip(got, reference.select_gather(hidden, scores[0], index_map, keep, True)):
             assert torch.equal(x, y)
 
 

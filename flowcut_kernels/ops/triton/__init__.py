@@ -3,7 +3,8 @@
 On a GPU they are ``torch.library.triton_op``s launching through ``wrap_triton``, so torch.compile
 sees the kernels. Under the CPU interpreter (``TRITON_INTERPRET=1`` set before import) triton_op
 fails fake-tensor checks, so there they are ``custom_op``s with the shared fake implementations,
-and the backend also runs on CPU tensors.
+and the backend also runs on CPU tensors. Inputs: float16, bfloat16 or float32 (k's dtype for
+flow_scores, the hidden states' for select_gather); float64 goes to another backend.
 """
 
 import os
@@ -64,5 +65,6 @@ register_backend(
         torch.ops.flowcut.triton_flow_scores,
         torch.ops.flowcut.triton_select_gather,
         ("cpu", "cuda") if INTERPRET else ("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )
 )

@@ -4,10 +4,11 @@ Grid (B, ⌈C / BLOCK_C⌉): each program selects for its image and copies one c
 kept hidden rows (row-contiguous tiles, so loads and stores are wide and coalesced); the programs
 of column block 0 also write the gathered scores and index map.
 
-Selection without a sort: scores map to order-preserving 32-bit keys (+0.0 and −0.0 equal), a
-bitwise binary search finds the key t of the n_keep-th largest score, and a compaction pass keeps
-every key > t plus the lowest-indexed keys == t that are still needed (ties → lower index), writing
-each kept token at its running count — which is its ascending original position.
+Selection without a sort: scores map to order-preserving 32-bit keys (+0.0 and −0.0 equal; every NaN,
+whatever its sign or payload, one key above +inf, as torch.sort ranks NaN), a bitwise binary search
+finds the key t of the n_keep-th largest score, and a compaction pass keeps every key > t plus the
+lowest-indexed keys == t that are still needed (ties → lower index), writing each kept token at its
+running count — which is its ascending original position. Addresses are computed in int64.
 """
 
 import torch
@@ -18,10 +19,10 @@ from torch import Tensor
 
 @triton.jit
 def _keys(cum_ptr, b, offs, N, sc_b, sc_n):
-    """Order-preserving keys in [0, 2^32) of cum[b, offs] as int64; −1 past the end."""
+    """Order-preserving keys in [0, 2^32) of cum[b, offs] (int64 b, offs) as int64; −1 past the end."""
     x = tl.load(cum_ptr + b * sc_b + offs * sc_n, mask=offs < N, other=0.0)
     x = tl.where(x == 0.0, 0.0, x)  # −0.0 ties with +0.0, as in a float sort
-    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(x != x, 0x7FFFFFFF, x.to(tl.int32, bitcast=True))  # any NaN: the top key, 2^32 − 1
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
     return tl.where(offs < N, ordered, -1)
 
@@ -31,7 +32,7 @@ def _count_at_least(cum_ptr, b, N, sc_b, sc_n, t, BLOCK: tl.constexpr):
     """How many of image b's N keys are >= t."""
     count = 0
     for n0 in range(0, N, BLOCK):
-        offs = n0 + tl.arange(0, BLOCK)
+        offs = n0 + tl.arange(0, BLOCK).to(tl.int64)
         count += tl.sum((_keys(cum_ptr, b, offs, N, sc_b, sc_n) >= t).to(tl.int32), axis=0)
     return count
 
@@ -43,15 +44,16 @@ def _select_gather_kernel(
     sh_b, sh_s, sh_c, sc_b, sc_n, si_b, si_n,
     HAS_CLS: tl.constexpr, BLOCK_SEARCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Program (b, column block): select image b's n_keep candidates, copy their rows' BLOCK_C channels."""
     FIRST: tl.constexpr = 1 if HAS_CLS else 0
-    b = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     mask_c = offs_c < C
     rows_out = n_keep + FIRST
     # t: the largest key with at least n_keep keys >= t (the n_keep-th largest key).
     t = tl.zeros((), dtype=tl.int64)
     if N <= BLOCK_SEARCH:  # every key fits one block: load them once
-        keys = _keys(cum_ptr, b, tl.arange(0, BLOCK_SEARCH), N, sc_b, sc_n)
+        keys = _keys(cum_ptr, b, tl.arange(0, BLOCK_SEARCH).to(tl.int64), N, sc_b, sc_n)
         for bit in tl.static_range(31, -1, -1):
             cand = t | (1 << bit)
             t = tl.where(tl.sum((keys >= cand).to(tl.int32), axis=0) >= n_keep, cand, t)
@@ -65,7 +67,7 @@ def _select_gather_kernel(
     kept_seen = 0
     column_block = tl.zeros((BLOCK_N,), dtype=tl.int32) + tl.program_id(1)
     for n0 in range(0, N, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
+        offs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         key = _keys(cum_ptr, b, offs, N, sc_b, sc_n)
         tie = (key == t).to(tl.int32)
         tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie
