@@ -1,10 +1,12 @@
 import os
 
-# Triton kernels run on CPU through the interpreter; it must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the Triton kernels run on CPU through the interpreter; it must be set before triton is
+# imported (importing torch does not import it). With a GPU they are compiled, as users run them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from flowcut_kernels import available_backends, synthetic  # noqa: E402
