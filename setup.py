@@ -5,8 +5,10 @@ extension is built against the torch already installed, so build with
 ``pip install --no-build-isolation -e .`` (torch and ninja installed first). FLOWCUT_BUILD_NATIVE
 chooses: ``0`` skips the extension, ``1`` requires it (a failed build fails the install), unset
 builds it when torch is importable and only warns when that fails. The CUDA kernels are built too
-where torch has CUDA and nvcc is found (CUDA_HOME), for the archs in FLOWCUT_CUDA_ARCHS
-(default ``80;90a``). Without the extension the package works; its "native" backend is unavailable.
+where torch has CUDA and nvcc is found (CUDA_HOME), for the archs in FLOWCUT_CUDA_ARCHS: machine code
+for each, and PTX as well for those marked ``+PTX`` (default ``80;90+PTX``: sm_80 and sm_90 machine code,
+and compute_90 PTX, which the driver compiles for newer GPUs). Without the extension the package works;
+its "native" backend is unavailable, and says why at run time.
 """
 
 import os
@@ -22,6 +24,20 @@ HOW_TO = "build it with `pip install --no-build-isolation -e .` with torch and n
 
 def _say(message: str) -> None:
     print(f"flowcut-kernels: {message}", flush=True)
+
+
+def cuda_targets(archs: str) -> tuple[list[str], list[str]]:
+    """nvcc -gencode flags and target names for FLOWCUT_CUDA_ARCHS, e.g. "80;90+PTX" ->
+    sm_80, sm_90 machine code and compute_90 PTX."""
+    gencode, targets = [], []
+    for arch in filter(None, archs.replace(",", ";").split(";")):
+        arch, ptx = arch.removesuffix("+PTX"), arch.endswith("+PTX")
+        gencode.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        targets.append(f"sm_{arch}")
+        if ptx:
+            gencode.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+            targets.append(f"compute_{arch}")
+    return gencode, targets
 
 
 def native_build() -> tuple[list, dict]:
@@ -41,21 +57,20 @@ def native_build() -> tuple[list, dict]:
 
     required = NATIVE in ("1", "true", "yes", "on")
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None
-    archs = [a for a in os.environ.get("FLOWCUT_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a]
+    gencode, targets = cuda_targets(os.environ.get("FLOWCUT_CUDA_ARCHS", "80;90+PTX"))
     sources = ["python/flowcut_module.cpp", "csrc/ops.cpp", "csrc/flowcut_cpu.cpp"]
     macros = [("FLOWCUT_VERSION", VERSION), ("FLOWCUT_WITH_CUDA", "1" if with_cuda else "0"),
-              ("FLOWCUT_CUDA_ARCHS", ",".join(archs) if with_cuda else "")]
-    cxx = ["-O3", "-std=c++17"]
+              ("FLOWCUT_CUDA_ARCHS", ",".join(targets) if with_cuda else "")]
+    cxx = ["-O3"]  # the C++ standard is torch's (its headers need theirs)
     if with_cuda:
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         ext = CUDAExtension(
             "flowcut_kernels._C",
             sources + ["csrc/cuda_binding.cpp"] + sorted(str(cu) for cu in Path("csrc").glob("*.cu")),
             include_dirs=[str(Path("csrc").resolve())],
             define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo", *gencode]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", *gencode]},
         )
-        _say(f"building the native extension: C++ CPU kernels and CUDA kernels for sm {', '.join(archs)}")
+        _say(f"building the native extension: C++ CPU kernels and CUDA kernels for {', '.join(targets)}")
     else:
         ext = CppExtension(
             "flowcut_kernels._C",

@@ -18,6 +18,7 @@ namespace detail {
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(double x) { return float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
@@ -51,6 +52,14 @@ struct Unit<float, true> {
   __device__ static void convert(const Raw& r, float* out) {
     out[0] = r.x, out[1] = r.y, out[2] = r.z, out[3] = r.w;
   }
+};
+
+template <>
+struct Unit<double, true> {
+  using Raw = double2;
+  static constexpr int width = 2;
+  __device__ static Raw load(const double* p) { return __ldg(reinterpret_cast<const double2*>(p)); }
+  __device__ static void convert(const Raw& r, float* out) { out[0] = float(r.x), out[1] = float(r.y); }
 };
 
 template <>
@@ -134,18 +143,18 @@ __device__ __forceinline__ int block_exclusive_scan(int x, int* scratch, int* to
   return incl - x + (warp > 0 ? scratch[warp - 1] : 0);
 }
 
-// Streaming-multiprocessor count and the opt-in shared memory limit of the current device.
+// The current device: its ordinal, streaming-multiprocessor count and opt-in shared memory limit per block.
 struct DeviceFacts {
+  int device = 0;
   int sms = 0;
   int smem_optin = 0;
 };
 
 inline std::string device_facts(DeviceFacts* facts) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&facts->sms, cudaDevAttrMultiProcessorCount, device);
+  cudaError_t err = cudaGetDevice(&facts->device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&facts->sms, cudaDevAttrMultiProcessorCount, facts->device);
   if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&facts->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    err = cudaDeviceGetAttribute(&facts->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, facts->device);
   return err == cudaSuccess ? std::string() : std::string("querying the CUDA device: ") + cudaGetErrorString(err);
 }
 

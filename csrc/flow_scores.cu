@@ -3,10 +3,16 @@
 // Every block streams a chunk of one image's tokens: each warp takes a token, loads its k and v rows for all
 // heads with 16-byte loads (several in flight per lane) into its shared buffer as float, then writes the
 // per-head relay logit scale*r_h.k_h[j] and value logit v_h[0].v_h[j] and the density rho_j = L1 of the
-// head-mean value to a global workspace, and the block writes each head's (max, sum of exp) over its chunk.
-// The image's last block to finish (a counter per image) combines the chunk partials into each head's softmax
-// normaliser and computes A, Sm, the layer score, the cumulative score and the entropy. All in float32.
+// head-mean value to a global workspace, and the block writes each head's (max, sum of exp) over its chunk's
+// candidates. The image's last block to finish (a counter per image) combines the chunk partials into each
+// head's candidate log-sum-exp lse_cand_h, adds the relay row's own logit in the CLS variant
+// (lse_all_h = logaddexp(lse_cand_h, l_h[0]); lse_all_h = lse_cand_h in the mean variant), and computes
+// A[j] = mean_h exp(l_h[j] - lse_all_h) and the candidates' normalised attention without dividing underflowed
+// values: p[j] = sum_h w_h exp(l_h[j] - lse_cand_h) / sum_h w_h, w_h = exp(d_h - max_h d_h),
+// d_h = lse_cand_h - lse_all_h (the same for the semantic term); then the layer score, the cumulative score
+// and the entropy of p. All in float32 (float64 inputs are read as such and converted).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 
@@ -21,11 +27,13 @@ using namespace detail;
 constexpr int kMaxUnits = 4;  // 16-byte loads in flight per lane, for each of k and v
 
 struct Plan {
+  int device = 0;
   int warps = 8;
-  int64_t chunk = 8;    // tokens per block
-  int64_t chunks = 1;   // blocks per image
-  size_t smem = 0;      // dynamic shared memory, bytes
-  size_t ws_floats = 0; // workspace floats before the counters
+  int64_t chunk = 8;        // tokens per block
+  int64_t chunks = 1;       // blocks per image
+  size_t smem = 0;          // dynamic shared memory, bytes
+  size_t smem_limit = 0;    // the most dynamic shared memory any plan on this device uses, bytes
+  size_t ws_floats = 0;     // workspace floats before the counters
 };
 
 struct Params {
@@ -45,15 +53,14 @@ struct Params {
   float* logit_a;   // (B, S, H)
   float* logit_s;   // (B, S, H), semantic only
   float* rho;       // (B, S)
-  float* sm;        // (B, S) head-mean value softmax, written by the last block
-  float4* partial;  // (B, chunks, H): max and sum-exp of the relay logits, then of the value logits
+  float4* partial;  // (B, chunks, H): max and sum-exp of the candidates' relay logits, then of their value logits
   unsigned* counter;  // (B,)
 };
 
 // Shared memory: q and v0 rows, then per warp a k row and a v row, each H x (D + 1) floats (the pad keeps
-// the lane-per-head reads free of bank conflicts), then 4 H head statistics and 33 floats of scratch.
+// the lane-per-head reads free of bank conflicts), then 5 H + 2 head statistics and 33 floats of scratch.
 size_t smem_bytes(int warps, int64_t H, int64_t D) {
-  return sizeof(float) * size_t((2 + 2 * warps) * H * (D + 1) + 4 * H + 33);
+  return sizeof(float) * size_t((2 + 2 * warps) * H * (D + 1) + 5 * H + 2 + 33);
 }
 
 std::string make_plan(const FlowScoresArgs& a, Plan* plan) {
@@ -61,6 +68,8 @@ std::string make_plan(const FlowScoresArgs& a, Plan* plan) {
   std::string err = device_facts(&facts);
   if (!err.empty()) return err;
   const size_t limit = size_t(facts.smem_optin) - 1024;  // room for the kernel's static shared memory
+  plan->device = facts.device;
+  plan->smem_limit = limit;
   plan->warps = 8;
   while (plan->warps > 1 && smem_bytes(plan->warps, a.H, a.D) > limit) plan->warps /= 2;
   plan->smem = smem_bytes(plan->warps, a.H, a.D);
@@ -72,8 +81,24 @@ std::string make_plan(const FlowScoresArgs& a, Plan* plan) {
   plan->chunk = std::min<int64_t>(per_warp * plan->warps, 64LL * plan->warps);
   plan->chunks = (a.S + plan->chunk - 1) / plan->chunk;
   const size_t bsh = size_t(a.B * a.S * a.H);
-  plan->ws_floats = 2 * bsh + 2 * size_t(a.B * a.S) + 4 * size_t(a.B * plan->chunks * a.H);
+  plan->ws_floats = 2 * bsh + size_t(a.B * a.S) + 4 * size_t(a.B * plan->chunks * a.H);
   return "";
+}
+
+__device__ __forceinline__ float logaddexpf(float x, float y) {
+  return fmaxf(x, y) + log1pf(expf(-fabsf(x - y)));
+}
+
+// In place over H heads: d_h -> w_h = exp(d_h - max_h d_h); *inv_sum = 1 / sum_h w_h (at least 1: the largest
+// w_h is 1).
+__device__ void head_weights(float* w, int64_t H, float* inv_sum) {
+  float top = -INFINITY, total = 0.0f;
+  for (int64_t h = 0; h < H; ++h) top = fmaxf(top, w[h]);
+  for (int64_t h = 0; h < H; ++h) {
+    w[h] = expf(w[h] - top);
+    total += w[h];
+  }
+  *inv_sum = 1.0f / total;
 }
 
 template <typename T, bool VEC>
@@ -88,8 +113,8 @@ __global__ void flow_scores_kernel(Params p) {
   float* v0_s = q_s + H * P;
   float* k_buf = v0_s + H * P + 2 * warp * H * P;
   float* v_buf = k_buf + H * P;
-  float* stats = v0_s + H * P + 2 * warps * H * P;  // [4][H]: max and sum of relay, then value logits
-  float* scratch = stats + 4 * H;
+  float* stats = v0_s + H * P + 2 * warps * H * P;  // 5 H + 2 head statistics of the last block
+  float* scratch = stats + 5 * H + 2;
   const T* k = static_cast<const T*>(p.k) + b * p.ks0;
   const T* v = static_cast<const T*>(p.v) + b * p.vs0;
 
@@ -148,14 +173,15 @@ __global__ void flow_scores_kernel(Params p) {
   }
   __syncthreads();  // this block's logits are visible to all its threads
 
-  // This chunk's per-head softmax partials.
+  // This chunk's per-head softmax partials over its candidates (the relay row enters through lse_all).
+  const int64_t c0 = j0 > p.first ? j0 : p.first;
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     float4 part = make_float4(-INFINITY, 0.0f, -INFINITY, 0.0f);
-    for (int64_t j = j0; j < j1; ++j) part.x = fmaxf(part.x, p.logit_a[(b * S + j) * H + h]);
-    for (int64_t j = j0; j < j1; ++j) part.y += expf(p.logit_a[(b * S + j) * H + h] - part.x);
+    for (int64_t j = c0; j < j1; ++j) part.x = fmaxf(part.x, p.logit_a[(b * S + j) * H + h]);
+    for (int64_t j = c0; j < j1; ++j) part.y += expf(p.logit_a[(b * S + j) * H + h] - part.x);
     if (p.semantic) {
-      for (int64_t j = j0; j < j1; ++j) part.z = fmaxf(part.z, p.logit_s[(b * S + j) * H + h]);
-      for (int64_t j = j0; j < j1; ++j) part.w += expf(p.logit_s[(b * S + j) * H + h] - part.z);
+      for (int64_t j = c0; j < j1; ++j) part.z = fmaxf(part.z, p.logit_s[(b * S + j) * H + h]);
+      for (int64_t j = c0; j < j1; ++j) part.w += expf(p.logit_s[(b * S + j) * H + h] - part.z);
     }
     p.partial[(b * p.chunks + c) * H + h] = part;
   }
@@ -169,6 +195,12 @@ __global__ void flow_scores_kernel(Params p) {
   if (!last) return;
   __threadfence();
 
+  // Per head: lse_cand and lse_all of the relay logits, lse_cand of the value logits, and d = lse_cand - lse_all
+  // of each in w_a / w_s, turned below into w = exp(d - max_h d), with 1 / sum_h w in inv_w.
+  float *lse_a = stats, *lse_all_a = stats + H, *w_a = stats + 2 * H, *lse_s = stats + 3 * H, *w_s = stats + 4 * H;
+  float* inv_w = stats + 5 * H;
+  const float* relay_a = p.logit_a + b * S * H;  // the relay row's logits (row 0)
+  const float* relay_s = p.logit_s + b * S * H;
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     float ma = -INFINITY, ms = -INFINITY;
     for (int64_t i = 0; i < p.chunks; ++i) {
@@ -181,34 +213,38 @@ __global__ void flow_scores_kernel(Params p) {
       za += part.y * expf(part.x - ma);
       if (p.semantic) zs += part.w * expf(part.z - ms);
     }
-    stats[h] = ma, stats[H + h] = za, stats[2 * H + h] = ms, stats[3 * H + h] = zs;
+    lse_a[h] = ma + logf(za);
+    lse_all_a[h] = p.first ? logaddexpf(lse_a[h], __ldcg(relay_a + h)) : lse_a[h];
+    w_a[h] = lse_a[h] - lse_all_a[h];
+    if (p.semantic) {  // the CLS variant only
+      lse_s[h] = ms + logf(zs);
+      w_s[h] = lse_s[h] - logaddexpf(lse_s[h], __ldcg(relay_s + h));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    head_weights(w_a, H, inv_w);
+    if (p.semantic) head_weights(w_s, H, inv_w + 1);
   }
   __syncthreads();
 
   const int64_t N = p.N;
-  float sum_a = 0.0f, sum_s = 0.0f;
-  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-    const int64_t j = n + p.first;
-    float a = 0.0f, s = 0.0f;
-    for (int64_t h = 0; h < H; ++h) {
-      a += expf(__ldcg(p.logit_a + (b * S + j) * H + h) - stats[h]) / stats[H + h];
-      if (p.semantic) s += expf(__ldcg(p.logit_s + (b * S + j) * H + h) - stats[2 * H + h]) / stats[3 * H + h];
-    }
-    a /= float(H), s /= float(H);
-    p.attn[b * N + n] = a;
-    p.sm[b * S + j] = s;
-    sum_a += a, sum_s += s;
-  }
-  sum_a = block_sum(sum_a, scratch);
-  sum_s = block_sum(sum_s, scratch);
-
   float ent = 0.0f;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
     const int64_t j = n + p.first;
-    const float a = p.attn[b * N + n], pa = a / sum_a, rho = __ldcg(p.rho + b * S + j);
+    float a = 0.0f, pa = 0.0f, ps = 0.0f;
+    for (int64_t h = 0; h < H; ++h) {
+      const float la = __ldcg(p.logit_a + (b * S + j) * H + h);
+      a += expf(la - lse_all_a[h]);
+      pa += w_a[h] * expf(la - lse_a[h]);
+      if (p.semantic) ps += w_s[h] * expf(__ldcg(p.logit_s + (b * S + j) * H + h) - lse_s[h]);
+    }
+    a /= float(H), pa *= inv_w[0];
+    p.attn[b * N + n] = a;
     if (pa > 0.0f) ent -= pa * logf(pa);
+    const float rho = __ldcg(p.rho + b * S + j);
     float score;
-    if (p.first) score = (p.semantic ? pa + p.sm[b * S + j] / sum_s : pa) * rho;
+    if (p.first) score = (p.semantic ? pa + ps * inv_w[1] : pa) * rho;
     else score = a * rho;
     p.cum[b * N + n] = p.prev ? 0.5f * p.prev[b * p.ps0 + n * p.ps1] + 0.5f * score : score;
   }
@@ -228,15 +264,35 @@ bool vector_ok(const FlowScoresArgs& a, size_t elem) {
   return a.D % w == 0 && fits(a.k, a.k_stride) && fits(a.v, a.v_stride);
 }
 
+// Raises a kernel's dynamic shared memory limit to plan.smem_limit, once per device: the same value for every
+// shape, so that concurrent launches of different shapes from several host threads never undo each other's
+// setting (two first calls that race both set the same value).
+template <typename T, bool VEC>
+std::string allow_smem(const Plan& plan) {
+  constexpr int kMaxDevices = 64;  // beyond: set on every call (to the same value)
+  static std::atomic<bool> done[kMaxDevices];
+  const bool tracked = plan.device < kMaxDevices;
+  if (tracked && done[plan.device].load(std::memory_order_acquire)) return "";
+  const cudaError_t err = cudaFuncSetAttribute(flow_scores_kernel<T, VEC>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_limit));
+  if (err != cudaSuccess) return std::string("flow_scores: setting shared memory: ") + cudaGetErrorString(err);
+  if (tracked) done[plan.device].store(true, std::memory_order_release);
+  return "";
+}
+
+template <typename T, bool VEC>
+std::string launch_kernel(const Params& p, const Plan& plan, cudaStream_t stream) {
+  const std::string err = allow_smem<T, VEC>(plan);
+  if (!err.empty()) return err;
+  const dim3 grid(unsigned(plan.chunks), unsigned(p.B));
+  flow_scores_kernel<T, VEC><<<grid, 32 * plan.warps, plan.smem, stream>>>(p);
+  const cudaError_t launch = cudaGetLastError();
+  return launch == cudaSuccess ? std::string() : std::string("flow_scores launch: ") + cudaGetErrorString(launch);
+}
+
 template <typename T>
 std::string launch_typed(const Params& p, const Plan& plan, bool vec, cudaStream_t stream) {
-  auto kernel = vec ? flow_scores_kernel<T, true> : flow_scores_kernel<T, false>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem));
-  if (err != cudaSuccess) return std::string("flow_scores: setting shared memory: ") + cudaGetErrorString(err);
-  const dim3 grid(unsigned(plan.chunks), unsigned(p.B));
-  kernel<<<grid, 32 * plan.warps, plan.smem, stream>>>(p);
-  err = cudaGetLastError();
-  return err == cudaSuccess ? std::string() : std::string("flow_scores launch: ") + cudaGetErrorString(err);
+  return vec ? launch_kernel<T, true>(p, plan, stream) : launch_kernel<T, false>(p, plan, stream);
 }
 
 }  // namespace
@@ -268,13 +324,12 @@ std::string launch_flow_scores(const FlowScoresArgs& a, void* workspace, size_t 
   p.prev = a.prev, p.ps0 = a.prev_stride[0], p.ps1 = a.prev_stride[1];
   p.scale = a.scale, p.semantic = a.has_cls && a.semantic;
   p.cum = a.cum, p.entropy = a.entropy, p.attn = a.attn;
-  const size_t bsh = size_t(a.B * a.S * a.H), bs = size_t(a.B * a.S);
+  const size_t bsh = size_t(a.B * a.S * a.H);
   float* ws = static_cast<float*>(workspace);
   p.partial = reinterpret_cast<float4*>(ws);  // first: 16-byte aligned
   p.logit_a = ws + 4 * size_t(a.B * plan.chunks * a.H);
   p.logit_s = p.logit_a + bsh;
   p.rho = p.logit_s + bsh;
-  p.sm = p.rho + bs;
   p.counter = reinterpret_cast<unsigned*>(ws + plan.ws_floats);
 
   cudaError_t merr = cudaMemsetAsync(p.counter, 0, size_t(a.B) * sizeof(unsigned), stream);
@@ -283,7 +338,8 @@ std::string launch_flow_scores(const FlowScoresArgs& a, void* workspace, size_t 
     case DType::kFloat32: return launch_typed<float>(p, plan, vector_ok(a, 4), stream);
     case DType::kFloat16: return launch_typed<__half>(p, plan, vector_ok(a, 2), stream);
     case DType::kBFloat16: return launch_typed<__nv_bfloat16>(p, plan, vector_ok(a, 2), stream);
-    default: return "flow_scores: k and v must be float32, float16 or bfloat16";
+    case DType::kFloat64: return launch_typed<double>(p, plan, vector_ok(a, 8), stream);
+    default: return "flow_scores: k and v must be float32, float16, bfloat16 or float64";
   }
 }
 

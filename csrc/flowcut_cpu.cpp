@@ -1,6 +1,13 @@
 // C++ CPU kernels of flow_scores and select_gather (SPEC.md), parallel over images and heads.
-// Every reduction accumulates in double (dot products over the head dim in 8 independent lanes, which
-// vectorise); inputs are read in place through their strides.
+// Inputs are read in place through their strides, each in its own dtype; every reduction accumulates in double
+// (dot products over the head dim in 8 independent lanes, which vectorise).
+//
+// flow_scores stays exact when the relay row takes almost all of a head's softmax mass (A / sum A would be
+// 0 / 0): per head h with logits l_h (relay: scale * r_h . k_h[j]; value: v_h[0] . v_h[j]), lse_cand_h is the
+// log-sum-exp over the candidates and lse_all_h = logaddexp(lse_cand_h, l_h[0]) in the CLS variant (= lse_cand_h
+// in the mean variant). Then A[j] = mean_h exp(l_h[j] - lse_all_h) (which may underflow: its true value), and
+// p = A / sum A = sum_h w_h exp(l_h[j] - lse_cand_h) / sum_h w_h with w_h = exp(d_h - max_h d_h),
+// d_h = lse_cand_h - lse_all_h; the same p for the value logits gives the semantic term.
 #include "flowcut_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -31,73 +38,110 @@ View4<T> view4(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// In place: x <- softmax(x) over n values.
-void softmax_inplace(double* x, int64_t n) {
-  const double top = *std::max_element(x, x + n);
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - top);
-    total += x[i];
-  }
-  for (int64_t i = 0; i < n; ++i) x[i] /= total;
-}
-
-// x[0..n) (stride `stride`, any dtype) . y[0..n) (contiguous float), accumulated in 8 double lanes.
+// x[0..n) (stride `stride`, any dtype) . y[0..n), accumulated in 8 double lanes.
 template <typename T>
-double dot(const T* x, int64_t stride, const float* y, int64_t n) {
+double dot(const T* x, int64_t stride, const double* y, int64_t n) {
   double lanes[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   int64_t d = 0;
   if (stride == 1) {
     for (; d + 8 <= n; d += 8)
-      for (int u = 0; u < 8; ++u) lanes[u] += double(float(x[d + u])) * double(y[d + u]);
+      for (int u = 0; u < 8; ++u) lanes[u] += double(x[d + u]) * y[d + u];
   }
-  for (; d < n; ++d) lanes[d % 8] += double(float(x[d * stride])) * double(y[d]);
+  for (; d < n; ++d) lanes[d % 8] += double(x[d * stride]) * y[d];
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-// Per (image, head): the relay softmax a_h over all S tokens, and the value softmax s_h when wanted.
-template <typename T>
-void head_softmaxes(const float* q, const View4<T>& k, const View4<T>& v, int64_t B, int64_t H, int64_t S,
-                    int64_t D, double scale, bool want_semantic, std::vector<double>& attn_h,
-                    std::vector<double>& sem_h) {
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> v0(D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const float* qh = q + bh * D;  // q is contiguous (B, H, D)
-      double* a = attn_h.data() + bh * S;
-      for (int64_t j = 0; j < S; ++j) a[j] = scale * dot(&k(b, h, j, 0), k.sd, qh, D);
-      softmax_inplace(a, S);
-      if (!want_semantic) continue;
-      for (int64_t d = 0; d < D; ++d) v0[d] = float(v(b, h, 0, d));
-      double* s = sem_h.data() + bh * S;
-      for (int64_t j = 0; j < S; ++j) s[j] = dot(&v(b, h, j, 0), v.sd, v0.data(), D);
-      softmax_inplace(s, S);
-    }
-  });
+double logsumexp(const double* x, int64_t n) {
+  const double top = *std::max_element(x, x + n);
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += std::exp(x[i] - top);
+  return top + std::log(total);
 }
 
-// Per candidate: head means A and Sm of the softmaxes, and rho = L1 norm of the head-mean value.
+double logaddexp(double x, double y) { return std::max(x, y) + std::log1p(std::exp(-std::abs(x - y))); }
+
+// One head's softmax statistics of its S logits l (the relay row first when first = 1), for its N candidates:
+// all[n] = exp(l[n + first] - lse_all), cand[n] = exp(l[n + first] - lse_cand). Returns d = lse_cand - lse_all.
+double head_softmax(const double* l, int64_t S, int64_t first, double* all, double* cand) {
+  const int64_t N = S - first;
+  const double lse_cand = logsumexp(l + first, N);
+  const double lse_all = first ? logaddexp(lse_cand, l[0]) : lse_cand;
+  for (int64_t n = 0; n < N; ++n) {
+    if (all) all[n] = std::exp(l[n + first] - lse_all);
+    cand[n] = std::exp(l[n + first] - lse_cand);
+  }
+  return lse_cand - lse_all;
+}
+
+// Per image, in place: d_h -> w_h / sum_h w_h with w_h = exp(d_h - max_h d_h).
+void head_weights(std::vector<double>& d, int64_t B, int64_t H) {
+  for (int64_t b = 0; b < B; ++b) {
+    double* w = d.data() + b * H;
+    const double top = *std::max_element(w, w + H);
+    double total = 0.0;
+    for (int64_t h = 0; h < H; ++h) {
+      w[h] = std::exp(w[h] - top);
+      total += w[h];
+    }
+    for (int64_t h = 0; h < H; ++h) w[h] /= total;
+  }
+}
+
+// Per head and image, (b, h, n) layout: attn_all (softmax over all S tokens) and attn_cand (over the
+// candidates) of the relay logits, sem_cand of the value logits when wanted; and per (b, h) the weights of
+// head_weights for the relay (w_attn) and value (w_sem) terms.
+struct HeadSignals {
+  std::vector<double> attn_all, attn_cand, sem_cand, w_attn, w_sem;
+};
+
 template <typename T>
-void candidate_signals(const View4<T>& v, const std::vector<double>& attn_h, const std::vector<double>& sem_h,
-                       int64_t B, int64_t H, int64_t S, int64_t D, int64_t first, bool want_semantic,
-                       std::vector<double>& A, std::vector<double>& Sm, std::vector<double>& rho) {
+void head_signals(const double* q, const View4<T>& k, const View4<T>& v, int64_t B, int64_t H, int64_t S,
+                  int64_t D, int64_t first, double scale, bool want_semantic, HeadSignals& out) {
+  const int64_t N = S - first;
+  out.attn_all.resize(B * H * N), out.attn_cand.resize(B * H * N), out.w_attn.resize(B * H);
+  out.sem_cand.resize(want_semantic ? B * H * N : 0), out.w_sem.resize(want_semantic ? B * H : 0);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> logits(S), v0(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const double* qh = q + bh * D;  // q is contiguous (B, H, D)
+      for (int64_t j = 0; j < S; ++j) logits[j] = scale * dot(&k(b, h, j, 0), k.sd, qh, D);
+      out.w_attn[bh] = head_softmax(logits.data(), S, first, &out.attn_all[bh * N], &out.attn_cand[bh * N]);
+      if (!want_semantic) continue;
+      for (int64_t d = 0; d < D; ++d) v0[d] = double(v(b, h, 0, d));
+      for (int64_t j = 0; j < S; ++j) logits[j] = dot(&v(b, h, j, 0), v.sd, v0.data(), D);
+      out.w_sem[bh] = head_softmax(logits.data(), S, first, nullptr, &out.sem_cand[bh * N]);
+    }
+  });
+  head_weights(out.w_attn, B, H);
+  if (want_semantic) head_weights(out.w_sem, B, H);
+}
+
+// Per candidate: A (head mean over all S tokens), p = A / sum A and p_sem (the semantic term, normalised
+// over the candidates), and rho = L1 norm of the head-mean value.
+template <typename T>
+void candidate_signals(const View4<T>& v, const HeadSignals& hs, int64_t B, int64_t H, int64_t S, int64_t D,
+                       int64_t first, bool want_semantic, std::vector<double>& A, std::vector<double>& p,
+                       std::vector<double>& p_sem, std::vector<double>& rho) {
   const int64_t N = S - first;
   at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
     std::vector<double> mean_v(D);
     for (int64_t bn = begin; bn < end; ++bn) {
-      const int64_t b = bn / N, j = bn % N + first;
-      double a = 0.0, s = 0.0;
+      const int64_t b = bn / N, n = bn % N, j = n + first;
+      double a = 0.0, pa = 0.0, ps = 0.0;
       std::fill(mean_v.begin(), mean_v.end(), 0.0);
       for (int64_t h = 0; h < H; ++h) {
-        a += attn_h[(b * H + h) * S + j];
-        if (want_semantic) s += sem_h[(b * H + h) * S + j];
-        for (int64_t d = 0; d < D; ++d) mean_v[d] += double(float(v(b, h, j, d)));
+        const int64_t bh = b * H + h;
+        a += hs.attn_all[bh * N + n];
+        pa += hs.w_attn[bh] * hs.attn_cand[bh * N + n];
+        if (want_semantic) ps += hs.w_sem[bh] * hs.sem_cand[bh * N + n];
+        for (int64_t d = 0; d < D; ++d) mean_v[d] += double(v(b, h, j, d));
       }
       double l1 = 0.0;
       for (int64_t d = 0; d < D; ++d) l1 += std::abs(mean_v[d] / double(H));
       A[bn] = a / double(H);
-      Sm[bn] = s / double(H);
+      p[bn] = pa;
+      p_sem[bn] = ps;
       rho[bn] = l1;
     }
   });
@@ -111,14 +155,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_cpu(
   const int64_t B = k.size(0), H = k.size(1), S = k.size(2), D = k.size(3);
   const int64_t first = has_cls ? 1 : 0, N = S - first;
   const bool want_semantic = has_cls && semantic;
-  const at::Tensor q = q_relay.to(at::kFloat).contiguous();  // (B, H, D): tiny next to k and v
+  const at::Tensor q = q_relay.to(at::kDouble).contiguous();  // (B, H, D), exact: tiny next to k and v
 
-  std::vector<double> attn_h(B * H * S), sem_h(want_semantic ? B * H * S : 0);
-  std::vector<double> A(B * N), Sm(B * N), rho(B * N);
+  HeadSignals hs;
+  std::vector<double> A(B * N), p(B * N), p_sem(B * N), rho(B * N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "flowcut_native_flow_scores", [&] {
     const auto kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
-    head_softmaxes(q.const_data_ptr<float>(), kv, vv, B, H, S, D, scale, want_semantic, attn_h, sem_h);
-    candidate_signals(vv, attn_h, sem_h, B, H, S, D, first, want_semantic, A, Sm, rho);
+    head_signals(q.const_data_ptr<double>(), kv, vv, B, H, S, D, first, scale, want_semantic, hs);
+    candidate_signals(vv, hs, B, H, S, D, first, want_semantic, A, p, p_sem, rho);
   });
 
   auto opts = k.options().dtype(at::kFloat);
@@ -129,20 +173,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_cpu(
 
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const double* a = A.data() + b * N;
-      const double* s = Sm.data() + b * N;
-      const double* r = rho.data() + b * N;
-      const double a_sum = std::accumulate(a, a + N, 0.0), s_sum = std::accumulate(s, s + N, 0.0);
       double ent = 0.0;
       for (int64_t n = 0; n < N; ++n) {
-        const double p = a[n] / a_sum;  // A normalised over the candidates
-        if (p > 0.0) ent -= p * std::log(p);
+        const int64_t bn = b * N + n;
+        if (p[bn] > 0.0) ent -= p[bn] * std::log(p[bn]);
         double score;
-        if (has_cls) score = (want_semantic ? p + s[n] / s_sum : p) * r[n];
-        else score = a[n] * r[n];
+        if (has_cls) score = (want_semantic ? p[bn] + p_sem[bn] : p[bn]) * rho[bn];
+        else score = A[bn] * rho[bn];
         const double c = prev_p ? 0.5 * double(prev_p[b * psb + n * psn]) + 0.5 * score : score;
-        cum_p[b * N + n] = float(c);
-        attn_p[b * N + n] = float(a[n]);
+        cum_p[bn] = float(c);
+        attn_p[bn] = float(A[bn]);
       }
       ent_p[b] = N > 1 ? float(ent / std::log(double(N))) : 0.0f;
     }

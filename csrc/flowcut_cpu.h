@@ -10,7 +10,7 @@
 
 namespace flowcut {
 
-// q_relay (B, H, D) float32 (the binding casts), k and v (B, H, S, D) any float dtype and strides,
+// q_relay (B, H, D), k and v (B, H, S, D): float16, bfloat16, float32 or float64 (k and v alike), any strides;
 // prev (B, N) float32 or none. Returns cum (B, N), entropy (B,), attn (B, N), all float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_cpu(
     const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& prev,

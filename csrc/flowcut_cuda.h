@@ -17,13 +17,14 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// One layer's scores. Inputs may have any strides; outputs are contiguous float32.
+// One layer's scores. Inputs may have any strides; outputs are contiguous float32. Computed in float32
+// (float64 inputs are converted as they are loaded).
 struct FlowScoresArgs {
   int64_t B = 0, H = 0, S = 0, D = 0;
   const void* q = nullptr;  // (B, H, D) relay query, dtype q_dtype (float32/float16/bfloat16/float64)
   DType q_dtype = DType::kFloat32;
   int64_t q_stride[3] = {0, 0, 0};
-  const void* k = nullptr;  // (B, H, S, D), dtype kv_dtype (float32/float16/bfloat16)
+  const void* k = nullptr;  // (B, H, S, D), dtype kv_dtype (float32/float16/bfloat16/float64)
   const void* v = nullptr;  // (B, H, S, D), dtype kv_dtype
   DType kv_dtype = DType::kFloat32;
   int64_t k_stride[4] = {0, 0, 0, 0};

@@ -1,11 +1,11 @@
 // The native ops' schemas (torch.ops.flowcut.native_flow_scores / native_select_gather), their input
-// checks, and the CPU implementations. cuda_binding.cpp adds the CUDA ones; flowcut_kernels/native.py
+// checks, and the CPU implementations. cuda_binding.cpp adds the CUDA ones; flowcut_kernels/ops/native.py
 // registers the fake (meta) implementations.
 //
 // TORCH_LIBRARY (this library defines the two native_* schemas) coexists with the Python custom_ops of the
 // same namespace (flow_scores, select_gather, prune_count, the Triton ops): those are fragments, which
 // may join a namespace that one TORCH_LIBRARY owns, in either load order (checked when this was written).
-// The fake implementations live in flowcut_kernels.native, named below so that FakeTensor tracing of
+// The fake implementations live in flowcut_kernels.ops.native, named below so that FakeTensor tracing of
 // these ops without that import says where to find them.
 
 #include "ops.h"
@@ -22,7 +22,7 @@ namespace {
 
 bool is_float(const at::Tensor& t) {
   const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
 }
 
 }  // namespace
@@ -32,13 +32,13 @@ void check_flow_scores_inputs(const at::Tensor& q_relay, const at::Tensor& k, co
   TORCH_CHECK(k.dim() == 4, "k must have shape (B, H, S, D), got ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(is_float(k) && v.scalar_type() == k.scalar_type(),
-              "k and v must share one dtype of float32/float16/bfloat16, got ", k.scalar_type(), " and ",
+              "k and v must share one dtype of float32/float16/bfloat16/float64, got ", k.scalar_type(), " and ",
               v.scalar_type());
   TORCH_CHECK(q_relay.dim() == 3 && q_relay.size(0) == k.size(0) && q_relay.size(1) == k.size(1) &&
                   q_relay.size(2) == k.size(3),
               "q_relay must have shape (B, H, D) = (", k.size(0), ", ", k.size(1), ", ", k.size(3), "), got ",
               q_relay.sizes());
-  TORCH_CHECK(is_float(q_relay), "q_relay must be float32/float16/bfloat16, got ", q_relay.scalar_type());
+  TORCH_CHECK(is_float(q_relay), "q_relay must be float32/float16/bfloat16/float64, got ", q_relay.scalar_type());
   const int64_t n = k.size(2) - (has_cls ? 1 : 0);
   TORCH_CHECK(n >= 1, "k has S=", k.size(2), " tokens: no candidate left (the CLS variant needs S >= 2)");
   TORCH_CHECK(q_relay.device() == k.device() && v.device() == k.device(),
@@ -61,8 +61,7 @@ void check_select_gather_inputs(const at::Tensor& hidden, const at::Tensor& cum,
               index_map.sizes());
   TORCH_CHECK(cum.scalar_type() == at::kFloat, "cum must be float32, got ", cum.scalar_type());
   TORCH_CHECK(index_map.scalar_type() == at::kLong, "index_map must be int64, got ", index_map.scalar_type());
-  TORCH_CHECK(is_float(hidden) || hidden.scalar_type() == at::kDouble,
-              "hidden must be a float tensor, got ", hidden.scalar_type());
+  TORCH_CHECK(is_float(hidden), "hidden must be float32/float16/bfloat16/float64, got ", hidden.scalar_type());
   TORCH_CHECK(keep >= 1 && keep <= hidden.size(1), "keep=", keep, " is out of range [1, S=", hidden.size(1), "]");
   TORCH_CHECK(cum.device() == hidden.device() && index_map.device() == hidden.device(),
               "hidden, cum and index_map must be on one device");

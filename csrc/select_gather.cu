@@ -21,6 +21,12 @@ using namespace detail;
 constexpr int kThreads = 256;
 constexpr int kCopyUnroll = 4;
 constexpr int64_t kMaxRowsPerBlock = 8192;
+constexpr int kHistWords = 258;  // the radix histogram, then the digit found and the rank left
+constexpr int kScanWords = 33;   // block_exclusive_scan's scratch
+// The row list (dynamic) and the histogram and scan scratch (static) stay within the 48 KiB of shared memory
+// every block may use without raising cudaFuncAttributeMaxDynamicSharedMemorySize (a per-kernel setting that
+// concurrent launches of different sizes would race on).
+static_assert((kMaxRowsPerBlock + kHistWords + kScanWords) * 4 <= 48 * 1024, "select_gather: shared memory");
 
 struct Params {
   int64_t S, C, N, K, keep, rows_per_block;
@@ -36,7 +42,8 @@ struct Params {
   int64_t* index_out;
 };
 
-// Order-preserving key: larger score, larger key; NaN above everything (as torch.sort), -0.0 == 0.0.
+// Order-preserving key: larger score, larger key; every NaN (any sign or payload) one key above everything
+// (as torch.sort ranks NaN; NaNs then tie, lower index first), -0.0 == 0.0.
 __device__ __forceinline__ unsigned order_key(float x) {
   if (isnan(x)) return 0xffffffffu;
   if (x == 0.0f) x = 0.0f;
@@ -118,8 +125,8 @@ struct Copy<E, false> {
 template <typename Unit>
 __global__ void select_gather_kernel(Params p, int64_t row_units) {
   extern __shared__ int rows[];  // source rows of this block's output rows
-  __shared__ unsigned hist[258];
-  __shared__ int scan[33];
+  __shared__ unsigned hist[kHistWords];
+  __shared__ int scan[kScanWords];
   const int64_t b = blockIdx.y, r0 = int64_t(blockIdx.x) * p.rows_per_block;
   const int64_t r1 = r0 + p.rows_per_block < p.keep ? r0 + p.rows_per_block : p.keep;
   const float* cum = p.cum + b * p.cs0;
@@ -178,11 +185,8 @@ template <typename Unit>
 std::string launch_unit(const Params& p, int64_t B, int64_t groups, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(B));
   const size_t smem = size_t(p.rows_per_block) * sizeof(int);
-  auto kernel = select_gather_kernel<Unit>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return std::string("select_gather: setting shared memory: ") + cudaGetErrorString(err);
-  kernel<<<grid, kThreads, smem, stream>>>(p, Unit::units(p.C));
-  err = cudaGetLastError();
+  select_gather_kernel<Unit><<<grid, kThreads, smem, stream>>>(p, Unit::units(p.C));
+  const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : std::string("select_gather launch: ") + cudaGetErrorString(err);
 }
 

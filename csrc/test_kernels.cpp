@@ -1,5 +1,6 @@
 // Standalone test of the CUDA kernels (built by CMakeLists.txt; needs a GPU to run): both ops on random
-// data, in several layouts and dtypes, against plain CPU loops in double that share no code with the kernels.
+// data, in several layouts and dtypes, against plain CPU loops in double that share no code with the kernels
+// (A / sum A and Sm / sum Sm from logs, so that they stay defined when the relay row takes all the mass).
 // Exit status 0 when every case passes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -49,6 +50,10 @@ Encoded encode(const std::vector<float>& x, DType dtype) {
     e.bits.resize(n * 4);
     std::memcpy(e.bits.data(), x.data(), n * 4);
     for (size_t i = 0; i < n; ++i) e.value[i] = x[i];
+  } else if (dtype == DType::kFloat64) {
+    e.value.assign(x.begin(), x.end());
+    e.bits.resize(n * 8);
+    std::memcpy(e.bits.data(), e.value.data(), n * 8);
   } else if (dtype == DType::kFloat16) {
     e.bits.resize(n * 2);
     for (size_t i = 0; i < n; ++i) {
@@ -96,16 +101,54 @@ struct ScoreCase {
   DType dtype;
   bool heads_inner;  // memory (B, S, H, D) viewed as (B, H, S, D), as HF models hand k and v; else contiguous
   bool has_cls, semantic, with_prev;
+  float qk_sigma = 2.0f;  // q and k ~ N(0, qk_sigma^2)
+  float v_norm = 0.0f;    // > 0: every v row of this norm (the value logits then reach v_norm^2); else N(0, 1)
+  double tol = 1e-4;      // relative error allowed
 };
+
+double log_sum_exp(const std::vector<double>& x) {
+  const double top = *std::max_element(x.begin(), x.end());
+  double total = 0.0;
+  for (double y : x) total += std::exp(y - top);
+  return top + std::log(total);
+}
+
+// The head-mean softmax over all S tokens of logits l[h][j], kept for the candidates j >= first: as logs.
+std::vector<double> log_head_mean_softmax(const std::vector<std::vector<double>>& l, int64_t first) {
+  const int64_t H = int64_t(l.size()), S = int64_t(l[0].size());
+  std::vector<double> lse(H);
+  for (int64_t h = 0; h < H; ++h) lse[h] = log_sum_exp(l[h]);
+  std::vector<double> out;
+  for (int64_t j = first; j < S; ++j) {
+    std::vector<double> terms(H);
+    for (int64_t h = 0; h < H; ++h) terms[h] = l[h][j] - lse[h];
+    out.push_back(log_sum_exp(terms) - std::log(double(H)));
+  }
+  return out;
+}
+
+// exp(x - log sum exp x): the values normalised to sum 1, from their logs.
+std::vector<double> normalised(const std::vector<double>& log_x) {
+  const double total = log_sum_exp(log_x);
+  std::vector<double> out;
+  for (double y : log_x) out.push_back(std::exp(y - total));
+  return out;
+}
 
 void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
   const int64_t B = t.B, H = t.H, S = t.S, D = t.D, first = t.has_cls ? 1 : 0, N = S - first;
   std::normal_distribution<float> normal;
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
   std::vector<float> q(B * H * D), k(B * H * S * D), v(B * H * S * D), prev(B * N);
-  for (auto& x : q) x = 2.0f * normal(rng);
-  for (auto& x : k) x = 2.0f * normal(rng);
+  for (auto& x : q) x = t.qk_sigma * normal(rng);
+  for (auto& x : k) x = t.qk_sigma * normal(rng);
   for (auto& x : v) x = normal(rng);
+  if (t.v_norm > 0.0f)  // contiguous rows of D values: scale each to the norm
+    for (size_t r = 0; r < v.size(); r += size_t(D)) {
+      double sq = 0.0;
+      for (int64_t d = 0; d < D; ++d) sq += double(v[r + d]) * v[r + d];
+      for (int64_t d = 0; d < D; ++d) v[r + d] = float(v[r + d] * t.v_norm / std::sqrt(sq));
+    }
   for (auto& x : prev) x = uniform(rng);
   const Encoded qe = encode(q, DType::kFloat32), ke = encode(k, t.dtype), ve = encode(v, t.dtype);
   int64_t st[4] = {H * S * D, S * D, D, 1};
@@ -118,38 +161,32 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
   const double scale = 1.0 / std::sqrt(double(D));
   std::vector<double> cum(B * N), ent(B), attn(B * N);
   for (int64_t b = 0; b < B; ++b) {
-    std::vector<double> A(S, 0.0), Sm(S, 0.0), rho(S, 0.0);
-    for (int64_t h = 0; h < H; ++h) {
-      std::vector<double> la(S), ls(S);
+    std::vector<std::vector<double>> la(H, std::vector<double>(S)), ls(H, std::vector<double>(S));
+    for (int64_t h = 0; h < H; ++h)
       for (int64_t j = 0; j < S; ++j) {
         double x = 0.0, y = 0.0;
         for (int64_t d = 0; d < D; ++d) {
           x += qe.value[(b * H + h) * D + d] * at(ke.value, b, h, j, d);
           y += at(ve.value, b, h, 0, d) * at(ve.value, b, h, j, d);
         }
-        la[j] = scale * x, ls[j] = y;
+        la[h][j] = scale * x, ls[h][j] = y;
       }
-      const double ma = *std::max_element(la.begin(), la.end()), ms = *std::max_element(ls.begin(), ls.end());
-      double za = 0.0, zs = 0.0;
-      for (int64_t j = 0; j < S; ++j) za += std::exp(la[j] - ma), zs += std::exp(ls[j] - ms);
-      for (int64_t j = 0; j < S; ++j) A[j] += std::exp(la[j] - ma) / za / H, Sm[j] += std::exp(ls[j] - ms) / zs / H;
-    }
-    for (int64_t j = 0; j < S; ++j)
+    const std::vector<double> log_A = log_head_mean_softmax(la, first);
+    const std::vector<double> p = normalised(log_A), p_sem = normalised(log_head_mean_softmax(ls, first));
+    double e = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t j = n + first;
+      double rho = 0.0;
       for (int64_t d = 0; d < D; ++d) {
         double m = 0.0;
         for (int64_t h = 0; h < H; ++h) m += at(ve.value, b, h, j, d) / H;
-        rho[j] += std::abs(m);
+        rho += std::abs(m);
       }
-    double sa = 0.0, ss = 0.0, e = 0.0;
-    for (int64_t n = 0; n < N; ++n) sa += A[n + first], ss += Sm[n + first];
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t j = n + first;
-      const double p = A[j] / sa;
-      if (p > 0) e -= p * std::log(p);
-      double score = A[j] * rho[j];
-      if (t.has_cls) score = (p + (t.semantic ? Sm[j] / ss : 0.0)) * rho[j];
+      if (p[n] > 0) e -= p[n] * std::log(p[n]);
+      double score = std::exp(log_A[n]) * rho;
+      if (t.has_cls) score = (p[n] + (t.semantic ? p_sem[n] : 0.0)) * rho;
       cum[b * N + n] = t.with_prev ? 0.5 * prev[b * N + n] + 0.5 * score : score;
-      attn[b * N + n] = A[j];
+      attn[b * N + n] = std::exp(log_A[n]);
     }
     ent[b] = N > 1 ? e / std::log(double(N)) : 0.0;
   }
@@ -175,12 +212,14 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
   cuda_ok(cudaDeviceSynchronize(), "flow_scores");
   const auto got_cum = to_host(a.cum, B * N), got_attn = to_host(a.attn, B * N), got_ent = to_host(a.entropy, B);
   const double e1 = max_rel_error(got_cum, cum), e2 = max_rel_error(got_attn, attn), e3 = max_rel_error(got_ent, ent);
-  char name[256];
+  char name[320];
   std::snprintf(name, sizeof name,
-                "flow_scores B=%ld H=%ld S=%ld D=%ld dtype=%d %s cls=%d semantic=%d prev=%d: rel err %.2e %.2e %.2e",
+                "flow_scores B=%ld H=%ld S=%ld D=%ld dtype=%d %s cls=%d semantic=%d prev=%d qk_sigma=%g v_norm=%g: "
+                "rel err %.2e %.2e %.2e",
                 long(B), long(H), long(S), long(D), int(t.dtype), t.heads_inner ? "(B,S,H,D)" : "(B,H,S,D)",
-                int(t.has_cls), int(t.semantic), int(t.with_prev), e1, e2, e3);
-  expect(err.empty() && e1 < 1e-4 && e2 < 1e-4 && e3 < 1e-4, err.empty() ? name : name + (" " + err));
+                int(t.has_cls), int(t.semantic), int(t.with_prev), double(t.qk_sigma), double(t.v_norm), e1, e2, e3);
+  // NaN errors fail the comparisons.
+  expect(err.empty() && e1 < t.tol && e2 < t.tol && e3 < t.tol, err.empty() ? name : name + (" " + err));
   cudaFree(const_cast<void*>(a.q)), cudaFree(const_cast<void*>(a.k)), cudaFree(const_cast<void*>(a.v));
   cudaFree(const_cast<float*>(a.prev)), cudaFree(a.cum), cudaFree(a.attn), cudaFree(a.entropy), cudaFree(ws);
 }
@@ -189,22 +228,31 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
 
 void test_select_gather(int64_t B, int64_t S, int64_t C, int64_t keep, bool has_cls, size_t elem, std::mt19937& rng) {
   const int64_t first = has_cls ? 1 : 0, N = S - first, K = keep - first;
-  std::uniform_int_distribution<int> level(0, 9);  // few distinct scores: many ties
+  // Few distinct scores (many ties), signed zeros, infinities and NaNs of both signs and several payloads.
+  const uint32_t special_bits[] = {0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0xffc00000u, 0x7fc00001u};
+  std::uniform_int_distribution<int> level(0, 15);
   std::vector<float> cum(B * N);
-  for (auto& x : cum) x = level(rng) == 0 ? -0.0f : float(level(rng)) / 7.0f;
+  for (auto& x : cum) {
+    const int l = level(rng);
+    if (l < 6) std::memcpy(&x, &special_bits[l], 4);
+    else x = float(l - 6) / 7.0f;
+  }
   std::vector<int64_t> index(B * N);
   for (int64_t i = 0; i < B * N; ++i) index[i] = 1000 + i;
   std::vector<unsigned char> hidden(size_t(B * S * C) * elem);
   for (auto& x : hidden) x = static_cast<unsigned char>(rng());
 
-  // Oracle: order by score descending (-0.0 == 0.0), ties by lower index; keep K; ascending.
+  // Oracle: order by score descending, NaN above every number (-0.0 == 0.0), ties by lower index; keep K; ascending.
   std::vector<int64_t> want_rows;
   std::vector<float> want_cum;
   std::vector<int64_t> want_index;
   for (int64_t b = 0; b < B; ++b) {
     std::vector<int64_t> order(N);
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return cum[b * N + i] > cum[b * N + j]; });
+    std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) {
+      const float x = cum[b * N + i], y = cum[b * N + j];
+      return std::isnan(x) ? !std::isnan(y) : x > y;  // NaN first (x > NaN is false)
+    });
     std::vector<int64_t> kept(order.begin(), order.begin() + K);
     std::sort(kept.begin(), kept.end());
     if (has_cls) want_rows.push_back(0);
@@ -232,7 +280,7 @@ void test_select_gather(int64_t B, int64_t S, int64_t C, int64_t keep, bool has_
   const auto got_cum = to_host(a.cum_out, B * K);
   const auto got_index = to_host(a.index_out, B * K);
   bool ok = err.empty() && got_index == want_index;
-  for (int64_t i = 0; ok && i < B * K; ++i) ok = got_cum[i] == want_cum[i];
+  ok = ok && std::memcmp(got_cum.data(), want_cum.data(), want_cum.size() * 4) == 0;  // bit for bit (NaN)
   for (int64_t br = 0; ok && br < B * keep; ++br) {
     const int64_t b = br / keep, src = b * S + want_rows[br];
     ok = std::memcmp(got_hidden.data() + br * C * elem, hidden.data() + src * C * elem, C * elem) == 0;
@@ -262,6 +310,13 @@ int main() {
       {2, 3, 29, 5, DType::kFloat32, true, true, true, true},       // odd head dim: element loads
       {1, 16, 4097, 64, DType::kFloat16, true, false, true, false}, // long sequence, many chunks
       {1, 2, 2, 8, DType::kFloat32, true, true, true, true},        // a single candidate
+      {2, 4, 37, 16, DType::kFloat64, true, true, true, true},      // float64: 16-byte loads
+      {2, 3, 29, 5, DType::kFloat64, false, false, true, false},    // float64: element loads, mean variant
+      // Large norms: q, k ~ N(0, 9), |v| = 100: v_0.v_0 = 1e4 beats every v_0.v_j by over 5e3, so the CLS row
+      // takes all of every head's value softmax and the candidates' Sm underflows, also in double. (Larger |v|
+      // only adds the float32 rounding of logits ~|v|^2, which blurs heads of near-equal candidate mass.)
+      {2, 16, 577, 64, DType::kFloat32, true, true, true, true, 3.0f, 100.0f, 1e-3},
+      {2, 16, 577, 64, DType::kBFloat16, true, true, true, false, 3.0f, 100.0f, 1e-3},
   };
   for (const ScoreCase& t : score_cases) test_flow_scores(t, rng);
   for (bool cls : {true, false})

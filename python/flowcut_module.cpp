@@ -8,8 +8,9 @@
 #include <string>
 #include <vector>
 
-// The build passes bare tokens (-DFLOWCUT_VERSION=0.1.0 -DFLOWCUT_CUDA_ARCHS=80,90a), stringified here so
-// that no quoting has to survive the shell and ninja.
+// The build passes bare tokens (-DFLOWCUT_VERSION=0.1.0 -DFLOWCUT_CUDA_ARCHS=sm_80,sm_90,compute_90: the
+// machine code and PTX targets of the CUDA kernels), stringified here so that no quoting has to survive the
+// shell and ninja.
 #ifndef FLOWCUT_VERSION
 #error "FLOWCUT_VERSION must be defined by the build (setup.py or CMakeLists.txt)"
 #endif
@@ -24,7 +25,7 @@
 
 namespace {
 
-// "80,90a" -> ["80", "90a"]
+// "sm_80,sm_90,compute_90" -> ["sm_80", "sm_90", "compute_90"]
 std::vector<std::string> split_archs(const std::string& text) {
   std::vector<std::string> out;
   std::stringstream stream(text);

@@ -3,8 +3,10 @@
 Importing ``_C`` loads its op library, which registers ``torch.ops.flowcut.native_flow_scores`` and
 ``torch.ops.flowcut.native_select_gather`` (csrc/ops.cpp) with CPU kernels, and CUDA kernels when the
 extension was built with CUDA. This module adds their fake (meta) implementations and registers the
-backend with :mod:`flowcut_kernels.ops.backends`. Without a usable ``_C`` it raises ImportError, which
-``ops.backends`` records as the reason "native" is unavailable; the other backends keep working.
+backend with :mod:`flowcut_kernels.ops.backends`. It always imports: without a usable ``_C`` (not built,
+or built but not loading) it records why with ``backends.mark_unavailable`` (shown by
+``available_backends(device, reasons=True)`` and the benchmark's "skipped" lines), warns once unless
+``FLOWCUT_BUILD_NATIVE=0`` is set, and :func:`build_info` raises that reason; the other backends keep working.
 
 Shapes: B images, H heads, S tokens (relay row first when ``has_cls``), D head dim, C hidden size,
 N candidates (S − 1 with a CLS token, S without), K kept candidates (keep − 1 with CLS, else keep).
@@ -12,40 +14,67 @@ N candidates (S − 1 with a CLS token, S without), K kept candidates (keep − 
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
+
 import torch
 
-from .backends import Backend, register_backend
+from .backends import ALL_DTYPES, Backend, mark_unavailable, register_backend
 from .library import flow_scores_fake, select_gather_fake
 
-_BUILD_HINT = (
-    "build it from a source checkout with `pip install --no-build-isolation -e .` (torch and ninja installed "
-    "first, so that the build sees torch; FLOWCUT_BUILD_NATIVE=0 skips it)"
+_HOW = (
+    "`pip install --no-build-isolation -e .` in a source checkout, with torch and ninja installed first (so that "
+    "the build sees torch)"
 )
 
-try:
-    from .. import _C
-except ImportError as error:
-    raise ImportError(
-        f"the compiled extension flowcut_kernels._C is missing or does not load ({error}); {_BUILD_HINT}"
-    ) from error
 
-if not hasattr(torch.ops.flowcut, "native_flow_scores"):
-    raise ImportError(f"flowcut_kernels._C loaded but registered no torch.ops.flowcut.native_* ops; {_BUILD_HINT}")
+def _load():
+    """(the ``_C`` module, None), or (None, why the native backend is unavailable)."""
+    what = "the compiled extension flowcut_kernels._C"
+    if importlib.util.find_spec("flowcut_kernels._C") is None:
+        return None, f"{what} is not built (this install skipped it); build it with {_HOW}"
+    try:
+        from .. import _C
+    except ImportError as error:
+        return None, f"{what} does not load ({error}); rebuild it with {_HOW}"
+    if not hasattr(torch.ops.flowcut, "native_flow_scores"):
+        return None, f"{what} loaded but registered no torch.ops.flowcut.native_* ops; rebuild it with {_HOW}"
+    return _C, None
+
+
+_C, UNAVAILABLE_REASON = _load()
 
 
 def build_info() -> dict:
-    """How ``_C`` was built: {"version": str, "with_cuda": bool, "cuda_archs": ["80", "90a", ...]}."""
+    """How ``_C`` was built: {"version": str, "with_cuda": bool, "cuda_archs": ["sm_80", "sm_90", "compute_90"]}.
+
+    Raises RuntimeError saying why when the extension is unavailable.
+    """
+    if _C is None:
+        raise RuntimeError(UNAVAILABLE_REASON)
     return _C.build_info()
 
 
-# The same output shapes as every backend's ops.
-torch.library.register_fake("flowcut::native_flow_scores")(flow_scores_fake)
-torch.library.register_fake("flowcut::native_select_gather")(select_gather_fake)
-
-DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
-
-register_backend(
-    Backend(
-        "native", torch.ops.flowcut.native_flow_scores, torch.ops.flowcut.native_select_gather, DEVICE_TYPES
+if _C is None:
+    DEVICE_TYPES: tuple[str, ...] = ()
+    mark_unavailable("native", UNAVAILABLE_REASON)
+    if os.environ.get("FLOWCUT_BUILD_NATIVE", "").strip().lower() not in ("0", "false", "no", "off"):
+        warnings.warn(
+            f"flowcut_kernels: the 'native' backend (C++/CUDA kernels) is unavailable, so backend='auto' uses "
+            f"another one: {UNAVAILABLE_REASON}. Set FLOWCUT_BUILD_NATIVE=0 to silence this warning."
+        )
+else:
+    # The same output shapes as every backend's ops.
+    torch.library.register_fake("flowcut::native_flow_scores")(flow_scores_fake)
+    torch.library.register_fake("flowcut::native_select_gather")(select_gather_fake)
+    DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
+    register_backend(
+        Backend(
+            "native",
+            torch.ops.flowcut.native_flow_scores,
+            torch.ops.flowcut.native_select_gather,
+            DEVICE_TYPES,
+            dtypes=ALL_DTYPES,
+        )
     )
-)

@@ -1,5 +1,7 @@
 """The "native" backend (C++ CPU kernels of flowcut_kernels._C) against the reference and the naive oracle."""
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,9 @@ from oracle.flowcut import naive_flow_scores, naive_select_gather
 _why = available_backends("cpu", reasons=True).get("native", "not registered")
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"native backend unavailable: {_why}")
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# Against the reference, which computes in float32 (float64 for float64 inputs): its value logits v_0.v_j, unscaled,
+# reach ~|v|^2 = D, so its float32 rounding shows in exp at ~1e-5. The float64 oracle is the tight check.
+TOL = {torch.float64: 1e-5, torch.float32: 5e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def qkv(b, h, s, d, dtype, layout, seed=0):
@@ -55,7 +59,7 @@ def test_build_info():
     assert ops.resolve_backend("auto", "cpu") == "native"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["hf", "contiguous", "strided"])
 @pytest.mark.parametrize("has_cls,semantic", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("with_prev", [False, True])
@@ -88,6 +92,90 @@ def test_flow_scores_q_of_another_dtype():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
+def test_float64_is_not_rounded_to_float32():
+    """float64 k differing below float32 resolution: logits 1e8 * (1 + j * 1e-9) differ by 0.1 per token."""
+    q = torch.full((1, 1, 1), 1e8, dtype=torch.float64)
+    k = (1.0 + 1e-9 * torch.arange(6, dtype=torch.float64)).reshape(1, 1, 6, 1)
+    v = torch.linspace(1.0, 2.0, 6, dtype=torch.float64).reshape(1, 1, 6, 1)
+    assert torch.equal(k.float(), torch.ones_like(k.float()))  # rounded, every candidate would tie
+    for has_cls in (True, False):
+        got = ops.flow_scores(q, k, v, scale=1.0, has_cls=has_cls, semantic=False, backend="native")
+        for x, z in zip(got, naive_flow_scores(q, k, v, None, 1.0, has_cls, False)):
+            torch.testing.assert_close(x.double(), z, rtol=1e-6, atol=0.0)
+        assert got[0][0].diff().gt(0).all()  # later tokens: larger logits, larger scores
+
+
+def check_with_oracle(q, k, v, scale, has_cls, semantic, prev=None):
+    """The native op's outputs: float32, finite, and equal to the float64 oracle's up to float32 rounding."""
+    got = ops.flow_scores(q, k, v, prev, scale=scale, has_cls=has_cls, semantic=semantic, backend="native")
+    oracle = naive_flow_scores(q, k, v, prev, scale, has_cls, semantic)
+    for name, x, z in zip(("cum", "entropy", "attn"), got, oracle):
+        assert x.dtype == torch.float32 and torch.isfinite(x).all(), name
+        torch.testing.assert_close(x.double(), z, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("has_cls,semantic", [(True, True), (False, True)])
+def test_large_logits(dtype, has_cls, semantic):
+    """q and k 30 times larger: logits in the thousands, whose exp overflows without the max subtracted."""
+    q, k, v = qkv(2, 4, 33, 8, torch.float32, "hf", seed=5)
+    q, k, v = (30 * q).to(dtype), (30 * k).to(dtype), v.to(dtype)
+    assert (0.35 * torch.einsum("bhd,bhsd->bhs", q.double(), k.double())).abs().max() > 1000
+    check_with_oracle(q, k, v, 0.35, has_cls, semantic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("has_cls,semantic", [(True, True), (True, False), (False, True)])
+def test_large_norm_inputs(dtype, has_cls, semantic):
+    """CLIP-L-sized heads with q, k ~ N(0, 9) and |v_h[j]| from 500 to 1000: the CLS row takes all of every
+    head's value softmax (v_0.v_0 beats v_0.v_j by over 5e4), so the candidates' Sm underflows, also in double."""
+    g = torch.Generator().manual_seed(7)
+    b, h, s, d = 2, 16, 577, 64
+    q = (3 * torch.randn(b, h, d, generator=g)).to(dtype)
+    k = (3 * torch.randn(b, h, s, d, generator=g)).to(dtype)
+    norms = 500 + 500 * torch.rand(b, h, s, 1, generator=g)
+    v = (norms * torch.nn.functional.normalize(torch.randn(b, h, s, d, generator=g), dim=-1)).to(dtype)
+    prev = torch.rand(b, s - has_cls, generator=g)
+    cum, entropy, _ = check_with_oracle(q, k, v, d**-0.5, has_cls, semantic, prev)
+    assert entropy.gt(0).all() and entropy.le(1).all()
+
+
+@pytest.mark.parametrize("semantic", [True, False])
+def test_one_hot_relay(semantic):
+    """k_0 = 1000 q and v_0 100 times larger: every head puts all its softmax mass, relay and value, on the relay
+    row (the candidates' logits ~1e4 lower: A = 0 even in double); the candidates' shares stay defined."""
+    q, k, v = qkv(2, 4, 17, 8, torch.float32, "contiguous", seed=11)
+    k[:, :, 0] = 1000 * q
+    v[:, :, 0] *= 100
+    cum, entropy, attn = check_with_oracle(q, k, v, 0.35, True, semantic)
+    assert torch.equal(attn, torch.zeros_like(attn))
+    assert cum.gt(0).all()
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_all_equal_scores(has_cls):
+    """A zero relay query and identical values: uniform attention, entropy 1 and equal scores."""
+    q, k, v = qkv(2, 4, 17, 8, torch.float32, "contiguous", seed=13)
+    q = torch.zeros_like(q)
+    v = v[:, :, :1].expand_as(v)
+    cum, entropy, attn = check_with_oracle(q, k, v, 0.35, has_cls, True)
+    torch.testing.assert_close(entropy, torch.ones_like(entropy), rtol=0, atol=1e-6)
+    torch.testing.assert_close(attn, torch.full_like(attn, 1 / 17), rtol=1e-6, atol=0)
+    assert torch.equal(cum, cum[:, :1].expand_as(cum))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_whose_logits_overflow_float16(dtype):
+    """Half-precision q, k, v whose dot products exceed float16's range (65504): accumulated wider."""
+    q, k, v = qkv(2, 4, 17, 64, torch.float32, "hf", seed=17)
+    q, k, v = (30 * q).to(dtype), (30 * k).to(dtype), (60 * v).to(dtype)
+    assert torch.einsum("bhd,bhsd->bhs", v[:, :, 0].double(), v.double()).abs().max() > 65504
+    assert torch.einsum("bhd,bhsd->bhs", q.double(), k.double()).abs().max() > 65504
+    for has_cls in (True, False):
+        check_with_oracle(q, k, v, 64**-0.5, has_cls, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("has_cls", [True, False])
 @pytest.mark.parametrize("strided", [False, True])
@@ -117,6 +205,31 @@ def test_select_gather(dtype, has_cls, strided):
                 assert torch.equal(x, z)
 
 
+def float32_from_bits(*bits):
+    """float32 values of the given IEEE bit patterns (NaN signs and payloads as given)."""
+    return torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_select_gather_nan_inf_and_signed_zero(has_cls):
+    """NaN of any sign or payload ranks above every number (as torch.sort), NaNs and equal numbers by lower
+    index, -0.0 ties +0.0; the kept scores are copied bit for bit."""
+    specials = float32_from_bits(0x7FC00000, 0xFFC00000, 0x7FC00001, 0xFF800001, 0x7F800000, 0xFF800000,
+                                 0x00000000, 0x80000000)  # NaN, -NaN, NaN payload, -NaN payload, ±inf, ±0.0
+    g = torch.Generator().manual_seed(3)
+    b, n, c = 4, 30, 6
+    values = torch.cat([specials, specials, torch.tensor([1.0, 0.5, -2.0, 1.0, 0.5])])
+    cum = values[torch.randint(len(values), (b, n), generator=g)]
+    cum[0, : len(values)] = values[torch.randperm(len(values), generator=g)]  # each value at least once
+    hidden = torch.randn(b, n + has_cls, c, generator=g)
+    index_map = torch.randperm(100, generator=g)[:n].repeat(b, 1)
+    for keep in range(1, n + has_cls + 1):
+        got = ops.select_gather(hidden, cum, index_map, keep, has_cls=has_cls, backend="native")
+        want = reference.select_gather(hidden, cum, index_map, keep, has_cls)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]), keep
+        assert torch.equal(got[1].view(torch.int32), want[1].view(torch.int32)), keep
+
+
 def test_ties_keep_the_lower_index():
     hidden = torch.arange(2 * 9 * 2, dtype=torch.float32).reshape(2, 9, 2)
     cum = torch.full((2, 8), 0.5)
@@ -131,7 +244,7 @@ def test_ties_keep_the_lower_index():
 def test_opcheck():
     op_scores = torch.ops.flowcut.native_flow_scores.default
     op_select = torch.ops.flowcut.native_select_gather.default
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
         q, k, v = qkv(2, 4, 17, 8, dtype, "hf")
         for prev in (None, torch.rand(2, 16)):
             torch.library.opcheck(op_scores, (q, k, v, prev, 0.35, True, True))
@@ -169,14 +282,64 @@ def test_encode_native_equals_torch(tiny_clip, dtype, feature_layer, target):
     torch.testing.assert_close(got.features, want.features, rtol=1e-5, atol=1e-5)
 
 
-def test_missing_extension_is_a_reason_not_an_import_error(tmp_path):
-    """Without _C the package imports, "native" is unavailable, and the reason says how to build it."""
+_PROBE = """
+import json, sys, warnings
+# An editable install's import hook would find the real _C: drop it.
+sys.meta_path[:] = [m for m in sys.meta_path if "__editable__" not in getattr(m, "__module__", "")]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import flowcut_kernels as f
+    from flowcut_kernels.bench.kernels import measurable_backends
+    from flowcut_kernels.ops import native
+assert f.__file__.startswith(sys.argv[1]), f.__file__
+try:
+    native.build_info()
+    build_info_error = None
+except RuntimeError as error:
+    build_info_error = str(error)
+print(json.dumps({
+    "reason": f.available_backends("cpu", reasons=True)["native"],
+    "bench_skipped": measurable_backends("cpu")[1].get("native"),
+    "auto": f.ops.resolve_backend("auto", "cpu"),
+    "build_info_error": build_info_error,
+    "warnings": [str(w.message) for w in caught if "native" in str(w.message)],
+}))
+"""
+
+
+def probe_without_extension(tmp_path, c_module=None, **env):
+    """Import a copy of the package without _C (or with ``c_module`` as _C.py) in a fresh interpreter."""
     package = Path(flowcut_kernels.__file__).parent
     shutil.copytree(package, tmp_path / "flowcut_kernels", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
-    code = (  # an editable install's import hook would find the real _C: drop it
-        "import sys; sys.meta_path[:] = [m for m in sys.meta_path if '__editable__' not in "
-        "getattr(m, '__module__', '')]; import flowcut_kernels as f; r = f.available_backends('cpu', reasons=True); "
-        "assert f.__file__.startswith(%r), f.__file__; print(r['native'])" % str(tmp_path)
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert "pip install --no-build-isolation -e ." in out.stdout and "_C" in out.stdout
+    if c_module is not None:
+        (tmp_path / "flowcut_kernels" / "_C.py").write_text(c_module)
+    env = {k: v for k, v in os.environ.items() if k != "FLOWCUT_BUILD_NATIVE"} | env
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_missing_extension_is_a_reason_not_an_import_error(tmp_path):
+    """Without _C the package imports, "native" is unavailable with a plain reason that says how to build it
+    (in available_backends, the benchmark's skipped line and build_info's error), and one warning says so."""
+    got = probe_without_extension(tmp_path)
+    reason = got["reason"]
+    assert reason.startswith("the compiled extension flowcut_kernels._C is not built (this install skipped it); "
+                             "build it with `pip install --no-build-isolation -e .`"), reason
+    assert "circular import" not in reason and "partially initialized" not in reason
+    assert got["bench_skipped"] == got["build_info_error"] == reason
+    assert got["auto"] == "torch"
+    assert len(got["warnings"]) == 1 and reason in got["warnings"][0]
+
+
+def test_missing_extension_is_quiet_when_skipped_on_purpose(tmp_path):
+    got = probe_without_extension(tmp_path, FLOWCUT_BUILD_NATIVE="0")
+    assert "is not built" in got["reason"] and got["warnings"] == []
+
+
+def test_extension_that_does_not_load_keeps_its_reason(tmp_path):
+    got = probe_without_extension(tmp_path, c_module='raise ImportError("undefined symbol: _ZN3foo3barEv")\n')
+    reason = got["reason"]
+    assert reason.startswith("the compiled extension flowcut_kernels._C does not load (undefined symbol: "
+                             "_ZN3foo3barEv); rebuild it with `pip install --no-build-isolation -e .`"), reason
+    assert got["build_info_error"] == reason and len(got["warnings"]) == 1
