@@ -28,12 +28,13 @@ class FlowCutOutput:
 
     features: (B, target_num, C) output of the feature layer for the kept patches (CLS row dropped).
     keep_indices: (B, target_num) int64, ascending, original patch numbering (0 … N₀ − 1).
-    tokens_per_layer: tokens (CLS included, if any) each run layer 0 … F processed.
+    tokens_per_layer: tokens (CLS included, if any) each run layer 0 … F processed; with the per-image
+        schedule one such list per image.
     """
 
     features: Tensor
     keep_indices: Tensor
-    tokens_per_layer: list[int]
+    tokens_per_layer: list
 
 
 def feature_index(feature_layer: int, num_layers: int, argument: str = "feature_layer") -> int:
@@ -56,15 +57,49 @@ def check_target(target_num: int, num_patches: int) -> int:
     return check_int("target_num", target_num, 1, num_patches - 1)
 
 
+class Ragged:
+    """Images of different lengths padded into one (B, S_max, …) batch: the per-image schedule's layout.
+
+    lens: each image's rows (its first lens[b] rows are real; the rest are padding no real row attends to).
+    """
+
+    def __init__(self, lens: list[int], device: torch.device):
+        self.lens, self.device = list(lens), device
+        self.width = max(self.lens)
+        starts = [b * self.width for b in range(len(self.lens))]
+        self.rows = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, self.lens)])
+        self.cu_seqlens = torch.tensor([0, *self.lens], device=device).cumsum(0, dtype=torch.int32)
+
+    def key_mask(self, dtype: torch.dtype) -> Tensor | None:
+        """(B, 1, 1, S_max) additive mask hiding each image's padding keys; None when nothing is padded."""
+        if min(self.lens) == self.width:
+            return None
+        padding = torch.arange(self.width, device=self.device) >= torch.tensor(self.lens, device=self.device)[:, None]
+        return torch.zeros(padding.shape, dtype=dtype, device=self.device).masked_fill(
+            padding, torch.finfo(dtype).min
+        )[:, None, None, :]
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, S_max, *rest) → (T, *rest): the real rows, image by image."""
+        return x.flatten(0, 1)[self.rows]
+
+    def unpack(self, packed: Tensor) -> Tensor:
+        """(T, *rest) → (B, S_max, *rest), zeros in the padding."""
+        out = packed.new_zeros(len(self.lens) * self.width, *packed.shape[1:])
+        out[self.rows] = packed
+        return out.unflatten(0, (len(self.lens), self.width))
+
+
 def run_pruned(
     tower: Tower,
     hidden: Tensor,
     target_num: int,
     feature_idx: int,
     backend: str,
-    layer_outputs: list[Tensor] | None = None,
+    layer_outputs: list | None = None,
+    per_image: bool = False,
     **layer_kwargs,
-) -> tuple[Tensor, Tensor, list[int]]:
+) -> tuple[Tensor, Tensor, list]:
     """Run layers 0 … F of ``tower`` on ``hidden`` with FlowCut pruning.
 
     Args:
@@ -73,57 +108,98 @@ def run_pruned(
         feature_idx: F, 0-based index of the feature layer.
         backend: a concrete backend name.
         layer_outputs: if a list, each run layer's whole output is appended (before that step's
-            pruning); otherwise a pruning step drops tokens before the layer's MLP.
+            pruning; per image: a list of B tensors (S_b, C)); otherwise a pruning step drops tokens
+            before the layer's MLP.
+        per_image: each image on its own schedule (docs/semantics.md, "Batches"), all in one pass: the
+            images are padded to the longest, their padding hidden from attention by a key mask, and
+            scored and pruned with the packed (varlen) ops. Otherwise the batch rule.
 
     Returns:
         out (B, T, C) output of layer F (relay row first in the CLS variant), keep_indices
-        (B, target_num) int64 ascending, tokens_per_layer (F + 1 ints).
+        (B, target_num) int64 ascending, tokens_per_layer: F + 1 ints (per image: B such lists).
     """
     has_cls = tower.has_cls
     target = target_num + 1 if has_cls else target_num
     batch, seq, _ = hidden.shape
     n = seq - 1 if has_cls else seq
     index_map = torch.arange(n, device=hidden.device).expand(batch, n)
+    ragged = Ragged([seq] * batch, hidden.device) if per_image else None
+    if per_image:
+        index_map = index_map.flatten()
+    varlen = ops.BACKENDS[backend]
     cum = None
     tokens = []
     with capturing(tower.core.config) as run:
         for i, layer in enumerate(tower.layers[:feature_idx]):
-            tokens.append(seq)
-            scored = seq > target
+            lens = ragged.lens if per_image else [seq]
+            tokens.append(list(lens) if per_image else seq)
+            scored = max(lens) > target
             steps_left = feature_idx - i - 1
             # A pruning step drops tokens before the layer's MLP: the scores need only q/k/v, and the
             # MLP acts on each row alone, so the kept rows come out exactly as from the whole layer.
             # (Not when every layer's full output is asked for.)
             prune_first = scored and steps_left % 2 == 0 and layer_outputs is None
+            mask = ragged.key_mask(hidden.dtype) if per_image else None
             attn = tower.attention(layer)
             run.watch, run.seen = (attn if scored else None), None
             if prune_first:
-                attended, _ = attn(hidden_states=layer.layer_norm1(hidden), attention_mask=None, **layer_kwargs)
+                attended, _ = attn(hidden_states=layer.layer_norm1(hidden), attention_mask=mask, **layer_kwargs)
                 hidden = hidden + attended
             else:
-                hidden = layer(hidden, None, **layer_kwargs)
+                hidden = layer(hidden, mask, **layer_kwargs)
             if layer_outputs is not None:
-                layer_outputs.append(hidden)
+                layer_outputs.append([h[:s] for h, s in zip(hidden, lens)] if per_image else hidden)
             if not scored:
                 continue
             q, k, v, scale = run.seen  # (B, H, S, D) each, as the attention used them
-            q_relay = q[:, :, 0] if has_cls else q.mean(dim=2, dtype=torch.promote_types(q.dtype, torch.float32))
-            cum, entropy, _ = ops.flow_scores(q_relay, k, v, cum, scale=scale, has_cls=has_cls, backend=backend)
+            acc = torch.promote_types(q.dtype, torch.float32)
+            if per_image:
+                # Images already at the target are scored too: their count can no longer change.
+                k, v = (ragged.pack(x.transpose(1, 2)) for x in (k, v))  # (T, H, D)
+                q_relay = q[:, :, 0] if has_cls else _ragged_mean(q, ragged, acc)
+                cum, entropy, _ = varlen.flow_scores_varlen(
+                    q_relay, k, v, ragged.cu_seqlens, cum, float(scale), has_cls, True
+                )
+            else:
+                q_relay = q[:, :, 0] if has_cls else q.mean(dim=2, dtype=acc)
+                cum, entropy, _ = ops.flow_scores(q_relay, k, v, cum, scale=scale, has_cls=has_cls, backend=backend)
             if steps_left % 2 == 0:
-                keep = max(seq - ops.prune_count(entropy, n, target, steps_left), target)
-                if keep < seq:
-                    hidden, cum, index_map = ops.select_gather(
-                        hidden, cum, index_map, keep, has_cls=has_cls, backend=backend
-                    )
-                    seq, n = keep, (keep - 1 if has_cls else keep)
+                if per_image:  # one host read of the B entropies
+                    counts = [s - int(has_cls) for s in lens]
+                    prunes = ops.prune_counts(entropy, counts, target, steps_left)
+                    keep = [max(s - p, target) for s, p in zip(lens, prunes)]
+                    if keep != lens:
+                        kept, cum, index_map, _ = varlen.select_gather_varlen(
+                            ragged.pack(hidden), cum, index_map, ragged.cu_seqlens, keep, has_cls
+                        )
+                        ragged = Ragged(keep, hidden.device)
+                        hidden = ragged.unpack(kept)
+                else:
+                    keep = max(seq - ops.prune_count(entropy, n, target, steps_left), target)
+                    if keep < seq:
+                        hidden, cum, index_map = ops.select_gather(
+                            hidden, cum, index_map, keep, has_cls=has_cls, backend=backend
+                        )
+                        seq, n = keep, (keep - 1 if has_cls else keep)
             if prune_first:
                 hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         run.watch = run.seen = None
-    tokens.append(seq)
+    # Every image is at T now (the last prune step keeps exactly T): the batch is dense again.
+    tokens.append(list(ragged.lens) if per_image else seq)
     hidden = tower.layers[feature_idx](hidden, None, **layer_kwargs)
     if layer_outputs is not None:
-        layer_outputs.append(hidden)
+        layer_outputs.append(list(hidden) if per_image else hidden)
+    if per_image:
+        index_map = index_map.view(batch, target_num)
+        tokens = [[t[b] for t in tokens] for b in range(batch)]
     return hidden, index_map, tokens
+
+
+def _ragged_mean(q: Tensor, ragged: Ragged, dtype: torch.dtype) -> Tensor:
+    """(B, H, S_max, D) queries → (B, H, D) each image's mean over its real rows, in ``dtype``."""
+    real = (torch.arange(ragged.width, device=q.device) < torch.tensor(ragged.lens, device=q.device)[:, None])
+    total = (q.to(dtype) * real[:, None, :, None]).sum(dim=2)
+    return total / torch.tensor(ragged.lens, device=q.device, dtype=dtype)[:, None, None]
 
 
 def check_pixels(pixel_values: Tensor, tower: Tower) -> None:
@@ -147,6 +223,7 @@ def encode(
     target_num: int,
     *,
     feature_layer: int = -1,
+    schedule: str = "batch",
     backend: str = "auto",
 ) -> FlowCutOutput:
     """Encode images with FlowCut pruning, returning ``target_num`` patch features per image.
@@ -160,17 +237,23 @@ def encode(
         pixel_values: (B, 3, H, W) images at the model's resolution.
         target_num: patches to keep, 1 ≤ target_num < N₀ (576 for ViT-L/14-336).
         feature_layer: negative layer index whose output is the feature (-1 last; LLaVA-1.5 uses -2).
+        schedule: "batch" — one schedule for the batch (each prune count the maximum over its images);
+            "per_image" — each image on its own schedule, as if encoded alone, all in one pass (the images'
+            token counts differ between prune steps: padded, with their padding masked from attention).
         backend: "auto" or a name from :func:`flowcut_kernels.available_backends`.
 
     Returns:
         A :class:`FlowCutOutput`: features (B, target_num, C), keep_indices (B, target_num),
-        tokens_per_layer.
+        tokens_per_layer (per image with "per_image").
     """
     tower = find_tower(vision_model, "vision_model")
     feature_idx = feature_index(feature_layer, len(tower.layers))
     target_num = check_target(target_num, tower.num_patches)
     check_pixels(pixel_values, tower)
-    backend = ops.resolve_backend(backend, tower.device, tower.dtype)
-    out, keep_indices, tokens = run_pruned(tower, tower.embed(pixel_values), target_num, feature_idx, backend)
+    require(schedule in ("batch", "per_image"), f"schedule={schedule!r} is not one of 'batch', 'per_image'")
+    per_image = schedule == "per_image"
+    backend = ops.resolve_backend(backend, tower.device, tower.dtype, varlen=per_image)
+    hidden = tower.embed(pixel_values)
+    out, keep_indices, tokens = run_pruned(tower, hidden, target_num, feature_idx, backend, per_image=per_image)
     features = out[:, 1:] if tower.has_cls else out
     return FlowCutOutput(features, keep_indices, tokens)

@@ -167,23 +167,25 @@ def _pruned_image_features(
 
     hidden = tower.embed(pixel_values, interpolate)
     target_num = check_target(config.target_num, hidden.shape[1] - int(tower.has_cls))
-    backend = ops.resolve_backend(config.backend, tower.device, tower.dtype)
+    backend = ops.resolve_backend(config.backend, tower.device, tower.dtype, varlen=True)
     feature_idx = len(tower.layers) + feature_layer
-    # Each image on its own schedule (docs/semantics.md with B = 1): a prompt's result never depends on its batch.
-    runs, states = [], []
-    for image in hidden.split(1):
-        layer_outputs = [image] if output_hidden_states else None
-        runs.append(run_pruned(tower, image, target_num, feature_idx, backend, layer_outputs, **kwargs))
-        states.append(tuple(layer_outputs) if output_hidden_states else None)
-    last = torch.cat([run[0] for run in runs])
+    # Each image on its own schedule (docs/semantics.md, "Batches"), all images in one tower pass: a prompt's
+    # result never depends on its batch.
+    layer_outputs = [list(hidden)] if output_hidden_states else None
+    last, keep_indices, tokens = run_pruned(
+        tower, hidden, target_num, feature_idx, backend, layer_outputs, per_image=True, **kwargs
+    )
     features = last[:, 1:] if tower.has_cls else last
     projected = self.multi_modal_projector(features)
+    states = None
+    if output_hidden_states:  # per image: its embeddings and each run layer's output, (1, S, C) each
+        states = tuple(tuple(layer[b][None] for layer in layer_outputs) for b in range(len(hidden)))
     out = FlowCutImageFeatures(
         last_hidden_state=last,
         pooler_output=list(projected),
-        hidden_states=tuple(states) if output_hidden_states else None,
-        keep_indices=torch.cat([run[1] for run in runs]),
-        tokens_per_layer=[run[2] for run in runs],
+        hidden_states=states,
+        keep_indices=keep_indices,
+        tokens_per_layer=tokens,
     )
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
@@ -257,7 +259,7 @@ def _check_llava(model: nn.Module, target_num: int, feature_layer, backend: str,
         )
     check_strategy(core.config.vision_feature_select_strategy, tower, "model.config.vision_feature_select_strategy")
     target_num = check_target(target_num, tower.num_patches)
-    ops.resolve_backend(backend, tower.device, tower.dtype)
+    ops.resolve_backend(backend, tower.device, tower.dtype, varlen=True)
     if processor is not None:
         check_processor(processor, model, core)
     return target_num, configured

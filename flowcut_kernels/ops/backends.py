@@ -29,6 +29,8 @@ class Backend:
     select_gather: Callable
     device_types: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
+    flow_scores_varlen: Callable | None = None  # packed batches (cu_seqlens); None: not provided
+    select_gather_varlen: Callable | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -59,7 +61,16 @@ def load_optional_backends() -> None:
             UNAVAILABLE[name] = f"{module} failed to load: {type(error).__name__}: {error}"
 
 
-register_backend(Backend("torch", torch.ops.flowcut.flow_scores, torch.ops.flowcut.select_gather, ("cpu", "cuda")))
+register_backend(
+    Backend(
+        "torch",
+        torch.ops.flowcut.flow_scores,
+        torch.ops.flowcut.select_gather,
+        ("cpu", "cuda"),
+        flow_scores_varlen=torch.ops.flowcut.flow_scores_varlen,
+        select_gather_varlen=torch.ops.flowcut.select_gather_varlen,
+    )
+)
 
 
 def known_backends() -> list[str]:
@@ -77,9 +88,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def available_backends(
-    device: torch.device | str, *, dtype: torch.dtype | None = None, reasons: bool = False
+    device: torch.device | str, *, dtype: torch.dtype | None = None, varlen: bool = False, reasons: bool = False
 ) -> list[str] | dict[str, str | None]:
-    """The backends that run on ``device`` (and take ``dtype`` inputs, if given), fastest first.
+    """The backends that run on ``device`` (and take ``dtype`` inputs, and packed batches, if asked), fastest first.
 
     "auto" takes the first. "torch" (the reference) runs everywhere. With ``reasons=True``, a dict of
     every known backend name to None (available) or the reason it is not available.
@@ -94,6 +105,8 @@ def available_backends(
             return f"runs on {'/'.join(backend.device_types)} tensors, not {device_type}"
         if dtype is not None and dtype not in backend.dtypes:
             return f"does not take {_dtype_name(dtype)} inputs (it takes {', '.join(map(_dtype_name, backend.dtypes))})"
+        if varlen and backend.flow_scores_varlen is None:
+            return "has no packed (varlen) ops"
         return None
 
     names = [n for n in _order(device_type) if n in BACKENDS] + sorted(UNAVAILABLE)
@@ -102,13 +115,16 @@ def available_backends(
     return [name for name in names if why_not(name) is None]
 
 
-def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
-    """The concrete backend for ``backend`` ("auto" or a name) on ``device`` for ``dtype`` inputs.
+def resolve_backend(
+    backend: str, device: torch.device | str, dtype: torch.dtype | None = None, varlen: bool = False
+) -> str:
+    """The concrete backend for ``backend`` ("auto" or a name) on ``device`` for ``dtype`` inputs (packed ones
+    with ``varlen``).
 
     An unknown name, or one that cannot run here, is a FlowCutInputError that says why and lists the choices.
     """
     require(isinstance(backend, str), f"backend must be a str, got {type(backend).__name__}")
-    usable = available_backends(device, dtype=dtype)
+    usable = available_backends(device, dtype=dtype, varlen=varlen)
     if backend == "auto":
         return usable[0]
     require(
@@ -116,7 +132,7 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
         f"backend={backend!r} is unknown; the known backends are {known_backends()} (or 'auto')",
     )
     if backend not in usable:
-        why = available_backends(device, dtype=dtype, reasons=True)[backend]
+        why = available_backends(device, dtype=dtype, varlen=varlen, reasons=True)[backend]
         require(False, f"backend={backend!r} is not available on {torch.device(device)} ({why}); choose 'auto' or one "
                        f"of {usable}")
     return backend

@@ -137,3 +137,90 @@ def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int
         return excess
     budget = excess / math.sqrt(steps_left) * (1.0 - entropy.double() ** 2)
     return max(round(budget.max().item()), 0)
+
+
+# --- Packed (varlen) batches: images of different lengths along one token axis --------------------------
+
+
+def _segments(cu_seqlens: Tensor) -> list[tuple[int, int]]:
+    """(start, length) of each image from cu_seqlens (B + 1,)."""
+    cu = cu_seqlens.tolist()
+    return [(cu[b], cu[b + 1] - cu[b]) for b in range(len(cu) - 1)]
+
+
+def candidate_offsets(cu_seqlens: Tensor, has_cls: bool) -> Tensor:
+    """cu_seqlens of the candidates: image b's candidates are rows cu[b] − b … (with a CLS row each)."""
+    return cu_seqlens - torch.arange(cu_seqlens.numel(), device=cu_seqlens.device, dtype=cu_seqlens.dtype) * int(
+        has_cls
+    )
+
+
+def flow_scores_varlen(
+    q_relay: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    prev: Tensor | None,
+    scale: float,
+    has_cls: bool = True,
+    semantic: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`flow_scores` of each image of a packed batch, on its own segment.
+
+    Args:
+        q_relay: (B, H, D) each image's relay query.
+        k, v: (T, H, D) the keys and values of all images, image b in rows cu_seqlens[b] … cu_seqlens[b+1].
+        cu_seqlens: (B + 1,) int32/int64 row offsets, increasing, from 0 to T.
+        prev: (T_c,) float32 packed cumulative scores of the candidates (T_c = T − B with CLS rows, else T),
+            or None.
+
+    Returns:
+        cum (T_c,) float32 packed like the candidates, entropy (B,) float32, attn (T_c,) float32.
+    """
+    cums, entropies, attns = [], [], []
+    cand = candidate_offsets(cu_seqlens, has_cls).tolist()
+    for b, (start, length) in enumerate(_segments(cu_seqlens)):
+        kb = k[start : start + length].transpose(0, 1).unsqueeze(0)  # (1, H, S_b, D)
+        vb = v[start : start + length].transpose(0, 1).unsqueeze(0)
+        pb = None if prev is None else prev[cand[b] : cand[b + 1]].unsqueeze(0)
+        cum, entropy, attn = flow_scores(q_relay[b : b + 1], kb, vb, pb, scale, has_cls, semantic)
+        cums.append(cum[0])
+        entropies.append(entropy)
+        attns.append(attn[0])
+    return torch.cat(cums), torch.cat(entropies), torch.cat(attns)
+
+
+def select_gather_varlen(
+    hidden: Tensor, cum: Tensor, index_map: Tensor, cu_seqlens: Tensor, keep: list[int], has_cls: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`select_gather` of each image of a packed batch, with its own keep count.
+
+    Args:
+        hidden: (T, C) rows of all images, packed by cu_seqlens (B + 1,).
+        cum, index_map: (T_c,) packed candidates' scores (float32) and original indices (int64).
+        keep: B rows to keep per image (the relay row included with CLS).
+
+    Returns:
+        hidden_out (Σ keep, C), cum_out and index_out (Σ K_b,) packed, and cu_seqlens_out (B + 1,) of
+        hidden_out, in cu_seqlens' dtype.
+    """
+    outs = ([], [], [])
+    cand = candidate_offsets(cu_seqlens, has_cls).tolist()
+    for b, (start, length) in enumerate(_segments(cu_seqlens)):
+        got = select_gather(
+            hidden[start : start + length].unsqueeze(0),
+            cum[cand[b] : cand[b + 1]].unsqueeze(0),
+            index_map[cand[b] : cand[b + 1]].unsqueeze(0),
+            keep[b],
+            has_cls,
+        )
+        for out, part in zip(outs, got):
+            out.append(part[0])
+    counts = torch.tensor([0, *keep], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    return torch.cat(outs[0]), torch.cat(outs[1]), torch.cat(outs[2]), counts.cumsum(0, dtype=cu_seqlens.dtype)
+
+
+def prune_counts(entropy: Tensor, n_candidates: list[int], target: int, steps_left: int) -> list[int]:
+    """:func:`prune_count` of each image alone (a per-image schedule): B ints, one host read of ``entropy``."""
+    values = entropy.double().cpu()
+    return [prune_count(values[b : b + 1], n, target, steps_left) for b, n in enumerate(n_candidates)]

@@ -68,6 +68,25 @@ def test_the_attention_seam_is_per_run_and_restored(tiny_clip, implementation, m
     assert model.config._attn_implementation == implementation
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_per_image_schedule_equals_separate_calls(tiny_clip, backend, vision):
+    """encode(schedule="per_image") on 4 images = 4 encode calls of one image (one pass, padded and masked)."""
+    if vision == "clip":
+        model = tiny_clip(seed=8)
+    else:
+        model = synthetic.random_siglip_vision("tiny", seed=8, sharpen=4.0)
+    pixels = synthetic.random_pixels(model, 4, seed=8)
+    got = encode(model, pixels, 8, feature_layer=-2, schedule="per_image", backend=backend)
+    alone = [encode(model, pixels[b : b + 1], 8, feature_layer=-2, backend=backend) for b in range(4)]
+    assert len({tuple(t) for t in got.tokens_per_layer}) > 1  # the schedules differ between images
+    for b, one in enumerate(alone):
+        assert torch.equal(got.keep_indices[b], one.keep_indices[0]) and got.tokens_per_layer[b] == one.tokens_per_layer
+        torch.testing.assert_close(got.features[b], one.features[0], rtol=1e-5, atol=1e-5)
+    batch = encode(model, pixels, 8, feature_layer=-2, backend=backend)
+    assert isinstance(batch.tokens_per_layer[0], int)  # the batch rule: one schedule
+
+
 def test_schedule_prunes_progressively(tiny_clip):
     """Sharpened attention makes the adaptive steps prune before the last one (the tests above bite)."""
     model = tiny_clip()
@@ -183,6 +202,8 @@ def test_encode_bad_input(tiny_clip):
             encode(model, pixels, 8, feature_layer=layer)
     with pytest.raises(FlowCutInputError, match="backend='nope'"):
         encode(model, pixels, 8, backend="nope")
+    with pytest.raises(FlowCutInputError, match="schedule='each' is not one of 'batch', 'per_image'"):
+        encode(model, pixels, 8, schedule="each")
     with pytest.raises(FlowCutInputError, match="pixel_values must have shape"):
         encode(model, pixels[0], 8)
     for dtype in (torch.uint8, torch.int64):
