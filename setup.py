@@ -111,7 +111,7 @@ setup(
     packages=find_packages(include=["flowcut_kernels", "flowcut_kernels.*"]),
     install_requires=["torch>=2.4", "transformers>=5.0,<6"],
     extras_require={
-        "test": ["pytest>=7", "triton>=3.2", "pillow", "matplotlib"],
+        "test": ["pytest>=7", "hypothesis>=6", "triton>=3.2", "pillow", "matplotlib"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["flowcut-bench=flowcut_kernels.bench.cli:main"]},
