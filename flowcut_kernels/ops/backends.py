@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..checks import require
-from . import library  # noqa: F401 - defines the reference ops registered below
+from . import autograd, library  # noqa: F401 - library defines the reference ops registered below
 
 
 
@@ -41,7 +41,9 @@ _OPTIONAL = {"triton": "flowcut_kernels.ops.triton", "native": "flowcut_kernels.
 
 
 def register_backend(backend: Backend) -> None:
-    """Make ``backend`` selectable by name (backend modules call this when they load)."""
+    """Make ``backend`` selectable by name (backend modules call this when they load); its ops get the
+    gradients of :mod:`.autograd`."""
+    autograd.attach(backend)
     BACKENDS[backend.name] = backend
     UNAVAILABLE.pop(backend.name, None)
 

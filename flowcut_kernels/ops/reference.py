@@ -105,17 +105,21 @@ def select_gather(
         K = keep − 1 (CLS variant) or keep; kept candidates in ascending original order.
         Equal scores keep the lower index first.
     """
+    kept, rows = kept_rows(cum, keep, has_cls)
+    hidden_out = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return hidden_out, cum.gather(1, kept), index_map.gather(1, kept)
+
+
+def kept_rows(cum: Tensor, keep: int, has_cls: bool = True) -> tuple[Tensor, Tensor]:
+    """Which candidates and rows :func:`select_gather` keeps: kept (B, K) candidate indices and rows (B, keep)
+    hidden rows (the relay row 0 first with CLS), ascending. Ties keep the lower index; NaN ranks first."""
     n_keep = keep - 1 if has_cls else keep
     # A stable descending sort breaks ties by lower index; then restore the original order.
     ranked = torch.sort(cum, dim=-1, descending=True, stable=True).indices
     kept = ranked[:, :n_keep].sort(dim=-1).values
-
-    if has_cls:  # the relay row first, then candidate j as row j + 1
-        rows = torch.cat([kept.new_zeros(kept.shape[0], 1), kept + 1], dim=1)
-    else:
-        rows = kept
-    hidden_out = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return hidden_out, cum.gather(1, kept), index_map.gather(1, kept)
+    if not has_cls:
+        return kept, kept
+    return kept, torch.cat([kept.new_zeros(kept.shape[0], 1), kept + 1], dim=1)  # candidate j is row j + 1
 
 
 def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int) -> int:
@@ -218,6 +222,16 @@ def select_gather_varlen(
             out.append(part[0])
     counts = torch.tensor([0, *keep], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
     return torch.cat(outs[0]), torch.cat(outs[1]), torch.cat(outs[2]), counts.cumsum(0, dtype=cu_seqlens.dtype)
+
+
+def kept_rows_varlen(cum: Tensor, cu_seqlens: Tensor, keep: list[int], has_cls: bool = True) -> Tensor:
+    """The rows of a packed hidden (T, C) that :func:`select_gather_varlen` keeps: (Σ keep,) int64, in output order."""
+    cand = candidate_offsets(cu_seqlens, has_cls).tolist()
+    rows = [
+        start + kept_rows(cum[cand[b] : cand[b + 1]].unsqueeze(0), keep[b], has_cls)[1][0]
+        for b, (start, _) in enumerate(_segments(cu_seqlens))
+    ]
+    return torch.cat(rows)
 
 
 def prune_counts(entropy: Tensor, n_candidates: list[int], target: int, steps_left: int) -> list[int]:

@@ -181,33 +181,44 @@ def naive_encode(vision_model, pixel_values, target_num, feature_layer=-1, compu
     pixel_values (B,3,H,W). Returns features (B,target_num,C) in compute_dtype,
     keep_indices (B,target_num) int64 ascending in 0..N0-1, tokens_per_layer (list, len F+1).
     """
+    cast = lambda module: copy.deepcopy(module).to(compute_dtype)  # noqa: E731
+    return _clip_flowcut(vision_model, pixel_values.to(compute_dtype), target_num, feature_layer, cast)
+
+
+def naive_encode_with_grad(vision_model, pixel_values, target_num, feature_layer=-1):
+    """The same pruned forward on the model's own modules (no copies), differentiable in its weights.
+
+    The scores are computed without gradient (they only choose the tokens); the kept rows carry it.
+    """
+    return _clip_flowcut(vision_model, pixel_values, target_num, feature_layer, lambda module: module)
+
+
+def _clip_flowcut(vision_model, pixel_values, target_num, feature_layer, module_of):
     tower = find_vision_tower(vision_model)
     layers = tower.encoder.layers
     L = len(layers)
     Fl = L + feature_layer
     T = target_num + 1
-    embeddings = copy.deepcopy(tower.embeddings).to(compute_dtype)
-    pre = copy.deepcopy(tower.pre_layrnorm).to(compute_dtype)
-    x = pre(embeddings(pixel_values.to(compute_dtype)))
+    x = module_of(tower.pre_layrnorm)(module_of(tower.embeddings)(pixel_values))
     B, S, C = x.shape
     index_map = torch.arange(S - 1, dtype=torch.int64).repeat(B, 1)
     cum = None
     tokens_per_layer = []
     for l in range(Fl):
-        layer = copy.deepcopy(layers[l]).to(compute_dtype)
+        layer = module_of(layers[l])
         S = x.shape[1]
         tokens_per_layer.append(S)
         x, _, _, v, probs, _ = eager_clip_layer(layer, x)
         rpl = Fl - l - 1
         if S > T:
-            cum, hn, _ = scores_from_attention(probs, v, cum)
+            cum, hn, _ = scores_from_attention(probs.detach(), v.detach(), cum)
             if rpl % 2 == 0:
                 if rpl == 0:
                     keep = T
                 else:
                     keep = max(S - naive_prune_count(hn, S - 1, T, rpl), T)
                 x, cum, index_map = naive_select_gather(x, cum, index_map, keep, has_cls=True)
-    layer = copy.deepcopy(layers[Fl]).to(compute_dtype)
+    layer = module_of(layers[Fl])
     tokens_per_layer.append(x.shape[1])
     x = eager_clip_layer(layer, x)[0]
     return x[:, 1:], index_map, tokens_per_layer
