@@ -1,4 +1,5 @@
-"""The "triton" backend: both kernels against the reference and the SPEC oracle.
+"""The "triton" backend: both kernels, on dense and packed (varlen) batches, against the reference and the
+float64 oracle (docs/semantics.md).
 
 On CPU they run under TRITON_INTERPRET=1 (conftest.py) at small shapes; the full-shape and
 torch.compile tests need CUDA and are skipped without it.
@@ -36,8 +37,8 @@ def qkv(b, h, s, d, dtype, seed, device=DEVICE, q_dtype=None):
     return q[:, 0].to(device), k.to(device), v.to(device)
 
 
-def poisoned_scores(k, has_cls):
-    return tuple(t.fill_(float("nan")) for t in tfs.flow_scores_outputs(k, has_cls))
+def poisoned_scores(k, has_cls, cu_seqlens=None):
+    return tuple(t.fill_(float("nan")) for t in tfs.flow_scores_outputs(k, has_cls, cu_seqlens))
 
 
 def assert_scores_close(got, want, dtype):
@@ -217,10 +218,12 @@ def test_flow_scores_merge_rescales_running_sums(split):
 # select_gather
 
 
-def poisoned_gather(hidden, cum, keep, has_cls):
-    out = tsg.select_gather_outputs(hidden, cum, keep, has_cls)
-    poison = float("nan") if hidden.dtype.is_floating_point else -7
-    return out[0].fill_(poison), out[1].fill_(float("nan")), out[2].fill_(-1)
+def poisoned_gather(hidden, cum, keep, has_cls, cu_seqlens=None):
+    """select_gather_outputs, hidden_out, cum_out and index_out poisoned (cu_seqlens_out as given, packed)."""
+    out = tsg.select_gather_outputs(hidden, cum, keep, has_cls, cu_seqlens)
+    for t, poison in zip(out, (float("nan"), float("nan"), -1)):
+        t.fill_(poison)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -243,7 +246,7 @@ def test_select_gather_matches_reference(dtype, shape, has_cls):
     index_map = torch.randperm(10 * b * n, generator=g)[: b * n].reshape(b, n).to(DEVICE)
     for keep in sorted({1, s // 3 + 1, s}):
         out = poisoned_gather(hidden, cum, keep, has_cls)
-        tsg.select_gather_into(hidden, cum, index_map, keep, has_cls, *out)
+        tsg.select_gather_into(hidden, cum, index_map, has_cls, *out)
         for x, y in zip(out, reference.select_gather(hidden, cum, index_map, keep, has_cls)):
             assert torch.equal(x, y), (keep, x, y)
 
@@ -296,18 +299,175 @@ def test_select_gather_nan_ranks_first(has_cls):
     index_map = torch.arange(n, device=DEVICE).repeat(b, 1)
     for keep in (*range(1, s, 3), s):
         out = poisoned_gather(hidden, cum, keep, has_cls)
-        tsg.select_gather_into(hidden, cum, index_map, keep, has_cls, *out)
+        tsg.select_gather_into(hidden, cum, index_map, has_cls, *out)
         want = reference.select_gather(hidden, cum, index_map, keep, has_cls)
         assert torch.equal(out[0], want[0]) and torch.equal(out[2], want[2]), keep
         assert torch.equal(out[1].view(torch.int32), want[1].view(torch.int32)), keep
 
 
+# --------------------------------------------------------------------------------------------
+# packed (varlen) batches: the same kernels, images of different lengths along one token axis
+
+
+def cu_seqlens(lens, dtype=torch.int32):
+    return torch.tensor([0, *lens]).cumsum(0).to(dtype).to(DEVICE)
+
+
+def segments(lens, has_cls):
+    """(rows, candidates) slices of each image of a packed batch."""
+    row = cand = 0
+    for s in lens:
+        yield slice(row, row + s), slice(cand, cand + s - has_cls)
+        row, cand = row + s, cand + s - has_cls
+
+
+def packed_qkv(lens, h, d, dtype, seed):
+    """q_relay (B, H, D) and k, v (T, H, D) strided views: k of an (H, T, D) tensor, v every other head of a
+    (T, 2H, D) one."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    q = (2 * torch.randn(len(lens), h, d, generator=g)).to(dtype).to(DEVICE)
+    k = (2 * torch.randn(h, t, d, generator=g)).to(dtype).to(DEVICE).transpose(0, 1)
+    v = torch.randn(t, 2 * h, d, generator=g).to(dtype).to(DEVICE)[:, ::2]
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cands,h,d", [((1,), 1, 4), ((16, 1, 69), 3, 8), ((3, 130, 1, 40), 4, 24)])
+def test_flow_scores_varlen_matches_reference(dtype, cands, h, d):
+    """Ragged batches of these candidate counts (one candidate: S = 2 with CLS, S = 1 mean), strided k/v views,
+    int32/int64 offsets, every variant, prev None / strided, both launch paths, poisoned outputs."""
+    for i, (has_cls, semantic) in enumerate(VARIANTS):
+        lens = [n + has_cls for n in cands]
+        q, k, v = packed_qkv(lens, h, d, dtype, seed=sum(lens) + h)
+        cu = cu_seqlens(lens, (torch.int32, torch.int64)[i % 2])
+        prev = torch.rand(2 * sum(cands), device=DEVICE)[::2]
+        for j, p in enumerate((None, prev)):
+            out = poisoned_scores(k, has_cls, cu)
+            tfs.flow_scores_into(q, k, v, p, d**-0.5, has_cls, semantic, *out, cu_seqlens=cu, split=(i + j) % 2 == 1)
+            assert_scores_close(out, reference.flow_scores_varlen(q, k, v, cu, p, d**-0.5, has_cls, semantic), dtype)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("has_cls,semantic", VARIANTS)
+def test_flow_scores_varlen_is_dense_per_image(has_cls, semantic, split):
+    """Each image of a packed batch gets bit for bit the dense op's scores on its segment alone, and those match
+    the float64 oracle."""
+    cands = (5, 1, 90, 33)
+    lens = [n + has_cls for n in cands]
+    q, k, v = packed_qkv(lens, 3, 16, torch.float32, seed=13)
+    cu = cu_seqlens(lens)
+    prev = torch.rand(sum(cands), device=DEVICE)
+    out = poisoned_scores(k, has_cls, cu)
+    tfs.flow_scores_into(q, k, v, prev, 0.25, has_cls, semantic, *out, cu_seqlens=cu, split=split)
+    for b, (rows, cand) in enumerate(segments(lens, has_cls)):
+        qb, pb = q[b : b + 1], prev[cand][None]
+        kb, vb = (x[rows].transpose(0, 1)[None] for x in (k, v))  # (1, H, S_b, D)
+        dense = poisoned_scores(kb, has_cls)
+        tfs.flow_scores_into(qb, kb, vb, pb, 0.25, has_cls, semantic, *dense, split=split)
+        for x, y in zip((out[0][cand], out[1][b : b + 1], out[2][cand]), (dense[0][0], dense[1], dense[2][0])):
+            assert torch.equal(x, y), b
+        want = naive_flow_scores(qb.cpu(), kb.cpu(), vb.cpu(), pb.cpu(), 0.25, has_cls, semantic)
+        assert_matches_oracle(dense, want, 1e-5)
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_flow_scores_varlen_long_image(has_cls):
+    """A long image (> BLOCK_C chunks, its largest logits in the last chunk) between short ones: the size rule
+    takes the split path (a grid of chunk slots), bit for bit the fused path's scores, and the reference's."""
+    cands = (6, tfs.BLOCK_S * (tfs.BLOCK_C + 2) + 5, 1, 64)
+    lens = [n + has_cls for n in cands]
+    assert sum(lens) - (len(lens) - 1) * (1 + has_cls) >= tfs.SPLIT_MIN_TOKENS  # the bound the rule uses
+    q, k, v = packed_qkv(lens, 2, 8, torch.float16, seed=4)
+    end = sum(lens[:2]) - 1  # the long image's last token
+    k[end] = (q[1] * (30 / (0.35 * q[1].float().square().sum(-1, keepdim=True)))).half()  # its logit 30
+    v[end] = 3 * v[lens[0]]
+    cu = cu_seqlens(lens)
+    outs = [poisoned_scores(k, has_cls, cu) for _ in range(2)]
+    for out, split in zip(outs, (None, False)):
+        tfs.flow_scores_into(q, k, v, None, 0.35, has_cls, True, *out, cu_seqlens=cu, split=split)
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
+    assert_scores_close(outs[0], reference.flow_scores_varlen(q, k, v, cu, None, 0.35, has_cls, True), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_select_gather_varlen_matches_reference(dtype, has_cls):
+    """Ragged images (one with a single candidate), strided hidden rows (two column blocks) and scores, heavy
+    ties, keep counts from 1 to all per image, int32/int64 offsets, poisoned outputs: exact agreement."""
+    cands = (1, 40, 7, 150)
+    lens = [n + has_cls for n in cands]
+    n = sum(cands)
+    g = torch.Generator().manual_seed(n + has_cls)
+    hidden = torch.randn(130, sum(lens), generator=g).to(dtype).to(DEVICE).T  # (T, C) with strided rows
+    cum = (4 * torch.rand(2 * n, generator=g)).floor().to(DEVICE)[::2]
+    index_map = torch.randperm(10 * n, generator=g)[:n].to(DEVICE)
+    keeps = ([1] * 4, [s // 3 + 1 for s in lens], lens, [1, 2, lens[2], 100])
+    for i, keep in enumerate(keeps):
+        cu = cu_seqlens(lens, (torch.int32, torch.int64)[i % 2])
+        out = poisoned_gather(hidden, cum, keep, has_cls, cu)
+        tsg.select_gather_into(hidden, cum, index_map, has_cls, *out, cu_seqlens=cu)
+        for x, y in zip(out, reference.select_gather_varlen(hidden, cum, index_map, cu, keep, has_cls)):
+            assert x.dtype == y.dtype and torch.equal(x, y), (keep, x, y)
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_select_gather_varlen_oracle_and_nan(has_cls):
+    """One image past a search block (the multi-block threshold search) next to small ones; ties, ±0.0, ±inf and
+    negatives against the oracle per image; then NaNs of either sign ranked first, as the reference does."""
+    cands = (3, tsg.MAX_BLOCK_SEARCH + 77, 30)
+    lens = [n + has_cls for n in cands]
+    n = sum(cands)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(sum(lens), 8, generator=g).to(DEVICE)
+    cum = torch.randint(-3, 4, (n,), generator=g).float()
+    cum[::7], cum[1::11], cum[2::13], cum[3::17] = -0.0, float("inf"), float("-inf"), 0.0
+    index_map = torch.arange(n, device=DEVICE) + 1000
+    cu = cu_seqlens(lens)
+    for keep in ([1, 1, 1], [2, 300, 9], lens):
+        got = ops.select_gather_varlen(hidden, cum.to(DEVICE), index_map, cu, keep, has_cls=has_cls, backend="triton")
+        offsets = got[3].tolist()
+        assert torch.equal(got[3], cu_seqlens(keep))
+        for b, (rows, cand) in enumerate(segments(lens, has_cls)):
+            want = naive_select_gather(hidden[rows][None].cpu(), cum[cand][None], index_map[cand][None].cpu(),
+                                       keep[b], has_cls)
+            kept = slice(offsets[b] - b * has_cls, offsets[b + 1] - (b + 1) * has_cls)
+            for x, y in zip((got[0][offsets[b] : offsets[b + 1]], got[1][kept], got[2][kept]), want):
+                assert torch.equal(x.cpu(), y[0]), (keep, b)
+    cum[n // 3 :: 5] = float("nan")
+    cum[n // 2 :: 9] = -float("nan")
+    cum = cum.to(DEVICE)
+    for keep in ([1, 1, 1], [2, 300, 9], [3, 700, 30]):
+        got = ops.select_gather_varlen(hidden, cum, index_map, cu, keep, has_cls=has_cls, backend="triton")
+        want = reference.select_gather_varlen(hidden, cum, index_map, cu, keep, has_cls)
+        assert torch.equal(got[1].view(torch.int32), want[1].view(torch.int32)), keep
+        assert all(torch.equal(got[i], want[i]) for i in (0, 2, 3)), keep
+
+
+def test_varlen_public_ops():
+    """The public packed ops choose and run the triton backend: index_map None (each image's 0 … N_b − 1) and
+    keep as a tensor, as the reference backend."""
+    assert "triton" in available_backends(DEVICE, varlen=True)
+    lens = [3, 9, 2]
+    q, k, v = packed_qkv(lens, 2, 8, torch.float32, seed=6)
+    cu = cu_seqlens(lens)
+    scores = {name: ops.flow_scores_varlen(q, k, v, cu, scale=0.3, backend=name) for name in ("triton", "torch")}
+    assert_scores_close(scores["triton"], scores["torch"], torch.float32)
+    hidden = torch.randn(sum(lens), 5, device=DEVICE)
+    keep = torch.tensor([2, 5, 1])
+    got, want = (ops.select_gather_varlen(hidden, scores["torch"][0], None, cu, keep, backend=name)
+                 for name in ("triton", "torch"))
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
 def check_big_offsets():
     """flow_scores (both paths, every variant) and select_gather on views whose image 2 lies past element 2^31
-    of one float16 buffer, against the reference on the same views (run in a subprocess by the test below).
+    of one float16 buffer, dense and packed, against the reference on the same views (run in a subprocess by
+    the test below).
 
-    The batch stride, 2^30 + 2^12, fits int32, so only 64-bit arithmetic gets image·stride right (a stride
-    ≥ 2^31 would reach the kernels as a 64-bit integer and widen the product by itself)."""
+    The strides (dense: the batch stride 2^30 + 2^12; packed: the row stride) fit int32, so only 64-bit
+    arithmetic gets image·stride right (a stride ≥ 2^31 would reach the kernels as a 64-bit integer and widen
+    the product by itself)."""
     big = torch.empty(2**31 + 2**20, dtype=torch.float16, device=DEVICE)  # virtual: only touched pages count
     g = torch.Generator().manual_seed(0)
     b, h, s, d = 3, 2, 70, 8
@@ -333,8 +493,30 @@ def check_big_offsets():
     index_map = torch.arange(s - 1, device=DEVICE).repeat(b, 1)
     for keep in (1, 30, s):
         out = poisoned_gather(hidden, cum, keep, True)
-        tsg.select_gather_into(hidden, cum, index_map, keep, True, *out)
+        tsg.select_gather_into(hidden, cum, index_map, True, *out)
         for x, y in zip(out, reference.select_gather(hidden, cum, index_map, keep, True)):
+            assert torch.equal(x, y), keep
+    # A packed batch: rows 2^31 / (T − 1) elements apart (an int32 stride), the last ones past element 2^31.
+    lens = [s, s - 1, s + 1]
+    rows = sum(lens)
+    row = 2**31 // (rows - 1) + 1
+    k, v, hidden = (torch.as_strided(big, (rows, h * d), (row, 1), offset + i * h * d) for i in range(3))
+    for t in (k, v, hidden):
+        t.copy_(torch.randn(t.shape, generator=g))
+    k, v = k.unflatten(1, (h, d)), v.unflatten(1, (h, d))
+    cu = cu_seqlens(lens, torch.int64)
+    for has_cls, semantic in VARIANTS:
+        want = reference.flow_scores_varlen(q, k, v, cu, None, 0.3, has_cls, semantic)
+        for split in (False, True):
+            out = poisoned_scores(k, has_cls, cu)
+            tfs.flow_scores_into(q, k, v, None, 0.3, has_cls, semantic, *out, cu_seqlens=cu, split=split)
+            assert_scores_close(out, want, torch.float16)
+    cum = torch.rand(rows - b, generator=g).to(DEVICE)
+    index_map = torch.arange(rows - b, device=DEVICE)
+    for keep in ([1, 1, 1], [30, 2, 50], lens):
+        out = poisoned_gather(hidden, cum, keep, True, cu)
+        tsg.select_gather_into(hidden, cum, index_map, True, *out, cu_seqlens=cu)
+        for x, y in zip(out, reference.select_gather_varlen(hidden, cum, index_map, cu, keep, True)):
             assert torch.equal(x, y), keep
 
 
@@ -385,6 +567,20 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.flowcut.triton_select_gather.default, (hidden, cum, index_map, keep, True))
 
 
+def test_opcheck_varlen():
+    lens = [5, 2, 17]
+    q, k, v = packed_qkv(lens, 2, 8, torch.float32, seed=0)
+    cu = cu_seqlens(lens)
+    prev = torch.rand(24, device=DEVICE)
+    for args in ((q, k, v, cu, None, 0.35, True, True), (q, k, v, cu.long(), prev, 0.35, False, True)):
+        torch.library.opcheck(torch.ops.flowcut.triton_flow_scores_varlen.default, args)
+    hidden, cum = torch.randn(24, 8, device=DEVICE), torch.rand(21, device=DEVICE)
+    index_map = torch.arange(21, device=DEVICE)
+    for keep in ([1, 1, 1], [3, 2, 9], lens):
+        args = (hidden, cum, index_map, cu, keep, True)
+        torch.library.opcheck(torch.ops.flowcut.triton_select_gather_varlen.default, args)
+
+
 # --------------------------------------------------------------------------------------------
 # GPU only: full shapes, torch.compile
 
@@ -409,6 +605,28 @@ def test_full_shapes_cuda(b, h, s, d, dtype):
 
 
 @cuda_only
+@pytest.mark.parametrize("lens", [[577] * 16, [577, 16384, 1025, 2]])
+def test_varlen_full_shapes_cuda(lens):
+    """Packed batches at model shapes (CLIP-L images; a long Qwen2-VL-like image among others), both launch
+    paths (the size rule's, split here, and the fused one)."""
+    h, d = 16, 80
+    q, k, v = packed_qkv(lens, h, d, torch.bfloat16, seed=0)
+    cu = cu_seqlens(lens)
+    prev = torch.rand(sum(lens) - len(lens), device="cuda")
+    want = reference.flow_scores_varlen(q, k, v, cu, prev, d**-0.5, True, True)
+    hidden = torch.randn(sum(lens), h * d, device="cuda", dtype=torch.bfloat16)
+    index_map = torch.arange(sum(lens) - len(lens), device="cuda")
+    keep = [min(s, 65) for s in lens]
+    for split in (None, False):
+        scores = poisoned_scores(k, True, cu)
+        tfs.flow_scores_into(q, k, v, prev, d**-0.5, True, True, *scores, cu_seqlens=cu, split=split)
+        assert_scores_close(scores, want, torch.bfloat16)
+        got = ops.select_gather_varlen(hidden, scores[0], index_map, cu, keep, backend="triton")
+        for x, y in zip(got, reference.select_gather_varlen(hidden, scores[0], index_map, cu, keep, True)):
+            assert torch.equal(x, y)
+
+
+@cuda_only
 def test_torch_compile_fullgraph_cuda():
     q, k, v = qkv(2, 4, 65, 32, torch.float16, seed=0, device="cuda")
     hidden = torch.randn(2, 65, 128, device="cuda", dtype=torch.float16)
@@ -420,4 +638,22 @@ def test_torch_compile_fullgraph_cuda():
 
     compiled = torch.compile(step, fullgraph=True)
     for x, y in zip(compiled(q, k, v, hidden, index_map), step(q, k, v, hidden, index_map)):
+        assert torch.equal(x, y)
+
+
+@cuda_only
+def test_torch_compile_fullgraph_varlen_cuda():
+    """The packed ops (called as torch ops: the public wrappers read cu_seqlens on the host) in one graph."""
+    lens = [65, 2, 40]
+    q, k, v = packed_qkv(lens, 4, 32, torch.float16, seed=0)
+    cu = cu_seqlens(lens)
+    hidden = torch.randn(sum(lens), 128, device="cuda", dtype=torch.float16)
+    index_map = torch.arange(sum(lens) - len(lens), device="cuda")
+
+    def step(q, k, v, cu, hidden, index_map):
+        cum, _, _ = torch.ops.flowcut.triton_flow_scores_varlen(q, k, v, cu, None, 0.2, True, True)
+        return torch.ops.flowcut.triton_select_gather_varlen(hidden, cum, index_map, cu, [17, 2, 9], True)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for x, y in zip(compiled(q, k, v, cu, hidden, index_map), step(q, k, v, cu, hidden, index_map)):
         assert torch.equal(x, y)

@@ -23,26 +23,34 @@ SCRIPT = textwrap.dedent(
     from flowcut_kernels.ops.triton import flow_scores as f, select_gather as g
 
     DATA = {"q_ptr", "k_ptr", "v_ptr", "hidden_ptr", "out_ptr"}  # pointers of the input dtype
-    INDEX = {"idx_ptr", "idx_out_ptr"}                            # int64 pointers; other pointers fp32
+    INDEX = {"idx_ptr", "idx_out_ptr"}                            # int64 pointers
+    OFFSETS = {"cu_ptr", "cu_out_ptr"}                            # cu_seqlens' dtype; other pointers fp32
 
-    def build(kernel, dtype, **constexprs):
+    def build(kernel, dtype, cu, **constexprs):
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
-                signature[name] = "*" + (dtype if name in DATA else "i64" if name in INDEX else "fp32")
+                types = {**dict.fromkeys(DATA, dtype), **dict.fromkeys(INDEX, "i64"), **dict.fromkeys(OFFSETS, cu)}
+                signature[name] = "*" + types.get(name, "fp32")
             else:
                 signature[name] = "fp32" if name == "scale" else "i32"
         triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
     blocks = dict(BLOCK_S=64, BLOCK_H=16, BLOCK_C=64)
-    for dtype, has_cls, semantic, prev in (("fp16", True, True, True), ("bf16", False, False, False)):
-        flags = dict(HAS_CLS=has_cls, SEMANTIC=semantic)
-        build(f._flow_scores_fused, dtype, **flags, HAS_PREV=prev, BLOCK_D=64, **blocks)
-        build(f._flow_scores_split, dtype, **flags, BLOCK_S=64, BLOCK_D=64)
-        build(f._flow_scores_finish, dtype, **flags, HAS_PREV=prev, **blocks)
-        build(g._select_gather_kernel, dtype, HAS_CLS=has_cls, BLOCK_SEARCH=1024, BLOCK_N=64, BLOCK_C=128)
+    for dtype, has_cls, semantic, prev, varlen, cu in (
+        ("fp16", True, True, True, False, "i32"),   # dense batches
+        ("bf16", False, False, False, False, "i32"),
+        ("bf16", True, True, False, True, "i32"),   # packed batches, int32 and int64 cu_seqlens
+        ("fp32", False, False, True, True, "i64"),
+    ):
+        flags = dict(HAS_CLS=has_cls, SEMANTIC=semantic, VARLEN=varlen)
+        build(f._flow_scores_fused, dtype, cu, **flags, HAS_PREV=prev, BLOCK_D=64, **blocks)
+        build(f._flow_scores_split, dtype, cu, **flags, BLOCK_S=64, BLOCK_D=64, BLOCK_B=4)
+        build(f._flow_scores_finish, dtype, cu, **flags, HAS_PREV=prev, **blocks)
+        build(g._select_gather_kernel, dtype, cu, HAS_CLS=has_cls, VARLEN=varlen, BLOCK_SEARCH=1024, BLOCK_N=64,
+              BLOCK_C=128)
     print("compiled")
     """
 )

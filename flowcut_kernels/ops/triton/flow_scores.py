@@ -1,10 +1,16 @@
-"""Triton flow_scores: one layer's FlowCut scores (SPEC.md signals 1–7) in one kernel launch.
+"""Triton flow_scores: one layer's FlowCut scores (docs/semantics.md, signals 1–7), dense or packed batches.
 
-Per image the kernel reads q_relay, k and v once, chunk by chunk of ``BLOCK_S`` tokens:
+The same kernels serve both layouts. A dense batch has k, v (B, H, S, D); a packed (varlen) batch has
+k, v (T, H, D) with image b on rows cu_seqlens[b] … cu_seqlens[b+1], read as a batch whose images share
+one (H, T, D) slab (batch stride 0), each from its own first row and with its own length (:func:`segment`).
+Scratch and outputs lie on the packed token axis in both cases: a dense image b starts at row b·S and at
+candidate b·N.
+
+Per image the kernels read q_relay, k and v once, chunk by chunk of ``BLOCK_S`` tokens:
   phase 1 (per chunk, every head): relay logits l_h[j] = scale·r_h·k_h[j], semantic logits
           v_h[0]·v_h[j] (CLS variant), ρ[j] = Σ_d |mean_h v_h[j, d]|, written to float32 scratch rows
-          (B, H, S) and (B, S), and each head's max and Σexp over the chunk's *candidates* (the relay
-          logit l_h[0] is not in them; it stays in the scratch row);
+          (H, T) and (T,), and each head's max and Σexp over the chunk's *candidates* (the relay logit
+          l_h[0] is not in them; it stays in the scratch row);
   phase 2 (per image): per head, the chunk statistics merged (online softmax) into lse_cand_h, the
           log-sum-exp over the candidates, and lse_all_h = logaddexp(lse_cand_h, l_h[0]) in the CLS
           variant (= lse_cand_h in the mean variant); with d_h = lse_cand_h − lse_all_h and
@@ -14,16 +20,32 @@ Per image the kernel reads q_relay, k and v once, chunk by chunk of ``BLOCK_S`` 
           almost all the mass: its true float32 value); the semantic term p_sem likewise. Then the
           layer score ((p + p_sem)·ρ in the CLS variant, A·ρ in the mean variant), the cumulative
           update with ``prev`` and the normalised entropy Hn of p.
-For short sequences (CLIP's 577 tokens) one program per image runs both phases: one launch.
-For long sequences (≥ 2048 tokens) at small batch, phase 1 is split over (image, chunk) programs
-and phase 2 is one small second launch that reads only the scratch (2·H + 1 floats per token).
-Everything accumulates in float32; every address is computed in int64 (inputs may span > 2^31 elements).
+For short images (CLIP's 577 tokens) one program per image runs both phases: one launch. When the
+longest image has 2048 tokens or more and the batch at most 64 images, phase 1 is split over
+(image, chunk) programs and phase 2 is one small second launch that reads only the scratch (2·H + 1
+floats per token). A packed batch is never read on the host: its longest image is taken as
+T − (B − 1)·(1 + has_cls), the most rows one image can have, and its split grid has one program per
+chunk slot of the packed axis (:func:`_slot_owner`). Everything accumulates in float32; every address
+is computed in int64 (inputs may span > 2^31 elements).
 """
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+
+@triton.jit
+def segment(cu_ptr, b, size, VARLEN: tl.constexpr):
+    """Image b's first row on the packed axis and its row count (int64): cu[b] and cu[b+1] − cu[b] of a
+    packed batch (VARLEN), else b·size and size (a dense batch of equal images laid end to end)."""
+    if VARLEN:
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        count = tl.load(cu_ptr + b + 1).to(tl.int64) - start
+    else:
+        start = b * size
+        count = tl.cast(size, tl.int64)
+    return start, count
 
 
 @triton.jit
@@ -37,52 +59,51 @@ def _candidate_stats(ptr, x):
 @triton.jit
 def _chunk_phase(
     q_ptr, k_ptr, v_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr,
-    b, c, S, H, D, scale,
+    b, c, start, S, T, H, D, scale,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d,
-    n_chunks,
-    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """Phase 1 for tokens [c·BLOCK_S, (c+1)·BLOCK_S) of image b (an int64 id): logits, ρ and candidate stats.
+    """Phase 1 for tokens [c·BLOCK_S, (c+1)·BLOCK_S) of image b (int64 ids; S tokens from packed row start):
+    logits, ρ and candidate stats.
 
-    Stats (B, n_chunks, H, 4): per head, the chunk candidates' max and Σexp(l − max) of the relay logits,
-    then of the semantic logits.
+    Stats (chunk slots, H, 4), image b's chunks from slot start // BLOCK_S + b: per head, the chunk
+    candidates' max and Σexp(l − max) of the relay logits, then of the semantic logits.
     """
     FIRST: tl.constexpr = 1 if HAS_CLS else 0
-    chunk = tl.cast(c, tl.int64)
-    offs_s = chunk * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+    row0 = start if VARLEN else 0  # token 0's row in the image's k/v slab
+    offs_s = tl.cast(c, tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_s = offs_s < S
     cand = mask_s & (offs_s >= FIRST)
     mask_sd = mask_s[:, None] & (offs_d[None, :] < D)
+    k_img = k_ptr + b * sk_b + (row0 + offs_s[:, None]) * sk_s + offs_d[None, :] * sk_d
+    v_img = v_ptr + b * sv_b + (row0 + offs_s[:, None]) * sv_s + offs_d[None, :] * sv_d
+    stats = stat_ptr + ((start // BLOCK_S + b + c) * H) * 4
     v_sum = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     for head in range(H):
         h = tl.cast(head, tl.int64)
         q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_d * sq_d, mask=offs_d < D, other=0.0).to(tl.float32)
-        k = tl.load(
-            k_ptr + b * sk_b + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :] * sk_d, mask=mask_sd, other=0.0
-        ).to(tl.float32)
-        v = tl.load(
-            v_ptr + b * sv_b + h * sv_h + offs_s[:, None] * sv_s + offs_d[None, :] * sv_d, mask=mask_sd, other=0.0
-        ).to(tl.float32)
+        k = tl.load(k_img + h * sk_h, mask=mask_sd, other=0.0).to(tl.float32)
+        v = tl.load(v_img + h * sv_h, mask=mask_sd, other=0.0).to(tl.float32)
         v_sum += v
-        row = (b * H + h) * S + offs_s
-        stat = ((b * n_chunks + chunk) * H + h) * 4
+        row = h * T + start + offs_s
         logit = tl.sum(k * q[None, :], axis=1) * scale
         tl.store(logit_ptr + row, logit, mask=mask_s)
-        _candidate_stats(stat_ptr + stat, tl.where(cand, logit, float("-inf")))
+        _candidate_stats(stats + h * 4, tl.where(cand, logit, float("-inf")))
         if SEMANTIC:
-            v0 = tl.load(v_ptr + b * sv_b + h * sv_h + offs_d * sv_d, mask=offs_d < D, other=0.0).to(tl.float32)
-            sem = tl.sum(v * v0[None, :], axis=1)
+            v0 = tl.load(v_ptr + b * sv_b + row0 * sv_s + h * sv_h + offs_d * sv_d, mask=offs_d < D, other=0.0)
+            sem = tl.sum(v * v0.to(tl.float32)[None, :], axis=1)
             tl.store(sem_ptr + row, sem, mask=mask_s)
-            _candidate_stats(stat_ptr + stat + 2, tl.where(cand, sem, float("-inf")))
+            _candidate_stats(stats + h * 4 + 2, tl.where(cand, sem, float("-inf")))
     rho = tl.sum(tl.abs(v_sum / H), axis=1)
-    tl.store(rho_ptr + b * S + offs_s, rho, mask=mask_s)
+    tl.store(rho_ptr + start + offs_s, rho, mask=mask_s)
 
 
 @triton.jit
-def _candidate_lse(stat_ptr, b, H, n_chunks, col, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Each head's log-sum-exp over the candidates, merged from the chunks' (max, Σexp) pairs at stat
-    columns (col, col + 1): (BLOCK_H,), 0 past H."""
+def _candidate_lse(stats, H, n_chunks, col, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Each head's log-sum-exp over the candidates, merged from the (max, Σexp) pairs at columns (col, col + 1)
+    of the image's chunk stats (n_chunks, H, 4) at ``stats``: (BLOCK_H,), 0 past H."""
     offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
     mask_h = offs_h < H
     m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
@@ -90,9 +111,9 @@ def _candidate_lse(stat_ptr, b, H, n_chunks, col, BLOCK_H: tl.constexpr, BLOCK_C
     for c0 in range(0, n_chunks, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         mask = (offs_c[:, None] < n_chunks) & mask_h[None, :]
-        at = ((b * n_chunks + offs_c[:, None]) * H + offs_h[None, :]) * 4 + col
-        cm = tl.load(stat_ptr + at, mask=mask, other=float("-inf"))
-        cz = tl.load(stat_ptr + at + 1, mask=mask, other=0.0)
+        at = (offs_c[:, None] * H + offs_h[None, :]) * 4 + col
+        cm = tl.load(stats + at, mask=mask, other=float("-inf"))
+        cz = tl.load(stats + at + 1, mask=mask, other=0.0)
         m_new = tl.maximum(m, tl.max(cm, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         z = z * tl.exp(m - m_safe) + tl.sum(cz * tl.exp(cm - m_safe[None, :]), axis=0)  # rescaled to m_new
@@ -102,16 +123,16 @@ def _candidate_lse(stat_ptr, b, H, n_chunks, col, BLOCK_H: tl.constexpr, BLOCK_C
 
 @triton.jit
 def _head_weights(
-    row_ptr, stat_ptr, b, S, H, n_chunks, col,
-    HAS_CLS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+    rows, stats, T, H, n_chunks, col, HAS_CLS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Per head (BLOCK_H,): lse_cand_h, lse_all_h and w_h / Σ_h w_h (0 past H) for logit rows (B, H, S)."""
+    """Per head (BLOCK_H,): lse_cand_h, lse_all_h and w_h / Σ_h w_h (0 past H), for the image whose logit rows
+    (head stride T) start at ``rows``."""
     offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
     mask_h = offs_h < H
-    lse_cand = _candidate_lse(stat_ptr, b, H, n_chunks, col, BLOCK_H, BLOCK_C)
+    lse_cand = _candidate_lse(stats, H, n_chunks, col, BLOCK_H, BLOCK_C)
     lse_all = lse_cand
     if HAS_CLS:  # logaddexp with the relay logit l_h[0]
-        relay = tl.load(row_ptr + (b * H + offs_h) * S, mask=mask_h, other=0.0)
+        relay = tl.load(rows + offs_h * T, mask=mask_h, other=0.0)
         hi = tl.maximum(lse_cand, relay)
         lse_all = hi + tl.log(tl.exp(lse_cand - hi) + tl.exp(relay - hi))
     d = tl.where(mask_h, lse_cand - lse_all, float("-inf"))
@@ -120,11 +141,12 @@ def _head_weights(
 
 
 @triton.jit
-def _logit_tile(row_ptr, b, S, H, offs_s, cand, BLOCK_H: tl.constexpr):
-    """Logit rows (B, H, S) of image b at tokens offs_s: (BLOCK_H, BLOCK_S), −inf past H and off the candidates."""
+def _logit_tile(rows, T, H, offs_s, cand, BLOCK_H: tl.constexpr):
+    """Logit rows (head stride T, from ``rows``) at tokens offs_s: (BLOCK_H, BLOCK_S), −inf past H and off the
+    candidates."""
     offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
     mask = (offs_h[:, None] < H) & cand[None, :]
-    return tl.load(row_ptr + (b * H + offs_h[:, None]) * S + offs_s[None, :], mask=mask, other=float("-inf"))
+    return tl.load(rows + offs_h[:, None] * T + offs_s[None, :], mask=mask, other=float("-inf"))
 
 
 @triton.jit
@@ -136,104 +158,128 @@ def _mix(x, lse, w):
 @triton.jit
 def _finish_phase(
     logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
-    b, S, H, n_chunks, sp_b, sp_n,
-    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr,
+    b, start, S, T, H, sp_b, sp_n,
+    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Phase 2 for image b (an int64 id): p, A, p_sem, the layer score, S_cum and Hn, in one pass over the tokens."""
+    """Phase 2 for image b (int64 ids; S tokens from packed row start): p, A, p_sem, the layer score, S_cum
+    and Hn, in one pass over the tokens."""
     FIRST: tl.constexpr = 1 if HAS_CLS else 0
     N = S - FIRST
-    lse_a, lse_all, w_a = _head_weights(logit_ptr, stat_ptr, b, S, H, n_chunks, 0, HAS_CLS, BLOCK_H, BLOCK_C)
+    first_cand = start - b * FIRST  # the image's first candidate on the packed axis
+    prev = prev_ptr + b * sp_b + (first_cand if VARLEN else 0) * sp_n
+    n_chunks = tl.cdiv(S, BLOCK_S)
+    stats = stat_ptr + ((start // BLOCK_S + b) * H) * 4
+    logits, sems = logit_ptr + start, sem_ptr + start
+    lse_a, lse_all, w_a = _head_weights(logits, stats, T, H, n_chunks, 0, HAS_CLS, BLOCK_H, BLOCK_C)
     if SEMANTIC:
-        lse_s, _, w_s = _head_weights(sem_ptr, stat_ptr, b, S, H, n_chunks, 2, HAS_CLS, BLOCK_H, BLOCK_C)
+        lse_s, _, w_s = _head_weights(sems, stats, T, H, n_chunks, 2, HAS_CLS, BLOCK_H, BLOCK_C)
     uniform = tl.where(tl.arange(0, BLOCK_H) < H, 1.0 / H, 0.0)
     neg_plogp = 0.0
     for s0 in range(0, S, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
         cand = (offs_s >= FIRST) & (offs_s < S)
         j = offs_s - FIRST
-        x = _logit_tile(logit_ptr, b, S, H, offs_s, cand, BLOCK_H)
+        x = _logit_tile(logits, T, H, offs_s, cand, BLOCK_H)
         p = _mix(x, lse_a, w_a)
         if HAS_CLS:
             a = _mix(x, lse_all, uniform)
         else:
             a = p  # lse_all = lse_cand and w_h = 1/H: the same sum
-        tl.store(attn_ptr + b * N + j, a, mask=cand)
+        tl.store(attn_ptr + first_cand + j, a, mask=cand)
         neg_plogp -= tl.sum(p * tl.log(tl.where(p > 0.0, p, 1.0)), axis=0)  # 0·ln 0 = 0
-        rho = tl.load(rho_ptr + b * S + offs_s, mask=cand, other=0.0)
+        rho = tl.load(rho_ptr + start + offs_s, mask=cand, other=0.0)
         if HAS_CLS:
             score = p
             if SEMANTIC:
-                score += _mix(_logit_tile(sem_ptr, b, S, H, offs_s, cand, BLOCK_H), lse_s, w_s)
+                score += _mix(_logit_tile(sems, T, H, offs_s, cand, BLOCK_H), lse_s, w_s)
             score = score * rho
         else:
             score = a * rho
         if HAS_PREV:
-            prev = tl.load(prev_ptr + b * sp_b + j * sp_n, mask=cand, other=0.0)
-            score = 0.5 * prev + 0.5 * score
-        tl.store(cum_ptr + b * N + j, score, mask=cand)
+            score = 0.5 * tl.load(prev + j * sp_n, mask=cand, other=0.0) + 0.5 * score
+        tl.store(cum_ptr + first_cand + j, score, mask=cand)
     log_n = tl.log(tl.maximum(N, 2).to(tl.float32))
     tl.store(ent_ptr + b, tl.where(N > 1, neg_plogp / log_n, 0.0))  # Hn = 0 for a single candidate
 
 
 @triton.jit
 def _flow_scores_fused(
-    q_ptr, k_ptr, v_ptr, prev_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, cum_ptr, ent_ptr, attn_ptr,
-    S, H, D, scale,
+    q_ptr, k_ptr, v_ptr, cu_ptr, prev_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, cum_ptr, ent_ptr, attn_ptr,
+    S, T, H, D, scale,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sp_b, sp_n,
-    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr,
+    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program per image: every chunk's phase 1, then phase 2 (a single launch)."""
     b = tl.program_id(0).to(tl.int64)
-    n_chunks = tl.cdiv(S, BLOCK_S)
-    for c in range(n_chunks):
+    start, length = segment(cu_ptr, b, S, VARLEN)
+    for c in range(tl.cdiv(length, BLOCK_S)):
         _chunk_phase(
-            q_ptr, k_ptr, v_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, b, c, S, H, D, scale,
-            sq_b, sq_h, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, n_chunks,
-            HAS_CLS, SEMANTIC, BLOCK_S, BLOCK_D,
+            q_ptr, k_ptr, v_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, b, c, start, length, T, H, D, scale,
+            sq_b, sq_h, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d,
+            HAS_CLS, SEMANTIC, VARLEN, BLOCK_S, BLOCK_D,
         )
     tl.debug_barrier()  # the scratch written above is read by other threads below
     _finish_phase(
         logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
-        b, S, H, n_chunks, sp_b, sp_n, HAS_CLS, SEMANTIC, HAS_PREV, BLOCK_S, BLOCK_H, BLOCK_C,
+        b, start, length, T, H, sp_b, sp_n, HAS_CLS, SEMANTIC, HAS_PREV, VARLEN, BLOCK_S, BLOCK_H, BLOCK_C,
     )
+
+
+@triton.jit
+def _slot_owner(cu_ptr, B, slot, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(image, chunk) of chunk slot ``slot`` (int64) of a packed batch of B ≤ BLOCK_B images. Image b's chunks
+    take the slots from cu[b] // BLOCK_S + b on: disjoint, all below T // BLOCK_S + B; the chunk found may lie
+    past its image's end (at most two per image)."""
+    offs = tl.arange(0, BLOCK_B)
+    first_slot = tl.load(cu_ptr + offs, mask=offs < B, other=0).to(tl.int64) // BLOCK_S + offs
+    owned = (offs < B) & (first_slot <= slot)  # increasing first slots: images 0 … b
+    return tl.sum(owned.to(tl.int64), axis=0) - 1, slot - tl.max(tl.where(owned, first_slot, 0), axis=0)
 
 
 @triton.jit
 def _flow_scores_split(
-    q_ptr, k_ptr, v_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr,
-    S, H, D, scale,
+    q_ptr, k_ptr, v_ptr, cu_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr,
+    B, S, T, H, D, scale,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d,
-    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Phase 1 with one program per (image, chunk), for long sequences."""
-    _chunk_phase(
-        q_ptr, k_ptr, v_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr,
-        tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
-        S, H, D, scale, sq_b, sq_h, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, tl.num_programs(1),
-        HAS_CLS, SEMANTIC, BLOCK_S, BLOCK_D,
-    )
+    """Phase 1 with one program per (image, chunk), for long images: grid (B, chunks) for a dense batch,
+    (chunk slots,) for a packed one."""
+    if VARLEN:
+        b, c = _slot_owner(cu_ptr, B, tl.program_id(0).to(tl.int64), BLOCK_S, BLOCK_B)
+    else:
+        b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    start, length = segment(cu_ptr, b, S, VARLEN)
+    if c * BLOCK_S < length:
+        _chunk_phase(
+            q_ptr, k_ptr, v_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, b, c, start, length, T, H, D, scale,
+            sq_b, sq_h, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d,
+            HAS_CLS, SEMANTIC, VARLEN, BLOCK_S, BLOCK_D,
+        )
 
 
 @triton.jit
 def _flow_scores_finish(
-    logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
-    S, H, n_chunks, sp_b, sp_n,
-    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr,
+    cu_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
+    S, T, H, sp_b, sp_n,
+    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Phase 2 with one program per image, after :func:`_flow_scores_split`."""
+    b = tl.program_id(0).to(tl.int64)
+    start, length = segment(cu_ptr, b, S, VARLEN)
     _finish_phase(
         logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
-        tl.program_id(0).to(tl.int64), S, H, n_chunks, sp_b, sp_n,
-        HAS_CLS, SEMANTIC, HAS_PREV, BLOCK_S, BLOCK_H, BLOCK_C,
+        b, start, length, T, H, sp_b, sp_n, HAS_CLS, SEMANTIC, HAS_PREV, VARLEN, BLOCK_S, BLOCK_H, BLOCK_C,
     )
 
 
 BLOCK_S = 64
 BLOCK_C = 64  # chunk statistics merged per step of phase 2
-# Long sequences at small batch split phase 1 over (image, chunk) programs: one program per image
+# Long images at small batch split phase 1 over (image, chunk) programs: one program per image
 # would stream a whole 16k-token image through a single SM.
 SPLIT_MIN_TOKENS = 2048
 SPLIT_MAX_BATCH = 64
@@ -241,51 +287,71 @@ SPLIT_MAX_BATCH = 64
 
 def flow_scores_into(
     q_relay: Tensor, k: Tensor, v: Tensor, prev: Tensor | None, scale: float, has_cls: bool, semantic: bool,
-    cum: Tensor, entropy: Tensor, attn: Tensor, *, split: bool | None = None, wrap=lambda kernel: kernel,
+    cum: Tensor, entropy: Tensor, attn: Tensor, *, cu_seqlens: Tensor | None = None, split: bool | None = None,
+    wrap=lambda kernel: kernel,
 ) -> None:
-    """Write one layer's scores into cum (B, N), entropy (B,) and attn (B, N), float32 contiguous.
+    """Write one layer's scores into cum, entropy (B,) and attn, float32 contiguous.
 
-    q_relay (B, H, D), k/v (B, H, S, D) (float16/bfloat16/float32) and prev (B, N) float32 or None
-    may have any strides. ``split`` forces (True) or forbids (False) the two-launch path for long
-    sequences; None chooses by size. ``wrap`` is applied to each kernel before launch
+    Dense batch: k, v (B, H, S, D), prev, cum and attn (B, N). Packed batch (``cu_seqlens`` (B + 1,) int32 or
+    int64 given): k, v (T, H, D), prev, cum and attn (T_c,), each image's candidates after the last's.
+    q_relay (B, H, D), k and v (float16/bfloat16/float32) and prev (float32 or None) may have any strides.
+    ``split`` forces (True) or forbids (False) the two-launch path for long images; None chooses by the
+    longest image (an upper bound for a packed batch). ``wrap`` is applied to each kernel before launch
     (``wrap_triton`` when traced as a ``triton_op``).
     """
-    batch, heads, seq, dim = k.shape
+    batch, heads, dim = q_relay.shape
+    packed = cu_seqlens is not None
     semantic = semantic and has_cls
-    n_chunks = triton.cdiv(seq, BLOCK_S)
+    if packed:  # one (H, T, D) slab shared by the images (batch stride 0)
+        rows = k.shape[0]
+        longest = rows - (batch - 1) * (1 + has_cls)
+        slabs = [(0, x.stride(1), x.stride(0), x.stride(2)) for x in (k, v)]
+        sp = (0, prev.stride(0)) if prev is not None else (0, 0)
+    else:
+        longest = k.shape[2]
+        rows = batch * longest
+        slabs = [k.stride(), v.stride()]
+        sp = prev.stride() if prev is not None else (0, 0)
     if split is None:
-        split = seq >= SPLIT_MIN_TOKENS and batch <= SPLIT_MAX_BATCH
+        split = longest >= SPLIT_MIN_TOKENS and batch <= SPLIT_MAX_BATCH
     f32 = dict(dtype=torch.float32, device=k.device)
-    logits = torch.empty((batch, heads, seq), **f32)
-    sem = torch.empty((batch, heads, seq), **f32) if semantic else logits
-    rho = torch.empty((batch, seq), **f32)
-    stats = torch.empty((batch, n_chunks, heads, 4), **f32)
+    logits = torch.empty((heads, rows), **f32)
+    sem = torch.empty((heads, rows), **f32) if semantic else logits
+    rho = torch.empty((rows,), **f32)
+    stats = torch.empty((rows // BLOCK_S + batch, heads, 4), **f32)  # chunk slots (see _slot_owner)
+    cu_arg = cu_seqlens if packed else cum  # not read for a dense batch
     prev_arg = prev if prev is not None else cum
-    sp = prev.stride() if prev is not None else (0, 0)
-    strides = (*q_relay.stride(), *k.stride(), *v.stride())
+    strides = (*q_relay.stride(), *slabs[0], *slabs[1])
     blocks = dict(BLOCK_S=BLOCK_S, BLOCK_H=triton.next_power_of_2(heads))
     block_d = triton.next_power_of_2(dim)
-    flags = dict(HAS_CLS=has_cls, SEMANTIC=semantic, HAS_PREV=prev is not None)
+    flags = dict(HAS_CLS=has_cls, SEMANTIC=semantic, HAS_PREV=prev is not None, VARLEN=packed)
     if split:
-        wrap(_flow_scores_split)[(batch, n_chunks)](
-            q_relay, k, v, logits, sem, rho, stats, seq, heads, dim, scale, *strides,
-            HAS_CLS=has_cls, SEMANTIC=semantic, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
+        grid = (rows // BLOCK_S + batch,) if packed else (batch, triton.cdiv(longest, BLOCK_S))
+        wrap(_flow_scores_split)[grid](
+            q_relay, k, v, cu_arg, logits, sem, rho, stats, batch, longest, rows, heads, dim, scale, *strides,
+            HAS_CLS=has_cls, SEMANTIC=semantic, VARLEN=packed, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
+            BLOCK_B=triton.next_power_of_2(batch),
         )
         wrap(_flow_scores_finish)[(batch,)](
-            logits, sem, rho, stats, prev_arg, cum, entropy, attn, seq, heads, n_chunks, *sp,
+            cu_arg, logits, sem, rho, stats, prev_arg, cum, entropy, attn, longest, rows, heads, *sp,
             **flags, **blocks, BLOCK_C=BLOCK_C,
         )
     else:
         wrap(_flow_scores_fused)[(batch,)](
-            q_relay, k, v, prev_arg, logits, sem, rho, stats, cum, entropy, attn,
-            seq, heads, dim, scale, *strides, *sp,
+            q_relay, k, v, cu_arg, prev_arg, logits, sem, rho, stats, cum, entropy, attn,
+            longest, rows, heads, dim, scale, *strides, *sp,
             **flags, **blocks, BLOCK_D=block_d, BLOCK_C=BLOCK_C,
         )
 
 
-def flow_scores_outputs(k: Tensor, has_cls: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Uninitialised (cum (B, N), entropy (B,), attn (B, N)) float32 for :func:`flow_scores_into`."""
-    batch, _, seq, _ = k.shape
-    n = seq - 1 if has_cls else seq
+def flow_scores_outputs(k: Tensor, has_cls: bool, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised float32 (cum, entropy (B,), attn) for :func:`flow_scores_into`: cum and attn (B, N) for
+    a dense batch, (T_c,) for a packed one (``cu_seqlens`` given)."""
+    if cu_seqlens is None:
+        batch, _, seq, _ = k.shape
+        shape = (batch, seq - 1 if has_cls else seq)
+    else:
+        batch = cu_seqlens.numel() - 1
+        shape = (k.shape[0] - batch * int(has_cls),)
     f32 = dict(dtype=torch.float32, device=k.device)
-    return torch.empty((batch, n), **f32), torch.empty((batch,), **f32), torch.empty((batch, n), **f32)
+    return torch.empty(shape, **f32), torch.empty((batch,), **f32), torch.empty(shape, **f32)
