@@ -71,7 +71,7 @@ def test_flow_scores_matches_reference(dtype, shape):
             assert_scores_close(out, reference.flow_scores(q, k, v, p, d**-0.5, has_cls, semantic), dtype)
 
 
-def test_flow_scores_matches_spec_oracle():
+def test_flow_scores_matches_the_oracle():
     q, k, v = qkv(2, 3, 40, 16, torch.float32, seed=7)
     prev = torch.rand(2, 39, device=DEVICE)
     for has_cls, semantic in ((True, True), (True, False), (False, True)):
@@ -108,7 +108,7 @@ def test_flow_scores_concentrated_attention():
 
 
 # --------------------------------------------------------------------------------------------
-# flow_scores: hard numerics, against the float64 SPEC oracle
+# flow_scores: hard numerics, against the float64 oracle
 
 
 def assert_matches_oracle(got, want, rtol):
@@ -253,7 +253,7 @@ def test_select_gather_matches_reference(dtype, shape, has_cls):
 
 @pytest.mark.parametrize("has_cls", [True, False])
 def test_select_gather_ties_signs_and_oracle(has_cls):
-    """Many equal scores (lower index wins), negative scores and ±0.0, against the SPEC oracle."""
+    """Many equal scores (lower index wins), negative scores and ±0.0, against the float64 oracle."""
     b, s, c = 3, 45, 24
     g = torch.Generator().manual_seed(11)
     hidden = torch.randn(b, s, c, generator=g, device="cpu").to(DEVICE)
