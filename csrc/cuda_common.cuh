@@ -1,5 +1,5 @@
 // Device helpers shared by the FlowCut CUDA kernels: dtype conversion, 16-byte vector loads,
-// warp and block reductions and scans, and the launch-time device facts.
+// warp and block reductions and scans, the launch-time device facts, and the addressing of packed rows.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -159,6 +159,13 @@ inline std::string device_facts(DeviceFacts* facts) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The kernels address image b's row r of the packed row axis (image b's token j is row row_b + j, with
+// row_b = b * len in a dense batch) at b * skew + r * row_stride. A packed tensor has skew 0; a dense one, whose
+// images are image_stride apart, skew = image_stride - len * row_stride.
+inline int64_t image_skew(bool packed, int64_t image_stride, int64_t len, int64_t row_stride) {
+  return packed ? 0 : image_stride - len * row_stride;
+}
 
 }  // namespace detail
 }  // namespace cuda

@@ -1,4 +1,6 @@
-// CUDA flow_scores (SPEC.md signals 1-7): one launch, grid (chunks of tokens, images).
+// CUDA flow_scores (docs/semantics.md signals 1-7): one launch, grid (chunks of tokens, images), for a dense
+// batch and a packed one alike: image b is rows row_b .. row_b + S_b of a packed row axis (a dense batch is the
+// case row_b = b S, S_b = S), and an image of a packed batch shorter than the longest leaves its last blocks idle.
 //
 // Every block streams a chunk of one image's tokens: each warp takes a token, loads its k and v rows for all
 // heads with 16-byte loads (several in flight per lane) into its shared buffer as float, then writes the
@@ -10,7 +12,8 @@
 // A[j] = mean_h exp(l_h[j] - lse_all_h) and the candidates' normalised attention without dividing underflowed
 // values: p[j] = sum_h w_h exp(l_h[j] - lse_cand_h) / sum_h w_h, w_h = exp(d_h - max_h d_h),
 // d_h = lse_cand_h - lse_all_h (the same for the semantic term); then the layer score, the cumulative score
-// and the entropy of p. All in float32 (float64 inputs are read as such and converted).
+// and the entropy of p. All in float32 (float64 inputs are read as such and converted). The workspace holds the
+// logits and rho by packed row, the outputs are packed by candidate (image b's from row_b - b * first).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -30,19 +33,22 @@ struct Plan {
   int device = 0;
   int warps = 8;
   int64_t chunk = 8;        // tokens per block
-  int64_t chunks = 1;       // blocks per image
+  int64_t chunks = 1;       // blocks per image (of the longest image)
   size_t smem = 0;          // dynamic shared memory, bytes
   size_t smem_limit = 0;    // the most dynamic shared memory any plan on this device uses, bytes
   size_t ws_floats = 0;     // workspace floats before the counters
 };
 
 struct Params {
-  int64_t B, H, S, D, N, chunk, chunks;
+  int64_t B, H, S, D, chunk, chunks;
+  const int64_t* cu;  // packed: (B + 1,) row offsets; nullptr: dense, image b in rows b S .. b S + S
   const void* q;
   DType q_dtype;
   int64_t qs0, qs1, qs2;
   const void* k;
   const void* v;
+  // Image b's packed row r, head h, element d of k at b * ks0 + r * ks2 + h * ks1 + d * ks3, ks0 its image_skew;
+  // the same for v, and for prev by packed candidate.
   int64_t ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3;
   const float* prev;
   int64_t ps0, ps1;
@@ -50,12 +56,15 @@ struct Params {
   int first;
   bool semantic;
   float *cum, *entropy, *attn;
-  float* logit_a;   // (B, S, H)
-  float* logit_s;   // (B, S, H), semantic only
-  float* rho;       // (B, S)
+  float* logit_a;   // (T, H) by packed row
+  float* logit_s;   // (T, H), semantic only
+  float* rho;       // (T,)
   float4* partial;  // (B, chunks, H): max and sum-exp of the candidates' relay logits, then of their value logits
   unsigned* counter;  // (B,)
 };
+
+// The rows of the batch: T, the packed row axis (B S for a dense batch).
+int64_t total_rows(const FlowScoresArgs& a) { return a.cu_seqlens ? a.rows : a.B * a.S; }
 
 // Shared memory: q and v0 rows, then per warp a k row and a v row, each H x (D + 1) floats (the pad keeps
 // the lane-per-head reads free of bank conflicts), then 5 H + 2 head statistics and 33 floats of scratch.
@@ -76,12 +85,12 @@ std::string make_plan(const FlowScoresArgs& a, Plan* plan) {
   if (plan->smem > limit)
     return "flow_scores: H*D = " + std::to_string(a.H * a.D) + " is too large for the shared memory of this GPU";
   // About eight blocks per SM over the whole batch; at least one token per warp.
-  const int64_t per_warp = std::max<int64_t>(1, (a.B * a.S + 8LL * plan->warps * facts.sms - 1) /
+  const int64_t T = total_rows(a);
+  const int64_t per_warp = std::max<int64_t>(1, (T + 8LL * plan->warps * facts.sms - 1) /
                                                     (8LL * plan->warps * facts.sms));
   plan->chunk = std::min<int64_t>(per_warp * plan->warps, 64LL * plan->warps);
   plan->chunks = (a.S + plan->chunk - 1) / plan->chunk;
-  const size_t bsh = size_t(a.B * a.S * a.H);
-  plan->ws_floats = 2 * bsh + size_t(a.B * a.S) + 4 * size_t(a.B * plan->chunks * a.H);
+  plan->ws_floats = 2 * size_t(T * a.H) + size_t(T) + 4 * size_t(a.B * plan->chunks * a.H);
   return "";
 }
 
@@ -106,17 +115,21 @@ __global__ void flow_scores_kernel(Params p) {
   using U = Unit<T, VEC>;
   constexpr int W = U::width;
   extern __shared__ float smem[];
-  const int64_t H = p.H, D = p.D, S = p.S, P = D + 1;  // P: padded head row
+  const int64_t H = p.H, D = p.D, P = D + 1;  // P: padded head row
   const int warps = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.y, c = blockIdx.x;
+  // This image: rows row .. row + S of the packed row axis, its N candidates from packed candidate cand.
+  const int64_t row = p.cu ? p.cu[b] : b * p.S, S = p.cu ? p.cu[b + 1] - row : p.S;
+  const int64_t chunks = (S + p.chunk - 1) / p.chunk, N = S - p.first, cand = row - b * p.first;
+  if (c >= chunks) return;  // a packed batch's shorter image: this block has no tokens
   float* q_s = smem;
   float* v0_s = q_s + H * P;
   float* k_buf = v0_s + H * P + 2 * warp * H * P;
   float* v_buf = k_buf + H * P;
   float* stats = v0_s + H * P + 2 * warps * H * P;  // 5 H + 2 head statistics of the last block
   float* scratch = stats + 5 * H + 2;
-  const T* k = static_cast<const T*>(p.k) + b * p.ks0;
-  const T* v = static_cast<const T*>(p.v) + b * p.vs0;
+  const T* k = static_cast<const T*>(p.k) + (b * p.ks0 + row * p.ks2);  // the image's token 0
+  const T* v = static_cast<const T*>(p.v) + (b * p.vs0 + row * p.vs2);
 
   for (int64_t i = threadIdx.x; i < H * D; i += blockDim.x) {
     const int64_t h = i / D, d = i % D;
@@ -151,7 +164,7 @@ __global__ void flow_scores_kernel(Params p) {
       }
     }
     __syncwarp();
-    float* la = p.logit_a + (b * S + j) * H;
+    float* la = p.logit_a + (row + j) * H;
     for (int64_t h = lane; h < H; h += 32) {  // a lane per head
       float dot_a = 0.0f, dot_s = 0.0f;
       for (int64_t d = 0; d < D; ++d) {
@@ -159,7 +172,7 @@ __global__ void flow_scores_kernel(Params p) {
         if (p.semantic) dot_s = fmaf(v0_s[h * P + d], v_buf[h * P + d], dot_s);
       }
       la[h] = p.scale * dot_a;
-      if (p.semantic) p.logit_s[(b * S + j) * H + h] = dot_s;
+      if (p.semantic) p.logit_s[(row + j) * H + h] = dot_s;
     }
     float l1 = 0.0f;
     for (int64_t d = lane; d < D; d += 32) {  // a lane per channel: |mean over heads of v|
@@ -168,7 +181,7 @@ __global__ void flow_scores_kernel(Params p) {
       l1 += fabsf(total / float(H));
     }
     l1 = warp_sum(l1);
-    if (lane == 0) p.rho[b * S + j] = l1;
+    if (lane == 0) p.rho[row + j] = l1;
     __syncwarp();  // the buffers are refilled for the next token
   }
   __syncthreads();  // this block's logits are visible to all its threads
@@ -177,11 +190,11 @@ __global__ void flow_scores_kernel(Params p) {
   const int64_t c0 = j0 > p.first ? j0 : p.first;
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     float4 part = make_float4(-INFINITY, 0.0f, -INFINITY, 0.0f);
-    for (int64_t j = c0; j < j1; ++j) part.x = fmaxf(part.x, p.logit_a[(b * S + j) * H + h]);
-    for (int64_t j = c0; j < j1; ++j) part.y += expf(p.logit_a[(b * S + j) * H + h] - part.x);
+    for (int64_t j = c0; j < j1; ++j) part.x = fmaxf(part.x, p.logit_a[(row + j) * H + h]);
+    for (int64_t j = c0; j < j1; ++j) part.y += expf(p.logit_a[(row + j) * H + h] - part.x);
     if (p.semantic) {
-      for (int64_t j = c0; j < j1; ++j) part.z = fmaxf(part.z, p.logit_s[(b * S + j) * H + h]);
-      for (int64_t j = c0; j < j1; ++j) part.w += expf(p.logit_s[(b * S + j) * H + h] - part.z);
+      for (int64_t j = c0; j < j1; ++j) part.z = fmaxf(part.z, p.logit_s[(row + j) * H + h]);
+      for (int64_t j = c0; j < j1; ++j) part.w += expf(p.logit_s[(row + j) * H + h] - part.z);
     }
     p.partial[(b * p.chunks + c) * H + h] = part;
   }
@@ -190,7 +203,7 @@ __global__ void flow_scores_kernel(Params p) {
   __threadfence();
   __syncthreads();
   __shared__ bool last;
-  if (threadIdx.x == 0) last = atomicAdd(p.counter + b, 1u) == unsigned(p.chunks - 1);
+  if (threadIdx.x == 0) last = atomicAdd(p.counter + b, 1u) == unsigned(chunks - 1);
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -199,16 +212,16 @@ __global__ void flow_scores_kernel(Params p) {
   // of each in w_a / w_s, turned below into w = exp(d - max_h d), with 1 / sum_h w in inv_w.
   float *lse_a = stats, *lse_all_a = stats + H, *w_a = stats + 2 * H, *lse_s = stats + 3 * H, *w_s = stats + 4 * H;
   float* inv_w = stats + 5 * H;
-  const float* relay_a = p.logit_a + b * S * H;  // the relay row's logits (row 0)
-  const float* relay_s = p.logit_s + b * S * H;
+  const float* relay_a = p.logit_a + row * H;  // the relay row's logits (the image's row 0)
+  const float* relay_s = p.logit_s + row * H;
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     float ma = -INFINITY, ms = -INFINITY;
-    for (int64_t i = 0; i < p.chunks; ++i) {
+    for (int64_t i = 0; i < chunks; ++i) {
       const float4 part = __ldcg(p.partial + (b * p.chunks + i) * H + h);
       ma = fmaxf(ma, part.x), ms = fmaxf(ms, part.z);
     }
     float za = 0.0f, zs = 0.0f;
-    for (int64_t i = 0; i < p.chunks; ++i) {
+    for (int64_t i = 0; i < chunks; ++i) {
       const float4 part = __ldcg(p.partial + (b * p.chunks + i) * H + h);
       za += part.y * expf(part.x - ma);
       if (p.semantic) zs += part.w * expf(part.z - ms);
@@ -228,25 +241,24 @@ __global__ void flow_scores_kernel(Params p) {
   }
   __syncthreads();
 
-  const int64_t N = p.N;
   float ent = 0.0f;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-    const int64_t j = n + p.first;
+    const int64_t r = row + p.first + n;
     float a = 0.0f, pa = 0.0f, ps = 0.0f;
     for (int64_t h = 0; h < H; ++h) {
-      const float la = __ldcg(p.logit_a + (b * S + j) * H + h);
+      const float la = __ldcg(p.logit_a + r * H + h);
       a += expf(la - lse_all_a[h]);
       pa += w_a[h] * expf(la - lse_a[h]);
-      if (p.semantic) ps += w_s[h] * expf(__ldcg(p.logit_s + (b * S + j) * H + h) - lse_s[h]);
+      if (p.semantic) ps += w_s[h] * expf(__ldcg(p.logit_s + r * H + h) - lse_s[h]);
     }
     a /= float(H), pa *= inv_w[0];
-    p.attn[b * N + n] = a;
+    p.attn[cand + n] = a;
     if (pa > 0.0f) ent -= pa * logf(pa);
-    const float rho = __ldcg(p.rho + b * S + j);
+    const float rho = __ldcg(p.rho + r);
     float score;
     if (p.first) score = (p.semantic ? pa + ps * inv_w[1] : pa) * rho;
     else score = a * rho;
-    p.cum[b * N + n] = p.prev ? 0.5f * p.prev[b * p.ps0 + n * p.ps1] + 0.5f * score : score;
+    p.cum[cand + n] = p.prev ? 0.5f * p.prev[b * p.ps0 + (cand + n) * p.ps1] + 0.5f * score : score;
   }
   ent = block_sum(ent, scratch);
   if (threadIdx.x == 0) {
@@ -315,16 +327,20 @@ std::string launch_flow_scores(const FlowScoresArgs& a, void* workspace, size_t 
     return "flow_scores: the workspace must be 16-byte aligned and hold " + std::to_string(need) + " bytes";
 
   Params p{};
-  p.B = a.B, p.H = a.H, p.S = a.S, p.D = a.D, p.first = a.has_cls ? 1 : 0, p.N = a.S - p.first;
+  p.B = a.B, p.H = a.H, p.S = a.S, p.D = a.D, p.first = a.has_cls ? 1 : 0, p.cu = a.cu_seqlens;
   p.chunk = plan.chunk, p.chunks = plan.chunks;
   p.q = a.q, p.q_dtype = a.q_dtype, p.qs0 = a.q_stride[0], p.qs1 = a.q_stride[1], p.qs2 = a.q_stride[2];
   p.k = a.k, p.v = a.v;
-  p.ks0 = a.k_stride[0], p.ks1 = a.k_stride[1], p.ks2 = a.k_stride[2], p.ks3 = a.k_stride[3];
-  p.vs0 = a.v_stride[0], p.vs1 = a.v_stride[1], p.vs2 = a.v_stride[2], p.vs3 = a.v_stride[3];
-  p.prev = a.prev, p.ps0 = a.prev_stride[0], p.ps1 = a.prev_stride[1];
+  const bool packed = a.cu_seqlens != nullptr;
+  p.ks0 = image_skew(packed, a.k_stride[0], a.S, a.k_stride[2]), p.ks1 = a.k_stride[1], p.ks2 = a.k_stride[2];
+  p.ks3 = a.k_stride[3];
+  p.vs0 = image_skew(packed, a.v_stride[0], a.S, a.v_stride[2]), p.vs1 = a.v_stride[1], p.vs2 = a.v_stride[2];
+  p.vs3 = a.v_stride[3];
+  p.prev = a.prev, p.ps0 = image_skew(packed, a.prev_stride[0], a.S - p.first, a.prev_stride[1]);
+  p.ps1 = a.prev_stride[1];
   p.scale = a.scale, p.semantic = a.has_cls && a.semantic;
   p.cum = a.cum, p.entropy = a.entropy, p.attn = a.attn;
-  const size_t bsh = size_t(a.B * a.S * a.H);
+  const size_t bsh = size_t(total_rows(a) * a.H);
   float* ws = static_cast<float*>(workspace);
   p.partial = reinterpret_cast<float4*>(ws);  // first: 16-byte aligned
   p.logit_a = ws + 4 * size_t(a.B * plan.chunks * a.H);

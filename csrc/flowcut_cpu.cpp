@@ -1,6 +1,8 @@
-// C++ CPU kernels of flow_scores and select_gather (SPEC.md), parallel over images and heads.
-// Inputs are read in place through their strides, each in its own dtype; every reduction accumulates in double
-// (dot products over the head dim in 8 independent lanes, which vectorise).
+// C++ CPU kernels of flow_scores and select_gather (docs/semantics.md), parallel over images and heads. Dense and
+// packed (varlen) batches share one body: every image is a segment of rows of a packed row axis (a dense batch
+// of B images of S tokens is the uniform case, image b in rows b S .. b S + S), read through its tensor's strides.
+// Inputs are read in place, each in its own dtype; every reduction accumulates in double (dot products over the
+// head dim in 8 independent lanes, which vectorise).
 //
 // flow_scores stays exact when the relay row takes almost all of a head's softmax mass (A / sum A would be
 // 0 / 0): per head h with logits l_h (relay: scale * r_h . k_h[j]; value: v_h[0] . v_h[j]), lse_cand_h is the
@@ -23,19 +25,58 @@
 namespace flowcut {
 namespace {
 
-// Strided view of a (B, H, S, D) tensor.
+// Image b of a batch: rows row .. row + len of the packed row axis, and its candidates at cand .. cand + len - first
+// of the packed candidate axis.
+struct Image {
+  int64_t row, len, cand;
+};
+
+std::vector<Image> images_of(const std::vector<int64_t>& cu, int64_t first) {
+  std::vector<Image> images(cu.size() - 1);
+  for (size_t b = 0; b < images.size(); ++b) images[b] = {cu[b], cu[b + 1] - cu[b], cu[b] - int64_t(b) * first};
+  return images;
+}
+
+// The offsets 0, S, 2 S, ..., B S of a dense batch.
+std::vector<int64_t> dense_offsets(int64_t B, int64_t S) {
+  std::vector<int64_t> cu(B + 1);
+  for (int64_t b = 0; b <= B; ++b) cu[b] = b * S;
+  return cu;
+}
+
+// The image whose candidates include packed candidate c.
+int64_t image_of(const std::vector<Image>& images, int64_t c) {
+  const auto after = std::upper_bound(images.begin(), images.end(), c,
+                                      [](int64_t x, const Image& img) { return x < img.cand; });
+  return int64_t(after - images.begin()) - 1;
+}
+
+// Where packed row r of image b lies in a tensor: element offset b * skew + r * row. A packed tensor (T, ...) has
+// skew 0; a dense one (B, S, ...) skew = stride(0) - S * stride(row axis), so that packed row b S + j is row j of
+// image b.
+struct Rows {
+  int64_t skew, row;
+  int64_t operator()(int64_t b, int64_t r) const { return b * skew + r * row; }
+};
+
+// t's rows along dim `dim`; `dense`: t has an image axis 0 in front.
+Rows rows_of(const at::Tensor& t, int64_t dim, bool dense) {
+  return {dense ? t.stride(0) - t.size(dim) * t.stride(dim) : 0, t.stride(dim)};
+}
+
+// k or v, (B, H, S, D) dense or (T, H, D) packed: head h of packed row r of image b at at(b, r, h), its elements
+// `elem` apart.
 template <typename T>
-struct View4 {
+struct KV {
   const T* data;
-  int64_t sb, sh, ss, sd;
-  const T& operator()(int64_t b, int64_t h, int64_t s, int64_t d) const {
-    return data[b * sb + h * sh + s * ss + d * sd];
-  }
+  Rows rows;
+  int64_t head, elem;
+  const T* at(int64_t b, int64_t r, int64_t h) const { return data + rows(b, r) + h * head; }
 };
 
 template <typename T>
-View4<T> view4(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+KV<T> kv_view(const at::Tensor& t, bool dense) {
+  return {t.const_data_ptr<T>(), rows_of(t, dense ? 2 : 0, dense), t.stride(1), t.stride(t.dim() - 1)};
 }
 
 // x[0..n) (stride `stride`, any dtype) . y[0..n), accumulated in 8 double lanes.
@@ -87,110 +128,113 @@ void head_weights(std::vector<double>& d, int64_t B, int64_t H) {
   }
 }
 
-// Per head and image, (b, h, n) layout: attn_all (softmax over all S tokens) and attn_cand (over the
-// candidates) of the relay logits, sem_cand of the value logits when wanted; and per (b, h) the weights of
-// head_weights for the relay (w_attn) and value (w_sem) terms.
+// Per image and head, image b's block of H N_b values at H cand_b, head-major: attn_all (softmax over all the
+// image's tokens) and attn_cand (over its candidates) of the relay logits, sem_cand of the value logits when
+// wanted; and per (b, h) the weights of head_weights for the relay (w_attn) and value (w_sem) terms.
 struct HeadSignals {
   std::vector<double> attn_all, attn_cand, sem_cand, w_attn, w_sem;
 };
 
 template <typename T>
-void head_signals(const double* q, const View4<T>& k, const View4<T>& v, int64_t B, int64_t H, int64_t S,
-                  int64_t D, int64_t first, double scale, bool want_semantic, HeadSignals& out) {
-  const int64_t N = S - first;
-  out.attn_all.resize(B * H * N), out.attn_cand.resize(B * H * N), out.w_attn.resize(B * H);
-  out.sem_cand.resize(want_semantic ? B * H * N : 0), out.w_sem.resize(want_semantic ? B * H : 0);
+void head_signals(const double* q, const KV<T>& k, const KV<T>& v, const std::vector<Image>& images, int64_t Tc,
+                  int64_t H, int64_t D, int64_t first, double scale, bool want_semantic, HeadSignals& out) {
+  const int64_t B = int64_t(images.size());
+  out.attn_all.resize(H * Tc), out.attn_cand.resize(H * Tc), out.w_attn.resize(B * H);
+  out.sem_cand.resize(want_semantic ? H * Tc : 0), out.w_sem.resize(want_semantic ? B * H : 0);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> logits(S), v0(D);
+    std::vector<double> logits, v0(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
+      const Image& img = images[b];
+      const int64_t o = H * img.cand + h * (img.len - first);  // this head's candidates
       const double* qh = q + bh * D;  // q is contiguous (B, H, D)
-      for (int64_t j = 0; j < S; ++j) logits[j] = scale * dot(&k(b, h, j, 0), k.sd, qh, D);
-      out.w_attn[bh] = head_softmax(logits.data(), S, first, &out.attn_all[bh * N], &out.attn_cand[bh * N]);
+      logits.resize(img.len);
+      for (int64_t j = 0; j < img.len; ++j) logits[j] = scale * dot(k.at(b, img.row + j, h), k.elem, qh, D);
+      out.w_attn[bh] = head_softmax(logits.data(), img.len, first, &out.attn_all[o], &out.attn_cand[o]);
       if (!want_semantic) continue;
-      for (int64_t d = 0; d < D; ++d) v0[d] = double(v(b, h, 0, d));
-      for (int64_t j = 0; j < S; ++j) logits[j] = dot(&v(b, h, j, 0), v.sd, v0.data(), D);
-      out.w_sem[bh] = head_softmax(logits.data(), S, first, nullptr, &out.sem_cand[bh * N]);
+      for (int64_t d = 0; d < D; ++d) v0[d] = double(v.at(b, img.row, h)[d * v.elem]);
+      for (int64_t j = 0; j < img.len; ++j) logits[j] = dot(v.at(b, img.row + j, h), v.elem, v0.data(), D);
+      out.w_sem[bh] = head_softmax(logits.data(), img.len, first, nullptr, &out.sem_cand[o]);
     }
   });
   head_weights(out.w_attn, B, H);
   if (want_semantic) head_weights(out.w_sem, B, H);
 }
 
-// Per candidate: A (head mean over all S tokens), p = A / sum A and p_sem (the semantic term, normalised
-// over the candidates), and rho = L1 norm of the head-mean value.
+// Per packed candidate: A (head mean over all the image's tokens), p = A / sum A and p_sem (the semantic term,
+// normalised over the candidates), and rho = L1 norm of the head-mean value.
 template <typename T>
-void candidate_signals(const View4<T>& v, const HeadSignals& hs, int64_t B, int64_t H, int64_t S, int64_t D,
-                       int64_t first, bool want_semantic, std::vector<double>& A, std::vector<double>& p,
+void candidate_signals(const KV<T>& v, const HeadSignals& hs, const std::vector<Image>& images, int64_t H,
+                       int64_t D, int64_t first, bool want_semantic, std::vector<double>& A, std::vector<double>& p,
                        std::vector<double>& p_sem, std::vector<double>& rho) {
-  const int64_t N = S - first;
-  at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, int64_t(A.size()), 16, [&](int64_t begin, int64_t end) {
     std::vector<double> mean_v(D);
-    for (int64_t bn = begin; bn < end; ++bn) {
-      const int64_t b = bn / N, n = bn % N, j = n + first;
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t b = image_of(images, c);
+      const Image& img = images[b];
+      const int64_t N = img.len - first, n = c - img.cand, r = img.row + first + n;
       double a = 0.0, pa = 0.0, ps = 0.0;
       std::fill(mean_v.begin(), mean_v.end(), 0.0);
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t bh = b * H + h;
-        a += hs.attn_all[bh * N + n];
-        pa += hs.w_attn[bh] * hs.attn_cand[bh * N + n];
-        if (want_semantic) ps += hs.w_sem[bh] * hs.sem_cand[bh * N + n];
-        for (int64_t d = 0; d < D; ++d) mean_v[d] += double(v(b, h, j, d));
+        const int64_t bh = b * H + h, o = H * img.cand + h * N + n;
+        a += hs.attn_all[o];
+        pa += hs.w_attn[bh] * hs.attn_cand[o];
+        if (want_semantic) ps += hs.w_sem[bh] * hs.sem_cand[o];
+        const T* vh = v.at(b, r, h);
+        for (int64_t d = 0; d < D; ++d) mean_v[d] += double(vh[d * v.elem]);
       }
       double l1 = 0.0;
       for (int64_t d = 0; d < D; ++d) l1 += std::abs(mean_v[d] / double(H));
-      A[bn] = a / double(H);
-      p[bn] = pa;
-      p_sem[bn] = ps;
-      rho[bn] = l1;
+      A[c] = a / double(H);
+      p[c] = pa;
+      p_sem[c] = ps;
+      rho[c] = l1;
     }
   });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_cpu(
+// flow_scores of the images cu[b] .. cu[b + 1] of k and v, (B, H, S, D) when dense, else (T, H, D); prev (B, N)
+// or (T_c,) alike. Returns cum (T_c,), entropy (B,), attn (T_c,).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_images(
     const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& prev,
-    double scale, bool has_cls, bool semantic) {
-  const int64_t B = k.size(0), H = k.size(1), S = k.size(2), D = k.size(3);
-  const int64_t first = has_cls ? 1 : 0, N = S - first;
+    const std::vector<int64_t>& cu, bool dense, double scale, bool has_cls, bool semantic) {
+  const int64_t first = has_cls ? 1 : 0, B = int64_t(cu.size()) - 1, Tc = cu.back() - B * first;
+  const int64_t H = k.size(1), D = k.size(-1);
   const bool want_semantic = has_cls && semantic;
+  const std::vector<Image> images = images_of(cu, first);
   const at::Tensor q = q_relay.to(at::kDouble).contiguous();  // (B, H, D), exact: tiny next to k and v
 
   HeadSignals hs;
-  std::vector<double> A(B * N), p(B * N), p_sem(B * N), rho(B * N);
+  std::vector<double> A(Tc), p(Tc), p_sem(Tc), rho(Tc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "flowcut_native_flow_scores", [&] {
-    const auto kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
-    head_signals(q.const_data_ptr<double>(), kv, vv, B, H, S, D, first, scale, want_semantic, hs);
-    candidate_signals(vv, hs, B, H, S, D, first, want_semantic, A, p, p_sem, rho);
+    const auto kv = kv_view<scalar_t>(k, dense), vv = kv_view<scalar_t>(v, dense);
+    head_signals(q.const_data_ptr<double>(), kv, vv, images, Tc, H, D, first, scale, want_semantic, hs);
+    candidate_signals(vv, hs, images, H, D, first, want_semantic, A, p, p_sem, rho);
   });
 
   auto opts = k.options().dtype(at::kFloat);
-  at::Tensor cum = at::empty({B, N}, opts), entropy = at::empty({B}, opts), attn = at::empty({B, N}, opts);
+  at::Tensor cum = at::empty({Tc}, opts), entropy = at::empty({B}, opts), attn = at::empty({Tc}, opts);
   float *cum_p = cum.data_ptr<float>(), *ent_p = entropy.data_ptr<float>(), *attn_p = attn.data_ptr<float>();
   const float* prev_p = prev.has_value() ? prev->const_data_ptr<float>() : nullptr;
-  const int64_t psb = prev.has_value() ? prev->stride(0) : 0, psn = prev.has_value() ? prev->stride(1) : 0;
+  const Rows prev_rows = prev.has_value() ? rows_of(*prev, dense ? 1 : 0, dense) : Rows{0, 0};
 
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = images[b].cand, N = images[b].len - first;
       double ent = 0.0;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t bn = b * N + n;
-        if (p[bn] > 0.0) ent -= p[bn] * std::log(p[bn]);
+      for (int64_t c = c0; c < c0 + N; ++c) {
+        if (p[c] > 0.0) ent -= p[c] * std::log(p[c]);
         double score;
-        if (has_cls) score = (want_semantic ? p[bn] + p_sem[bn] : p[bn]) * rho[bn];
-        else score = A[bn] * rho[bn];
-        const double c = prev_p ? 0.5 * double(prev_p[b * psb + n * psn]) + 0.5 * score : score;
-        cum_p[bn] = float(c);
-        attn_p[bn] = float(A[bn]);
+        if (has_cls) score = (want_semantic ? p[c] + p_sem[c] : p[c]) * rho[c];
+        else score = A[c] * rho[c];
+        cum_p[c] = float(prev_p ? 0.5 * double(prev_p[prev_rows(b, c)]) + 0.5 * score : score);
+        attn_p[c] = float(A[c]);
       }
       ent_p[b] = N > 1 ? float(ent / std::log(double(N))) : 0.0f;
     }
   });
   return {cum, entropy, attn};
 }
-
-namespace {
 
 // True when candidate i ranks before candidate j: the larger score first (NaN above everything, as
 // torch.sort orders it), equal scores (-0.0 == 0.0) by lower index.
@@ -202,52 +246,60 @@ bool ranks_before(const float* c, int64_t stride, int64_t i, int64_t j) {
   return i < j;
 }
 
-}  // namespace
+// select_gather of the images cu[b] .. cu[b + 1] of hidden, (B, S, C) when dense, else (T, C); cum and index_map
+// (B, N) or (T_c,) alike; keep[b] rows of image b. Returns hidden_out (sum keep, C), cum_out and index_out
+// (sum K_b,), image after image.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_gather_images(
+    const at::Tensor& hidden, const at::Tensor& cum, const at::Tensor& index_map, const std::vector<int64_t>& cu,
+    at::IntArrayRef keep, bool dense, bool has_cls) {
+  const int64_t first = has_cls ? 1 : 0, B = int64_t(keep.size()), C = hidden.size(-1);
+  const std::vector<Image> images = images_of(cu, first);
+  std::vector<int64_t> out_row(B + 1, 0);  // image b's output rows: out_row[b] .. out_row[b + 1]
+  for (int64_t b = 0; b < B; ++b) out_row[b + 1] = out_row[b] + keep[b];
+  const int64_t rows_out = out_row[B], kept = rows_out - B * first;
+  at::Tensor hidden_out = at::empty({rows_out, C}, hidden.options());
+  at::Tensor cum_out = at::empty({kept}, cum.options());
+  at::Tensor index_out = at::empty({kept}, index_map.options());
+  const int64_t dim = dense ? 1 : 0;
+  const Rows hidden_rows = rows_of(hidden, dim, dense), cum_rows = rows_of(cum, dim, dense);
+  const Rows index_rows = rows_of(index_map, dim, dense);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_gather_cpu(
-    const at::Tensor& hidden, const at::Tensor& cum, const at::Tensor& index_map, int64_t keep, bool has_cls) {
-  const int64_t B = hidden.size(0), C = hidden.size(2);
-  const int64_t first = has_cls ? 1 : 0, N = cum.size(1), K = keep - first;
-  at::Tensor hidden_out = at::empty({B, keep, C}, hidden.options());
-  at::Tensor cum_out = at::empty({B, K}, cum.options());
-  at::Tensor index_out = at::empty({B, K}, index_map.options());
-  if (B == 0 || keep == 0) return {hidden_out, cum_out, index_out};
-
-  // rows[b][r]: the hidden row that becomes output row r (the relay row 0 first in the CLS variant).
-  std::vector<int64_t> rows(B * keep);
+  // src[o]: the element offset in hidden of output row o's source row (the relay row first in the CLS variant).
+  std::vector<int64_t> src(rows_out);
   const float* c = cum.const_data_ptr<float>();
   const int64_t* idx = index_map.const_data_ptr<int64_t>();
   float* c_out = cum_out.data_ptr<float>();
   int64_t* i_out = index_out.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> order(N);
+    std::vector<int64_t> order;
     for (int64_t b = begin; b < end; ++b) {
-      const float* cb = c + b * cum.stride(0);
-      const int64_t cs = cum.stride(1);
+      const Image& img = images[b];
+      const int64_t N = img.len - first, K = keep[b] - first, o = out_row[b], oc = o - b * first;
+      const float* cb = c + cum_rows(b, img.cand);
+      order.resize(N);
       std::iota(order.begin(), order.end(), int64_t{0});
-      auto before = [&](int64_t i, int64_t j) { return ranks_before(cb, cs, i, j); };
+      auto before = [&](int64_t i, int64_t j) { return ranks_before(cb, cum_rows.row, i, j); };
       if (K < N) std::nth_element(order.begin(), order.begin() + K, order.end(), before);
       std::sort(order.begin(), order.begin() + K);  // the kept candidates in ascending order
-      int64_t* r = rows.data() + b * keep;
-      if (has_cls) r[0] = 0;
+      if (has_cls) src[o] = hidden_rows(b, img.row);
       for (int64_t n = 0; n < K; ++n) {
         const int64_t j = order[n];
-        r[first + n] = j + first;
-        c_out[b * K + n] = cb[j * cs];
-        i_out[b * K + n] = idx[b * index_map.stride(0) + j * index_map.stride(1)];
+        src[o + first + n] = hidden_rows(b, img.row + first + j);
+        c_out[oc + n] = cb[j * cum_rows.row];
+        i_out[oc + n] = idx[index_rows(b, img.cand + j)];
       }
     }
   });
 
   // Copy the rows, byte-wise whatever the dtype: memcpy when a row is contiguous.
   const auto elem = int64_t(hidden.element_size());
-  const char* src = static_cast<const char*>(hidden.const_data_ptr());
-  char* dst = static_cast<char*>(hidden_out.data_ptr());
-  const int64_t hb = hidden.stride(0) * elem, hs = hidden.stride(1) * elem, hc = hidden.stride(2) * elem;
-  at::parallel_for(0, B * keep, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t br = begin; br < end; ++br) {
-      const char* from = src + (br / keep) * hb + rows[br] * hs;
-      char* to = dst + br * C * elem;
+  const char* from0 = static_cast<const char*>(hidden.const_data_ptr());
+  char* to0 = static_cast<char*>(hidden_out.data_ptr());
+  const int64_t hc = hidden.stride(-1) * elem;
+  at::parallel_for(0, rows_out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const char* from = from0 + src[o] * elem;
+      char* to = to0 + o * C * elem;
       if (hc == elem) {
         std::memcpy(to, from, size_t(C * elem));
       } else {
@@ -256,6 +308,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_gather_cpu(
     }
   });
   return {hidden_out, cum_out, index_out};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_cpu(
+    const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& prev,
+    double scale, bool has_cls, bool semantic) {
+  const int64_t B = k.size(0), S = k.size(2), N = S - (has_cls ? 1 : 0);
+  auto [cum, entropy, attn] =
+      flow_scores_images(q_relay, k, v, prev, dense_offsets(B, S), true, scale, has_cls, semantic);
+  return {cum.view({B, N}), entropy, attn.view({B, N})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_varlen_cpu(
+    const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& cu,
+    const std::optional<at::Tensor>& prev, double scale, bool has_cls, bool semantic) {
+  return flow_scores_images(q_relay, k, v, prev, cu, false, scale, has_cls, semantic);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_gather_cpu(
+    const at::Tensor& hidden, const at::Tensor& cum, const at::Tensor& index_map, int64_t keep, bool has_cls) {
+  const int64_t B = hidden.size(0), S = hidden.size(1), K = keep - (has_cls ? 1 : 0);
+  auto [hidden_out, cum_out, index_out] = select_gather_images(
+      hidden, cum, index_map, dense_offsets(B, S), std::vector<int64_t>(B, keep), true, has_cls);
+  return {hidden_out.view({B, keep, hidden.size(2)}), cum_out.view({B, K}), index_out.view({B, K})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_gather_varlen_cpu(
+    const at::Tensor& hidden, const at::Tensor& cum, const at::Tensor& index_map, const std::vector<int64_t>& cu,
+    at::IntArrayRef keep, bool has_cls) {
+  return select_gather_images(hidden, cum, index_map, cu, keep, false, has_cls);
 }
 
 }  // namespace flowcut

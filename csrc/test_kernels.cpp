@@ -1,7 +1,7 @@
 // Standalone test of the CUDA kernels (built by CMakeLists.txt; needs a GPU to run): both ops on random
-// data, in several layouts and dtypes, against plain CPU loops in double that share no code with the kernels
-// (A / sum A and Sm / sum Sm from logs, so that they stay defined when the relay row takes all the mass).
-// Exit status 0 when every case passes.
+// data, dense and packed (ragged) batches, in several layouts and dtypes, against plain CPU loops in double that
+// share no code with the kernels (A / sum A and Sm / sum Sm from logs, so that they stay defined when the relay
+// row takes all the mass). Exit status 0 when every case passes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -87,6 +87,19 @@ std::vector<T> to_host(const T* dev, size_t n) {
   return host;
 }
 
+// Offsets 0, n[0], n[0] + n[1], ...
+std::vector<int64_t> offsets(const std::vector<int64_t>& n) {
+  std::vector<int64_t> out(n.size() + 1, 0);
+  for (size_t i = 0; i < n.size(); ++i) out[i + 1] = out[i] + n[i];
+  return out;
+}
+
+std::string list(const std::vector<int64_t>& n) {
+  std::string out;
+  for (int64_t x : n) out += (out.empty() ? "" : ",") + std::to_string(x);
+  return out;
+}
+
 double max_rel_error(const std::vector<float>& got, const std::vector<double>& want) {
   double worst = 0.0;
   for (size_t i = 0; i < got.size(); ++i)
@@ -99,11 +112,14 @@ double max_rel_error(const std::vector<float>& got, const std::vector<double>& w
 struct ScoreCase {
   int64_t B, H, S, D;
   DType dtype;
-  bool heads_inner;  // memory (B, S, H, D) viewed as (B, H, S, D), as HF models hand k and v; else contiguous
+  // Dense: memory (B, S, H, D) viewed as (B, H, S, D), as HF models hand k and v; else contiguous. Packed:
+  // contiguous (T, H, D), as varlen attention holds them; else memory (H, T, D) viewed as (T, H, D).
+  bool heads_inner;
   bool has_cls, semantic, with_prev;
   float qk_sigma = 2.0f;  // q and k ~ N(0, qk_sigma^2)
   float v_norm = 0.0f;    // > 0: every v row of this norm (the value logits then reach v_norm^2); else N(0, 1)
   double tol = 1e-4;      // relative error allowed
+  std::vector<int64_t> lens = {};  // a packed batch of images of these lengths (B and S unused); empty: dense
 };
 
 double log_sum_exp(const std::vector<double>& x) {
@@ -136,10 +152,13 @@ std::vector<double> normalised(const std::vector<double>& log_x) {
 }
 
 void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
-  const int64_t B = t.B, H = t.H, S = t.S, D = t.D, first = t.has_cls ? 1 : 0, N = S - first;
+  const bool packed = !t.lens.empty();
+  const std::vector<int64_t> lens = packed ? t.lens : std::vector<int64_t>(t.B, t.S), cu = offsets(lens);
+  const int64_t B = int64_t(lens.size()), H = t.H, D = t.D, first = t.has_cls ? 1 : 0;
+  const int64_t T = cu[B], Tc = T - B * first;  // rows and candidates; image b's candidates from cu[b] - b first
   std::normal_distribution<float> normal;
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
-  std::vector<float> q(B * H * D), k(B * H * S * D), v(B * H * S * D), prev(B * N);
+  std::vector<float> q(B * H * D), k(T * H * D), v(T * H * D), prev(Tc);
   for (auto& x : q) x = t.qk_sigma * normal(rng);
   for (auto& x : k) x = t.qk_sigma * normal(rng);
   for (auto& x : v) x = normal(rng);
@@ -151,16 +170,20 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
     }
   for (auto& x : prev) x = uniform(rng);
   const Encoded qe = encode(q, DType::kFloat32), ke = encode(k, t.dtype), ve = encode(v, t.dtype);
-  int64_t st[4] = {H * S * D, S * D, D, 1};
-  if (t.heads_inner) st[0] = S * H * D, st[1] = D, st[2] = H * D, st[3] = 1;
+  // Strides {image, head, token, dim}; token j of image b is row start[b] + j along the token stride.
+  int64_t st[4] = {H * t.S * D, t.S * D, D, 1};
+  if (t.heads_inner) st[0] = t.S * H * D, st[1] = D, st[2] = H * D, st[3] = 1;
+  if (packed) st[0] = 0, st[1] = t.heads_inner ? D : T * D, st[2] = t.heads_inner ? H * D : D;
+  const std::vector<int64_t> start = packed ? cu : std::vector<int64_t>(B + 1, 0);
   auto at = [&](const std::vector<double>& x, int64_t b, int64_t h, int64_t j, int64_t d) {
-    return x[b * st[0] + h * st[1] + j * st[2] + d * st[3]];
+    return x[b * st[0] + h * st[1] + (start[b] + j) * st[2] + d * st[3]];
   };
 
-  // Oracle, SPEC.md signals 1-7 in double.
+  // Oracle, docs/semantics.md signals 1-7 in double, image by image.
   const double scale = 1.0 / std::sqrt(double(D));
-  std::vector<double> cum(B * N), ent(B), attn(B * N);
+  std::vector<double> cum(Tc), ent(B), attn(Tc);
   for (int64_t b = 0; b < B; ++b) {
+    const int64_t S = lens[b], N = S - first, c0 = cu[b] - b * first;
     std::vector<std::vector<double>> la(H, std::vector<double>(S)), ls(H, std::vector<double>(S));
     for (int64_t h = 0; h < H; ++h)
       for (int64_t j = 0; j < S; ++j) {
@@ -185,22 +208,26 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
       if (p[n] > 0) e -= p[n] * std::log(p[n]);
       double score = std::exp(log_A[n]) * rho;
       if (t.has_cls) score = (p[n] + (t.semantic ? p_sem[n] : 0.0)) * rho;
-      cum[b * N + n] = t.with_prev ? 0.5 * prev[b * N + n] + 0.5 * score : score;
-      attn[b * N + n] = std::exp(log_A[n]);
+      cum[c0 + n] = t.with_prev ? 0.5 * prev[c0 + n] + 0.5 * score : score;
+      attn[c0 + n] = std::exp(log_A[n]);
     }
     ent[b] = N > 1 ? e / std::log(double(N)) : 0.0;
   }
 
   flowcut::cuda::FlowScoresArgs a;
-  a.B = B, a.H = H, a.S = S, a.D = D;
+  a.B = B, a.H = H, a.S = *std::max_element(lens.begin(), lens.end()), a.D = D;
+  if (packed) a.cu_seqlens = to_device(cu.data(), cu.size()), a.rows = T;
   a.q = to_device(qe.bits.data(), qe.bits.size()), a.q_dtype = DType::kFloat32;
   a.q_stride[0] = H * D, a.q_stride[1] = D, a.q_stride[2] = 1;
   a.k = to_device(ke.bits.data(), ke.bits.size()), a.v = to_device(ve.bits.data(), ve.bits.size());
   a.kv_dtype = t.dtype;
   for (int i = 0; i < 4; ++i) a.k_stride[i] = a.v_stride[i] = st[i];
-  if (t.with_prev) a.prev = to_device(prev.data(), prev.size()), a.prev_stride[0] = N, a.prev_stride[1] = 1;
+  if (t.with_prev) {
+    a.prev = to_device(prev.data(), prev.size());
+    a.prev_stride[0] = packed ? 0 : t.S - first, a.prev_stride[1] = 1;
+  }
   a.scale = float(scale), a.has_cls = t.has_cls, a.semantic = t.semantic;
-  std::vector<float> poison(B * N, NAN);
+  std::vector<float> poison(Tc, NAN);  // Tc >= B
   a.cum = to_device(poison.data(), poison.size()), a.attn = to_device(poison.data(), poison.size());
   a.entropy = to_device(poison.data(), size_t(B));
   const size_t bytes = flowcut::cuda::flow_scores_workspace_bytes(a);
@@ -210,87 +237,105 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
   for (int rep = 0; rep < 2 && err.empty(); ++rep)  // twice: the block counters must be left reusable
     err = flowcut::cuda::launch_flow_scores(a, ws, bytes, nullptr);
   cuda_ok(cudaDeviceSynchronize(), "flow_scores");
-  const auto got_cum = to_host(a.cum, B * N), got_attn = to_host(a.attn, B * N), got_ent = to_host(a.entropy, B);
+  const auto got_cum = to_host(a.cum, Tc), got_attn = to_host(a.attn, Tc), got_ent = to_host(a.entropy, B);
   const double e1 = max_rel_error(got_cum, cum), e2 = max_rel_error(got_attn, attn), e3 = max_rel_error(got_ent, ent);
-  char name[320];
+  const char* layout = packed ? (t.heads_inner ? "(T,H,D)" : "(H,T,D)") : (t.heads_inner ? "(B,S,H,D)" : "(B,H,S,D)");
+  const std::string shape = packed ? "lens=" + list(lens) : "B=" + std::to_string(B) + " S=" + std::to_string(t.S);
+  char name[400];
   std::snprintf(name, sizeof name,
-                "flow_scores B=%ld H=%ld S=%ld D=%ld dtype=%d %s cls=%d semantic=%d prev=%d qk_sigma=%g v_norm=%g: "
+                "flow_scores %s H=%ld D=%ld dtype=%d %s cls=%d semantic=%d prev=%d qk_sigma=%g v_norm=%g: "
                 "rel err %.2e %.2e %.2e",
-                long(B), long(H), long(S), long(D), int(t.dtype), t.heads_inner ? "(B,S,H,D)" : "(B,H,S,D)",
-                int(t.has_cls), int(t.semantic), int(t.with_prev), double(t.qk_sigma), double(t.v_norm), e1, e2, e3);
+                shape.c_str(), long(H), long(D), int(t.dtype), layout, int(t.has_cls), int(t.semantic),
+                int(t.with_prev), double(t.qk_sigma), double(t.v_norm), e1, e2, e3);
   // NaN errors fail the comparisons.
   expect(err.empty() && e1 < t.tol && e2 < t.tol && e3 < t.tol, err.empty() ? name : name + (" " + err));
   cudaFree(const_cast<void*>(a.q)), cudaFree(const_cast<void*>(a.k)), cudaFree(const_cast<void*>(a.v));
   cudaFree(const_cast<float*>(a.prev)), cudaFree(a.cum), cudaFree(a.attn), cudaFree(a.entropy), cudaFree(ws);
+  cudaFree(const_cast<int64_t*>(a.cu_seqlens));
 }
 
 // ---- select_gather ----------------------------------------------------------------------------------
 
-void test_select_gather(int64_t B, int64_t S, int64_t C, int64_t keep, bool has_cls, size_t elem, std::mt19937& rng) {
-  const int64_t first = has_cls ? 1 : 0, N = S - first, K = keep - first;
+// Images of lengths lens keeping keeps rows each: a packed batch, or a dense one (equal lengths and keeps).
+void test_select_gather(const std::vector<int64_t>& lens, const std::vector<int64_t>& keeps, bool packed, int64_t C,
+                        bool has_cls, size_t elem, std::mt19937& rng) {
+  const std::vector<int64_t> cu = offsets(lens), cu_out = offsets(keeps);
+  const int64_t B = int64_t(lens.size()), first = has_cls ? 1 : 0, T = cu[B], Tc = T - B * first;
+  const int64_t rows_out = cu_out[B], kept_total = rows_out - B * first;
   // Few distinct scores (many ties), signed zeros, infinities and NaNs of both signs and several payloads.
   const uint32_t special_bits[] = {0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0xffc00000u, 0x7fc00001u};
   std::uniform_int_distribution<int> level(0, 15);
-  std::vector<float> cum(B * N);
+  std::vector<float> cum(Tc);
   for (auto& x : cum) {
     const int l = level(rng);
     if (l < 6) std::memcpy(&x, &special_bits[l], 4);
     else x = float(l - 6) / 7.0f;
   }
-  std::vector<int64_t> index(B * N);
-  for (int64_t i = 0; i < B * N; ++i) index[i] = 1000 + i;
-  std::vector<unsigned char> hidden(size_t(B * S * C) * elem);
+  std::vector<int64_t> index(Tc);
+  for (int64_t i = 0; i < Tc; ++i) index[i] = 1000 + i;
+  std::vector<unsigned char> hidden(size_t(T * C) * elem);  // (T, C), or (B, S, C) when dense
   for (auto& x : hidden) x = static_cast<unsigned char>(rng());
 
   // Oracle: order by score descending, NaN above every number (-0.0 == 0.0), ties by lower index; keep K; ascending.
-  std::vector<int64_t> want_rows;
+  std::vector<int64_t> want_rows;  // rows of hidden, image after image
   std::vector<float> want_cum;
   std::vector<int64_t> want_index;
   for (int64_t b = 0; b < B; ++b) {
+    const int64_t N = lens[b] - first, K = keeps[b] - first, c0 = cu[b] - b * first;
     std::vector<int64_t> order(N);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) {
-      const float x = cum[b * N + i], y = cum[b * N + j];
+      const float x = cum[c0 + i], y = cum[c0 + j];
       return std::isnan(x) ? !std::isnan(y) : x > y;  // NaN first (x > NaN is false)
     });
     std::vector<int64_t> kept(order.begin(), order.begin() + K);
     std::sort(kept.begin(), kept.end());
-    if (has_cls) want_rows.push_back(0);
+    if (has_cls) want_rows.push_back(cu[b]);
     for (int64_t j : kept) {
-      want_rows.push_back(j + first);
-      want_cum.push_back(cum[b * N + j]);
-      want_index.push_back(index[b * N + j]);
+      want_rows.push_back(cu[b] + j + first);
+      want_cum.push_back(cum[c0 + j]);
+      want_index.push_back(index[c0 + j]);
     }
   }
 
   flowcut::cuda::SelectGatherArgs a;
-  a.B = B, a.S = S, a.C = C, a.keep = keep, a.has_cls = has_cls, a.elem_size = elem;
+  a.B = B, a.S = *std::max_element(lens.begin(), lens.end()), a.C = C, a.has_cls = has_cls, a.elem_size = elem;
+  a.keep = *std::max_element(keeps.begin(), keeps.end());
+  if (packed) {
+    a.cu_seqlens = to_device(cu.data(), cu.size());
+    a.cu_seqlens_out = to_device(cu_out.data(), cu_out.size());
+  }
   a.hidden = to_device(hidden.data(), hidden.size());
-  a.hidden_stride[0] = S * C, a.hidden_stride[1] = C, a.hidden_stride[2] = 1;
-  a.cum = to_device(cum.data(), cum.size()), a.cum_stride[0] = N, a.cum_stride[1] = 1;
-  a.index_map = to_device(index.data(), index.size()), a.index_stride[0] = N, a.index_stride[1] = 1;
-  std::vector<unsigned char> poison(size_t(B * keep * C) * elem, 0xff);
+  a.hidden_stride[0] = packed ? 0 : a.S * C, a.hidden_stride[1] = C, a.hidden_stride[2] = 1;
+  a.cum = to_device(cum.data(), cum.size()), a.cum_stride[0] = packed ? 0 : a.S - first, a.cum_stride[1] = 1;
+  a.index_map = to_device(index.data(), index.size());
+  a.index_stride[0] = a.cum_stride[0], a.index_stride[1] = 1;
+  std::vector<unsigned char> poison(size_t(rows_out * C) * elem, 0xff);
   a.hidden_out = to_device(poison.data(), poison.size());
-  std::vector<float> poison_f(B * K, NAN);
-  std::vector<int64_t> poison_i(B * K, -1);
+  std::vector<float> poison_f(kept_total, NAN);
+  std::vector<int64_t> poison_i(kept_total, -1);
   a.cum_out = to_device(poison_f.data(), poison_f.size()), a.index_out = to_device(poison_i.data(), poison_i.size());
   const std::string err = flowcut::cuda::launch_select_gather(a, nullptr);
   cuda_ok(cudaDeviceSynchronize(), "select_gather");
   const auto got_hidden = to_host(static_cast<unsigned char*>(a.hidden_out), poison.size());
-  const auto got_cum = to_host(a.cum_out, B * K);
-  const auto got_index = to_host(a.index_out, B * K);
+  const auto got_cum = to_host(a.cum_out, kept_total);
+  const auto got_index = to_host(a.index_out, kept_total);
   bool ok = err.empty() && got_index == want_index;
   ok = ok && std::memcmp(got_cum.data(), want_cum.data(), want_cum.size() * 4) == 0;  // bit for bit (NaN)
-  for (int64_t br = 0; ok && br < B * keep; ++br) {
-    const int64_t b = br / keep, src = b * S + want_rows[br];
-    ok = std::memcmp(got_hidden.data() + br * C * elem, hidden.data() + src * C * elem, C * elem) == 0;
-  }
-  char name[160];
-  std::snprintf(name, sizeof name, "select_gather B=%ld S=%ld C=%ld keep=%ld cls=%d elem=%zu %s", long(B), long(S),
-                long(C), long(keep), int(has_cls), elem, err.c_str());
+  for (int64_t r = 0; ok && r < rows_out; ++r)
+    ok = std::memcmp(got_hidden.data() + r * C * elem, hidden.data() + want_rows[r] * C * elem, C * elem) == 0;
+  const std::string shape = (packed ? "lens=" : "dense lens=") + list(lens) + " keep=" + list(keeps);
+  char name[400];
+  std::snprintf(name, sizeof name, "select_gather %s C=%ld cls=%d elem=%zu %s", shape.c_str(), long(C),
+                int(has_cls), elem, err.c_str());
   expect(ok, name);
   cudaFree(const_cast<void*>(a.hidden)), cudaFree(const_cast<float*>(a.cum));
   cudaFree(const_cast<int64_t*>(a.index_map)), cudaFree(a.hidden_out), cudaFree(a.cum_out), cudaFree(a.index_out);
+  cudaFree(const_cast<int64_t*>(a.cu_seqlens)), cudaFree(const_cast<int64_t*>(a.cu_seqlens_out));
+}
+
+void test_select_gather(int64_t B, int64_t S, int64_t C, int64_t keep, bool has_cls, size_t elem, std::mt19937& rng) {
+  test_select_gather(std::vector<int64_t>(B, S), std::vector<int64_t>(B, keep), false, C, has_cls, elem, rng);
 }
 
 }  // namespace
@@ -317,6 +362,12 @@ int main() {
       // only adds the float32 rounding of logits ~|v|^2, which blurs heads of near-equal candidate mass.)
       {2, 16, 577, 64, DType::kFloat32, true, true, true, true, 3.0f, 100.0f, 1e-3},
       {2, 16, 577, 64, DType::kBFloat16, true, true, true, false, 3.0f, 100.0f, 1e-3},
+      // Packed batches (B and S unused): ragged lengths, a two-row CLS image, idle blocks of the shorter images.
+      {0, 4, 0, 16, DType::kFloat16, true, true, true, true, 2.0f, 0.0f, 1e-4, {37, 2, 100, 9}},
+      {0, 16, 0, 64, DType::kFloat32, true, true, false, true, 2.0f, 0.0f, 1e-4, {577, 65, 5000}},
+      {0, 16, 0, 80, DType::kBFloat16, false, false, true, false, 2.0f, 0.0f, 1e-4, {1, 300, 17}},  // (H, T, D)
+      {0, 3, 0, 5, DType::kFloat64, true, true, true, true, 2.0f, 0.0f, 1e-4, {29, 3}},
+      {0, 16, 0, 64, DType::kBFloat16, true, true, true, true, 3.0f, 100.0f, 1e-3, {577, 2, 200}},
   };
   for (const ScoreCase& t : score_cases) test_flow_scores(t, rng);
   for (bool cls : {true, false})
@@ -326,6 +377,13 @@ int main() {
     }
   test_select_gather(2, 16385, 64, 4000, true, 2, rng);    // large N: several radix levels, many row groups
   test_select_gather(70, 577, 128, 65, true, 8, rng);      // many images
+  // Packed batches: each image its own length and keep (1 to all), the relay row alone, several row groups.
+  for (bool cls : {true, false}) {
+    test_select_gather({100, 2, 40, 17}, {17, 1, 40, 2}, true, 40, cls, 4, rng);  // 16-byte copies
+    test_select_gather({2, 50, 9, 100}, {2, 50, 3, 1}, true, 33, cls, 2, rng);    // element copies
+  }
+  test_select_gather({1, 7, 3}, {1, 5, 3}, true, 8, false, 8, rng);               // one-row images (mean)
+  test_select_gather({16385, 10, 600}, {4000, 10, 2}, true, 64, true, 2, rng);    // one long image
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }

@@ -1,15 +1,17 @@
 """The "native" backend: hand-written C++ (CPU) and CUDA kernels from the compiled ``flowcut_kernels._C``.
 
 Importing ``_C`` loads its op library, which registers ``torch.ops.flowcut.native_flow_scores`` and
-``torch.ops.flowcut.native_select_gather`` (csrc/ops.cpp) with CPU kernels, and CUDA kernels when the
-extension was built with CUDA. This module adds their fake (meta) implementations and registers the
-backend with :mod:`flowcut_kernels.ops.backends`. It always imports: without a usable ``_C`` (not built,
+``torch.ops.flowcut.native_select_gather`` and their packed forms ``native_flow_scores_varlen`` and
+``native_select_gather_varlen`` (csrc/ops.cpp) with CPU kernels, and CUDA kernels when the extension was
+built with CUDA. This module adds their fake (meta) implementations and registers the backend with
+:mod:`flowcut_kernels.ops.backends`. It always imports: without a usable ``_C`` (not built,
 or built but not loading) it records why with ``backends.mark_unavailable`` (shown by
 ``available_backends(device, reasons=True)`` and the benchmark's "skipped" lines), warns once unless
 ``FLOWCUT_BUILD_NATIVE=0`` is set, and :func:`build_info` raises that reason; the other backends keep working.
 
 Shapes: B images, H heads, S tokens (relay row first when ``has_cls``), D head dim, C hidden size,
-N candidates (S − 1 with a CLS token, S without), K kept candidates (keep − 1 with CLS, else keep).
+N candidates (S − 1 with a CLS token, S without), K kept candidates (keep − 1 with CLS, else keep); a packed
+batch holds its images' T rows along one axis (image b: rows cu_seqlens[b] … cu_seqlens[b+1]).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import warnings
 import torch
 
 from .backends import ALL_DTYPES, Backend, mark_unavailable, register_backend
-from .library import flow_scores_fake, select_gather_fake
+from .library import flow_scores_fake, flow_scores_varlen_fake, select_gather_fake, select_gather_varlen_fake
 
 _HOW = (
     "`pip install --no-build-isolation -e .` in a source checkout, with torch and ninja installed first (so that "
@@ -68,6 +70,8 @@ else:
     # The same output shapes as every backend's ops.
     torch.library.register_fake("flowcut::native_flow_scores")(flow_scores_fake)
     torch.library.register_fake("flowcut::native_select_gather")(select_gather_fake)
+    torch.library.register_fake("flowcut::native_flow_scores_varlen")(flow_scores_varlen_fake)
+    torch.library.register_fake("flowcut::native_select_gather_varlen")(select_gather_varlen_fake)
     DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
     register_backend(
         Backend(
@@ -76,5 +80,7 @@ else:
             torch.ops.flowcut.native_select_gather,
             DEVICE_TYPES,
             dtypes=ALL_DTYPES,
+            flow_scores_varlen=torch.ops.flowcut.native_flow_scores_varlen,
+            select_gather_varlen=torch.ops.flowcut.native_select_gather_varlen,
         )
     )

@@ -1,4 +1,5 @@
-"""The "native" backend (C++ CPU kernels of flowcut_kernels._C) against the reference and the naive oracle."""
+"""The "native" backend (C++ CPU kernels of flowcut_kernels._C), dense and packed, against the reference and the naive
+oracle."""
 
 import json
 import os
@@ -267,6 +268,205 @@ def test_direct_op_calls_check_their_inputs():
         torch.ops.flowcut.native_flow_scores(q, k, v, torch.rand(2, 17), 1.0, True, True)
     with pytest.raises(RuntimeError, match="q_relay must have shape"):
         torch.ops.flowcut.native_flow_scores(q[:, :2], k, v, None, 1.0, True, True)
+
+
+# --- Packed (varlen) batches -------------------------------------------------------------------------------
+
+
+def offsets(lens, dtype=torch.int64):
+    """cu_seqlens (B + 1,) of images of the given lengths."""
+    return torch.tensor([0, *lens]).cumsum(0).to(dtype)
+
+
+def packed_qkv(lens, h, d, dtype, layout, seed=0):
+    """q_relay (B, H, D) and packed k, v (T, H, D) in a layout: "contiguous", "heads" ((H, T, D) memory,
+    transposed) or "rows" (every other row of a wider tensor; v also every other element of the head dim)."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    q = (2 * torch.randn(len(lens), h, d, generator=g)).to(dtype)
+    if layout == "contiguous":
+        k = (2 * torch.randn(t, h, d, generator=g)).to(dtype)
+        v = torch.randn(t, h, d, generator=g).to(dtype)
+    elif layout == "heads":
+        k = (2 * torch.randn(h, t, d, generator=g)).to(dtype).transpose(0, 1)
+        v = torch.randn(h, t, d, generator=g).to(dtype).transpose(0, 1)
+    else:
+        k = (2 * torch.randn(2 * t, h, d, generator=g)).to(dtype)[::2]
+        v = torch.randn(2 * t, h, 2 * d, generator=g).to(dtype)[::2, :, ::2]
+    return q, k, v
+
+
+def segments(lens, has_cls):
+    """(rows, candidates) slices of each image of a packed batch."""
+    row = cand = 0
+    for s in lens:
+        yield slice(row, row + s), slice(cand, cand + s - has_cls)
+        row, cand = row + s, cand + s - has_cls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "heads", "rows"])
+@pytest.mark.parametrize("has_cls,semantic", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("with_prev", [False, True])
+@pytest.mark.parametrize("lens,h,d", [((5,), 4, 8), ((2, 17, 9), 4, 8), ((33, 1, 8, 2), 2, 16), ((50, 2, 64), 12, 64)])
+def test_flow_scores_varlen(dtype, layout, has_cls, semantic, with_prev, lens, h, d):
+    """Ragged images (S = 2 with CLS, S = 1 mean) in strided layouts: the reference, and per image the oracle."""
+    lens = tuple(max(s, 1 + has_cls) for s in lens)
+    q, k, v = packed_qkv(lens, h, d, dtype, layout, seed=sum(lens))
+    cu = offsets(lens, torch.int32 if with_prev else torch.int64)  # both offset dtypes
+    n = sum(lens) - len(lens) * has_cls
+    prev = torch.rand(n, generator=torch.Generator().manual_seed(1)) if with_prev else None
+    scale = d**-0.5
+    poison_allocator(4 * n)
+    got = ops.flow_scores_varlen(q, k, v, cu, prev, scale=scale, has_cls=has_cls, semantic=semantic, backend="native")
+    want = reference.flow_scores_varlen(q, k, v, cu, prev, scale, has_cls, semantic)
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32 and x.shape == y.shape and x.is_contiguous()
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, rtol=TOL[dtype], atol=TOL[dtype] * 1e-2)
+    for b, (rows, cand) in enumerate(segments(lens, has_cls)):
+        kb, vb = (x[rows].transpose(0, 1)[None] for x in (k, v))
+        pb = None if prev is None else prev[cand][None]
+        oracle = naive_flow_scores(q[b : b + 1], kb, vb, pb, scale, has_cls, semantic)
+        for x, z in zip((got[0][cand], got[1][b : b + 1], got[2][cand]), oracle):
+            torch.testing.assert_close(x.double(), z.flatten(), rtol=1e-5, atol=1e-7)
+
+
+def test_flow_scores_varlen_one_hot_relay():
+    """An image whose relay takes all of every head's mass (A = 0), packed next to ordinary ones: its shares stay
+    defined and its neighbours are unaffected."""
+    lens = (9, 17, 5)
+    q, k, v = packed_qkv(lens, 4, 8, torch.float32, "contiguous", seed=11)
+    k[9] = 1000 * q[1]  # image 1's relay row
+    v[9] *= 100
+    cu = offsets(lens)
+    cum, entropy, attn = ops.flow_scores_varlen(q, k, v, cu, scale=0.35, backend="native")
+    assert torch.equal(attn[8:24], torch.zeros(16)) and cum.gt(0).all() and torch.isfinite(entropy).all()
+    for b, (rows, cand) in enumerate(segments(lens, True)):
+        oracle = naive_flow_scores(q[b : b + 1], k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None], None,
+                                   0.35, True, True)
+        for x, z in zip((cum[cand], entropy[b : b + 1], attn[cand]), oracle):
+            torch.testing.assert_close(x.double(), z.flatten(), rtol=1e-5, atol=1e-7)
+
+
+def scores_with_ties(n, seed):
+    """n float32 scores of few levels (ties), with -0.0 and +0.0, and one NaN."""
+    g = torch.Generator().manual_seed(seed)
+    cum = (torch.rand(n, generator=g) * 4).floor() / 4
+    cum[torch.randperm(n, generator=g)[:4]] = torch.tensor([0.0, -0.0, 0.0, float("nan")])
+    return cum
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("has_cls", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+def test_select_gather_varlen(dtype, has_cls, strided):
+    """Each image its own length (S = 2 with CLS, S = 1 mean) and keep, from 1 to all; ties and a NaN."""
+    lens = (40, 1 + has_cls, 17, 9)
+    n = sum(lens) - len(lens) * has_cls
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(sum(lens), 24, generator=g).to(dtype)
+    cum = scores_with_ties(n, seed=1)
+    index_map = torch.randperm(1000, generator=g)[:n]
+    cu = offsets(lens, torch.int32 if strided else torch.int64)
+    if strided:  # hidden as a transposed view, cum and index_map as every other element
+        hidden = hidden.t().contiguous().t()
+        cum, index_map = torch.stack([cum, cum], dim=1)[:, 0], torch.stack([index_map, index_map], dim=1)[:, 1]
+        assert not hidden.is_contiguous() and not cum.is_contiguous()
+    nan_free = [not cum[c].isnan().any() for _, c in segments(lens, has_cls)]
+    for keep in ([1, 1, 1, 1], list(lens), [9, 1, 17, 2], [40, 1 + has_cls, 1, 5]):
+        poison_allocator(sum(keep) * 24 * 2)
+        got = ops.select_gather_varlen(hidden, cum, index_map, cu, keep, has_cls=has_cls, backend="native")
+        want = reference.select_gather_varlen(hidden, cum, index_map, cu, keep, has_cls)
+        for x, y in zip(got, want):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)), keep
+        assert torch.equal(got[3], offsets(keep, cu.dtype))
+        kept = 0
+        for b, (rows, cand) in enumerate(segments(lens, has_cls)):
+            k_b = keep[b] - has_cls
+            if nan_free[b]:
+                oracle = naive_select_gather(hidden[rows][None], cum[cand][None], index_map[cand][None], keep[b],
+                                             has_cls)
+                assert torch.equal(got[0][got[3][b] : got[3][b + 1]], oracle[0][0])
+                assert torch.equal(got[1][kept : kept + k_b], oracle[1][0])
+                assert torch.equal(got[2][kept : kept + k_b], oracle[2][0])
+            kept += k_b
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_select_gather_varlen_nan_inf_and_signed_zero(has_cls):
+    """The dense op's order (NaN above everything, equal numbers and NaNs by lower index, -0.0 == +0.0) within each
+    image of a packed batch; the kept scores are copied bit for bit."""
+    specials = float32_from_bits(0x7FC00000, 0xFFC00000, 0x7FC00001, 0xFF800001, 0x7F800000, 0xFF800000,
+                                 0x00000000, 0x80000000)
+    g = torch.Generator().manual_seed(5)
+    lens = (30, 12, 1 + has_cls, 21)
+    n = sum(lens) - len(lens) * has_cls
+    values = torch.cat([specials, specials, torch.tensor([1.0, 0.5, -2.0, 1.0, 0.5])])
+    cum = values[torch.randint(len(values), (n,), generator=g)]
+    hidden = torch.randn(sum(lens), 6, generator=g)
+    index_map = torch.randperm(200, generator=g)[:n]
+    cu = offsets(lens)
+    for step in range(1, max(lens) + 1):
+        keep = [min(step, s) for s in lens]
+        got = ops.select_gather_varlen(hidden, cum, index_map, cu, keep, has_cls=has_cls, backend="native")
+        want = reference.select_gather_varlen(hidden, cum, index_map, cu, keep, has_cls)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3]), keep
+        assert torch.equal(got[1].view(torch.int32), want[1].view(torch.int32)), keep
+
+
+def test_opcheck_varlen():
+    op_scores = torch.ops.flowcut.native_flow_scores_varlen.default
+    op_select = torch.ops.flowcut.native_select_gather_varlen.default
+    lens = (5, 2, 9)
+    for dtype, cu_dtype in ((torch.float32, torch.int32), (torch.bfloat16, torch.int64), (torch.float64, torch.int32)):
+        q, k, v = packed_qkv(lens, 2, 4, dtype, "heads")
+        cu = offsets(lens, cu_dtype)
+        for prev in (None, torch.rand(13)):
+            torch.library.opcheck(op_scores, (q, k, v, cu, prev, 0.5, True, True))
+        torch.library.opcheck(op_scores, (q, k, v, cu, torch.rand(16), 0.5, False, True))
+        torch.library.opcheck(op_scores, (q, k, v, cu, None, 0.5, True, False))
+        hidden = torch.randn(16, 6, dtype=dtype, requires_grad=dtype == torch.float64)  # float64: with its gradient
+        cum = scores_with_ties(16, 2).nan_to_num(2.0)  # opcheck's comparisons take NaN != NaN
+        for keep in ([1, 1, 1], [3, 2, 9], [5, 1, 4]):
+            torch.library.opcheck(op_select, (hidden, cum[:13], torch.arange(13), cu, keep, True))
+        torch.library.opcheck(op_select, (hidden, cum, torch.arange(16), cu, [5, 1, 7], False))
+
+
+def test_direct_varlen_op_calls_check_their_inputs():
+    lens = (5, 2, 9)
+    q, k, v = packed_qkv(lens, 2, 4, torch.float32, "contiguous")
+    cu, hidden, cum, index_map = offsets(lens), torch.randn(16, 6), torch.rand(13), torch.arange(13)
+    scores, select = torch.ops.flowcut.native_flow_scores_varlen, torch.ops.flowcut.native_select_gather_varlen
+    for bad, match in (
+        (torch.tensor([1, 5, 7, 16]), "cu_seqlens must start at 0"),
+        (torch.tensor([0, 5, 7, 15]), "cu_seqlens must end at the row count 16"),
+        (torch.tensor([0, 5, 6, 16]), "cu_seqlens must increase by at least 2"),
+        (torch.tensor([0, 7, 5, 16]), "cu_seqlens must increase by at least 2"),
+        (cu.float(), "cu_seqlens must be int32 or int64"),
+        (cu[None], r"cu_seqlens must have shape \(B \+ 1,\)"),
+    ):
+        with pytest.raises(RuntimeError, match=match):
+            scores(q, k, v, bad, None, 1.0, True, True)
+        with pytest.raises(RuntimeError, match=match):
+            select(hidden, cum, index_map, bad, [1, 1, 1], True)
+    with pytest.raises(RuntimeError, match=r"prev must have shape \(T_c,\) = \(13,\)"):
+        scores(q, k, v, cu, torch.rand(16), 1.0, True, True)
+    with pytest.raises(RuntimeError, match=r"q_relay must have shape \(B, H, D\) = \(3, 2, 4\)"):
+        scores(q[:2], k, v, cu, None, 1.0, True, True)
+    with pytest.raises(RuntimeError, match=r"k must have shape \(T, H, D\)"):
+        scores(q, k[None], v, cu, None, 1.0, True, True)
+    with pytest.raises(RuntimeError, match=r"keep\[1\]=3 is out of range \[1, S=2\]"):
+        select(hidden, cum, index_map, cu, [1, 3, 1], True)
+    with pytest.raises(RuntimeError, match=r"keep\[0\]=0 is out of range"):
+        select(hidden, cum, index_map, cu, [0, 1, 1], True)
+    with pytest.raises(RuntimeError, match="keep must hold one count per image"):
+        select(hidden, cum, index_map, cu, [1, 1], True)
+    with pytest.raises(RuntimeError, match=r"cum must have shape \(T_c,\) = \(16,\)"):
+        select(hidden, cum, index_map, cu, [1, 1, 1], False)
+    with pytest.raises(RuntimeError, match="index_map must be int64"):
+        select(hidden, cum, index_map.int(), cu, [1, 1, 1], True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
