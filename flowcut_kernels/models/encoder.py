@@ -57,6 +57,10 @@ def check_target(target_num: int, num_patches: int) -> int:
     return check_int("target_num", target_num, 1, num_patches - 1)
 
 
+#: The ops the per-image schedule runs on.
+PACKED_OPS = ("flow_scores_varlen", "select_gather_varlen")
+
+
 class Ragged:
     """Images of different lengths padded into one (B, S_max, …) batch: the per-image schedule's layout.
 
@@ -126,7 +130,7 @@ def run_pruned(
     ragged = Ragged([seq] * batch, hidden.device) if per_image else None
     if per_image:
         index_map = index_map.flatten()
-    varlen = ops.BACKENDS[backend]
+    varlen = ops.BACKENDS[backend].ops
     cum = None
     tokens = []
     with capturing(tower.core.config) as run:
@@ -157,7 +161,7 @@ def run_pruned(
                 # Images already at the target are scored too: their count can no longer change.
                 k, v = (ragged.pack(x.transpose(1, 2)) for x in (k, v))  # (T, H, D)
                 q_relay = q[:, :, 0] if has_cls else _ragged_mean(q, ragged, acc)
-                cum, entropy, _ = varlen.flow_scores_varlen(
+                cum, entropy, _ = varlen["flow_scores_varlen"](
                     q_relay, k, v, ragged.cu_seqlens, cum, float(scale), has_cls, True
                 )
             else:
@@ -169,7 +173,7 @@ def run_pruned(
                     prunes = ops.prune_counts(entropy, counts, target, steps_left)
                     keep = [max(s - p, target) for s, p in zip(lens, prunes)]
                     if keep != lens:
-                        kept, cum, index_map, _ = varlen.select_gather_varlen(
+                        kept, cum, index_map, _ = varlen["select_gather_varlen"](
                             ragged.pack(hidden), cum, index_map, ragged.cu_seqlens, keep, has_cls
                         )
                         ragged = Ragged(keep, hidden.device)
@@ -252,7 +256,7 @@ def encode(
     check_pixels(pixel_values, tower)
     require(schedule in ("batch", "per_image"), f"schedule={schedule!r} is not one of 'batch', 'per_image'")
     per_image = schedule == "per_image"
-    backend = ops.resolve_backend(backend, tower.device, tower.dtype, varlen=per_image)
+    backend = ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS if per_image else ())
     hidden = tower.embed(pixel_values)
     out, keep_indices, tokens = run_pruned(tower, hidden, target_num, feature_idx, backend, per_image=per_image)
     features = out[:, 1:] if tower.has_cls else out

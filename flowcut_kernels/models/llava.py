@@ -39,7 +39,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import ops
 from ..checks import FlowCutInputError, require
-from .encoder import check_pixels, check_target, feature_index, run_pruned
+from .encoder import PACKED_OPS, check_pixels, check_target, feature_index, run_pruned
 from .instance import is_patched, prior_attr, restore_attrs, set_attrs
 from .registry import Family, FlowCutConfig, find_tower, is_tower, supported_towers
 from .tower import Tower
@@ -167,7 +167,7 @@ def _pruned_image_features(
 
     hidden = tower.embed(pixel_values, interpolate)
     target_num = check_target(config.target_num, hidden.shape[1] - int(tower.has_cls))
-    backend = ops.resolve_backend(config.backend, tower.device, tower.dtype, varlen=True)
+    backend = ops.resolve_backend(config.backend, tower.device, tower.dtype, PACKED_OPS)
     feature_idx = len(tower.layers) + feature_layer
     # Each image on its own schedule (docs/semantics.md, "Batches"), all images in one tower pass: a prompt's
     # result never depends on its batch.
@@ -259,7 +259,7 @@ def _check_llava(model: nn.Module, target_num: int, feature_layer, backend: str,
         )
     check_strategy(core.config.vision_feature_select_strategy, tower, "model.config.vision_feature_select_strategy")
     target_num = check_target(target_num, tower.num_patches)
-    ops.resolve_backend(backend, tower.device, tower.dtype, varlen=True)
+    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
     if processor is not None:
         check_processor(processor, model, core)
     return target_num, configured

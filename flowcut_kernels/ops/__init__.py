@@ -1,6 +1,9 @@
 """The op surface other libraries build on: checked inputs, a backend choice, torch ops.
 
-``flow_scores``, ``select_gather`` and ``prune_count`` check their inputs, pick a backend
+FlowCut's ops (here): ``flow_scores``, ``select_gather``, ``prune_count`` and the packed-batch
+``flow_scores_varlen``, ``select_gather_varlen``, ``prune_counts``. Generic primitives
+(:mod:`.primitives`): ``topk_select``, ``gather_rows``, ``merge_nearest``, ``attention_scores``,
+``text_guided_scores``. Each function checks its inputs, picks a backend
 (:mod:`.backends`) and call its torch op (schemas and fakes: :mod:`.library`). Backends: "torch"
 (the reference, :mod:`.reference`), "triton" (:mod:`.triton`) and "native" (C++/CUDA from the
 compiled ``flowcut_kernels._C``, :mod:`.native`); the optional ones load at import.
@@ -14,6 +17,7 @@ from . import library, reference  # noqa: F401 - registers torch.ops.flowcut.flo
 from .backends import (
     BACKENDS, Backend, available_backends, load_optional_backends, mark_unavailable, register_backend, resolve_backend,
 )
+from .primitives import Selection, attention_scores, gather_rows, merge_nearest, text_guided_scores, topk_select
 
 def _check_scale(scale) -> None:
     require(
@@ -77,7 +81,7 @@ def flow_scores(
         )
     device = check_same_device(q_relay=q_relay, k=k, v=v, prev=prev)
     _check_scale(scale)
-    op = BACKENDS[resolve_backend(backend, device, k.dtype)].flow_scores
+    op = BACKENDS[resolve_backend(backend, device, k.dtype, "flow_scores")].ops["flow_scores"]
     return op(q_relay, k, v, prev, float(scale), bool(has_cls), bool(semantic))
 
 
@@ -119,7 +123,7 @@ def select_gather(
         )
     keep = check_int("keep", keep, 1, seq)
     device = check_same_device(hidden=hidden, cum=cum, index_map=index_map)
-    op = BACKENDS[resolve_backend(backend, device, hidden.dtype)].select_gather
+    op = BACKENDS[resolve_backend(backend, device, hidden.dtype, "select_gather")].ops["select_gather"]
     return op(hidden, cum, index_map, keep, bool(has_cls))
 
 
@@ -184,7 +188,7 @@ def flow_scores_varlen(
         check_tensor("prev", prev, 1, (torch.float32,), "(T_c,)")
         require(prev.shape == (n,), f"prev must have shape (T_c,) = ({n},), got {tuple(prev.shape)}")
     _check_scale(scale)
-    op = BACKENDS[resolve_backend(backend, device, k.dtype, varlen=True)].flow_scores_varlen
+    op = BACKENDS[resolve_backend(backend, device, k.dtype, "flow_scores_varlen")].ops["flow_scores_varlen"]
     return op(q_relay, k, v, cu_seqlens, prev, float(scale), bool(has_cls), bool(semantic))
 
 
@@ -230,7 +234,7 @@ def select_gather_varlen(
     require(isinstance(keep, (list, tuple)) and len(keep) == len(lengths),
             f"keep must hold one count per image ({len(lengths)}), got {keep!r}")
     keep = [check_int(f"keep[{b}]", x, 1, s) for b, (x, s) in enumerate(zip(keep, lengths))]
-    op = BACKENDS[resolve_backend(backend, device, hidden.dtype, varlen=True)].select_gather_varlen
+    op = BACKENDS[resolve_backend(backend, device, hidden.dtype, "select_gather_varlen")].ops["select_gather_varlen"]
     return op(hidden, cum, index_map, cu_seqlens, keep, bool(has_cls))
 
 
@@ -279,7 +283,13 @@ def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int
 __all__ = [
     "Backend",
     "FlowCutInputError",
+    "Selection",
+    "attention_scores",
     "available_backends",
+    "gather_rows",
+    "merge_nearest",
+    "text_guided_scores",
+    "topk_select",
     "flow_scores",
     "flow_scores_varlen",
     "prune_count",

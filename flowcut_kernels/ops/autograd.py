@@ -51,12 +51,12 @@ def _count_inputs(ctx, inputs, output):
 
 def attach(backend) -> None:
     """Register the gradients of ``backend``'s ops (called by ``register_backend``)."""
-    pairs = [
-        (backend.select_gather, _select_gather_backward, _save_selection),
-        (backend.flow_scores, _no_gradient, _count_inputs),
-        (backend.select_gather_varlen, _select_gather_varlen_backward, _save_selection),
-        (backend.flow_scores_varlen, _no_gradient, _count_inputs),
-    ]
-    for op, backward, setup in pairs:
-        if op is not None:
-            torch.library.register_autograd(op._qualified_op_name, backward, setup_context=setup)
+    rules = {
+        "select_gather": (_select_gather_backward, _save_selection),
+        "flow_scores": (_no_gradient, _count_inputs),
+        "select_gather_varlen": (_select_gather_varlen_backward, _save_selection),
+        "flow_scores_varlen": (_no_gradient, _count_inputs),
+    }
+    for name, (backward, setup) in rules.items():
+        if name in backend.ops:
+            torch.library.register_autograd(backend.ops[name]._qualified_op_name, backward, setup_context=setup)

@@ -7,7 +7,7 @@ unavailable, with its reason in :func:`available_backends` ``(device, reasons=Tr
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -20,17 +20,28 @@ from . import autograd, library  # noqa: F401 - library defines the reference op
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+#: The ops a backend may provide, by name: ``torch.ops.flowcut.<prefix><name>`` for the backend's prefix.
+OPS = (
+    "flow_scores", "select_gather", "flow_scores_varlen", "select_gather_varlen",
+    "attention_scores", "text_guided_scores", "topk_select", "merge_nearest",
+)
+
+
 @dataclass(frozen=True)
 class Backend:
-    """A backend: its two ops (called like the reference ops), the device types and input dtypes it takes."""
+    """A backend: its torch ops by name (those of :data:`OPS` it provides), the device types and input dtypes
+    it takes."""
 
     name: str
-    flow_scores: Callable
-    select_gather: Callable
+    ops: Mapping[str, Callable]
     device_types: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
-    flow_scores_varlen: Callable | None = None  # packed batches (cu_seqlens); None: not provided
-    select_gather_varlen: Callable | None = None
+
+    @classmethod
+    def from_library(cls, name: str, prefix: str, device_types, dtypes=ALL_DTYPES) -> "Backend":
+        """The backend of every ``torch.ops.flowcut.<prefix><op>`` registered, for the ops of :data:`OPS`."""
+        found = {op: getattr(torch.ops.flowcut, prefix + op) for op in OPS if hasattr(torch.ops.flowcut, prefix + op)}
+        return cls(name, found, tuple(device_types), tuple(dtypes))
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -63,16 +74,7 @@ def load_optional_backends() -> None:
             UNAVAILABLE[name] = f"{module} failed to load: {type(error).__name__}: {error}"
 
 
-register_backend(
-    Backend(
-        "torch",
-        torch.ops.flowcut.flow_scores,
-        torch.ops.flowcut.select_gather,
-        ("cpu", "cuda"),
-        flow_scores_varlen=torch.ops.flowcut.flow_scores_varlen,
-        select_gather_varlen=torch.ops.flowcut.select_gather_varlen,
-    )
-)
+register_backend(Backend.from_library("torch", "", ("cpu", "cuda")))
 
 
 def known_backends() -> list[str]:
@@ -90,9 +92,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def available_backends(
-    device: torch.device | str, *, dtype: torch.dtype | None = None, varlen: bool = False, reasons: bool = False
+    device: torch.device | str, *, dtype: torch.dtype | None = None, op: str | tuple[str, ...] = (),
+    reasons: bool = False,
 ) -> list[str] | dict[str, str | None]:
-    """The backends that run on ``device`` (and take ``dtype`` inputs, and packed batches, if asked), fastest first.
+    """The backends that run on ``device`` (and take ``dtype`` inputs and provide the ops ``op``, if asked),
+    fastest first.
 
     "auto" takes the first. "torch" (the reference) runs everywhere. With ``reasons=True``, a dict of
     every known backend name to None (available) or the reason it is not available.
@@ -107,8 +111,9 @@ def available_backends(
             return f"runs on {'/'.join(backend.device_types)} tensors, not {device_type}"
         if dtype is not None and dtype not in backend.dtypes:
             return f"does not take {_dtype_name(dtype)} inputs (it takes {', '.join(map(_dtype_name, backend.dtypes))})"
-        if varlen and backend.flow_scores_varlen is None:
-            return "has no packed (varlen) ops"
+        missing = [name for name in ((op,) if isinstance(op, str) else op) if name not in backend.ops]
+        if missing:
+            return f"has no {', '.join(missing)} op"
         return None
 
     names = [n for n in _order(device_type) if n in BACKENDS] + sorted(UNAVAILABLE)
@@ -118,15 +123,15 @@ def available_backends(
 
 
 def resolve_backend(
-    backend: str, device: torch.device | str, dtype: torch.dtype | None = None, varlen: bool = False
+    backend: str, device: torch.device | str, dtype: torch.dtype | None = None, op: str | tuple[str, ...] = ()
 ) -> str:
-    """The concrete backend for ``backend`` ("auto" or a name) on ``device`` for ``dtype`` inputs (packed ones
-    with ``varlen``).
+    """The concrete backend for ``backend`` ("auto" or a name) on ``device`` for ``dtype`` inputs, providing
+    the ops ``op``.
 
     An unknown name, or one that cannot run here, is a FlowCutInputError that says why and lists the choices.
     """
     require(isinstance(backend, str), f"backend must be a str, got {type(backend).__name__}")
-    usable = available_backends(device, dtype=dtype, varlen=varlen)
+    usable = available_backends(device, dtype=dtype, op=op)
     if backend == "auto":
         return usable[0]
     require(
@@ -134,7 +139,7 @@ def resolve_backend(
         f"backend={backend!r} is unknown; the known backends are {known_backends()} (or 'auto')",
     )
     if backend not in usable:
-        why = available_backends(device, dtype=dtype, varlen=varlen, reasons=True)[backend]
+        why = available_backends(device, dtype=dtype, op=op, reasons=True)[backend]
         require(False, f"backend={backend!r} is not available on {torch.device(device)} ({why}); choose 'auto' or one "
                        f"of {usable}")
     return backend

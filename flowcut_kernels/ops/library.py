@@ -87,6 +87,70 @@ def select_gather_varlen_fake(hidden, cum, index_map, cu_seqlens, keep, has_cls)
     )
 
 
+# --- Generic primitives -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flowcut::attention_scores", mutates_args=())
+def _attention_scores_op(
+    q: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor], span_start: int, span_end: int
+) -> Tensor:
+    return reference.attention_scores(q, k, scale, key_mask, span_start, span_end)
+
+
+@_attention_scores_op.register_fake
+def attention_scores_fake(q, k, scale, key_mask, span_start, span_end):
+    """(B, span_end − span_start) float32."""
+    return k.new_empty((k.shape[0], span_end - span_start), dtype=torch.float32)
+
+
+@torch.library.custom_op("flowcut::text_guided_scores", mutates_args=())
+def _text_guided_scores_op(
+    q_relay: Tensor, v_relay: Tensor, k: Tensor, v: Tensor, segments: list[int], scale: float
+) -> Tensor:
+    return reference.text_guided_scores(q_relay, v_relay, k, v, segments, scale)
+
+
+@_text_guided_scores_op.register_fake
+def text_guided_scores_fake(q_relay, v_relay, k, v, segments, scale):
+    """(Σ_g (end − start),) float32."""
+    total = sum(segments[2::3]) - sum(segments[1::3])
+    return k.new_empty((total,), dtype=torch.float32)
+
+
+@torch.library.custom_op("flowcut::topk_select", mutates_args=())
+def _topk_select_op(
+    scores: Tensor, cu_seqlens: Tensor, keep: list[int], protect: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return reference.topk_select(scores, cu_seqlens, keep, protect)
+
+
+@_topk_select_op.register_fake
+def topk_select_fake(scores, cu_seqlens, keep, protect):
+    """kept (K,), dropped (T − K,) int64 (K data-dependent when rows are protected), offsets (B + 1,) twice."""
+    kept = sum(keep) if protect is None else torch.library.get_ctx().new_dynamic_size()
+    rows = scores.shape[0]
+    return (
+        scores.new_empty((kept,), dtype=torch.int64),
+        scores.new_empty((rows - kept,), dtype=torch.int64),
+        torch.empty_like(cu_seqlens),
+        torch.empty_like(cu_seqlens),
+    )
+
+
+@torch.library.custom_op("flowcut::merge_nearest", mutates_args=())
+def _merge_nearest_op(
+    hidden: Tensor, keys: Tensor, kept: Tensor, dropped: Tensor, kept_cu: Tensor, dropped_cu: Tensor,
+    sizes: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    return reference.merge_nearest(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes)
+
+
+@_merge_nearest_op.register_fake
+def merge_nearest_fake(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes):
+    """merged (K, C) in hidden's dtype, sizes_out (K,) float32."""
+    return hidden.new_empty((kept.shape[0], hidden.shape[1])), hidden.new_empty((kept.shape[0],), dtype=torch.float32)
+
+
 @torch.library.custom_op("flowcut::prune_count", mutates_args=())
 def _prune_count_op(entropy: Tensor, n_candidates: int, target: int, steps_left: int) -> int:
     return reference.prune_count(entropy, n_candidates, target, steps_left)

@@ -73,14 +73,4 @@ else:
     torch.library.register_fake("flowcut::native_flow_scores_varlen")(flow_scores_varlen_fake)
     torch.library.register_fake("flowcut::native_select_gather_varlen")(select_gather_varlen_fake)
     DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
-    register_backend(
-        Backend(
-            "native",
-            torch.ops.flowcut.native_flow_scores,
-            torch.ops.flowcut.native_select_gather,
-            DEVICE_TYPES,
-            dtypes=ALL_DTYPES,
-            flow_scores_varlen=torch.ops.flowcut.native_flow_scores_varlen,
-            select_gather_varlen=torch.ops.flowcut.native_select_gather_varlen,
-        )
-    )
+    register_backend(Backend.from_library("native", "native_", DEVICE_TYPES, ALL_DTYPES))

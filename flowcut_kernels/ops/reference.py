@@ -238,3 +238,128 @@ def prune_counts(entropy: Tensor, n_candidates: list[int], target: int, steps_le
     """:func:`prune_count` of each image alone (a per-image schedule): B ints, one host read of ``entropy``."""
     values = entropy.double().cpu()
     return [prune_count(values[b : b + 1], n, target, steps_left) for b, n in enumerate(n_candidates)]
+
+
+# --- Generic primitives (other pruning methods build on these) -------------------------------------------
+
+
+def attention_scores(
+    q: Tensor, k: Tensor, scale: float, key_mask: Tensor | None, span_start: int, span_end: int
+) -> Tensor:
+    """Head- and row-mean attention of query rows over keys, the columns of one span.
+
+    Args:
+        q: (B, Hq, Q, D) query rows (any rows: a CLS row, the last prompt token, every text token).
+        k: (B, Hkv, S, D) keys; Hq a multiple of Hkv (GQA: query head h reads key head h // (Hq / Hkv)).
+        key_mask: (B, S) bool, True where a key may be attended (padding False), or None.
+        span_start, span_end: the key columns returned, 0 ≤ start < end ≤ S.
+
+    Returns:
+        (B, end − start) float32: mean over the Hq heads and Q rows of softmax over the S keys of scale·q·k.
+    """
+    acc = torch.promote_types(k.dtype, torch.float32)
+    group = q.shape[1] // k.shape[1]
+    logits = scale * torch.einsum("bhqd,bhsd->bhqs", q.to(acc), k.to(acc).repeat_interleave(group, dim=1))
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=(1, 2))[:, span_start:span_end].float()
+
+
+def text_guided_scores(
+    q_relay: Tensor, v_relay: Tensor, k: Tensor, v: Tensor, segments: list[int], scale: float
+) -> Tensor:
+    """The language-model stage's score of the visual tokens of each image segment (docs/semantics.md).
+
+    Args:
+        q_relay: (B, Hq, D) the relay token's query (the prompt's last token), after RoPE.
+        v_relay: (B, Hkv, D) the relay token's value.
+        k, v: (B, Hkv, S, D) the layer's keys (after RoPE) and values; GQA as in :func:`attention_scores`.
+        segments: G triples (b, start, end), flat: the visual tokens start … end − 1 of sequence b.
+        scale: 1/√D.
+
+    Returns:
+        (Σ_g (end − start),) float32 scores packed segment by segment: (rel + sem)·ρ with rel, sem the
+        head means of the softmaxes over the segment of scale·q_t·k_j and scale·v_t·v_j, ρ the L1 norm of the
+        head-mean value.
+    """
+    acc = torch.promote_types(k.dtype, torch.float32)
+    group = q_relay.shape[1] // k.shape[1]
+    out = []
+    for b, start, end in zip(segments[0::3], segments[1::3], segments[2::3]):
+        kb = k[b, :, start:end].to(acc).repeat_interleave(group, dim=0)  # (Hq, n, D)
+        vb = v[b, :, start:end].to(acc).repeat_interleave(group, dim=0)
+        v_t = v_relay[b].to(acc).repeat_interleave(group, dim=0)
+        rel = (scale * torch.einsum("hd,hnd->hn", q_relay[b].to(acc), kb)).softmax(-1).mean(0)
+        sem = (scale * torch.einsum("hd,hnd->hn", v_t, vb)).softmax(-1).mean(0)
+        rho = vb.mean(0).abs().sum(-1)
+        out.append(((rel + sem) * rho).float())
+    return torch.cat(out) if out else k.new_empty((0,), dtype=torch.float32)
+
+
+def topk_select(
+    scores: Tensor, cu_seqlens: Tensor, keep: list[int], protect: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per image, the ``keep`` best unprotected rows plus every protected row; the rest are dropped.
+
+    Args:
+        scores: (T,) any float dtype, packed by cu_seqlens (B + 1,).
+        keep: B ints, unprotected rows kept per image (ties: lower index; NaN ranks first).
+        protect: (T,) bool rows always kept (not counted in keep), or None.
+
+    Returns:
+        kept (Σ K_b,) and dropped (Σ M_b,) int64 row indices into the T rows, ascending within each image, and
+        their offsets kept_cu, dropped_cu (B + 1,) in cu_seqlens' dtype.
+    """
+    kept, dropped, n_kept, n_dropped = [], [], [0], [0]
+    for b, (start, length) in enumerate(_segments(cu_seqlens)):
+        rows = torch.arange(start, start + length, device=scores.device)
+        free = rows if protect is None else rows[~protect[start : start + length]]
+        ranked = free[torch.sort(scores[free], descending=True, stable=True).indices]
+        chosen = ranked[: keep[b]]
+        mask = torch.zeros(length, dtype=torch.bool, device=scores.device)
+        mask[chosen - start] = True
+        if protect is not None:
+            mask |= protect[start : start + length]
+        kept.append(rows[mask])
+        dropped.append(rows[~mask])
+        n_kept.append(n_kept[-1] + len(kept[-1]))
+        n_dropped.append(n_dropped[-1] + len(dropped[-1]))
+
+    def offsets(counts):
+        return torch.tensor(counts, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+
+    return torch.cat(kept), torch.cat(dropped), offsets(n_kept), offsets(n_dropped)
+
+
+def merge_nearest(
+    hidden: Tensor, keys: Tensor, kept: Tensor, dropped: Tensor, kept_cu: Tensor, dropped_cu: Tensor,
+    sizes: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Merge each image's dropped rows into its most similar kept row (size-weighted mean).
+
+    Args:
+        hidden: (T, C) rows; keys: (T, Ck) what similarity is measured on (cosine; e.g. the layer's keys).
+        kept, dropped: row indices into T, grouped per image by kept_cu / dropped_cu (B + 1,), as
+            :func:`topk_select` returns them. An image with dropped rows needs a kept row.
+        sizes: (T,) how many original tokens each row already stands for (float), or None (all 1: a mean).
+
+    Returns:
+        merged (K, C) in hidden's dtype: for kept row i, (s_i·h_i + Σ_{j→i} s_j·h_j) / (s_i + Σ_{j→i} s_j) where
+        j → i when i is j's most similar kept row of its image (ties: lower index); sizes_out (K,) float32.
+    """
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    size = torch.ones(hidden.shape[0], dtype=acc, device=hidden.device) if sizes is None else sizes.to(acc)
+    merged, mass = [], []
+    kc, dc = kept_cu.tolist(), dropped_cu.tolist()
+    for b in range(len(kc) - 1):
+        ki, di = kept[kc[b] : kc[b + 1]], dropped[dc[b] : dc[b + 1]]
+        total = hidden[ki].to(acc) * size[ki, None]
+        weight = size[ki].clone()
+        if len(di):
+            unit = torch.nn.functional.normalize(keys.to(acc), dim=-1)
+            target = (unit[di] @ unit[ki].T).argmax(dim=-1)  # the first maximum: ties to the lower index
+            total.index_add_(0, target, hidden[di].to(acc) * size[di, None])
+            weight.index_add_(0, target, size[di])
+        merged.append(total / weight[:, None])
+        mass.append(weight)
+    return torch.cat(merged).to(hidden.dtype), torch.cat(mass).float()

@@ -85,8 +85,7 @@ def test_float64_inputs(backend):
 
 def test_a_backend_that_declines_a_dtype(monkeypatch):
     """"auto" skips a backend that does not take the dtype; naming it says so."""
-    half_only = ops.Backend("half-only", ops.backends.BACKENDS["torch"].flow_scores,
-                            ops.backends.BACKENDS["torch"].select_gather, ("cpu",), (torch.float16,))
+    half_only = ops.Backend("half-only", ops.backends.BACKENDS["torch"].ops, ("cpu",), (torch.float16,))
     monkeypatch.setitem(ops.backends.BACKENDS, "half-only", half_only)
     monkeypatch.setitem(ops.backends._AUTO_ORDER, "cpu", ("half-only", "torch"))
     assert ops.resolve_backend("auto", "cpu", torch.float16) == "half-only"

@@ -447,7 +447,7 @@ def test_select_gather_varlen_oracle_and_nan(has_cls):
 def test_varlen_public_ops():
     """The public packed ops choose and run the triton backend: index_map None (each image's 0 … N_b − 1) and
     keep as a tensor, as the reference backend."""
-    assert "triton" in available_backends(DEVICE, varlen=True)
+    assert "triton" in available_backends(DEVICE, op=("flow_scores_varlen", "select_gather_varlen"))
     lens = [3, 9, 2]
     q, k, v = packed_qkv(lens, 2, 8, torch.float32, seed=6)
     cu = cu_seqlens(lens)

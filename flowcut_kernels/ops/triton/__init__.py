@@ -76,13 +76,7 @@ if INTERPRET:
     triton_select_gather_varlen.register_fake(select_gather_varlen_fake)
 
 register_backend(
-    Backend(
-        "triton",
-        torch.ops.flowcut.triton_flow_scores,
-        torch.ops.flowcut.triton_select_gather,
-        ("cpu", "cuda") if INTERPRET else ("cuda",),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        flow_scores_varlen=torch.ops.flowcut.triton_flow_scores_varlen,
-        select_gather_varlen=torch.ops.flowcut.triton_select_gather_varlen,
+    Backend.from_library(
+        "triton", "triton_", ("cpu", "cuda") if INTERPRET else ("cuda",), (torch.float16, torch.bfloat16, torch.float32)
     )
 )

@@ -1,0 +1,275 @@
+"""Generic token-pruning primitives other methods build on (VisionZip, FastV, ToMe-style merges, your own).
+
+Every function checks its inputs, picks a backend that has the op for the tensors' device and dtype, and
+calls the torch op ``torch.ops.flowcut.<name>`` of that backend (schemas and fakes: :mod:`.library`,
+definitions: :mod:`.reference`). Batches are packed (``cu_seqlens``) or dense (a (B, N) tensor, every image
+the same length); per-image counts are B host ints or a (B,) tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..checks import INPUT_DTYPES, check_int, check_same_device, check_tensor, require
+from .backends import BACKENDS, resolve_backend
+
+
+def _op(name: str, backend: str, device, dtype):
+    return BACKENDS[resolve_backend(backend, device, dtype, op=name)].ops[name]
+
+
+def _counts(name: str, values, n: int, low: int, highs: list[int]) -> list[int]:
+    """B ints (an int for all, a sequence or a (B,) integer tensor), each in [low, highs[b]]."""
+    if isinstance(values, Tensor):
+        require(values.dim() == 1 and not values.is_floating_point() and not values.is_complex(),
+                f"{name} must be an int, B ints or a (B,) integer tensor, got a {values.dtype} tensor of shape "
+                f"{tuple(values.shape)}")
+        values = values.tolist()
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = [values] * n
+    require(isinstance(values, (list, tuple)) and len(values) == n,
+            f"{name} must hold one count per image ({n}), got {values!r}")
+    return [check_int(f"{name}[{b}]", x, low, high) for b, (x, high) in enumerate(zip(values, highs))]
+
+
+def _packed(name: str, x: Tensor, cu_seqlens: Tensor | None, shape_doc: str) -> tuple[Tensor, Tensor, list[int]]:
+    """A dense (B, N, …) or packed (T, …) input as packed rows, offsets and per-image lengths."""
+    if cu_seqlens is None:
+        batch, n = x.shape[:2]
+        cu = torch.arange(0, (batch + 1) * n, n, device=x.device, dtype=torch.int64)
+        return x.flatten(0, 1), cu, [n] * batch
+    check_tensor("cu_seqlens", cu_seqlens, 1, (torch.int32, torch.int64), "(B + 1,)")
+    require(cu_seqlens.numel() >= 2, "cu_seqlens must hold B + 1 >= 2 offsets (0, then each image's end row)")
+    cu = cu_seqlens.tolist()  # one small device-to-host copy
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    require(cu[0] == 0, f"cu_seqlens must start at 0, got {cu[0]}")
+    require(min(lengths) >= 0, f"cu_seqlens must not decrease, got image lengths {lengths}")
+    require(cu[-1] == x.shape[0], f"cu_seqlens must end at {name}'s row count {x.shape[0]}, got {cu[-1]}")
+    return x, cu_seqlens, lengths
+
+
+@dataclass
+class Selection:
+    """Which rows stay and which go, per image, in ascending order.
+
+    Dense input (B, N): kept (B, K) and dropped (B, N − K) row indices 0 … N − 1 of each image (every image
+    must keep the same count). Packed input: kept (Σ K_b,) and dropped (Σ M_b,) indices into the T rows,
+    grouped by image with offsets kept_cu / dropped_cu (B + 1,). ``mask`` marks the kept rows, shaped like
+    the scores.
+    """
+
+    kept: Tensor
+    dropped: Tensor
+    kept_cu: Tensor
+    dropped_cu: Tensor
+    mask: Tensor
+
+
+def topk_select(
+    scores: Tensor,
+    keep,
+    *,
+    protect: Tensor | None = None,
+    span: tuple[int, int] | None = None,
+    cu_seqlens: Tensor | None = None,
+    backend: str = "auto",
+) -> Selection:
+    """Keep, per image, the ``keep`` best-scoring rows among the unprotected ones, plus every protected row.
+
+    Args:
+        scores: (B, N) or packed (T,) with ``cu_seqlens``; any float dtype (compared in that dtype). Ties keep
+            the lower index; NaN ranks above every number.
+        keep: unprotected rows to keep per image: an int, B ints, or a (B,) integer tensor.
+        protect: bool, shaped like scores: rows always kept, not counted in ``keep`` (text tokens, a CLS row).
+        span: (start, end): only rows start … end − 1 of each image compete; the others are protected (dense
+            scores only; combine with ``protect`` for more).
+        cu_seqlens: (B + 1,) int32/int64 offsets of a packed batch, or None for dense scores.
+
+    Returns:
+        A :class:`Selection`.
+    """
+    require(isinstance(scores, Tensor) and scores.is_floating_point(),
+            f"scores must be a floating tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
+    dense = cu_seqlens is None
+    require(scores.dim() == (2 if dense else 1),
+            f"scores must have shape {'(B, N)' if dense else '(T,) with cu_seqlens'}, got {tuple(scores.shape)}")
+    device = check_same_device(scores=scores, protect=protect, cu_seqlens=cu_seqlens)
+    if span is not None:
+        require(dense, "span applies to dense (B, N) scores; for packed scores pass protect")
+        start, end = span
+        n = scores.shape[1]
+        require(0 <= start < end <= n, f"span={span} must satisfy 0 <= start < end <= N = {n}")
+        outside = torch.ones(n, dtype=torch.bool, device=device)
+        outside[start:end] = False
+        protect = outside.expand_as(scores) if protect is None else protect | outside
+    flat, cu, lengths = _packed("scores", scores, cu_seqlens, "(T,)")
+    if protect is not None:
+        check_tensor("protect", protect, scores.dim(), (torch.bool,), "like scores")
+        require(protect.shape == scores.shape, f"protect must have the shape of scores {tuple(scores.shape)}, "
+                                               f"got {tuple(protect.shape)}")
+        free = (~protect).flatten().split(lengths)
+        highs = [int(f.sum()) for f in free]  # one host read
+        protect = protect.flatten()
+    else:
+        highs = lengths
+    keep = _counts("keep", keep, len(lengths), 0, highs)
+    op = _op("topk_select", backend, device, scores.dtype)
+    kept, dropped, kept_cu, dropped_cu = op(flat, cu, keep, protect)
+    mask = torch.zeros(flat.shape[0], dtype=torch.bool, device=device)
+    mask[kept] = True
+    if dense:
+        batch, n = scores.shape
+        totals = (kept_cu[1:] - kept_cu[:-1]).tolist()
+        require(len(set(totals)) == 1,
+                f"the images keep different numbers of rows {totals} (their protected counts differ): pass packed "
+                f"scores with cu_seqlens to get them")
+        offsets = (torch.arange(batch, device=device) * n)[:, None]
+        return Selection(kept.view(batch, -1) - offsets, dropped.view(batch, -1) - offsets, kept_cu, dropped_cu,
+                         mask.view(batch, n))
+    return Selection(kept, dropped, kept_cu, dropped_cu, mask)
+
+
+def gather_rows(hidden: Tensor, rows: Tensor) -> Tensor:
+    """hidden (B, N, C) and rows (B, K) → (B, K, C); packed: hidden (T, C), rows (K,) → (K, C)."""
+    if rows.dim() == 1:
+        return hidden[rows]
+    return hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def merge_nearest(
+    hidden: Tensor,
+    keys: Tensor,
+    selection: Selection,
+    *,
+    sizes: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Merge each image's dropped rows into its most similar kept row (cosine of ``keys``), size-weighted.
+
+    Args:
+        hidden: (B, N, C) or packed (T, C), the rows a :func:`topk_select` selection indexes.
+        keys: (B, N, Ck) / (T, Ck): what similarity is measured on (the layer's keys, or hidden itself).
+        selection: from :func:`topk_select` on the same layout.
+        sizes: (B, N) / (T,) how many original tokens each row stands for (ToMe's size), or None for 1 each
+            (then the merge is a plain mean).
+
+    Returns:
+        merged (B, K, C) / (K, C) — for kept row i, (s_i·h_i + Σ_{j→i} s_j·h_j) / (s_i + Σ_{j→i} s_j), j → i
+        when i is the most similar kept row of j's image (ties: lower index) — and its sizes (B, K) / (K,) float32.
+    """
+    dense = selection.kept.dim() == 2
+    check_tensor("hidden", hidden, 3 if dense else 2, INPUT_DTYPES, "(B, N, C)" if dense else "(T, C)")
+    check_tensor("keys", keys, hidden.dim(), INPUT_DTYPES, "(B, N, Ck)" if dense else "(T, Ck)")
+    require(keys.shape[:-1] == hidden.shape[:-1],
+            f"keys must have hidden's rows {tuple(hidden.shape[:-1])}, got {tuple(keys.shape)}")
+    device = check_same_device(hidden=hidden, keys=keys, kept=selection.kept, sizes=sizes)
+    if sizes is not None:
+        require(isinstance(sizes, Tensor) and sizes.shape == hidden.shape[:-1] and sizes.is_floating_point(),
+                f"sizes must be a float tensor of shape {tuple(hidden.shape[:-1])}")
+    kept, dropped = selection.kept, selection.dropped
+    empty = (selection.kept_cu[1:] == selection.kept_cu[:-1]) & (selection.dropped_cu[1:] > selection.dropped_cu[:-1])
+    require(not bool(empty.any()), "an image has dropped rows but keeps none: they have nowhere to merge")
+    if dense:
+        batch, n = hidden.shape[:2]
+        offsets = (torch.arange(batch, device=device) * n)[:, None]
+        kept, dropped = (kept + offsets).flatten(), (dropped + offsets).flatten()
+        hidden, keys = hidden.flatten(0, 1), keys.flatten(0, 1)
+        sizes = None if sizes is None else sizes.flatten()
+    op = _op("merge_nearest", backend, device, hidden.dtype)
+    merged, size_out = op(hidden, keys, kept, dropped, selection.kept_cu, selection.dropped_cu, sizes)
+    if dense:
+        return merged.view(batch, -1, merged.shape[-1]), size_out.view(batch, -1)
+    return merged, size_out
+
+
+def attention_scores(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    key_mask: Tensor | None = None,
+    span: tuple[int, int] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """How much the given query rows attend to each key: head- and row-mean softmax attention, a span of it.
+
+    Args:
+        q: (B, Hq, Q, D) any query rows (a CLS row, the last prompt token, all text tokens), as the layer's
+            attention uses them (after RoPE).
+        k: (B, Hkv, S, D) the layer's keys; Hq a multiple of Hkv (grouped-query attention: query head h reads
+            key head h // (Hq / Hkv), as the model does — no need to repeat k).
+        scale: the attention scale (D^-1/2).
+        key_mask: (B, S) bool, False for keys no query may attend (padding), or None. No causal mask is
+            applied: pass rows that see every key (the last token), or mask the keys yourself.
+        span: (start, end) of the key columns to return (e.g. an image's tokens), default all.
+
+    Returns:
+        (B, end − start) float32: mean over heads and query rows of softmax over all S keys of scale·q·k.
+    """
+    check_tensor("q", q, 4, INPUT_DTYPES, "(B, Hq, Q, D)")
+    check_tensor("k", k, 4, INPUT_DTYPES, "(B, Hkv, S, D)")
+    batch, kv_heads, seq, dim = k.shape
+    require(q.shape[0] == batch and q.shape[3] == dim,
+            f"q must have shape (B, Hq, Q, D) with B = {batch}, D = {dim} like k {tuple(k.shape)}, got {tuple(q.shape)}")
+    require(q.shape[1] % kv_heads == 0,
+            f"q's {q.shape[1]} query heads must be a multiple of k's {kv_heads} key heads (grouped-query attention)")
+    require(q.shape[2] >= 1, "q must hold at least one query row")
+    device = check_same_device(q=q, k=k, key_mask=key_mask)
+    if key_mask is not None:
+        check_tensor("key_mask", key_mask, 2, (torch.bool,), "(B, S)")
+        require(key_mask.shape == (batch, seq), f"key_mask must have shape (B, S) = {(batch, seq)}")
+        require(bool(key_mask.any(dim=1).all()), "key_mask leaves an image without any key to attend")
+    start, end = span if span is not None else (0, seq)
+    require(0 <= start < end <= seq, f"span={span} must satisfy 0 <= start < end <= S = {seq}")
+    require(isinstance(scale, (int, float)) and not isinstance(scale, bool), "scale must be a float")
+    op = _op("attention_scores", backend, device, k.dtype)
+    return op(q, k, float(scale), key_mask, int(start), int(end))
+
+
+def text_guided_scores(
+    q_relay: Tensor,
+    v_relay: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segments,
+    *,
+    scale: float,
+    backend: str = "auto",
+) -> Tensor:
+    """The language-model stage's text-guided score of each image's visual tokens (docs/semantics.md).
+
+    Args:
+        q_relay: (B, Hq, D) the relay token's query (the prompt's last token) after RoPE.
+        v_relay: (B, Hkv, D) its value.
+        k, v: (B, Hkv, S, D) the decoder layer's keys (after RoPE) and values; GQA as in :func:`attention_scores`.
+        segments: (b, start, end) triples: image tokens start … end − 1 of sequence b, one per image.
+        scale: 1/√D.
+
+    Returns:
+        (Σ (end − start),) float32, segment by segment: (rel + sem)·ρ, rel and sem the head-mean softmaxes over
+        the segment of scale·q_t·k_j and scale·v_t·v_j, ρ the L1 norm of the head-mean value.
+    """
+    check_tensor("k", k, 4, INPUT_DTYPES, "(B, Hkv, S, D)")
+    check_tensor("v", v, 4, INPUT_DTYPES, "(B, Hkv, S, D)")
+    check_tensor("q_relay", q_relay, 3, INPUT_DTYPES, "(B, Hq, D)")
+    check_tensor("v_relay", v_relay, 3, INPUT_DTYPES, "(B, Hkv, D)")
+    batch, kv_heads, seq, dim = k.shape
+    require(v.shape == k.shape, f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    require(v_relay.shape == (batch, kv_heads, dim), f"v_relay must have shape {(batch, kv_heads, dim)}")
+    require(q_relay.shape[0] == batch and q_relay.shape[2] == dim and q_relay.shape[1] % kv_heads == 0,
+            f"q_relay must have shape (B, Hq, D) with B = {batch}, D = {dim} and Hq a multiple of {kv_heads}, "
+            f"got {tuple(q_relay.shape)}")
+    device = check_same_device(q_relay=q_relay, v_relay=v_relay, k=k, v=v)
+    flat = []
+    for g, segment in enumerate(segments):
+        require(len(segment) == 3, f"segments[{g}] must be (b, start, end), got {segment!r}")
+        b, start, end = (check_int(f"segments[{g}]", x, 0) for x in segment)
+        require(b < batch and start < end <= seq,
+                f"segments[{g}]={tuple(segment)} must name a sequence b < {batch} and 0 <= start < end <= {seq}")
+        flat += [b, start, end]
+    require(isinstance(scale, (int, float)) and not isinstance(scale, bool), "scale must be a float")
+    op = _op("text_guided_scores", backend, device, k.dtype)
+    return op(q_relay, v_relay, k, v, flat, float(scale))
