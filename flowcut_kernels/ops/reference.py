@@ -262,7 +262,7 @@ def attention_scores(
     logits = scale * torch.einsum("bhqd,bhsd->bhqs", q.to(acc), k.to(acc).repeat_interleave(group, dim=1))
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=(1, 2))[:, span_start:span_end].float()
+    return logits.softmax(dim=-1).mean(dim=(1, 2))[:, span_start:span_end].float().contiguous().clone()
 
 
 def text_guided_scores(
