@@ -52,7 +52,8 @@ def flowcut_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     run = _RUN.get()
     implementation = run.implementation if run is not None else "sdpa"
     if run is not None and module is run.watch:
-        run.seen = (query, key, value, kwargs.get("scaling", module.scale))
+        scaling = kwargs.get("scaling")
+        run.seen = (query, key, value, scaling if scaling is not None else getattr(module, "scaling", module.head_dim**-0.5))
     return _inner(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
 

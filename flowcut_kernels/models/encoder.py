@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..checks import INPUT_DTYPES, check_int, check_tensor, require
 from .attention import capturing
+from .policy import FlowCutPolicy, LayerView, Policy
 from .registry import find_tower
 from .tower import Tower
 
@@ -97,52 +98,51 @@ class Ragged:
 def run_pruned(
     tower: Tower,
     hidden: Tensor,
-    target_num: int,
+    policy: Policy,
     feature_idx: int,
     backend: str,
     layer_outputs: list | None = None,
     per_image: bool = False,
     **layer_kwargs,
 ) -> tuple[Tensor, Tensor, list]:
-    """Run layers 0 … F of ``tower`` on ``hidden`` with FlowCut pruning.
+    """Run layers 0 … F of ``tower`` on ``hidden``, pruning where ``policy`` says.
 
     Args:
         hidden: (B, S₀, C) input of layer 0.
-        target_num: patches that reach the feature layer's output.
+        policy: the scoring policy (:class:`~flowcut_kernels.models.policy.FlowCutPolicy` for FlowCut).
         feature_idx: F, 0-based index of the feature layer.
         backend: a concrete backend name.
         layer_outputs: if a list, each run layer's whole output is appended (before that step's
             pruning; per image: a list of B tensors (S_b, C)); otherwise a pruning step drops tokens
             before the layer's MLP.
-        per_image: each image on its own schedule (docs/semantics.md, "Batches"), all in one pass: the
-            images are padded to the longest, their padding hidden from attention by a key mask, and
-            scored and pruned with the packed (varlen) ops. Otherwise the batch rule.
+        per_image: the policy sees the images packed and may give each its own count (per-image schedules),
+            all in one pass: the images are padded to the longest, their padding hidden from attention by a
+            key mask. Otherwise a dense batch with one count.
 
     Returns:
-        out (B, T, C) output of layer F (relay row first in the CLS variant), keep_indices
-        (B, target_num) int64 ascending, tokens_per_layer: F + 1 ints (per image: B such lists).
+        out (B, K, C) output of layer F (relay row first in the CLS variant), keep_indices (B, K − has_cls)
+        int64 ascending, tokens_per_layer: F + 1 ints (per image: B such lists).
     """
     has_cls = tower.has_cls
-    target = target_num + 1 if has_cls else target_num
     batch, seq, _ = hidden.shape
     n = seq - 1 if has_cls else seq
     index_map = torch.arange(n, device=hidden.device).expand(batch, n)
     ragged = Ragged([seq] * batch, hidden.device) if per_image else None
     if per_image:
         index_map = index_map.flatten()
-    varlen = ops.BACKENDS[backend].ops
-    cum = None
+    packed = ops.BACKENDS[backend].ops
+    scores = None
     tokens = []
     with capturing(tower.core.config) as run:
         for i, layer in enumerate(tower.layers[:feature_idx]):
             lens = ragged.lens if per_image else [seq]
             tokens.append(list(lens) if per_image else seq)
-            scored = max(lens) > target
             steps_left = feature_idx - i - 1
+            scored, prunes = policy.plan(i, steps_left, lens)
             # A pruning step drops tokens before the layer's MLP: the scores need only q/k/v, and the
             # MLP acts on each row alone, so the kept rows come out exactly as from the whole layer.
             # (Not when every layer's full output is asked for.)
-            prune_first = scored and steps_left % 2 == 0 and layer_outputs is None
+            prune_first = scored and prunes and layer_outputs is None
             mask = ragged.key_mask(hidden.dtype) if per_image else None
             attn = tower.attention(layer)
             run.watch, run.seen = (attn if scored else None), None
@@ -153,57 +153,42 @@ def run_pruned(
                 hidden = layer(hidden, mask, **layer_kwargs)
             if layer_outputs is not None:
                 layer_outputs.append([h[:s] for h, s in zip(hidden, lens)] if per_image else hidden)
-            if not scored:
-                continue
-            q, k, v, scale = run.seen  # (B, H, S, D) each, as the attention used them
-            acc = torch.promote_types(q.dtype, torch.float32)
-            if per_image:
-                # Images already at the target are scored too: their count can no longer change.
-                k, v = (ragged.pack(x.transpose(1, 2)) for x in (k, v))  # (T, H, D)
-                q_relay = q[:, :, 0] if has_cls else _ragged_mean(q, ragged, acc)
-                cum, entropy, _ = varlen["flow_scores_varlen"](
-                    q_relay, k, v, ragged.cu_seqlens, cum, float(scale), has_cls, True
-                )
-            else:
-                q_relay = q[:, :, 0] if has_cls else q.mean(dim=2, dtype=acc)
-                cum, entropy, _ = ops.flow_scores(q_relay, k, v, cum, scale=scale, has_cls=has_cls, backend=backend)
-            if steps_left % 2 == 0:
-                if per_image:  # one host read of the B entropies
-                    counts = [s - int(has_cls) for s in lens]
-                    prunes = ops.prune_counts(entropy, counts, target, steps_left)
-                    keep = [max(s - p, target) for s, p in zip(lens, prunes)]
-                    if keep != lens:
-                        kept, cum, index_map, _ = varlen["select_gather_varlen"](
-                            ragged.pack(hidden), cum, index_map, ragged.cu_seqlens, keep, has_cls
-                        )
-                        ragged = Ragged(keep, hidden.device)
-                        hidden = ragged.unpack(kept)
-                else:
-                    keep = max(seq - ops.prune_count(entropy, n, target, steps_left), target)
-                    if keep < seq:
-                        hidden, cum, index_map = ops.select_gather(
-                            hidden, cum, index_map, keep, has_cls=has_cls, backend=backend
-                        )
-                        seq, n = keep, (keep - 1 if has_cls else keep)
+            if scored:
+                q, k, v, scale = run.seen  # (B, H, S, D) each, as the attention used them
+                if per_image:
+                    k, v = (ragged.pack(x.transpose(1, 2)) for x in (k, v))  # (T, H, D)
+                view = LayerView(i, steps_left, q, k, v, scale, has_cls, list(lens),
+                                 ragged.cu_seqlens if per_image else None, scores, backend)
+                scores, keep = policy.step(view)
+                if keep is not None:
+                    keep = [keep] if isinstance(keep, int) else list(keep)
+                    require(len(keep) == len(lens) and all(1 <= x <= s for x, s in zip(keep, lens)),
+                            f"the policy kept {keep} rows of images with {lens} rows after layer {i}")
+                if keep is not None and per_image and keep != lens:
+                    kept, scores, index_map, _ = packed["select_gather_varlen"](
+                        ragged.pack(hidden), scores, index_map, ragged.cu_seqlens, keep, has_cls
+                    )
+                    ragged = Ragged(keep, hidden.device)
+                    hidden = ragged.unpack(kept)
+                elif keep is not None and not per_image and keep[0] < seq:
+                    hidden, scores, index_map = ops.select_gather(
+                        hidden, scores, index_map, keep[0], has_cls=has_cls, backend=backend
+                    )
+                    seq = keep[0]
             if prune_first:
                 hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         run.watch = run.seen = None
-    # Every image is at T now (the last prune step keeps exactly T): the batch is dense again.
+    if per_image:
+        require(len(set(ragged.lens)) == 1, f"the policy left the images with different token counts {ragged.lens}; "
+                                            f"every image must end with the same count")
     tokens.append(list(ragged.lens) if per_image else seq)
     hidden = tower.layers[feature_idx](hidden, None, **layer_kwargs)
     if layer_outputs is not None:
         layer_outputs.append(list(hidden) if per_image else hidden)
     if per_image:
-        index_map = index_map.view(batch, target_num)
+        index_map = index_map.view(batch, -1)
         tokens = [[t[b] for t in tokens] for b in range(batch)]
     return hidden, index_map, tokens
-
-
-def _ragged_mean(q: Tensor, ragged: Ragged, dtype: torch.dtype) -> Tensor:
-    """(B, H, S_max, D) queries → (B, H, D) each image's mean over its real rows, in ``dtype``."""
-    real = (torch.arange(ragged.width, device=q.device) < torch.tensor(ragged.lens, device=q.device)[:, None])
-    total = (q.to(dtype) * real[:, None, :, None]).sum(dim=2)
-    return total / torch.tensor(ragged.lens, device=q.device, dtype=dtype)[:, None, None]
 
 
 def check_pixels(pixel_values: Tensor, tower: Tower) -> None:
@@ -229,6 +214,7 @@ def encode(
     feature_layer: int = -1,
     schedule: str = "batch",
     backend: str = "auto",
+    policy: Policy | None = None,
 ) -> FlowCutOutput:
     """Encode images with FlowCut pruning, returning ``target_num`` patch features per image.
 
@@ -245,6 +231,8 @@ def encode(
             "per_image" — each image on its own schedule, as if encoded alone, all in one pass (the images'
             token counts differ between prune steps: padded, with their padding masked from attention).
         backend: "auto" or a name from :func:`flowcut_kernels.available_backends`.
+        policy: another pruning method for the same loop (:class:`~flowcut_kernels.models.policy.Policy`); it
+            must leave ``target_num`` patches per image. Default: FlowCut.
 
     Returns:
         A :class:`FlowCutOutput`: features (B, target_num, C), keep_indices (B, target_num),
@@ -258,6 +246,10 @@ def encode(
     per_image = schedule == "per_image"
     backend = ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS if per_image else ())
     hidden = tower.embed(pixel_values)
-    out, keep_indices, tokens = run_pruned(tower, hidden, target_num, feature_idx, backend, per_image=per_image)
+    if policy is None:
+        policy = FlowCutPolicy(target_num, tower.has_cls)
+    out, keep_indices, tokens = run_pruned(tower, hidden, policy, feature_idx, backend, per_image=per_image)
+    require(keep_indices.shape[1] == target_num,
+            f"the policy left {keep_indices.shape[1]} patches per image, not target_num={target_num}")
     features = out[:, 1:] if tower.has_cls else out
     return FlowCutOutput(features, keep_indices, tokens)

@@ -41,6 +41,7 @@ from .. import ops
 from ..checks import FlowCutInputError, require
 from .encoder import PACKED_OPS, check_pixels, check_target, feature_index, run_pruned
 from .instance import is_patched, prior_attr, restore_attrs, set_attrs
+from .policy import FlowCutPolicy
 from .registry import Family, FlowCutConfig, find_tower, is_tower, supported_towers
 from .tower import Tower
 
@@ -172,8 +173,9 @@ def _pruned_image_features(
     # Each image on its own schedule (docs/semantics.md, "Batches"), all images in one tower pass: a prompt's
     # result never depends on its batch.
     layer_outputs = [list(hidden)] if output_hidden_states else None
+    policy = FlowCutPolicy(target_num, tower.has_cls)
     last, keep_indices, tokens = run_pruned(
-        tower, hidden, target_num, feature_idx, backend, layer_outputs, per_image=True, **kwargs
+        tower, hidden, policy, feature_idx, backend, layer_outputs, per_image=True, **kwargs
     )
     features = last[:, 1:] if tower.has_cls else last
     projected = self.multi_modal_projector(features)

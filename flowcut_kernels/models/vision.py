@@ -17,6 +17,7 @@ from .. import ops
 from ..checks import FlowCutInputError, require
 from .encoder import check_pixels, check_target, feature_index, run_pruned
 from .instance import restore_attrs, set_attrs
+from .policy import FlowCutPolicy
 from .registry import FlowCutConfig, find_tower
 
 
@@ -74,7 +75,8 @@ def _pruned_forward(
         output_hidden_states = self.config.output_hidden_states
     states = [hidden] if output_hidden_states else None
 
-    last, keep_indices, tokens = run_pruned(tower, hidden, target_num, feature_idx, backend, states, **kwargs)
+    policy = FlowCutPolicy(target_num, tower.has_cls)
+    last, keep_indices, tokens = run_pruned(tower, hidden, policy, feature_idx, backend, states, **kwargs)
 
     core = tower.core
     if tower.has_cls:
