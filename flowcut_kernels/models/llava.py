@@ -267,8 +267,11 @@ def _check_llava(model: nn.Module, target_num: int, feature_layer, backend: str,
     return target_num, configured
 
 
-def patch_llava(model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None) -> None:
+def patch_llava(
+    model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None
+) -> None:
     """Check every argument, then patch the LLaVA ``model`` (and ``processor``); see the module docstring."""
+    require(not llm_stage, "llm_stage=True is not available for LLaVA-1.5 yet; leave it unset (tower stage only)")
     target_num, feature_layer = _check_llava(model, target_num, feature_layer, backend, processor)
     config = FlowCutConfig(target_num, feature_layer, backend)
     core = llava_core(model)

@@ -31,7 +31,7 @@ class Family:
     """A model family: the HF classes it handles and how to patch them.
 
     classes: returns the HF classes (imported lazily, so an old transformers without one still loads).
-    patch: ``patch(model, target_num, feature_layer=…, backend=…, processor=…)`` checks every argument
+    patch: ``patch(model, target_num, feature_layer=…, backend=…, processor=…, llm_stage=…)`` checks every argument
         first (a FlowCutInputError leaves the model unchanged), then patches this instance.
     unpatch: ``unpatch(model)`` restores the instance (and its processor) exactly.
     tower: for bare vision models, ``tower(model)`` → their :class:`Tower` (what ``encode`` runs).
@@ -91,6 +91,7 @@ def flowcut(
     feature_layer: int | None = None,
     backend: str = "auto",
     processor=None,
+    llm_stage: bool | None = None,
 ) -> nn.Module:
     """Make ``model`` prune its visual tokens with FlowCut; returns the same model.
 
@@ -110,6 +111,9 @@ def flowcut(
             Without it, prompts must already hold ``target_num`` image tokens per image, and a forward
             whose count differs fails with a message saying to pass it. Vision models: not needed (their
             image processor does not depend on the token count); accepted and left untouched.
+        llm_stage: add the language-model stage (docs/semantics.md): the tower keeps 2·target_num tokens per
+            image and decoder layer 1 keeps target_num of them, text-guided. None: the family's recipe
+            default (off for LLaVA-1.5); refused by families without a language model.
 
     A patched vision model's forward returns a :class:`~flowcut_kernels.FlowCutVisionOutput` (CLIP, SigLIP) or
     a :class:`~flowcut_kernels.FlowCutVisionProjectionOutput` (``CLIPVisionModelWithProjection``); the kept
@@ -124,7 +128,9 @@ def flowcut(
         raise FlowCutInputError(
             f"model is a {type(model).__name__}, which FlowCut does not support; pass one of {_names(FAMILIES)}"
         )
-    family.patch(model, target_num, feature_layer=feature_layer, backend=backend, processor=processor)
+    family.patch(
+        model, target_num, feature_layer=feature_layer, backend=backend, processor=processor, llm_stage=llm_stage
+    )
     return model
 
 

@@ -99,8 +99,11 @@ def _pruned_forward(
     return out if return_dict else out.to_tuple()
 
 
-def patch_vision_model(model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None):
+def patch_vision_model(
+    model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None
+):
     """Check, then patch a bare vision model (``processor`` is accepted and left untouched)."""
+    require(not llm_stage, f"llm_stage=True needs a language model; a {type(model).__name__} has none: leave it unset")
     tower = find_tower(model)
     if feature_layer is None:
         feature_layer = -1
