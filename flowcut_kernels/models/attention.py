@@ -53,7 +53,9 @@ def flowcut_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     implementation = run.implementation if run is not None else "sdpa"
     if run is not None and module is run.watch:
         scaling = kwargs.get("scaling")
-        run.seen = (query, key, value, scaling if scaling is not None else getattr(module, "scaling", module.head_dim**-0.5))
+        if scaling is None:
+            scaling = getattr(module, "scaling", module.head_dim**-0.5)
+        run.seen = (query, key, value, scaling)
     return _inner(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
 

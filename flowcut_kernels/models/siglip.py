@@ -18,5 +18,6 @@ def classes() -> tuple[type, ...]:
 
 
 FAMILY = Family(
-    "siglip", classes, patch_vision_model, unpatch_vision_model, tower=lambda model: Tower(core_of(model), has_cls=False)
+    "siglip", classes, patch_vision_model, unpatch_vision_model,
+    tower=lambda model: Tower(core_of(model), has_cls=False),
 )

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..checks import INPUT_DTYPES, FlowCutInputError, check_int, check_same_device, check_tensor, require
 from . import library, reference  # noqa: F401 - registers torch.ops.flowcut.flow_scores / select_gather / prune_count
 from .backends import (
-    BACKENDS, Backend, available_backends, load_optional_backends, mark_unavailable, register_backend, resolve_backend,
+    BACKENDS, Backend, available_backends, load_optional_backends, register_backend, resolve_backend,
 )
 from .primitives import Selection, attention_scores, gather_rows, merge_nearest, text_guided_scores, topk_select
 
@@ -173,7 +173,7 @@ def flow_scores_varlen(
     check_tensor("q_relay", q_relay, 3, INPUT_DTYPES, "(B, H, D)")
     check_tensor("k", k, 3, INPUT_DTYPES, "(T, H, D)")
     check_tensor("v", v, 3, INPUT_DTYPES, "(T, H, D)")
-    require(k.shape == v.shape, f"k and v must have the same shape (T, H, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    require(k.shape == v.shape, f"k and v must have one shape (T, H, D), got {tuple(k.shape)} and {tuple(v.shape)}")
     require(k.dtype == v.dtype, f"k and v must have the same dtype, got {k.dtype} and {v.dtype}")
     device = check_same_device(q_relay=q_relay, k=k, v=v, cu_seqlens=cu_seqlens, prev=prev)
     lengths = _check_cu_seqlens(cu_seqlens, k.shape[0], 2 if has_cls else 1)

@@ -213,7 +213,7 @@ def attention_scores(
     check_tensor("k", k, 4, INPUT_DTYPES, "(B, Hkv, S, D)")
     batch, kv_heads, seq, dim = k.shape
     require(q.shape[0] == batch and q.shape[3] == dim,
-            f"q must have shape (B, Hq, Q, D) with B = {batch}, D = {dim} like k {tuple(k.shape)}, got {tuple(q.shape)}")
+            f"q must have shape (B, Hq, Q, D) with B = {batch}, D = {dim} as k {tuple(k.shape)}, got {tuple(q.shape)}")
     require(q.shape[1] % kv_heads == 0,
             f"q's {q.shape[1]} query heads must be a multiple of k's {kv_heads} key heads (grouped-query attention)")
     require(q.shape[2] >= 1, "q must hold at least one query row")

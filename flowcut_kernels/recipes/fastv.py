@@ -31,7 +31,8 @@ def fastv_prefill(
             hidden = block(hidden, position_ids=positions, position_embeddings=embeddings)
             if i == layer - 1:
                 q, k, _, scale = seen.seen
-                scores = ops.attention_scores(q[:, :, -1:], k, scale=scale, backend=backend)  # the last token's attention
-                rows = ops.topk_select(scores, keep, span=image, backend=backend).kept  # text rows are protected
+                # The last token's attention over the keys; the image span competes, the text around it stays.
+                scores = ops.attention_scores(q[:, :, -1:], k, scale=scale, backend=backend)
+                rows = ops.topk_select(scores, keep, span=image, backend=backend).kept
                 hidden, positions = ops.gather_rows(hidden, rows), positions.gather(1, rows)
     return model.norm(hidden)

@@ -163,7 +163,8 @@ def test_layers_after_the_feature_layer_do_not_run(tiny_clip):
 
 
 def test_worked_example_clip_l_336_schedule():
-    """The worked example of docs/semantics.md: 24 layers, 577 tokens, F = 22; layer 21 prunes to T, 22 runs on it, 23 never runs.
+    """The worked example of docs/semantics.md: 24 layers, 577 tokens, F = 22; layer 21 prunes to T, 22 runs on
+    it, 23 never runs.
 
     Token geometry of CLIP ViT-L/14-336 (image 336, patch 14), narrow width to stay fast on CPU.
     """

@@ -89,7 +89,6 @@ def test_topk_select_dense_with_a_span(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("with_sizes", [False, True])
 def test_merge_nearest(backend, with_sizes):
-    lengths = [9, 4, 6]
     for n, dtype in enumerate(dtypes_of(backend)):
         hidden = randn(19, 2 * 5, seed=n, dtype=dtype)[:, ::2]  # a strided view
         keys = randn(19, 6, seed=n + 1, dtype=dtype)
