@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from flowcut_kernels.ops.triton import flow_scores as f, select_gather as g
+    from flowcut_kernels.ops.triton import flow_scores as f, primitives as p, select_gather as g
 
     DATA = {"q_ptr", "k_ptr", "v_ptr", "hidden_ptr", "out_ptr"}  # pointers of the input dtype
     INDEX = {"idx_ptr", "idx_out_ptr"}                            # int64 pointers
@@ -51,6 +51,39 @@ SCRIPT = textwrap.dedent(
         build(f._flow_scores_finish, dtype, cu, **flags, HAS_PREV=prev, **blocks)
         build(g._select_gather_kernel, dtype, cu, HAS_CLS=has_cls, VARLEN=varlen, BLOCK_SEARCH=1024, BLOCK_N=64,
               BLOCK_C=128)
+
+    # The generic primitives: pointer types by name (others fp32), dots in the input dtype or in fp32 (F32).
+    def build_primitive(kernel, pointers, **constexprs):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*" + pointers.get(name, "fp32")
+            else:
+                signature[name] = "fp32" if name == "scale" else "i32"
+        triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+
+    # (input dtype, fp32 dots, cu_seqlens' dtype, the optional input given: key_mask, protect, sizes)
+    for dtype, f32, cu, flag in (
+        ("fp16", False, "i32", False),
+        ("bf16", False, "i64", True),
+        ("fp32", True, "i32", True),
+    ):
+        data = dict.fromkeys(("q_ptr", "k_ptr", "vr_ptr", "v_ptr"), dtype)
+        tiles = dict(F32=f32, BLOCK_M=16, BLOCK_S=64, BLOCK_D=128)
+        for kernel in (p._attn_lse_kernel, p._attn_mean_kernel):
+            build_primitive(kernel, {**data, "mask_ptr": "i1"}, HAS_MASK=flag, **tiles)
+        for kernel in (p._text_lse_kernel, p._text_score_kernel):
+            build_primitive(kernel, {**data, "seg_ptr": "i64"}, **tiles)
+        index = {"kept_ptr": "i64", "dropped_ptr": "i64", "kept_cu_ptr": cu, "dropped_cu_ptr": cu}
+        build_primitive(p._topk_select_kernel, {**index, "scores_ptr": dtype, "prot_ptr": "i1", "cu_ptr": cu,
+                        "keep_ptr": "i64"}, HAS_PROTECT=flag, BLOCK_SEARCH=1024, BLOCK_N=256)
+        index["target_ptr"] = "i64"
+        build_primitive(p._merge_assign_kernel, {**index, "keys_ptr": dtype}, F32=f32, BLOCK_J=32, BLOCK_K=32,
+                        BLOCK_CK=64)
+        build_primitive(p._merge_accumulate_kernel, {**index, "hidden_ptr": dtype, "out_ptr": dtype,
+                        "sizes_ptr": "fp64" if flag else "fp32"}, HAS_SIZES=flag, BLOCK_J=32, BLOCK_C=128)
     print("compiled")
     """
 )

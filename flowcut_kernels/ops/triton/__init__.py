@@ -1,11 +1,15 @@
-"""Backend "triton": the Triton kernels as torch ops ``flowcut::triton_flow_scores`` / ``triton_select_gather``
-and their packed-batch forms ``triton_flow_scores_varlen`` / ``triton_select_gather_varlen`` (the same kernels).
+"""Backend "triton": the Triton kernels as torch ops ``flowcut::triton_flow_scores`` / ``triton_select_gather``,
+their packed-batch forms ``triton_flow_scores_varlen`` / ``triton_select_gather_varlen`` (the same kernels),
+and the generic primitives ``triton_attention_scores`` / ``triton_text_guided_scores`` / ``triton_topk_select``
+/ ``triton_merge_nearest`` (:mod:`.primitives`).
 
 On a GPU they are ``torch.library.triton_op``s launching through ``wrap_triton``, so torch.compile
 sees the kernels. Under the CPU interpreter (``TRITON_INTERPRET=1`` set before import) triton_op
 fails fake-tensor checks, so there they are ``custom_op``s with the shared fake implementations,
 and the backend also runs on CPU tensors. Inputs: float16, bfloat16 or float32 (k's dtype for
-flow_scores, the hidden states' for select_gather); float64 goes to another backend.
+flow_scores, attention_scores and text_guided_scores, the hidden states' for select_gather and
+merge_nearest, the scores' for topk_select); float64 goes to another backend. triton_topk_select with
+``protect`` reads its kept count on the host (one scalar): its output sizes depend on the data.
 """
 
 import os
@@ -15,7 +19,17 @@ import torch
 from torch import Tensor
 
 from ..backends import Backend, register_backend
-from ..library import flow_scores_fake, flow_scores_varlen_fake, select_gather_fake, select_gather_varlen_fake
+from ..library import (
+    attention_scores_fake,
+    flow_scores_fake,
+    flow_scores_varlen_fake,
+    merge_nearest_fake,
+    select_gather_fake,
+    select_gather_varlen_fake,
+    text_guided_scores_fake,
+    topk_select_fake,
+)
+from . import primitives
 from .flow_scores import flow_scores_into, flow_scores_outputs
 from .select_gather import select_gather_into, select_gather_outputs
 
@@ -69,7 +83,40 @@ def triton_select_gather_varlen(
     return _select_gather(hidden, cum, index_map, cu_seqlens, keep, has_cls)
 
 
+@_define("flowcut::triton_attention_scores", mutates_args=())
+def triton_attention_scores(
+    q: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor], span_start: int, span_end: int
+) -> Tensor:
+    return primitives.attention_scores(q, k, scale, key_mask, span_start, span_end, wrap=_wrap)
+
+
+@_define("flowcut::triton_text_guided_scores", mutates_args=())
+def triton_text_guided_scores(
+    q_relay: Tensor, v_relay: Tensor, k: Tensor, v: Tensor, segments: list[int], scale: float
+) -> Tensor:
+    return primitives.text_guided_scores(q_relay, v_relay, k, v, segments, scale, wrap=_wrap)
+
+
+@_define("flowcut::triton_topk_select", mutates_args=())
+def triton_topk_select(
+    scores: Tensor, cu_seqlens: Tensor, keep: list[int], protect: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return primitives.topk_select(scores, cu_seqlens, keep, protect, wrap=_wrap)
+
+
+@_define("flowcut::triton_merge_nearest", mutates_args=())
+def triton_merge_nearest(
+    hidden: Tensor, keys: Tensor, kept: Tensor, dropped: Tensor, kept_cu: Tensor, dropped_cu: Tensor,
+    sizes: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    return primitives.merge_nearest(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes, wrap=_wrap)
+
+
 if INTERPRET:
+    triton_attention_scores.register_fake(attention_scores_fake)
+    triton_text_guided_scores.register_fake(text_guided_scores_fake)
+    triton_topk_select.register_fake(topk_select_fake)
+    triton_merge_nearest.register_fake(merge_nearest_fake)
     triton_flow_scores.register_fake(flow_scores_fake)
     triton_select_gather.register_fake(select_gather_fake)
     triton_flow_scores_varlen.register_fake(flow_scores_varlen_fake)
