@@ -58,7 +58,7 @@ def native_build() -> tuple[list, dict]:
     required = NATIVE in ("1", "true", "yes", "on")
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None
     gencode, targets = cuda_targets(os.environ.get("FLOWCUT_CUDA_ARCHS", "80;90+PTX"))
-    sources = ["python/flowcut_module.cpp", "csrc/ops.cpp", "csrc/flowcut_cpu.cpp"]
+    sources = ["python/flowcut_module.cpp", "csrc/ops.cpp", "csrc/flowcut_cpu.cpp", "csrc/primitives_cpu.cpp"]
     macros = [("FLOWCUT_VERSION", VERSION), ("FLOWCUT_WITH_CUDA", "1" if with_cuda else "0"),
               ("FLOWCUT_CUDA_ARCHS", ",".join(targets) if with_cuda else "")]
     cxx = ["-O3"]  # the C++ standard is torch's (its headers need theirs)

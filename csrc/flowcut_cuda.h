@@ -1,4 +1,5 @@
-// CUDA kernels of the two FlowCut ops (docs/semantics.md), behind a launcher interface free of torch headers:
+// CUDA kernels of the two FlowCut ops (docs/semantics.md) and of the generic primitives (attention_scores,
+// text_guided_scores, topk_select, merge_nearest), behind a launcher interface free of torch headers:
 // raw pointers, sizes, strides in elements, and a cudaStream_t. Used by cuda_binding.cpp (the torch ops)
 // and by test_kernels.cpp (the standalone CMake test program).
 //
@@ -77,6 +78,116 @@ struct SelectGatherArgs {
 
 // One kernel launch on stream. Returns "" on success, else what went wrong.
 std::string launch_select_gather(const SelectGatherArgs& args, cudaStream_t stream);
+
+// --- Generic primitives (flowcut_kernels/ops/reference.py, "Generic primitives"; csrc/primitives.cu) ----------
+// Each computes in float32, or in float64 where the reference does (attention_scores and text_guided_scores: k
+// float64; merge_nearest: hidden float64). Inputs may have any strides (in elements); outputs are contiguous.
+// Deterministic: no floating-point atomics, every sum in a fixed order. Each launcher returns "" on success, else
+// what went wrong; one with a workspace takes at least the bytes its *_workspace reports, 16-byte aligned.
+
+// Head- and row-mean attention of query rows over keys, the columns of one span: out[b, c] = mean over the Hq
+// heads and Q rows of softmax over the unmasked keys of scale * q . k, column span_start + c. GQA: query head h
+// reads key head h / (Hq / Hkv). One pass over k per (image, key head, tile of query rows): running softmax
+// statistics per row and the span's logits go to the workspace, then two small launches normalise and average.
+struct AttentionScoresArgs {
+  int64_t B = 0, Hq = 0, Hkv = 0, Q = 0, S = 0, D = 0;
+  int64_t span_start = 0, span_end = 0;  // 0 <= start <= end <= S
+  const void* q = nullptr;  // (B, Hq, Q, D), any float dtype
+  DType q_dtype = DType::kFloat32;
+  int64_t q_stride[4] = {0, 0, 0, 0};
+  const void* k = nullptr;  // (B, Hkv, S, D), any float dtype (float64: computed in float64)
+  DType k_dtype = DType::kFloat32;
+  int64_t k_stride[4] = {0, 0, 0, 0};
+  const uint8_t* key_mask = nullptr;  // (B, S) bool as bytes (0: excluded), or nullptr: every key
+  int64_t mask_stride[2] = {0, 0};
+  double scale = 1.0;
+  float* out = nullptr;  // out (B, span_end - span_start)
+};
+
+std::string attention_scores_workspace(const AttentionScoresArgs& args, size_t* bytes);
+std::string launch_attention_scores(const AttentionScoresArgs& args, void* workspace, size_t workspace_bytes,
+                                    cudaStream_t stream);
+
+// The language-model stage's text-guided score of each segment's tokens (reference.text_guided_scores):
+// (rel + sem) * rho, packed segment by segment. One block per (segment, key head) computes its logits, softmaxes
+// and head sums into the workspace; one warp per output token then sums over the key heads and adds rho.
+struct TextGuidedScoresArgs {
+  int64_t B = 0, Hq = 0, Hkv = 0, S = 0, D = 0;
+  int64_t G = 0;                         // segments
+  const int64_t* segments = nullptr;     // (G, 3) on the device: b, start, end (0 <= start <= end <= S)
+  const int64_t* out_offsets = nullptr;  // (G + 1,) on the device: 0, n_0, n_0 + n_1, ... (n_g = end - start)
+  int64_t total = 0;                     // out_offsets[G]
+  const void* q_relay = nullptr;  // (B, Hq, D)
+  DType q_dtype = DType::kFloat32;
+  int64_t q_stride[3] = {0, 0, 0};
+  const void* v_relay = nullptr;  // (B, Hkv, D)
+  DType vt_dtype = DType::kFloat32;
+  int64_t vt_stride[3] = {0, 0, 0};
+  const void* k = nullptr;  // (B, Hkv, S, D) (float64: computed in float64)
+  DType k_dtype = DType::kFloat32;
+  int64_t k_stride[4] = {0, 0, 0, 0};
+  const void* v = nullptr;  // (B, Hkv, S, D)
+  DType v_dtype = DType::kFloat32;
+  int64_t v_stride[4] = {0, 0, 0, 0};
+  double scale = 1.0;
+  float* out = nullptr;  // out (total,)
+};
+
+std::string text_guided_scores_workspace(const TextGuidedScoresArgs& args, size_t* bytes);
+std::string launch_text_guided_scores(const TextGuidedScoresArgs& args, void* workspace, size_t workspace_bytes,
+                                      cudaStream_t stream);
+
+// Per image, keep[b] best unprotected rows (larger score first; NaN above every number; ties and NaNs by lower
+// index; -0.0 == 0.0; compared in the scores' own dtype) and every protected row. One block per image: a radix
+// select finds the keep[b]-th best key, then block scans write the kept and dropped global row indices, ascending.
+// The caller sizes the outputs: kept_cu / dropped_cu hold each image's output offsets, and keep[b] must not exceed
+// the image's unprotected rows.
+struct TopkSelectArgs {
+  int64_t B = 0;
+  const int64_t* cu_seqlens = nullptr;  // (B + 1,) on the device: image b is rows cu[b] .. cu[b + 1]
+  const int64_t* keep = nullptr;        // (B,) on the device
+  const void* scores = nullptr;         // (T,)
+  DType scores_dtype = DType::kFloat32;
+  int64_t scores_stride = 1;
+  const uint8_t* protect = nullptr;  // (T,) bool as bytes, or nullptr: none
+  int64_t protect_stride = 1;
+  const int64_t* kept_cu = nullptr;     // (B + 1,) on the device: image b's kept rows at kept[kept_cu[b] ..]
+  const int64_t* dropped_cu = nullptr;  // (B + 1,) on the device
+  int64_t* kept = nullptr;              // out (kept_cu[B],) int64
+  int64_t* dropped = nullptr;           // out (dropped_cu[B],) int64
+};
+
+std::string launch_topk_select(const TopkSelectArgs& args, cudaStream_t stream);
+
+// Merge each image's dropped rows into its kept row of largest cosine similarity of keys (the first in kept on
+// ties; NaN above every number, as torch.argmax): merged[i] = (s_i h_i + sum_{j -> i} s_j h_j) / (s_i + sum s_j),
+// the dropped rows taken in ascending position. A warp per dropped row finds its target; a block per kept row then
+// gathers, in order, the rows assigned to it. No value is read on the host: indices outside [0, T) are never
+// dereferenced (a kept one gives a NaN row and size, a dropped one is left out), and offsets are clamped.
+struct MergeNearestArgs {
+  int64_t T = 0, C = 0, Ck = 0, K = 0, M = 0, B = 0;
+  const void* hidden = nullptr;  // (T, C) (float64: computed in float64)
+  DType hidden_dtype = DType::kFloat32;
+  int64_t hidden_stride[2] = {0, 0};
+  const void* keys = nullptr;  // (T, Ck)
+  DType keys_dtype = DType::kFloat32;
+  int64_t keys_stride[2] = {0, 0};
+  const void* sizes = nullptr;  // (T,), or nullptr: 1 each
+  DType sizes_dtype = DType::kFloat32;
+  int64_t sizes_stride = 1;
+  const int64_t* kept = nullptr;  // (K,) row indices
+  int64_t kept_stride = 1;
+  const int64_t* dropped = nullptr;  // (M,) row indices
+  int64_t dropped_stride = 1;
+  const int64_t* kept_cu = nullptr;     // (B + 1,) on the device
+  const int64_t* dropped_cu = nullptr;  // (B + 1,) on the device
+  void* merged = nullptr;               // out (K, C) in hidden's dtype
+  float* sizes_out = nullptr;           // out (K,)
+};
+
+std::string merge_nearest_workspace(const MergeNearestArgs& args, size_t* bytes);
+std::string launch_merge_nearest(const MergeNearestArgs& args, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace flowcut

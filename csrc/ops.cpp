@@ -1,5 +1,7 @@
 // The native ops' schemas (torch.ops.flowcut.native_flow_scores / native_select_gather and their packed forms
-// native_flow_scores_varlen / native_select_gather_varlen), their input checks, and the CPU implementations.
+// native_flow_scores_varlen / native_select_gather_varlen; the generic primitives native_attention_scores /
+// native_text_guided_scores / native_topk_select / native_merge_nearest), their input checks, and the CPU
+// implementations.
 // cuda_binding.cpp adds the CUDA ones; flowcut_kernels/ops/native.py registers the fake (meta) implementations.
 //
 // TORCH_LIBRARY (this library defines the native_* schemas) coexists with the Python custom_ops of the
@@ -15,9 +17,11 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "flowcut_cpu.h"
+#include "primitives_cpu.h"
 
 namespace flowcut {
 
@@ -46,8 +50,11 @@ std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu_seqlens, int64_t rows,
   std::vector<int64_t> cu(values, values + host.numel());
   TORCH_CHECK(cu[0] == 0, "cu_seqlens must start at 0, got ", cu[0]);
   for (size_t b = 0; b + 1 < cu.size(); ++b)
-    TORCH_CHECK(cu[b + 1] - cu[b] >= min_len, "cu_seqlens must increase by at least ", min_len,
-                " per image (each image needs a candidate), got ", cu[b + 1] - cu[b], " rows for image ", b);
+    TORCH_CHECK(cu[b + 1] - cu[b] >= min_len, "cu_seqlens must ",
+                min_len > 0 ? "increase by at least " + std::to_string(min_len) + " per image (each image needs a "
+                                  "candidate)"
+                            : std::string("not decrease"),
+                ", got ", cu[b + 1] - cu[b], " rows for image ", b);
   TORCH_CHECK(cu.back() == rows, "cu_seqlens must end at the row count ", rows, ", got ", cu.back());
   return cu;
 }
@@ -141,6 +148,102 @@ std::vector<int64_t> check_select_gather_varlen_inputs(const at::Tensor& hidden,
   return cu;
 }
 
+void check_attention_scores_inputs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& key_mask,
+                                   int64_t span_start, int64_t span_end) {
+  TORCH_CHECK(k.dim() == 4, "k must have shape (B, Hkv, S, D), got ", k.sizes());
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3),
+              "q must have shape (B, Hq, Q, D) with B = ", k.size(0), ", D = ", k.size(3), ", got ", q.sizes());
+  TORCH_CHECK(is_float(q) && is_float(k), "q and k must be float32/float16/bfloat16/float64, got ", q.scalar_type(),
+              " and ", k.scalar_type());
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) >= 1 && q.size(1) % k.size(1) == 0, "q's ", q.size(1),
+              " query heads must be a positive multiple of k's ", k.size(1), " key heads");
+  TORCH_CHECK(q.size(2) >= 1, "q must hold at least one query row, got ", q.sizes());
+  TORCH_CHECK(q.device() == k.device(), "q and k must be on one device");
+  if (key_mask.has_value()) {
+    TORCH_CHECK(key_mask->dim() == 2 && key_mask->size(0) == k.size(0) && key_mask->size(1) == k.size(2),
+                "key_mask must have shape (B, S) = (", k.size(0), ", ", k.size(2), "), got ", key_mask->sizes());
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool, "key_mask must be bool, got ", key_mask->scalar_type());
+    TORCH_CHECK(key_mask->device() == k.device(), "key_mask must be on the device of k");
+  }
+  TORCH_CHECK(0 <= span_start && span_start <= span_end && span_end <= k.size(2), "the span [", span_start, ", ",
+              span_end, ") must satisfy 0 <= start <= end <= S = ", k.size(2));
+}
+
+void check_text_guided_scores_inputs(const at::Tensor& q_relay, const at::Tensor& v_relay, const at::Tensor& k,
+                                     const at::Tensor& v, at::IntArrayRef segments) {
+  TORCH_CHECK(k.dim() == 4, "k must have shape (B, Hkv, S, D), got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3);
+  TORCH_CHECK(q_relay.dim() == 3 && q_relay.size(0) == B && q_relay.size(2) == D && Hkv >= 1 && q_relay.size(1) >= 1 &&
+                  q_relay.size(1) % Hkv == 0,
+              "q_relay must have shape (B, Hq, D) with B = ", B, ", D = ", D, " and Hq a positive multiple of ", Hkv,
+              ", got ", q_relay.sizes());
+  TORCH_CHECK(v_relay.dim() == 3 && v_relay.size(0) == B && v_relay.size(1) == Hkv && v_relay.size(2) == D,
+              "v_relay must have shape (B, Hkv, D) = (", B, ", ", Hkv, ", ", D, "), got ", v_relay.sizes());
+  TORCH_CHECK(is_float(q_relay) && is_float(v_relay) && is_float(k) && is_float(v),
+              "q_relay, v_relay, k and v must be float32/float16/bfloat16/float64, got ", q_relay.scalar_type(), ", ",
+              v_relay.scalar_type(), ", ", k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK(q_relay.device() == k.device() && v_relay.device() == k.device() && v.device() == k.device(),
+              "q_relay, v_relay, k and v must be on one device");
+  TORCH_CHECK(segments.size() % 3 == 0, "segments must hold (b, start, end) triples, got ", segments.size(),
+              " integers");
+  for (size_t g = 0; g < segments.size(); g += 3) {
+    const int64_t b = segments[g], start = segments[g + 1], end = segments[g + 2];
+    TORCH_CHECK(0 <= b && b < B && 0 <= start && start <= end && end <= S, "segment ", g / 3, " (", b, ", ", start,
+                ", ", end, ") must satisfy 0 <= b < B = ", B, " and 0 <= start <= end <= S = ", S);
+  }
+}
+
+std::vector<int64_t> check_topk_select_inputs(const at::Tensor& scores, const at::Tensor& cu_seqlens,
+                                              at::IntArrayRef keep, const std::optional<at::Tensor>& protect) {
+  TORCH_CHECK(scores.dim() == 1, "scores must have shape (T,), got ", scores.sizes());
+  TORCH_CHECK(is_float(scores), "scores must be float32/float16/bfloat16/float64, got ", scores.scalar_type());
+  check_cu_seqlens(cu_seqlens, scores.device());
+  const int64_t B = cu_seqlens.numel() - 1;
+  TORCH_CHECK(int64_t(keep.size()) == B, "keep must hold one count per image (", B, "), got ", keep.size());
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(keep[b] >= 0, "keep[", b, "]=", keep[b], " must be >= 0");
+  if (protect.has_value()) {
+    TORCH_CHECK(protect->dim() == 1 && protect->size(0) == scores.size(0), "protect must have shape (T,) = (",
+                scores.size(0), ",), got ", protect->sizes());
+    TORCH_CHECK(protect->scalar_type() == at::kBool, "protect must be bool, got ", protect->scalar_type());
+    TORCH_CHECK(protect->device() == scores.device(), "protect must be on the device of scores");
+  }
+  return read_cu_seqlens(cu_seqlens, scores.size(0), 0);
+}
+
+void check_merge_nearest_inputs(const at::Tensor& hidden, const at::Tensor& keys, const at::Tensor& kept,
+                                const at::Tensor& dropped, const at::Tensor& kept_cu, const at::Tensor& dropped_cu,
+                                const std::optional<at::Tensor>& sizes) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must have shape (T, C), got ", hidden.sizes());
+  TORCH_CHECK(keys.dim() == 2 && keys.size(0) == hidden.size(0), "keys must have shape (T, Ck) with T = ",
+              hidden.size(0), ", got ", keys.sizes());
+  TORCH_CHECK(is_float(hidden) && is_float(keys), "hidden and keys must be float32/float16/bfloat16/float64, got ",
+              hidden.scalar_type(), " and ", keys.scalar_type());
+  TORCH_CHECK(kept.dim() == 1 && kept.scalar_type() == at::kLong, "kept must be an int64 (K,) tensor, got ",
+              kept.scalar_type(), " of shape ", kept.sizes());
+  TORCH_CHECK(dropped.dim() == 1 && dropped.scalar_type() == at::kLong, "dropped must be an int64 (M,) tensor, got ",
+              dropped.scalar_type(), " of shape ", dropped.sizes());
+  check_cu_seqlens(kept_cu, hidden.device());
+  check_cu_seqlens(dropped_cu, hidden.device());
+  TORCH_CHECK(kept_cu.numel() == dropped_cu.numel(), "kept_cu and dropped_cu must both have shape (B + 1,), got ",
+              kept_cu.sizes(), " and ", dropped_cu.sizes());
+  TORCH_CHECK(keys.device() == hidden.device() && kept.device() == hidden.device() &&
+                  dropped.device() == hidden.device(),
+              "hidden, keys, kept and dropped must be on one device");
+  if (sizes.has_value()) {
+    TORCH_CHECK(sizes->dim() == 1 && sizes->size(0) == hidden.size(0), "sizes must have shape (T,) = (",
+                hidden.size(0), ",), got ", sizes->sizes());
+    TORCH_CHECK(is_float(*sizes), "sizes must be float32/float16/bfloat16/float64, got ", sizes->scalar_type());
+    TORCH_CHECK(sizes->device() == hidden.device(), "sizes must be on the device of hidden");
+  }
+}
+
+std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> offsets(counts.size() + 1, 0);
+  for (size_t b = 0; b < counts.size(); ++b) offsets[b + 1] = offsets[b] + counts[b];
+  return offsets;
+}
+
 at::Tensor keep_offsets(at::IntArrayRef keep) {
   at::Tensor offsets = at::empty({int64_t(keep.size()) + 1}, at::kLong);
   int64_t* o = offsets.data_ptr<int64_t>();
@@ -179,6 +282,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_gather_varlen_
   return {hidden_out, cum_out, index_out, keep_offsets(keep).to(cu_seqlens.scalar_type())};
 }
 
+at::Tensor attention_scores_cpu_checked(const at::Tensor& q, const at::Tensor& k, double scale,
+                                      const std::optional<at::Tensor>& key_mask, int64_t span_start, int64_t span_end) {
+  check_attention_scores_inputs(q, k, key_mask, span_start, span_end);
+  return attention_scores_cpu(q, k, scale, key_mask, span_start, span_end);
+}
+
+at::Tensor text_guided_scores_cpu_checked(const at::Tensor& q_relay, const at::Tensor& v_relay, const at::Tensor& k,
+                                          const at::Tensor& v, at::IntArrayRef segments, double scale) {
+  check_text_guided_scores_inputs(q_relay, v_relay, k, v, segments);
+  return text_guided_scores_cpu(q_relay, v_relay, k, v, segments, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_select_cpu_checked(
+    const at::Tensor& scores, const at::Tensor& cu_seqlens, at::IntArrayRef keep,
+    const std::optional<at::Tensor>& protect) {
+  const std::vector<int64_t> cu = check_topk_select_inputs(scores, cu_seqlens, keep, protect);
+  return topk_select_cpu(scores, cu, keep, protect, cu_seqlens.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_nearest_cpu_checked(const at::Tensor& hidden, const at::Tensor& keys,
+                                                             const at::Tensor& kept, const at::Tensor& dropped,
+                                                             const at::Tensor& kept_cu, const at::Tensor& dropped_cu,
+                                                             const std::optional<at::Tensor>& sizes) {
+  check_merge_nearest_inputs(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes);
+  return merge_nearest_cpu(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes);
+}
+
 }  // namespace
 
 }  // namespace flowcut
@@ -197,6 +327,19 @@ TORCH_LIBRARY(flowcut, m) {
   m.def(
       "native_select_gather_varlen(Tensor hidden, Tensor cum, Tensor index_map, Tensor cu_seqlens, int[] keep, "
       "bool has_cls) -> (Tensor hidden_out, Tensor cum_out, Tensor index_out, Tensor cu_seqlens_out)");
+  // The generic primitives (flowcut_kernels/ops/reference.py, "Generic primitives").
+  m.def(
+      "native_attention_scores(Tensor q, Tensor k, float scale, Tensor? key_mask, int span_start, int span_end) "
+      "-> Tensor");
+  m.def(
+      "native_text_guided_scores(Tensor q_relay, Tensor v_relay, Tensor k, Tensor v, int[] segments, float scale) "
+      "-> Tensor");
+  m.def(
+      "native_topk_select(Tensor scores, Tensor cu_seqlens, int[] keep, Tensor? protect) "
+      "-> (Tensor kept, Tensor dropped, Tensor kept_cu, Tensor dropped_cu)");
+  m.def(
+      "native_merge_nearest(Tensor hidden, Tensor keys, Tensor kept, Tensor dropped, Tensor kept_cu, "
+      "Tensor dropped_cu, Tensor? sizes) -> (Tensor merged, Tensor sizes_out)");
 }
 
 TORCH_LIBRARY_IMPL(flowcut, CPU, m) {
@@ -204,4 +347,8 @@ TORCH_LIBRARY_IMPL(flowcut, CPU, m) {
   m.impl("native_select_gather", &flowcut::select_gather_cpu_checked);
   m.impl("native_flow_scores_varlen", &flowcut::flow_scores_varlen_cpu_checked);
   m.impl("native_select_gather_varlen", &flowcut::select_gather_varlen_cpu_checked);
+  m.impl("native_attention_scores", &flowcut::attention_scores_cpu_checked);
+  m.impl("native_text_guided_scores", &flowcut::text_guided_scores_cpu_checked);
+  m.impl("native_topk_select", &flowcut::topk_select_cpu_checked);
+  m.impl("native_merge_nearest", &flowcut::merge_nearest_cpu_checked);
 }

@@ -34,4 +34,33 @@ std::vector<int64_t> check_select_gather_varlen_inputs(const at::Tensor& hidden,
 // The output offsets of select_gather_varlen: 0, keep[0], keep[0] + keep[1], ..., as an int64 CPU tensor.
 at::Tensor keep_offsets(at::IntArrayRef keep);
 
+// --- Generic primitives (structural checks: dims, dtypes, devices, sizes) ----------------------------------
+
+// q (B, Hq, Q, D) and k (B, Hkv, S, D) float, Hq a multiple of Hkv >= 1, Q >= 1; key_mask (B, S) bool or none;
+// 0 <= span_start <= span_end <= S; one device.
+void check_attention_scores_inputs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& key_mask,
+                                   int64_t span_start, int64_t span_end);
+
+// q_relay (B, Hq, D), v_relay (B, Hkv, D), k and v (B, Hkv, S, D), all float, Hq a multiple of Hkv >= 1; segments
+// G triples (b, start, end) with 0 <= b < B, 0 <= start <= end <= S; one device.
+void check_text_guided_scores_inputs(const at::Tensor& q_relay, const at::Tensor& v_relay, const at::Tensor& k,
+                                     const at::Tensor& v, at::IntArrayRef segments);
+
+// scores (T,) float, cu_seqlens (B + 1,) int32/int64, keep B counts >= 0, protect (T,) bool or none; one device.
+// Returns cu_seqlens' values, read on the host (a copy of B + 1 integers from a GPU) and checked: 0, not
+// decreasing (empty images are allowed), ending at T. keep[b] <= the unprotected rows of image b is checked by the
+// implementations, which count them.
+std::vector<int64_t> check_topk_select_inputs(const at::Tensor& scores, const at::Tensor& cu_seqlens,
+                                              at::IntArrayRef keep, const std::optional<at::Tensor>& protect);
+
+// hidden (T, C) and keys (T, Ck) float, kept (K,) and dropped (M,) int64, kept_cu and dropped_cu (B + 1,)
+// int32/int64 with B >= 1, sizes (T,) float or none; one device. The values (offsets, indices) are checked by the
+// CPU implementation; the CUDA one reads none of them on the host (see cuda_binding.cpp).
+void check_merge_nearest_inputs(const at::Tensor& hidden, const at::Tensor& keys, const at::Tensor& kept,
+                                const at::Tensor& dropped, const at::Tensor& kept_cu, const at::Tensor& dropped_cu,
+                                const std::optional<at::Tensor>& sizes);
+
+// The offsets 0, n[0], n[0] + n[1], ... (B + 1 values) of per-image counts n.
+std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts);
+
 }  // namespace flowcut

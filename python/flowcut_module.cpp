@@ -39,8 +39,9 @@ std::vector<std::string> split_archs(const std::string& text) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() =
-      "flowcut_kernels native backend: torch.ops.flowcut.native_flow_scores / native_select_gather and their "
-      "packed forms native_flow_scores_varlen / native_select_gather_varlen";
+      "flowcut_kernels native backend: torch.ops.flowcut.native_flow_scores / native_select_gather, their "
+      "packed forms native_flow_scores_varlen / native_select_gather_varlen, and the generic primitives "
+      "native_attention_scores / native_text_guided_scores / native_topk_select / native_merge_nearest";
   m.attr("__version__") = FLOWCUT_STR(FLOWCUT_VERSION);
   m.attr("WITH_CUDA") = bool(FLOWCUT_WITH_CUDA);
   m.attr("CUDA_ARCHS") = split_archs(FLOWCUT_STR(FLOWCUT_CUDA_ARCHS));

@@ -1,9 +1,11 @@
 """The "native" backend: hand-written C++ (CPU) and CUDA kernels from the compiled ``flowcut_kernels._C``.
 
 Importing ``_C`` loads its op library, which registers ``torch.ops.flowcut.native_flow_scores`` and
-``torch.ops.flowcut.native_select_gather`` and their packed forms ``native_flow_scores_varlen`` and
-``native_select_gather_varlen`` (csrc/ops.cpp) with CPU kernels, and CUDA kernels when the extension was
-built with CUDA. This module adds their fake (meta) implementations and registers the backend with
+``torch.ops.flowcut.native_select_gather``, their packed forms ``native_flow_scores_varlen`` and
+``native_select_gather_varlen``, and the generic primitives ``native_attention_scores``,
+``native_text_guided_scores``, ``native_topk_select`` and ``native_merge_nearest`` (csrc/ops.cpp) with CPU
+kernels, and CUDA kernels when the extension was built with CUDA. This module adds their fake (meta)
+implementations (the library's, shared by every backend) and registers the backend with
 :mod:`flowcut_kernels.ops.backends`. It always imports: without a usable ``_C`` (not built,
 or built but not loading) it records why with ``backends.mark_unavailable`` (shown by
 ``available_backends(device, reasons=True)`` and the benchmark's "skipped" lines), warns once unless
@@ -23,7 +25,16 @@ import warnings
 import torch
 
 from .backends import ALL_DTYPES, Backend, mark_unavailable, register_backend
-from .library import flow_scores_fake, flow_scores_varlen_fake, select_gather_fake, select_gather_varlen_fake
+from .library import (
+    attention_scores_fake,
+    flow_scores_fake,
+    flow_scores_varlen_fake,
+    merge_nearest_fake,
+    select_gather_fake,
+    select_gather_varlen_fake,
+    text_guided_scores_fake,
+    topk_select_fake,
+)
 
 _HOW = (
     "`pip install --no-build-isolation -e .` in a source checkout, with torch and ninja installed first (so that "
@@ -72,5 +83,9 @@ else:
     torch.library.register_fake("flowcut::native_select_gather")(select_gather_fake)
     torch.library.register_fake("flowcut::native_flow_scores_varlen")(flow_scores_varlen_fake)
     torch.library.register_fake("flowcut::native_select_gather_varlen")(select_gather_varlen_fake)
+    torch.library.register_fake("flowcut::native_attention_scores")(attention_scores_fake)
+    torch.library.register_fake("flowcut::native_text_guided_scores")(text_guided_scores_fake)
+    torch.library.register_fake("flowcut::native_topk_select")(topk_select_fake)
+    torch.library.register_fake("flowcut::native_merge_nearest")(merge_nearest_fake)
     DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
     register_backend(Backend.from_library("native", "native_", DEVICE_TYPES, ALL_DTYPES))
