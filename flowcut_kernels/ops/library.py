@@ -161,3 +161,24 @@ def _(entropy, n_candidates, target, steps_left):
     return torch.library.get_ctx().new_dynamic_size()
 
 
+
+
+#: The fake of each op name, shared by every backend's op of that name.
+FAKES = {
+    "flow_scores": flow_scores_fake,
+    "select_gather": select_gather_fake,
+    "flow_scores_varlen": flow_scores_varlen_fake,
+    "select_gather_varlen": select_gather_varlen_fake,
+    "attention_scores": attention_scores_fake,
+    "text_guided_scores": text_guided_scores_fake,
+    "topk_select": topk_select_fake,
+    "merge_nearest": merge_nearest_fake,
+}
+
+
+def register_fakes(prefix: str) -> None:
+    """Give every ``flowcut::<prefix><op>`` that exists the fake of its op name (a backend module calls this once;
+    the fakes count as registered from that module, as a C++ library's ``set_python_module`` names it)."""
+    for name, fake in FAKES.items():
+        if hasattr(torch.ops.flowcut, prefix + name):
+            torch.library.register_fake(f"flowcut::{prefix}{name}", fake, _stacklevel=2)

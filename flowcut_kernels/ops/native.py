@@ -25,16 +25,7 @@ import warnings
 import torch
 
 from .backends import ALL_DTYPES, Backend, mark_unavailable, register_backend
-from .library import (
-    attention_scores_fake,
-    flow_scores_fake,
-    flow_scores_varlen_fake,
-    merge_nearest_fake,
-    select_gather_fake,
-    select_gather_varlen_fake,
-    text_guided_scores_fake,
-    topk_select_fake,
-)
+from .library import register_fakes
 
 _HOW = (
     "`pip install --no-build-isolation -e .` in a source checkout, with torch and ninja installed first (so that "
@@ -78,14 +69,6 @@ if _C is None:
             f"another one: {UNAVAILABLE_REASON}. Set FLOWCUT_BUILD_NATIVE=0 to silence this warning."
         )
 else:
-    # The same output shapes as every backend's ops.
-    torch.library.register_fake("flowcut::native_flow_scores")(flow_scores_fake)
-    torch.library.register_fake("flowcut::native_select_gather")(select_gather_fake)
-    torch.library.register_fake("flowcut::native_flow_scores_varlen")(flow_scores_varlen_fake)
-    torch.library.register_fake("flowcut::native_select_gather_varlen")(select_gather_varlen_fake)
-    torch.library.register_fake("flowcut::native_attention_scores")(attention_scores_fake)
-    torch.library.register_fake("flowcut::native_text_guided_scores")(text_guided_scores_fake)
-    torch.library.register_fake("flowcut::native_topk_select")(topk_select_fake)
-    torch.library.register_fake("flowcut::native_merge_nearest")(merge_nearest_fake)
+    register_fakes("native_")  # the same output shapes as every backend's ops
     DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
     register_backend(Backend.from_library("native", "native_", DEVICE_TYPES, ALL_DTYPES))

@@ -19,16 +19,7 @@ import torch
 from torch import Tensor
 
 from ..backends import Backend, register_backend
-from ..library import (
-    attention_scores_fake,
-    flow_scores_fake,
-    flow_scores_varlen_fake,
-    merge_nearest_fake,
-    select_gather_fake,
-    select_gather_varlen_fake,
-    text_guided_scores_fake,
-    topk_select_fake,
-)
+from ..library import register_fakes
 from . import primitives
 from .flow_scores import flow_scores_into, flow_scores_outputs
 from .select_gather import select_gather_into, select_gather_outputs
@@ -113,14 +104,7 @@ def triton_merge_nearest(
 
 
 if INTERPRET:
-    triton_attention_scores.register_fake(attention_scores_fake)
-    triton_text_guided_scores.register_fake(text_guided_scores_fake)
-    triton_topk_select.register_fake(topk_select_fake)
-    triton_merge_nearest.register_fake(merge_nearest_fake)
-    triton_flow_scores.register_fake(flow_scores_fake)
-    triton_select_gather.register_fake(select_gather_fake)
-    triton_flow_scores_varlen.register_fake(flow_scores_varlen_fake)
-    triton_select_gather_varlen.register_fake(select_gather_varlen_fake)
+    register_fakes("triton_")
 
 register_backend(
     Backend.from_library(
