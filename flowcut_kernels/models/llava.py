@@ -14,6 +14,18 @@ The patch replaces two methods on the one ``LlavaModel`` instance (never on its 
   image-token count is not ``target_num`` per image (a processor that still expands ``<image>`` to the
   unpruned count).
 
+With ``llm_stage=True`` (docs/semantics.md, the language-model stage) the tower keeps 2·target_num tokens per image
+and a third method is replaced:
+
+- ``forward``: a call whose prompts hold images (a prefill) runs :func:`.lm_stage.prefill`: the language model's
+  layers 0 and 1 see each image's 2·target_num features in place of its target_num placeholders, layer 1 keeps
+  target_num of them, text-guided, and the later layers and the cache see the prompt's own layout. Other calls
+  (decode steps, text-only prompts) are the stock forward. The prompts keep target_num placeholders per image, so
+  ``generate`` sees the final length; recent 5.x ``generate`` is made to pass the pixels to that prefill instead of
+  pre-encoding them (``_supports_mm_encoder_outputs`` on the outer model, as 5.0 does): its pre-encoded path pairs
+  features with placeholders by count, and the stage has more features than placeholders. The outer model's
+  ``_expand_inputs_for_generation`` (beams, several sequences) then repeats each prompt's images as a group.
+
 The processor, when given, is made to expand each ``<image>`` to ``target_num`` placeholders, for any
 target: its count is ``(height // patch_size) · (width // patch_size) + num_additional_image_tokens``
 (− 1 with the "default" strategy) in every 5.x release, so ``patch_size`` is set above any image size
@@ -29,6 +41,7 @@ Features are the feature layer's raw output, as stock LLaVA takes ``hidden_state
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from dataclasses import dataclass
@@ -36,9 +49,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
 from .. import ops
 from ..checks import FlowCutInputError, require
+from . import lm_stage
 from .encoder import PACKED_OPS, check_pixels, check_target, feature_index, run_pruned
 from .instance import is_patched, prior_attr, restore_attrs, set_attrs
 from .policy import FlowCutPolicy
@@ -56,7 +71,7 @@ class FlowCutImageFeatures(BaseModelOutputWithPooling):
     last_hidden_state: (B, T, C_vision) output of the feature layer on the kept tokens (T = 1 + target_num
         with the CLS row first for CLIP towers, target_num for SigLIP).
     pooler_output: list of B tensors (target_num, C_text): the projected features, one per image, as the
-        stock method returns them.
+        stock method returns them (2·target_num each with ``llm_stage``: the tower stage's).
     hidden_states: (with output_hidden_states) one tuple per image: its embeddings (1, S₀, C_vision) and each
         run layer's output before that layer's pruning (token counts shrink along it, per image).
     keep_indices: (B, target_num) int64 ascending original patch indices of the kept patches.
@@ -108,9 +123,9 @@ def feature_layer_of(vision_feature_layer, num_layers: int, argument: str = "vis
         f"pruning keeps different tokens at each layer, so their features cannot be concatenated; use a model "
         f"whose {argument} is a single int (LLaVA-1.5: -2)",
     )
-    if isinstance(vision_feature_layer, int) and not isinstance(vision_feature_layer, bool):
-        if vision_feature_layer >= 0:
-            vision_feature_layer -= num_layers + 1
+    is_int = isinstance(vision_feature_layer, int) and not isinstance(vision_feature_layer, bool)
+    if is_int and vision_feature_layer >= 0:
+        vision_feature_layer -= num_layers + 1
     return feature_index(vision_feature_layer, num_layers, argument) - num_layers
 
 
@@ -167,7 +182,7 @@ def _pruned_image_features(
     check_pixels(pixel_values, tower)
 
     hidden = tower.embed(pixel_values, interpolate)
-    target_num = check_target(config.target_num, hidden.shape[1] - int(tower.has_cls))
+    target_num = check_target(config.tower_target, hidden.shape[1] - int(tower.has_cls))
     backend = ops.resolve_backend(config.backend, tower.device, tower.dtype, PACKED_OPS)
     feature_idx = len(tower.layers) + feature_layer
     # Each image on its own schedule (docs/semantics.md, "Batches"), all images in one tower pass: a prompt's
@@ -194,26 +209,126 @@ def _pruned_image_features(
     return out if return_dict else out.to_tuple()
 
 
-def _checked_placeholder_mask(self: nn.Module, input_ids, inputs_embeds, image_features):
-    """Patched ``LlavaModel.get_placeholder_mask``: a mismatch names the fix (pass the processor), then stock."""
-    token_id = self.config.image_token_id
+def _placeholders(core: nn.Module, input_ids, inputs_embeds) -> Tensor:
+    """(B, L) bool: the prompts' image placeholders, from ``input_ids`` or, without them, from the embeddings."""
+    token_id = core.config.image_token_id
     if input_ids is not None:
-        n_tokens = int((input_ids == token_id).sum())
-    else:
-        embedded = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
-        n_tokens = int((inputs_embeds == embedded).all(-1).sum())
-    n_features = image_features.numel() // inputs_embeds.shape[-1]
-    if n_tokens != n_features:
-        target = self.flowcut_config.target_num
+        return input_ids == token_id
+    embedded = core.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+    return (inputs_embeds == embedded).all(-1)
+
+
+def _check_count(core: nn.Module, n_tokens: int, images: int) -> None:
+    """The prompts must hold target_num placeholders per image; else the fix is to pass the processor."""
+    target = core.flowcut_config.target_num
+    if n_tokens != images * target:
         raise FlowCutInputError(
             f"the prompts hold {n_tokens} image placeholder tokens, but FlowCut gives the language model "
-            f"{target} features per image ({n_features} for {n_features // target} image(s)): the processor still "
+            f"{target} tokens per image ({images * target} for {images} image(s)): the processor still "
             f"expands each image token to the unpruned count; pass it when patching, "
             f"flowcut(model, {target}, processor=processor), and process the prompts again "
             f"(or build input_ids with {target} image tokens per image)"
         )
+
+
+def _checked_placeholder_mask(self: nn.Module, input_ids, inputs_embeds, image_features):
+    """Patched ``LlavaModel.get_placeholder_mask``: a mismatch names the fix (pass the processor), then stock."""
+    images = image_features.numel() // inputs_embeds.shape[-1] // self.flowcut_config.target_num
+    _check_count(self, int(_placeholders(self, input_ids, inputs_embeds).sum()), images)
     stock = prior_attr(self, "get_placeholder_mask")
     return stock(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+
+
+def _staged_forward(
+    self: nn.Module,
+    input_ids=None,
+    pixel_values=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    vision_feature_layer=None,
+    vision_feature_select_strategy=None,
+    image_sizes=None,
+    mm_encoder_outputs=None,
+    **kwargs,
+):
+    """Patched ``LlavaModel.forward`` with the language-model stage (module docstring): prompts with images are
+    prefilled by :func:`.lm_stage.prefill` on their tower-stage features, any other call is the stock forward."""
+    encoded = (mm_encoder_outputs or {}).get("image")
+    if pixel_values is None and encoded is None:
+        if mm_encoder_outputs is not None:  # transformers > 5.0 only
+            kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+        return prior_attr(self, "forward")(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs,
+        )
+    require(pixel_values is None or encoded is None, "pass pixel_values or mm_encoder_outputs, not both")
+    require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
+    require(
+        not kwargs.pop("output_attentions", None),
+        "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention "
+        "matrix; call flowcut_kernels.remove_flowcut(model) first",
+    )
+    require(
+        attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
+        "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
+        "relay): set tokenizer.padding_side = 'left'",
+    )
+    if inputs_embeds is None:
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+    placeholders = _placeholders(self, input_ids, inputs_embeds)
+    _check_count(self, int(placeholders.sum()), len(pixel_values) if encoded is None else len(encoded.pooler_output))
+    if encoded is None:
+        encoded = self.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes, return_dict=True,
+        )
+    features = torch.stack(list(encoded.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)  # (G, 2K, C)
+    mask = attention_mask if attention_mask is not None else torch.ones_like(placeholders, dtype=torch.long)
+    return_dict = kwargs.pop("return_dict", None)
+    kwargs.pop("cache_position", None)  # 5.0's, of the short layout; the stage counts its own positions
+    out = lm_stage.prefill(
+        self.language_model,
+        lm_stage.expand(inputs_embeds, mask, placeholders, features),
+        self.flowcut_config.target_num,
+        positions=position_ids if position_ids is not None else lm_stage.mask_positions(mask),
+        mask=attention_mask,
+        past_key_values=past_key_values,
+        backend=self.flowcut_config.backend,
+        **kwargs,
+    )
+    out = LlavaModelOutputWithPast(
+        last_hidden_state=out.last_hidden_state,
+        past_key_values=out.past_key_values,
+        hidden_states=out.hidden_states,
+        image_hidden_states=features.flatten(0, 1),
+    )
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
+def _no_pre_encoding() -> bool:
+    """The outer model's ``_supports_mm_encoder_outputs`` with llm_stage: generate passes the pixels to the prefill."""
+    return False
+
+
+def _expand_by_prompt(self: nn.Module, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+    """The outer model's ``_expand_inputs_for_generation`` with llm_stage (beams, num_return_sequences): each prompt's
+    images are repeated as a group, [A1, A2] → [A1, A2, A1, A2], as recent 5.x does for pre-encoded features; the
+    stock expansion of the pixels, [A1, A1, A2, A2], would give a prompt of several images the wrong ones."""
+    stock = inspect.getattr_static(type(self), "_expand_inputs_for_generation").__get__(self, type(self))
+    pixels = model_kwargs.pop("pixel_values", None)
+    input_ids, model_kwargs = stock(
+        expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+    )
+    if pixels is not None:
+        placeholders = _placeholders(self.model, input_ids, model_kwargs.get("inputs_embeds"))[::expand_size]
+        per_prompt = (placeholders.sum(1) // self.flowcut_config.target_num).tolist()
+        groups = pixels.split(per_prompt) if sum(per_prompt) == len(pixels) else [pixels]  # else: forward refuses
+        model_kwargs["pixel_values"] = torch.cat([group for group in groups for _ in range(expand_size)])
+    return input_ids, model_kwargs
 
 
 def check_processor(processor, model: nn.Module, core: nn.Module) -> None:
@@ -246,7 +361,9 @@ def _patch_processor(processor, target_num: int) -> None:
     set_attrs(processor, patch_size=PROCESSOR_PATCH_SIZE, num_additional_image_tokens=target_num + int(default))
 
 
-def _check_llava(model: nn.Module, target_num: int, feature_layer, backend: str, processor) -> tuple[int, int]:
+def _check_llava(
+    model: nn.Module, target_num: int, feature_layer, backend: str, processor, llm_stage: bool
+) -> tuple[int, int]:
     """Validate a LLaVA patch before anything changes; returns (target_num, feature_layer) resolved."""
     core = llava_core(model)
     tower = llava_tower(core)
@@ -262,6 +379,16 @@ def _check_llava(model: nn.Module, target_num: int, feature_layer, backend: str,
     check_strategy(core.config.vision_feature_select_strategy, tower, "model.config.vision_feature_select_strategy")
     target_num = check_target(target_num, tower.num_patches)
     ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
+    if llm_stage:
+        require(
+            2 * target_num < tower.num_patches,
+            f"target_num={target_num} is too large for llm_stage=True: the tower stage keeps 2·target_num = "
+            f"{2 * target_num} of its {tower.num_patches} patches per image, which must be fewer; use target_num <= "
+            f"{(tower.num_patches - 1) // 2}, or leave llm_stage unset",
+        )
+        text_model = core.language_model
+        lm_stage.check_decoder(text_model)
+        ops.resolve_backend(backend, text_model.device, text_model.dtype, lm_stage.STAGE_OPS)
     if processor is not None:
         check_processor(processor, model, core)
     return target_num, configured
@@ -271,14 +398,13 @@ def patch_llava(
     model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None
 ) -> None:
     """Check every argument, then patch the LLaVA ``model`` (and ``processor``); see the module docstring."""
-    require(not llm_stage, "llm_stage=True is not available for LLaVA-1.5 yet; leave it unset (tower stage only)")
-    target_num, feature_layer = _check_llava(model, target_num, feature_layer, backend, processor)
-    config = FlowCutConfig(target_num, feature_layer, backend)
+    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
+    target_num, feature_layer = _check_llava(model, target_num, feature_layer, backend, processor, bool(llm_stage))
+    config = FlowCutConfig(target_num, feature_layer, backend, bool(llm_stage))
     core = llava_core(model)
-    previous = vars(core).get("_flowcut_processor")
-    if processor is not None and previous is not None and previous is not processor:
-        restore_attrs(previous)  # the model now expands with the new processor only
-    processor = processor if processor is not None else previous
+    if processor is None:
+        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
+    unpatch_llava(model)  # a re-apply starts from the stock model (and restores a replaced processor)
     if processor is not None:
         _patch_processor(processor, config.target_num)
     set_attrs(
@@ -288,8 +414,16 @@ def patch_llava(
         flowcut_config=config,
         _flowcut_processor=processor,
     )
+    if config.llm_stage:
+        set_attrs(core, forward=types.MethodType(_staged_forward, core))
     if model is not core:
         set_attrs(model, flowcut_config=config)
+        if config.llm_stage:
+            set_attrs(
+                model,
+                _supports_mm_encoder_outputs=_no_pre_encoding,
+                _expand_inputs_for_generation=types.MethodType(_expand_by_prompt, model),
+            )
 
 
 def unpatch_llava(model: nn.Module) -> None:

@@ -19,11 +19,21 @@ from .tower import Tower
 
 @dataclass(frozen=True)
 class FlowCutConfig:
-    """What a patched model does: keep ``target_num`` patches at layer F = L + ``feature_layer``."""
+    """What a patched model does: keep ``target_num`` patches at layer F = L + ``feature_layer``.
+
+    With ``llm_stage`` the tower keeps ``tower_target`` = 2·target_num patches per image and the language model's
+    decoder layer 1 keeps ``target_num`` of them (docs/semantics.md).
+    """
 
     target_num: int
     feature_layer: int
     backend: str
+    llm_stage: bool = False
+
+    @property
+    def tower_target(self) -> int:
+        """Patches the vision tower keeps per image."""
+        return 2 * self.target_num if self.llm_stage else self.target_num
 
 
 @dataclass(frozen=True)
@@ -99,8 +109,8 @@ def flowcut(
         model: a HF ``LlavaForConditionalGeneration`` or ``LlavaModel`` with a CLIP or SigLIP vision tower, or
             a vision model alone: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``.
             This instance only is patched.
-        target_num: patches kept per image, 1 ≤ target_num < N₀ (the tower's patch count). A LLaVA language
-            model receives exactly ``target_num`` image tokens per image.
+        target_num: patches kept per image, 1 ≤ target_num < N₀ (the tower's patch count; 2·target_num < N₀ with
+            ``llm_stage``). A LLaVA language model's prompts hold exactly ``target_num`` image tokens per image.
         feature_layer: negative index of the feature layer. Vision models: default -1 (the last layer), and
             the output's ``last_hidden_state`` is its output. LLaVA: the model's
             ``config.vision_feature_layer`` (leave unset, or pass the same layer). Layers after it are not run.

@@ -1,0 +1,218 @@
+"""FlowCut's language-model stage: a second, text-guided prune inside a Llama-family decoder, during prefill.
+
+A family patch (``llava.py``) hands :func:`prefill` one prompt batch in two layouts:
+
+- **short** (B, L): the prompt as ``generate`` sees it, K = ``target_num`` placeholders per image;
+- **long** (B, L_long): the same rows with each image's K placeholders replaced by its W = 2K tower-stage features
+  (:func:`expand`; rows left-padded to a common length, the extra padding masked).
+
+Decoder layers 0 … ℓp (ℓp = :data:`PRUNE_LAYER` = 1) run on the long layout, positions counted from its mask. At
+layer ℓp the relay — the last position, the prompt's last token under left padding — scores each image's W tokens
+with that layer's own q, k, v after RoPE (``ops.text_guided_scores``), and each image's K best tokens (ascending)
+take its placeholders' places: the later layers run on the short layout, with its mask and positions.
+
+The cache ends with every layer at the short length L, so decode steps run the stock model on it: layers 0 … ℓp keep
+the k/v rows of the tokens that stay (their keys keep the rotary phase of their long positions), the later layers
+cache what they computed on the short layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .. import ops
+from ..checks import require
+from .attention import capturing
+
+#: The decoder layer (0-based) whose q, k, v score the visual tokens; the layers after it run without the dropped ones.
+PRUNE_LAYER = 1
+#: The ops the stage runs.
+STAGE_OPS = ("text_guided_scores", "topk_select")
+
+
+def check_decoder(text_model: nn.Module) -> None:
+    """``text_model`` must be a decoder the stage can run: Llama-family layers (a ``self_attn`` that calls the
+    attention interface, full attention), a ``rotary_emb`` and a final ``norm``, at least ``PRUNE_LAYER + 1`` layers."""
+    config = getattr(text_model, "config", None)
+    layers = getattr(text_model, "layers", None)
+    supported = (
+        getattr(text_model, "_supports_attention_backend", False)
+        and hasattr(text_model, "rotary_emb")
+        and hasattr(text_model, "norm")
+        and isinstance(layers, nn.ModuleList)
+        and len(layers) > PRUNE_LAYER
+        and all(hasattr(layer, "self_attn") for layer in layers)
+        and not getattr(config, "sliding_window", None)
+        and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+    )
+    require(
+        supported,
+        f"llm_stage=True needs a Llama-family language model (full-attention decoder layers whose self_attn uses "
+        f"transformers' attention interface, a rotary_emb, at least {PRUNE_LAYER + 1} layers); this model's is a "
+        f"{type(text_model).__name__}: leave llm_stage unset (tower stage only)",
+    )
+
+
+def mask_positions(mask: Tensor) -> Tensor:
+    """(B, L) attention mask → (B, L) positions: each row's tokens numbered 0, 1, … from its first real one."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Layout:
+    """A batch in the stage's long layout, and where its short layout's tokens come from (:func:`expand`).
+
+    embeds: (B, L_long, C) input embeddings; mask: (B, L_long) attention mask, 0 on padding.
+    rows: (B, L) the long row of each short token (a placeholder's is replaced by a kept token's at the prune).
+    placeholders: (B, L) bool, the short layout's image placeholders.
+    segments: one (b, start, end) per image, in order: its W tokens are rows start … end − 1 of sequence b.
+    """
+
+    embeds: Tensor
+    mask: Tensor
+    rows: Tensor
+    placeholders: Tensor
+    segments: list[tuple[int, int, int]]
+
+
+def expand(embeds: Tensor, mask: Tensor, placeholders: Tensor, features: Tensor) -> Layout:
+    """The long layout of a short batch: embeds (B, L, C), mask (B, L), placeholders (B, L) bool (G·K of them: K
+    consecutive per image, images in row-major order) with features (G, W, C). Each image's first placeholder becomes
+    its W feature rows, its other placeholders and the padding nothing; rows are left-padded to the longest. A short
+    padding token maps to the next real token's row (its copy stays masked)."""
+    batch, length = placeholders.shape
+    images, width = features.shape[:2]
+    spots = placeholders.flatten().nonzero().squeeze(1).view(images, -1)  # (G, K) flat indices, image by image
+    per_image = spots.shape[1]
+    require(
+        bool(((spots[:, -1] - spots[:, 0] == per_image - 1) & (spots[:, 0] // length == spots[:, -1] // length)).all()),
+        f"each image's {per_image} placeholder tokens must be consecutive and in one prompt, as the processor writes "
+        f"them: write each <image> as {per_image} image tokens in a row",
+    )
+    first = spots[:, 0]
+    text = ~placeholders & mask.bool()
+    repeats = text.long()
+    repeats.view(-1)[first] = width
+    end = repeats.cumsum(1)
+    end += (end[:, -1].max() - end[:, -1])[:, None]  # left padding to the longest row
+    start = end - repeats
+    long_embeds = embeds.new_zeros(batch, int(end[:, -1].max()), embeds.shape[2])
+    long_mask = mask.new_zeros(long_embeds.shape[:2])
+    sequence = torch.arange(batch, device=embeds.device)[:, None].expand(-1, length)
+    long_embeds[sequence[text], start[text]] = embeds[text]
+    long_mask[sequence[text], start[text]] = 1
+    image_rows, image_starts = first // length, start.view(-1)[first]
+    slots = image_starts[:, None] + torch.arange(width, device=embeds.device)
+    long_embeds[image_rows[:, None], slots] = features
+    long_mask[image_rows[:, None], slots] = 1
+    segments = [(b, s, s + width) for b, s in zip(image_rows.tolist(), image_starts.tolist())]
+    return Layout(long_embeds, long_mask, start, placeholders, segments)
+
+
+def causal_mask(config, embeds: Tensor, mask: Tensor | None, positions: Tensor):
+    """The stock causal mask of a prefill without cache, for ``config``'s attention implementation (transformers
+    5.0 names the embeddings ``input_embeds`` and takes a ``cache_position``; later 5.x do neither)."""
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs = {"inputs_embeds" if "inputs_embeds" in params else "input_embeds": embeds}
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
+    return create_causal_mask(
+        config=config, attention_mask=mask, past_key_values=None, position_ids=positions, **kwargs
+    )
+
+
+def _take(x: Tensor, rows: Tensor) -> Tensor:
+    """Per-head rows: x (B, H, L_long, D), rows (B, L) → (B, H, L, D)."""
+    return x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def prefill(
+    text_model: nn.Module,
+    layout: Layout,
+    keep: int,
+    *,
+    positions: Tensor,
+    mask: Tensor | None,
+    past_key_values=None,
+    use_cache: bool | None = None,
+    backend: str = "auto",
+    output_hidden_states: bool | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPast:
+    """Run ``text_model``'s decoder layers and final norm on one prompt batch with the stage (module docstring).
+
+    Args:
+        layout: the batch's long layout (:func:`expand`).
+        keep: tokens each image keeps at layer ``PRUNE_LAYER`` (K).
+        positions: (B, L) position ids of the short layout (as ``generate`` computes them from ``mask``).
+        mask: (B, L) the short layout's attention mask, or None (no padding).
+        past_key_values: an empty ``Cache`` to fill to length L in every layer, or None: a new ``DynamicCache``
+            when ``use_cache`` (default: the text model's ``config.use_cache``).
+        output_hidden_states: default: the text model's config.
+        kwargs: passed to every decoder layer, as the text model's own forward does.
+
+    Returns:
+        last_hidden_state (B, L, C), past_key_values (None without ``use_cache``), and with ``output_hidden_states``
+        the embeddings and each layer's output (long through layer ``PRUNE_LAYER``, short after it; the last normed).
+    """
+    config = text_model.config
+    use_cache = config.use_cache if use_cache is None else use_cache
+    cache = (past_key_values if past_key_values is not None else DynamicCache(config=config)) if use_cache else None
+    require(
+        cache is None or cache.get_seq_length() == 0,
+        f"the language-model stage prunes a prompt's images during its prefill, but the cache already holds "
+        f"{0 if cache is None else cache.get_seq_length()} tokens: start from an empty cache (generate() does)",
+    )
+    long_positions = mask_positions(layout.mask)
+    hidden = layout.embeds
+    long_mask = causal_mask(config, hidden, layout.mask, long_positions)  # before capturing selects "flowcut"
+    rotary = text_model.rotary_emb(hidden, long_positions)
+    states, seen = [hidden], []
+    with capturing(config) as run:
+        for layer in text_model.layers[: PRUNE_LAYER + 1]:
+            run.watch = layer.self_attn
+            hidden = layer(
+                hidden, attention_mask=long_mask, position_ids=long_positions, position_embeddings=rotary, **kwargs
+            )
+            seen.append(run.seen)
+            states.append(hidden)
+
+    q, k, v, scale = seen[-1]
+    width = layout.segments[0][2] - layout.segments[0][1]
+    scores = ops.text_guided_scores(q[:, :, -1], v[:, :, -1], k, v, layout.segments, scale=scale, backend=backend)
+    kept = ops.topk_select(scores.view(-1, width), keep, backend=backend).kept  # (G, K) ascending
+    rows = layout.rows.clone()
+    starts = rows.new_tensor([start for _, start, _ in layout.segments])
+    rows[layout.placeholders] = (starts[:, None] + kept).flatten()
+    hidden = ops.gather_rows(hidden, rows)
+    if cache is not None:
+        for i, (_, key, value, _) in enumerate(seen):
+            cache.update(_take(key, rows), _take(value, rows), i)
+
+    short_mask = causal_mask(config, hidden, mask, positions)
+    rotary = text_model.rotary_emb(hidden, positions)
+    for layer in text_model.layers[PRUNE_LAYER + 1 :]:
+        hidden = layer(
+            hidden,
+            attention_mask=short_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_embeddings=rotary,
+            **kwargs,
+        )
+        states.append(hidden)
+    hidden = text_model.norm(hidden)
+    states[-1] = hidden
+    if output_hidden_states is None:
+        output_hidden_states = config.output_hidden_states
+    return BaseModelOutputWithPast(
+        last_hidden_state=hidden, past_key_values=cache, hidden_states=tuple(states) if output_hidden_states else None
+    )
