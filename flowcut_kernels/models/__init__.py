@@ -4,13 +4,15 @@
 - :mod:`.registry` — ``flowcut`` / ``remove_flowcut`` dispatch to the family of a model.
 - :mod:`.tower`, :mod:`.vision`, :mod:`.instance` — what a tower is, the bare-tower patch, and the
   per-instance attribute bookkeeping every patch uses.
-- one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.llava`. A new family is a module that
-  exports a ``FAMILY`` and one ``register`` line below.
+- one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.llava`, :mod:`.llava_next`, :mod:`.qwen2_vl`. A new
+  family is a module that exports a ``FAMILY`` and one ``register`` line below.
 """
 
-from . import clip, llava, siglip
+from . import clip, llava, llava_next, qwen2_vl, siglip
 from .registry import register
 
 register(clip.FAMILY)
 register(siglip.FAMILY)
 register(llava.FAMILY)
+register(llava_next.FAMILY)
+register(qwen2_vl.FAMILY)

@@ -30,11 +30,15 @@ class Capture:
 
     watch: the attention module whose next call is recorded (None: record nothing).
     seen: (query, key, value) (B, H, S, D) each, and ``scaling``, of the watched module's last call.
+    calls: None (the default: not kept), or a list the user sets to collect every call of the watched module, in
+        order, as ``seen`` (for a block that calls the attention once per image, as Qwen2-VL's vision tower does
+        without flash attention).
     """
 
     implementation: str
     watch: nn.Module | None = None
     seen: tuple[Tensor, Tensor, Tensor, float] | None = None
+    calls: list[tuple[Tensor, Tensor, Tensor, float]] | None = None
 
 
 _RUN: ContextVar[Capture | None] = ContextVar("flowcut_capture", default=None)
@@ -56,6 +60,8 @@ def flowcut_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         if scaling is None:
             scaling = getattr(module, "scaling", module.head_dim**-0.5)
         run.seen = (query, key, value, scaling)
+        if run.calls is not None:
+            run.calls.append(run.seen)
     return _inner(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -3,8 +3,9 @@
 A family patch (``llava.py``) hands :func:`prefill` one prompt batch in two layouts:
 
 - **short** (B, L): the prompt as ``generate`` sees it, K = ``target_num`` placeholders per image;
-- **long** (B, L_long): the same rows with each image's K placeholders replaced by its W = 2K tower-stage features
-  (:func:`expand`; rows left-padded to a common length, the extra padding masked).
+- **long** (B, L_long): the same rows with each image's K placeholders replaced by its W tower-stage features (2K for
+  LLaVA-1.5; W ≥ K may differ between images) (:func:`expand`; rows left-padded to a common length, the extra padding
+  masked).
 
 Decoder layers 0 … ℓp (ℓp = :data:`PRUNE_LAYER` = 1) run on the long layout, positions counted from its mask. At
 layer ℓp the relay — the last position, the prompt's last token under left padding — scores each image's W tokens
@@ -82,13 +83,14 @@ class Layout:
     segments: list[tuple[int, int, int]]
 
 
-def expand(embeds: Tensor, mask: Tensor, placeholders: Tensor, features: Tensor) -> Layout:
+def expand(embeds: Tensor, mask: Tensor, placeholders: Tensor, features) -> Layout:
     """The long layout of a short batch: embeds (B, L, C), mask (B, L), placeholders (B, L) bool (G·K of them: K
-    consecutive per image, images in row-major order) with features (G, W, C). Each image's first placeholder becomes
-    its W feature rows, its other placeholders and the padding nothing; rows are left-padded to the longest. A short
-    padding token maps to the next real token's row (its copy stays masked)."""
+    consecutive per image, images in row-major order) with features (G, W, C), or G tensors (W_g, C) of any widths.
+    Each image's first placeholder becomes its W_g feature rows, its other placeholders and the padding nothing; rows
+    are left-padded to the longest. A short padding token maps to the next real token's row (its copy stays masked)."""
     batch, length = placeholders.shape
-    images, width = features.shape[:2]
+    images = len(features)
+    widths = torch.tensor([len(f) for f in features], device=embeds.device)
     spots = placeholders.flatten().nonzero().squeeze(1).view(images, -1)  # (G, K) flat indices, image by image
     per_image = spots.shape[1]
     require(
@@ -99,7 +101,7 @@ def expand(embeds: Tensor, mask: Tensor, placeholders: Tensor, features: Tensor)
     first = spots[:, 0]
     text = ~placeholders & mask.bool()
     repeats = text.long()
-    repeats.view(-1)[first] = width
+    repeats.view(-1)[first] = widths
     end = repeats.cumsum(1)
     end += (end[:, -1].max() - end[:, -1])[:, None]  # left padding to the longest row
     start = end - repeats
@@ -109,10 +111,10 @@ def expand(embeds: Tensor, mask: Tensor, placeholders: Tensor, features: Tensor)
     long_embeds[sequence[text], start[text]] = embeds[text]
     long_mask[sequence[text], start[text]] = 1
     image_rows, image_starts = first // length, start.view(-1)[first]
-    slots = image_starts[:, None] + torch.arange(width, device=embeds.device)
-    long_embeds[image_rows[:, None], slots] = features
-    long_mask[image_rows[:, None], slots] = 1
-    segments = [(b, s, s + width) for b, s in zip(image_rows.tolist(), image_starts.tolist())]
+    segments = [(b, s, s + w) for b, s, w in zip(image_rows.tolist(), image_starts.tolist(), widths.tolist())]
+    slots = torch.cat([torch.arange(s, e, device=embeds.device) for _, s, e in segments])
+    long_embeds[image_rows.repeat_interleave(widths), slots] = torch.cat(list(features))
+    long_mask[image_rows.repeat_interleave(widths), slots] = 1
     return Layout(long_embeds, long_mask, start, placeholders, segments)
 
 
@@ -185,12 +187,13 @@ def prefill(
             states.append(hidden)
 
     q, k, v, scale = seen[-1]
-    width = layout.segments[0][2] - layout.segments[0][1]
     scores = ops.text_guided_scores(q[:, :, -1], v[:, :, -1], k, v, layout.segments, scale=scale, backend=backend)
-    kept = ops.topk_select(scores.view(-1, width), keep, backend=backend).kept  # (G, K) ascending
+    widths = [end - start for _, start, end in layout.segments]
+    cu_seqlens = torch.tensor([0, *widths], device=scores.device).cumsum(0)
+    kept = ops.topk_select(scores, keep, cu_seqlens=cu_seqlens, backend=backend).kept  # (G·K,) packed, ascending
     rows = layout.rows.clone()
-    starts = rows.new_tensor([start for _, start, _ in layout.segments])
-    rows[layout.placeholders] = (starts[:, None] + kept).flatten()
+    starts = rows.new_tensor([start for _, start, _ in layout.segments]) - cu_seqlens[:-1]
+    rows[layout.placeholders] = starts.repeat_interleave(keep) + kept
     hidden = ops.gather_rows(hidden, rows)
     if cache is not None:
         for i, (_, key, value, _) in enumerate(seen):

@@ -10,6 +10,8 @@ weights come from transformers' own initialisation, so they differ between trans
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
@@ -222,4 +224,182 @@ def tiny_llava_processor(model: nn.Module, tokenizer=None):
         patch_size=vision.patch_size,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         num_additional_image_tokens=int(has_cls),
+    )
+
+
+#: Words of :func:`tiny_qwen_tokenizer`: :data:`TINY_WORDS`, then Qwen2-VL's vision tokens.
+QWEN_WORDS = TINY_WORDS + ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+
+
+def tiny_qwen_tokenizer():
+    """:func:`tiny_tokenizer`'s word-level vocabulary with Qwen2-VL's vision tokens (``<|image_pad|>`` = 63)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(QWEN_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        additional_special_tokens=QWEN_WORDS[-4:], padding_side="left",
+    )
+
+
+def random_qwen2_vl(
+    *,
+    seed: int = 0,
+    sharpen: float = 4.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    depth: int = 4,
+) -> nn.Module:
+    """A seeded random ``Qwen2VLForConditionalGeneration`` for :func:`tiny_qwen_tokenizer`, in eval mode.
+
+    Vision: ``depth`` blocks, width 32, 4 heads, 2-pixel patches, 2×2 merge; text: 3 layers, width 32, 4 query and 2
+    key/value heads, M-RoPE sections (1, 1, 2). The tower's q and k (the fused ``qkv``'s first two thirds) are
+    multiplied by ``sharpen``. Greedy generation config, no end token, never emits a vision token.
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        vision_config=dict(
+            depth=depth, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        ),
+        text_config=dict(
+            vocab_size=len(QWEN_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        ),
+        image_token_id=QWEN_WORDS.index("<|image_pad|>"),
+        video_token_id=QWEN_WORDS.index("<|video_pad|>"),
+        vision_start_token_id=QWEN_WORDS.index("<|vision_start|>"),
+        vision_end_token_id=QWEN_WORDS.index("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(
+            config, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    with torch.no_grad():
+        for block in model.model.visual.blocks:
+            width = block.attn.qkv.out_features // 3
+            block.attn.qkv.weight[: 2 * width].mul_(sharpen)
+            block.attn.qkv.bias[: 2 * width].mul_(sharpen)
+    model.generation_config.do_sample = False
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    model.generation_config.suppress_tokens = list(range(len(TINY_WORDS), len(QWEN_WORDS)))
+    return model.to(dtype).eval()
+
+
+def tiny_qwen2_vl_processor(tokenizer=None):
+    """A ``Qwen2VLProcessor`` for :func:`random_qwen2_vl`: :func:`tiny_qwen_tokenizer` and an image processor of
+    2-pixel patches, 2×2 merge, images resized to 16 … 4096 pixels; stock, but built without a video processor (whose
+    class needs torchvision): it takes images and text only. Needs Pillow."""
+    import transformers
+    from transformers import Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        attributes: ClassVar[list[str]] = ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, **kwargs)
+
+        @classmethod
+        def get_attributes(cls):
+            return cls.attributes
+
+    image_processor_class = (
+        getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    )
+    image_processor = image_processor_class(
+        patch_size=2, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16, "longest_edge": 4096}
+    )
+    return ImageOnlyQwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer if tokenizer is not None else tiny_qwen_tokenizer()
+    )
+
+
+#: Grid resolutions of :func:`random_llava_next` at its tiny 32 px crops: LLaVA-NeXT's defaults scaled by 32/336
+#: (grids 1×2, 2×1, 2×2, 1×3, 3×1: 3 to 5 crops with the base image).
+TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+
+
+def random_llava_next(
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    sharpen: float = 8.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    image_grid_pinpoints: list | None = None,
+    vision_feature_layer: int | list[int] = -2,
+    vision_feature_select_strategy: str = "default",
+    text: dict | None = None,
+    **vision_overrides,
+) -> nn.Module:
+    """A seeded random ``LlavaNextForConditionalGeneration`` (CLIP tower, anyres) for :func:`tiny_tokenizer`, in eval mode.
+
+    Args:
+        preset: the CLIP tower's shape (:data:`PRESETS`; its ``image_size`` is the crop size); ``vision_overrides``
+            replace its fields.
+        sharpen: q/k factor of the vision tower (:func:`sharpen_attention`).
+        image_grid_pinpoints: the anyres resolutions, multiples of the crop size (default :data:`TINY_PINPOINTS`).
+        text: LlamaConfig fields replacing the tiny defaults (vocabulary of 64, hidden 32, 2 layers).
+
+    Generation as :func:`random_llava`: greedy, pads with ``<pad>``, never emits ``<image>``, no end token.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    text_config = LlamaConfig(**{
+        "vocab_size": len(TINY_WORDS) + 1, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+        "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3, **(text or {}),
+    })
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**_vision_fields(preset, vision_overrides)),
+        text_config=text_config,
+        image_token_index=len(TINY_WORDS),
+        image_grid_pinpoints=image_grid_pinpoints or TINY_PINPOINTS,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaNextForConditionalGeneration._from_config(
+            config, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    sharpen_attention(model.model.vision_tower, sharpen)
+    model.generation_config.do_sample = False
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    model.generation_config.suppress_tokens = [config.image_token_id]
+    return model.to(dtype).eval()
+
+
+def tiny_llava_next_processor(model: nn.Module, tokenizer=None):
+    """A stock ``LlavaNextProcessor`` matching ``model`` (a :func:`random_llava_next`): :func:`tiny_tokenizer` and a
+    ``LlavaNextImageProcessor`` with the model's crop size and grid resolutions. Before FlowCut it expands ``<image>``
+    to the stock anyres count (base image, unpadded grid and newline tokens). Needs Pillow.
+    """
+    import transformers
+    from transformers import LlavaNextProcessor
+
+    # Recent 5.x name the PIL-backed processor apart (the default one wants torchvision).
+    image_processor_class = (
+        getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+    )
+    vision = model.config.vision_config
+    size = vision.image_size
+    return LlavaNextProcessor(
+        image_processor=image_processor_class(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_grid_pinpoints=model.config.image_grid_pinpoints,
+        ),
+        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
     )

@@ -1,0 +1,379 @@
+"""FlowCut for HF Qwen2-VL (``Qwen2VLForConditionalGeneration`` / ``Qwen2VLModel``) and its ``Qwen2VLProcessor``.
+
+The vision tower holds the patches of all images packed along one token axis (``cu_seqlens``), each image's in
+merge-block order: the merger turns every run of m = spatial_merge_size² consecutive patches (one 2×2 block) into one
+language-model token. FlowCut (docs/semantics.md, mean-query variant) runs on it in **merge groups**:
+
+- every tower layer ℓ = 0 … L − 1 runs and is scored from the q/k/v its attention used (after the tower's rotary
+  embedding; relay = the mean query of the image), rpl = L − ℓ − 1: the merger is the feature layer (F = L);
+- a group's score is the sum of its m members' S_cum; the entropy Hn is the patch-level one;
+- a prune step (rpl even) keeps whole groups, per image (per-image schedules): G groups, target T_g,
+  prune_g = round_half_to_even((G − T_g)/√rpl · (1 − Hn²)), keep_g = max(G − prune_g, T_g); rpl = 0 keeps T_g.
+  Kept groups stay in order, with their members' S_cum, rotary embeddings and the recounted ``cu_seqlens``.
+- An image with G₀ ≤ target_num groups is kept whole (T_g = G₀).
+
+The patch replaces, on the one ``Qwen2VLModel`` instance:
+
+- ``get_image_features``: the pruned tower and the model's own merger; ``pooler_output`` is one (K_b, C_text) tensor
+  per image (K_b = min(target_num, G₀_b)), ``keep_groups`` their merge-group numbers.
+- ``forward``: a call with images takes their features, puts them in the placeholders and gives each kept token its
+  original M-RoPE (t, h, w) position; text continues from the unpruned sequence's positions, and ``rope_deltas`` is
+  set for decoding. Other calls are the stock forward.
+- ``get_rope_index``: the same positions from the prompt alone (``generate`` asks before the images are encoded):
+  right for the text; the image tokens get the first K_b groups' positions, replaced by the prefill's.
+
+The processor, when given, writes K_b placeholders per image (its ``replace_image_token``), and refuses videos.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .. import ops
+from ..checks import FlowCutInputError, check_int, require
+from .attention import capturing
+from .instance import is_patched, prior_attr, restore_attrs, set_attrs
+from .registry import Family, FlowCutConfig
+
+#: The ops the tower stage runs.
+TOWER_OPS = ("flow_scores_varlen", "topk_select")
+
+
+@dataclass
+class FlowCutQwenImageFeatures(BaseModelOutputWithPooling):
+    r"""What a patched Qwen2-VL's ``get_image_features`` returns.
+
+    last_hidden_state: (Σ m·K_b, C_vision) the last tower layer's output on the kept patches, packed image by image.
+    pooler_output: B tensors (K_b, C_text), the merged tokens of each image.
+    keep_groups: B int64 tensors (K_b,), ascending: the merge groups kept (0 … G₀_b − 1, row-major over (t, h/2, w/2)).
+    grid_thw: (B, 3) the images' patch grids (``generate`` may pass these features to the forward without them).
+    """
+
+    keep_groups: tuple[Tensor, ...] | None = None
+    grid_thw: Tensor | None = None
+
+
+def classes() -> tuple[type, type]:
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLModel
+
+    return Qwen2VLForConditionalGeneration, Qwen2VLModel
+
+
+def qwen_core(model: nn.Module) -> nn.Module:
+    """The ``Qwen2VLModel`` of a ``Qwen2VLForConditionalGeneration`` (or the model itself)."""
+    return model.model if isinstance(model, classes()[0]) else model
+
+
+def token_counts(core: nn.Module, grid: Tensor) -> list[int]:
+    """The language-model tokens of each image: K_b = min(target_num, G₀_b), G₀_b = t·h·w / m."""
+    target = core.flowcut_config.target_num
+    return [min(target, g) for g in (grid.prod(-1) // core.visual.spatial_merge_size**2).tolist()]
+
+
+def _check_grid(grid, merge: int) -> Tensor:
+    require(
+        isinstance(grid, Tensor) and grid.dim() == 2 and grid.shape[1] == 3,
+        "image_grid_thw is required: pass the (B, 3) grid the processor returns with pixel_values",
+    )
+    require(
+        bool((grid[:, 1:] % merge == 0).all()) and bool((grid > 0).all()),
+        f"image_grid_thw={grid.tolist()} has a height or width the merger cannot take: each must be a multiple of "
+        f"spatial_merge_size = {merge}; resize the images with the model's image processor",
+    )
+    return grid
+
+
+def _rotary(visual: nn.Module, grid: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """The tower's rotary (cos, sin), (P, D) each, for the patches of ``grid`` in the tower's order."""
+    if hasattr(visual, "rot_pos_emb"):  # transformers 5.0
+        emb = visual.rot_pos_emb(grid)
+        emb = torch.cat((emb, emb), dim=-1)
+        return emb.cos(), emb.sin()
+    from transformers.vision_utils import get_vision_position_ids
+
+    return visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, visual.spatial_merge_size))
+
+
+def _offsets(lengths: list[int], device) -> Tensor:
+    return torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+
+
+def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[int], backend: str):
+    """Run the tower with FlowCut in merge groups (module docstring).
+
+    Args:
+        pixels: (P, C_in·t·p·p) the processor's patches of all images; grid: (B, 3) their (t, h, w) patch grids.
+        targets: B ints, the groups each image keeps (T_g ≤ G₀_b).
+
+    Returns:
+        hidden (Σ m·T_g, C_vision) the last layer's output on the kept patches, packed; keep_groups: B (T_g,) int64.
+    """
+    m = visual.spatial_merge_size**2
+    hidden = visual.patch_embed(pixels.type(visual.dtype))
+    cos, sin = _rotary(visual, grid, hidden)
+    groups = (grid.prod(-1) // m).tolist()
+    index = torch.cat([torch.arange(g * m, device=hidden.device) for g in groups])  # patch number in its image
+    cum = None
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    layers = len(visual.blocks)
+    with capturing(visual.config) as run:
+        for layer, block in enumerate(visual.blocks):
+            cu = _offsets([g * m for g in groups], hidden.device)
+            run.watch, run.calls = block.attn, []
+            hidden = block(hidden, cu_seqlens=cu, position_embeddings=(cos, sin))
+            if groups == targets:
+                continue
+            q, k, v = (torch.cat([call[i] for call in run.calls], dim=2)[0].transpose(0, 1) for i in range(3))
+            relay = torch.stack([part.to(compute).mean(0) for part in q.split([g * m for g in groups])]).to(q.dtype)
+            cum, entropy, _ = ops.flow_scores_varlen(
+                relay, k, v, cu, cum, scale=run.calls[0][3], has_cls=False, backend=backend
+            )
+            steps_left = layers - layer - 1
+            if steps_left % 2:
+                continue
+            keep = list(targets)
+            if steps_left:
+                live = [b for b, (g, t) in enumerate(zip(groups, targets)) if g > t]
+                prunes = ops.prune_counts(entropy[live], [groups[b] for b in live], targets[live[0]] + 1, steps_left)
+                keep = list(groups)
+                for b, p in zip(live, prunes):
+                    keep[b] = max(groups[b] - p, targets[b])
+            kept = ops.topk_select(
+                cum.view(-1, m).sum(1), keep, cu_seqlens=_offsets(groups, cum.device), backend=backend
+            ).kept
+            rows = (kept[:, None] * m + torch.arange(m, device=kept.device)).flatten()
+            hidden, cum, index, cos, sin = (x[rows] for x in (hidden, cum, index, cos, sin))
+            groups = keep
+    return hidden, (index.view(-1, m)[:, 0] // m).split(groups)
+
+
+def _pruned_image_features(self: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **kwargs):
+    """Patched ``Qwen2VLModel.get_image_features``: a :class:`FlowCutQwenImageFeatures` (a tuple with
+    ``return_dict=False``), like the stock method."""
+    return_dict = kwargs.pop("return_dict", True)
+    require(
+        not kwargs.pop("output_attentions", None) and not kwargs.pop("output_hidden_states", None),
+        "output_attentions and output_hidden_states are unavailable on a FlowCut-patched Qwen2-VL vision tower; call "
+        "flowcut_kernels.remove_flowcut(model) first",
+    )
+    visual = self.visual
+    grid = _check_grid(image_grid_thw, visual.spatial_merge_size)
+    require(pixel_values is not None, "pixel_values is required with image_grid_thw")
+    backend = ops.resolve_backend(self.flowcut_config.backend, visual.device, visual.dtype, TOWER_OPS)
+    hidden, keep_groups = pruned_tower(visual, pixel_values.to(visual.device), grid, token_counts(self, grid), backend)
+    merged = visual.merger(hidden)
+    out = FlowCutQwenImageFeatures(
+        last_hidden_state=hidden,
+        pooler_output=merged.split([len(k) for k in keep_groups]),
+        keep_groups=keep_groups,
+        grid_thw=grid,
+    )
+    return out if return_dict else out.to_tuple()
+
+
+def mrope_positions(core: nn.Module, input_ids: Tensor, mask: Tensor | None, grid: Tensor | None, keep_groups=None):
+    """M-RoPE positions of prompts holding K_b placeholders per image (docs/semantics.md).
+
+    Args:
+        input_ids: (B, L); mask: (B, L) or None; grid: (G, 3) the images' patch grids, in prompt order, or None.
+        keep_groups: G (K_b,) int64 kept merge groups, or None for the first K_b of each image.
+
+    Returns:
+        positions (3, B, L) int64: text tokens count on from the unpruned sequence (after an image of llm grid
+        (t, h', w') starting at p: p + max(h', w')), each kept token keeps its group's (p + t, p + h, p + w); padding 0.
+        deltas (B, 1): the installed release's ``rope_deltas`` for decoding.
+    """
+    merge = core.visual.spatial_merge_size
+    counts = token_counts(core, grid) if grid is not None else []
+    if keep_groups is None:
+        keep_groups = [torch.arange(k) for k in counts]
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    positions = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
+    # rope_deltas count from the real tokens after 5.0 (which counted the padded length)
+    per_real_token = "mm_token_type_ids" in inspect.signature(type(core).get_rope_index).parameters
+    deltas, image = [], 0
+    for b in range(len(input_ids)):
+        ids = input_ids[b][mask[b].bool()].tolist()
+        rows, current, i = [], 0, 0
+        while i < len(ids):
+            if ids[i] != core.config.image_token_id:
+                rows.append(torch.full((3, 1), current))
+                current, i = current + 1, i + 1
+                continue
+            require(image < len(counts), "the prompts hold more image placeholders than image_grid_thw has images")
+            _, h, w = (x // merge for x in grid[image].tolist())
+            groups = keep_groups[image].cpu()
+            rows.append(torch.stack([groups // (h * w), groups // w % h, groups % w]) + current)
+            current, i, image = current + max(h, w), i + counts[image], image + 1
+        row = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
+        positions[:, b, mask[b].bool()] = row.to(positions.device)
+        deltas.append(int(row.max()) + 1 - (len(ids) if per_real_token else mask.shape[1]) if row.numel() else 0)
+    return positions, torch.tensor(deltas, device=input_ids.device)[:, None]
+
+
+def _rope_index(self: nn.Module, *args, **kwargs):
+    """Patched ``get_rope_index`` (any release's signature): :func:`mrope_positions` of the prompt alone."""
+    bound = inspect.signature(prior_attr(self, "get_rope_index")).bind(*args, **kwargs).arguments
+    _refuse_video(bound.get("video_grid_thw"))
+    return mrope_positions(self, bound["input_ids"], bound.get("attention_mask"), bound.get("image_grid_thw"))
+
+
+def _refuse_video(video) -> None:
+    require(
+        video is None,
+        "FlowCut's Qwen2-VL patch prunes images only: videos are not supported; pass images, or call "
+        "flowcut_kernels.remove_flowcut(model) to process videos",
+    )
+
+
+def _forward(
+    self: nn.Module,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    pixel_values=None,
+    pixel_values_videos=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    mm_encoder_outputs=None,
+    **kwargs,
+):
+    """Patched ``Qwen2VLModel.forward``: images are pruned and placed with their M-RoPE positions (module docstring),
+    then the stock forward runs on the embeddings; calls without images are the stock forward."""
+    _refuse_video(pixel_values_videos if video_grid_thw is None else video_grid_thw)
+    stock = prior_attr(self, "forward")
+    encoded = (mm_encoder_outputs or {}).get("image")
+    if mm_encoder_outputs is not None:  # transformers > 5.0 only
+        kwargs["mm_encoder_outputs"] = {**mm_encoder_outputs, "image": None}
+    if pixel_values is None and encoded is None:
+        return stock(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, image_grid_thw=image_grid_thw, **kwargs,
+        )
+    require(input_ids is not None, "a Qwen2-VL prompt with images needs input_ids (for its M-RoPE positions)")
+    if encoded is None:
+        encoded = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    require(
+        isinstance(encoded, FlowCutQwenImageFeatures),
+        "mm_encoder_outputs['image'] must come from the FlowCut-patched get_image_features of this model",
+    )
+    placeholders = input_ids == self.config.image_token_id
+    counts = [len(k) for k in encoded.keep_groups]
+    if int(placeholders.sum()) != sum(counts):
+        raise FlowCutInputError(
+            f"the prompts hold {int(placeholders.sum())} image placeholder tokens, but FlowCut gives the language "
+            f"model {counts} tokens for the images (min(target_num, merged tokens) each): pass the processor when "
+            f"patching, flowcut(model, {self.flowcut_config.target_num}, processor=processor), and process the "
+            f"prompts again"
+        )
+    if inputs_embeds is None:
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+    features = torch.cat(encoded.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
+    inputs_embeds = inputs_embeds.masked_scatter(placeholders[..., None].to(inputs_embeds.device), features)
+    positions, self.rope_deltas = mrope_positions(
+        self, input_ids, attention_mask, encoded.grid_thw, encoded.keep_groups
+    )
+    kwargs.pop("mm_token_type_ids", None)
+    return stock(
+        attention_mask=attention_mask, position_ids=positions, past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds, **kwargs,
+    )
+
+
+def _replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+    """The patched processor's placeholders for one image: min(target_num, merged tokens)."""
+    tokens = int(image_inputs["image_grid_thw"][image_idx].prod()) // self.image_processor.merge_size**2
+    return self.image_token * min(self._flowcut_target, tokens)
+
+
+def _replace_video_token(self, *args, **kwargs) -> str:
+    _refuse_video(True)
+
+
+def check_processor(processor, core: nn.Module) -> None:
+    """``processor``: this model's Qwen2-VL processor, with the hook FlowCut sets, not patched for another model."""
+    from transformers import Qwen2VLProcessor
+
+    require(
+        isinstance(processor, Qwen2VLProcessor),
+        f"processor is a {type(processor).__name__}; pass the model's Qwen2VLProcessor (AutoProcessor.from_pretrained "
+        f"of the same checkpoint), whose image-token count FlowCut adjusts",
+    )
+    require(
+        processor.image_token_id == core.config.image_token_id
+        and processor.image_processor.merge_size == core.visual.spatial_merge_size,
+        f"processor does not match the model: image token id {processor.image_token_id} and merge size "
+        f"{processor.image_processor.merge_size}, the model's are {core.config.image_token_id} and "
+        f"{core.visual.spatial_merge_size}; pass the processor of the model's checkpoint",
+    )
+    require(
+        hasattr(type(processor), "replace_image_token"),
+        "this transformers release's Qwen2VLProcessor counts image tokens inside __call__, which FlowCut cannot adjust "
+        "per instance: upgrade transformers, or leave processor unset and write min(target_num, merged tokens) image "
+        "tokens per image yourself",
+    )
+    owner = vars(core).get("_flowcut_processor")
+    require(
+        not is_patched(processor) or owner is processor,
+        "processor is already patched by flowcut() for another model; call remove_flowcut() on that model first, "
+        "or pass a separate processor instance (e.g. copy.deepcopy(processor))",
+    )
+
+
+def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None,
+                   llm_stage=None) -> None:
+    """Check every argument, then patch ``model`` (and ``processor``); see the module docstring."""
+    core = qwen_core(model)
+    target_num = check_int("target_num", target_num, 1)
+    require(feature_layer is None, "feature_layer does not apply to Qwen2-VL (the merger takes the last layer); "
+                                   "leave it unset")
+    require(
+        not llm_stage,
+        "llm_stage=True is not supported for Qwen2-VL yet; leave llm_stage unset (tower stage only)",
+    )
+    ops.resolve_backend(backend, core.visual.device, core.visual.dtype, TOWER_OPS)
+    if processor is not None:
+        check_processor(processor, core)
+    else:
+        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
+    unpatch_qwen2_vl(model)
+    config = FlowCutConfig(target_num, 0, backend)
+    if processor is not None:
+        set_attrs(
+            processor,
+            _flowcut_target=target_num,
+            replace_image_token=types.MethodType(_replace_image_token, processor),
+            replace_video_token=types.MethodType(_replace_video_token, processor),
+        )
+    set_attrs(
+        core,
+        get_image_features=types.MethodType(_pruned_image_features, core),
+        get_rope_index=types.MethodType(_rope_index, core),
+        forward=types.MethodType(_forward, core),
+        flowcut_config=config,
+        _flowcut_processor=processor,
+    )
+    if model is not core:
+        set_attrs(model, flowcut_config=config)
+
+
+def unpatch_qwen2_vl(model: nn.Module) -> None:
+    """Undo :func:`patch_qwen2_vl`: the model's and the processor's attributes are restored exactly."""
+    core = qwen_core(model)
+    processor = vars(core).get("_flowcut_processor")
+    if processor is not None:
+        restore_attrs(processor)
+    restore_attrs(core)
+    if model is not core:
+        restore_attrs(model)
+
+
+FAMILY = Family("qwen2_vl", classes, patch_qwen2_vl, unpatch_qwen2_vl)

@@ -1,0 +1,142 @@
+"""Naive, independent float64 oracle for FlowCut on Qwen2-VL (docs/semantics.md, the Qwen2-VL recipe).
+
+Built on oracle/flowcut.py and the model's weights only: each image alone, the vision blocks written out (LayerNorm,
+fused qkv, the 2-D rotary embedding computed from each patch's (h, w), softmax attention, MLP), FlowCut's mean-query
+scores per patch, pruning in whole 2×2 merge groups (group score = sum of its 4 members' S_cum), the merger, and the
+M-RoPE positions of the kept tokens. Nothing is shared with the `flowcut_kernels` package.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from oracle.flowcut import naive_flow_scores, naive_prune_count
+
+
+def patch_coordinates(t, h, w, merge=2):
+    """(t·h·w, 2) (row, column) of each patch in the processor's order: merge blocks row-major, each block row-major."""
+    rows = []
+    for _ in range(t):
+        for bh in range(h // merge):
+            for bw in range(w // merge):
+                for dh in range(merge):
+                    for dw in range(merge):
+                        rows.append((bh * merge + dh, bw * merge + dw))
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _rotary(coords, head_dim, theta=10000.0):
+    """cos, sin (S, head_dim): angles h·f and w·f (f = theta^(−2i/(head_dim/2))), each half repeated."""
+    half = head_dim // 2
+    inv = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)
+    angles = torch.cat([coords[:, :1] * inv, coords[:, 1:] * inv], dim=1)
+    angles = torch.cat([angles, angles], dim=1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate(x, cos, sin):
+    """x (H, S, D) rotated: x·cos + rotate_half(x)·sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _block(block, x, cos, sin):
+    """One vision block on one image, float64: returns the output and the rotated q, k and v (1, H, S, D)."""
+    heads = block.attn.num_heads
+    S, C = x.shape
+    y = F.layer_norm(x, (C,), block.norm1.weight.double(), block.norm1.bias.double(), block.norm1.eps)
+    qkv = y @ block.attn.qkv.weight.double().T + block.attn.qkv.bias.double()
+    q, k, v = qkv.view(S, 3, heads, -1).permute(1, 2, 0, 3)  # (H, S, D) each
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    scale = q.shape[-1] ** -0.5
+    attention = torch.softmax(q @ k.transpose(1, 2) * scale, dim=-1) @ v  # (H, S, D)
+    out = attention.transpose(0, 1).reshape(S, C) @ block.attn.proj.weight.double().T + block.attn.proj.bias.double()
+    x = x + out
+    y = F.layer_norm(x, (C,), block.norm2.weight.double(), block.norm2.bias.double(), block.norm2.eps)
+    mlp = copy.deepcopy(block.mlp).double()
+    return x + mlp(y), q[None], k[None], v[None], scale
+
+
+def _top_groups(scores, keep):
+    """The `keep` best groups (ties: lower index), ascending."""
+    order = sorted(range(len(scores)), key=lambda g: (-float(scores[g]), g))
+    return sorted(order[:keep])
+
+
+@torch.no_grad()
+def naive_image(visual, pixels, grid, target_groups):
+    """One image (pixels (t·h·w, C_in·t·p·p), grid (t, h, w)) → merged tokens (K, C_text) float64, kept groups (K,)."""
+    t, h, w = grid
+    m = 4
+    x = copy.deepcopy(visual.patch_embed).double()(pixels.double())
+    head_dim = x.shape[1] // visual.blocks[0].attn.num_heads
+    cos, sin = _rotary(patch_coordinates(t, h, w), head_dim)
+    groups = list(range(t * h * w // m))
+    target = min(target_groups, len(groups))
+    cum = None
+    L = len(visual.blocks)
+    for layer, block in enumerate(visual.blocks):
+        x, q, k, v, scale = _block(block, x, cos, sin)
+        if len(groups) <= target:
+            continue
+        cum, hn, _ = naive_flow_scores(q.mean(dim=2), k, v, cum, scale, has_cls=False)
+        rpl = L - layer - 1
+        if rpl % 2:
+            continue
+        G = len(groups)
+        keep = target if rpl == 0 else max(G - naive_prune_count(hn, G, target + 1, rpl), target)
+        scores = cum[0].view(G, m).sum(1)
+        kept = _top_groups(scores, keep)
+        rows = [g * m + j for g in kept for j in range(m)]
+        x, cum, cos, sin = x[rows], cum[:, rows], cos[rows], sin[rows]
+        groups = [groups[g] for g in kept]
+    merged = copy.deepcopy(visual.merger).double()(x)
+    return merged, torch.tensor(groups)
+
+
+def naive_positions(input_ids, mask, image_token_id, grids, kept, merge=2):
+    """(3, B, L) M-RoPE positions: text counts on from the unpruned sequence, a kept group (t, h, w) of an image
+    starting at p sits at p + (t, h, w); after an image of merged grid (h', w'), text resumes at p + max(h', w')."""
+    B, L = input_ids.shape
+    out = torch.zeros(3, B, L, dtype=torch.long)
+    image = 0
+    for b in range(B):
+        current, j = 0, 0
+        spots = [s for s in range(L) if mask[b, s]]
+        while j < len(spots):
+            s = spots[j]
+            if input_ids[b, s] != image_token_id:
+                out[:, b, s] = current
+                current, j = current + 1, j + 1
+                continue
+            _, h, w = (x // merge for x in grids[image])
+            for g in kept[image].tolist():
+                out[:, b, spots[j]] = torch.tensor([current + g // (h * w), current + g // w % h, current + g % w])
+                j += 1
+            current += max(h, w)
+            image += 1
+    return out
+
+
+@torch.no_grad()
+def naive_logits(model, input_ids, mask, pixel_values, grids, target_num):
+    """Last-position logits (B, V) float64 of FlowCut on a Qwen2VLForConditionalGeneration (llm_stage=False): the
+    oracle's merged tokens in the placeholders, the oracle's positions, the stock language model in float64.
+    Also returns the kept groups of each image."""
+    visual = model.model.visual
+    sizes = [t * h * w for t, h, w in grids]
+    merged, kept = [], []
+    for pixels, grid in zip(pixel_values.split(sizes), grids):
+        tokens, groups = naive_image(visual, pixels, grid, target_num)
+        merged.append(tokens)
+        kept.append(groups)
+    reference = copy.deepcopy(model).double()
+    embeds = reference.get_input_embeddings()(input_ids).clone()
+    spots = (input_ids == model.config.image_token_id).nonzero().tolist()
+    rows = torch.cat(merged)
+    assert len(spots) == len(rows), (len(spots), rows.shape)
+    for (b, s), row in zip(spots, rows):
+        embeds[b, s] = row
+    positions = naive_positions(input_ids, mask, model.config.image_token_id, grids, kept)
+    out = reference(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    return out.logits[:, -1], kept
