@@ -2,9 +2,11 @@
 
 - :mod:`.cli` — arguments, the run, the printed table and the written files.
 - :mod:`.presets` — model presets (random weights at real shapes) and the methods timed on them.
+- :mod:`.checkpoint` — ``--model``: a real LLaVA, CLIP or SigLIP checkpoint, checked from its config, then loaded.
 - :mod:`.kernels` — the kernel microbenchmark (one prune step per backend).
 - :mod:`.timing` — interleaved timing, peak memory, the progress line.
-- :mod:`.report` — tables, markdown, JSON and the plot.
+- :mod:`.report` — tables, markdown and JSON.
+- :mod:`.plots` — the PNG: bars for one (batch, target), lines with p20–p80 bands for sweeps, kernel bars.
 """
 
 from .cli import main, run

@@ -3,6 +3,7 @@
     python -m flowcut_kernels.bench                     # CLIP ViT-L/14-336, target 64, batch 1, CUDA else CPU
     python -m flowcut_kernels.bench --preset llava-1.5-7b --batch 1 8 32 --target 64 128 192 --json r.json
     python -m flowcut_kernels.bench --preset kernels    # one prune step per backend vs the copy bandwidth
+    python -m flowcut_kernels.bench --model llava-hf/llava-1.5-7b-hf   # your own checkpoint (folder or HF cache)
 
 Model presets (see :mod:`flowcut_kernels.bench.presets`) measure, in one run and interleaved, ``unpruned``
 (the stock HF forward, SDPA), ``original`` (benchmarks/original.py: eager attention with the full
@@ -10,6 +11,7 @@ probabilities, Python scoring, a host sync per prune step, every layer) and ``fl
 (:func:`flowcut_kernels.encode`) for every backend available on the device. The random weights are seeded
 and their q/k projections sharpened (``--sharpen``, see :mod:`flowcut_kernels.models.synthetic`) so the attention
 concentrates and the schedule prunes progressively; the tokens each layer processed are printed.
+``--model`` measures a real LLaVA, CLIP or SigLIP checkpoint instead (:mod:`flowcut_kernels.bench.checkpoint`).
 Kernel presets are described in :mod:`flowcut_kernels.bench.kernels`; timing and memory in
 :mod:`flowcut_kernels.bench.timing`.
 """
@@ -27,12 +29,12 @@ import sys
 import torch
 
 from .. import FlowCutInputError, __version__, synthetic
-from . import kernels, presets
-from .report import (
-    as_text, kernel_table, model_table, parent_writable, write_json, write_markdown, write_plot,
-)
-from .timing import Progress, Timer, peak_memory_mb
 from ..models.encoder import check_target, feature_index
+from ..models.registry import find_tower
+from . import checkpoint, kernels, presets
+from .plots import write_plot
+from .report import as_text, kernel_table, model_table, parent_writable, write_json, write_markdown
+from .timing import Progress, Timer, peak_memory_mb
 
 METHOD_FAMILIES = ("unpruned", "original", "flowcut")
 PRESETS = sorted(presets.MODEL_PRESETS) + sorted(kernels.KERNEL_PRESETS)
@@ -46,11 +48,17 @@ def _parser() -> argparse.ArgumentParser:
         + ". Kernel presets: kernels (CLIP-L/336 at B=1,16,64 and a Qwen-VL image of 4096 and 16384 tokens on "
         "CUDA; fewer, smaller cases on a CPU), kernels-tiny (for tests).",
     )
-    p.add_argument("--preset", default="clip-l-336", choices=PRESETS, help="what to measure (default clip-l-336)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--preset", choices=PRESETS, help="what to measure, with random weights (default clip-l-336)")
+    what.add_argument("--model", metavar="PATH_OR_ID",
+                      help="measure this checkpoint instead: a folder, or a Hub id in the local Hugging Face cache "
+                      "(nothing is downloaded); LlavaForConditionalGeneration, CLIPVisionModel, "
+                      "CLIPVisionModelWithProjection, SiglipVisionModel, or a CLIPModel / SiglipModel's vision tower")
     p.add_argument("--batch", type=int, nargs="+", metavar="B", help="batch sizes to sweep (default 1)")
     p.add_argument("--target", type=int, nargs="+", metavar="T",
                    help="patches kept, to sweep (default 64; 8 for the tiny presets)")
-    p.add_argument("--feature-layer", type=int, default=None, help="feature layer, from the end (default -2, LLaVA)")
+    p.add_argument("--feature-layer", type=int, default=None,
+                   help="feature layer, from the end (default -2, as LLaVA-1.5; a LLaVA checkpoint's own)")
     p.add_argument("--methods", nargs="+", choices=METHOD_FAMILIES, help="method families (default all)")
     p.add_argument("--backends", nargs="+", metavar="NAME",
                    help="flowcut backends (default every backend available on the device)")
@@ -59,11 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed calls per method (default 9 on CPU, 20 on CUDA; kernels 20/100)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default 1 on CPU, 3 on CUDA; at least 1 is run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
-    p.add_argument("--sharpen", type=float, default=synthetic.DEFAULT_SHARPEN,
-                   help=f"q/k projection factor of the random tower (default {synthetic.DEFAULT_SHARPEN:g})")
+    p.add_argument("--sharpen", type=float,
+                   help=f"q/k projection factor of the random tower (default {synthetic.DEFAULT_SHARPEN:g}; "
+                   "not with --model)")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown with device, versions and date")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG of the speed-ups (needs matplotlib)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="write a PNG: times and speed-ups per method (bars, or lines over a sweep; needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -84,6 +94,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     args.device = device
     args.dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
         torch.float16 if device.type == "cuda" else torch.float32)
+    args.preset = args.preset or (None if args.model else "clip-l-336")
     kernel_preset = args.preset in kernels.KERNEL_PRESETS
     gpu = device.type == "cuda"
     args.repeats = args.repeats if args.repeats is not None else (100 if gpu else 20) if kernel_preset else (
@@ -120,27 +131,51 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
     if kernel_preset:
         for flag, value in (("--target", args.target), ("--feature-layer", args.feature_layer),
-                            ("--methods", args.methods)):
+                            ("--methods", args.methods), ("--sharpen", args.sharpen)):
             if value is not None:
-                parser.error(f"{flag} does not apply to --preset {args.preset}: one prune step keeps about half "
-                             "the tokens, for every flowcut backend")
+                parser.error(f"{flag} does not apply to --preset {args.preset}: it times one prune step on random "
+                             "q/k/v (no model), keeping about half the tokens, for every flowcut backend")
         if "torch" not in args.backends:
             args.backends = ["torch", *args.backends]  # the reference the speed-ups are measured against
         return
 
-    preset = presets.MODEL_PRESETS[args.preset]
-    if preset.cuda_only and device.type != "cuda":
-        parser.error(f"--preset {args.preset} runs on CUDA only: {preset.cuda_only}")
+    if args.model:
+        shape = _checked_checkpoint(parser, args)
+        where = f"--model {args.model}"
+    else:
+        shape = presets.MODEL_PRESETS[args.preset]
+        if shape.cuda_only and device.type != "cuda":
+            parser.error(f"--preset {args.preset} runs on CUDA only: {shape.cuda_only}")
+        args.sharpen = synthetic.DEFAULT_SHARPEN if args.sharpen is None else args.sharpen
+        where = f"preset {args.preset}"
     args.batch = args.batch or [1]
-    args.target = args.target or [64 if preset.num_patches > 64 else preset.num_patches // 8]
+    args.target = args.target or [64 if shape.num_patches > 64 else shape.num_patches // 8]
     args.feature_layer = -2 if args.feature_layer is None else args.feature_layer
     args.methods = args.methods or list(METHOD_FAMILIES)
     try:
         for t in args.target:
-            check_target(t, preset.num_patches)
-        feature_index(args.feature_layer, preset.num_layers)
+            check_target(t, shape.num_patches)
+        feature_index(args.feature_layer, shape.num_layers)
     except FlowCutInputError as error:
-        parser.error(f"{error} (preset {args.preset}: {preset.num_patches} patches, {preset.num_layers} layers)")
+        parser.error(f"{error} ({where}: {shape.num_patches} patches, {shape.num_layers} layers)")
+
+
+def _checked_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> checkpoint.Checkpoint:
+    """The --model checkpoint's configuration, checked (no weight is loaded); a LLaVA sets the feature layer."""
+    if args.sharpen is not None:
+        parser.error("--sharpen does not apply to --model: a trained checkpoint's attention is measured as it is")
+    try:
+        found = checkpoint.inspect(args.model)
+    except checkpoint.CheckpointError as error:
+        parser.error(f"--model {args.model}: {error}")
+    if found.feature_layer is not None:
+        if args.feature_layer not in (None, found.feature_layer):
+            parser.error(f"--feature-layer {args.feature_layer} differs from the LLaVA checkpoint's "
+                         f"config.vision_feature_layer ({found.feature_layer}), whose features its projector was "
+                         "trained on; leave --feature-layer out")
+        args.feature_layer = found.feature_layer
+    args.checkpoint = found
+    return found
 
 
 def device_name(device: torch.device) -> str:
@@ -167,17 +202,39 @@ def versions(device: torch.device) -> dict:
     return out
 
 
-def _run_models(args, info: dict) -> list[dict]:
-    preset = presets.MODEL_PRESETS[args.preset]
-    original, why = (None, None)
-    if "original" in args.methods:
-        original, why = presets.load_original()
-        if original is None:
-            print(f"original: skipped — {why}", flush=True)
-    print(f"building {preset.name} ({preset.description}); random weights, seed {args.seed}, q/k x{args.sharpen:g}",
-          flush=True)
-    built = presets.build(preset, args.device, args.dtype, args.seed, args.sharpen)
+def _build(args) -> presets.Built:
+    """The models to measure: the --model checkpoint, or the preset's seeded random ones."""
+    if args.model:
+        found = args.checkpoint
+        where = "" if found.local else ", from the local Hugging Face cache (local_files_only=True)"
+        print(f"loading {args.model} ({found.description}) with from_pretrained{where}; random pixels"
+              f"{' and prompt' if found.family == 'llava' else ''}, seed {args.seed}", flush=True)
+        built = checkpoint.load(found, args.device, args.dtype, args.seed)
+    else:
+        preset = presets.MODEL_PRESETS[args.preset]
+        print(f"building {preset.name} ({preset.description}); random weights, seed {args.seed}, "
+              f"q/k x{args.sharpen:g}", flush=True)
+        built = presets.build(preset, args.device, args.dtype, args.seed, args.sharpen)
     print(f"  {built.weights_mb:.0f} MiB of weights on {args.device}", flush=True)
+    return built
+
+
+def _original(args, built: presets.Built):
+    """benchmarks/original.py as a module, or None (printing why) when not asked for or not applicable."""
+    if "original" not in args.methods:
+        return None
+    original, why = presets.load_original()
+    if original is not None and not find_tower(built.tower).has_cls:
+        original, why = None, (f"benchmarks/original.py re-implements FlowCut for CLIP towers only; this tower is "
+                               f"a {type(built.tower).__name__}")
+    if original is None:
+        print(f"original: skipped — {why}", flush=True)
+    return original
+
+
+def _run_models(args, info: dict) -> list[dict]:
+    built = _build(args)
+    original = _original(args, built)
     n_methods = ("unpruned" in args.methods) + (original is not None) + (
         len(args.backends) if "flowcut" in args.methods else 0)
     calls = max(args.warmup, 1) + args.repeats
@@ -194,17 +251,19 @@ def _run_models(args, info: dict) -> list[dict]:
                 first, peaks = {}, {}
                 for name, fn in fns.items():  # warm-up; the last warm-up call also gives the peak memory
                     for _ in range(max(args.warmup, 1) - 1):
+                        bar.running(f"{label} {name} warm-up")
                         fn()
-                        bar.step(f"{label} {name} warm-up")
+                        bar.step()
+                    bar.running(f"{label} {name} warm-up")
                     peaks[name] = peak_memory_mb(lambda fn=fn, name=name: first.update({name: fn()}), args.device)
-                    bar.step(f"{label} {name} warm-up")
+                    bar.step()
                 timings = timer.round_robin(fns, args.repeats, bar, label)
             _print_schedules(label, first)
             group = []
             for name, timing in timings.items():
                 result = first[name]
                 row = dict(
-                    method=name, preset=preset.name, batch=batch, target=target, tokens_out=result.tokens_out,
+                    method=name, preset=built.name, batch=batch, target=target, tokens_out=result.tokens_out,
                     median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                     peak_mem_mb=peaks[name], **info,
                     feature_layer=args.feature_layer, tokens_per_layer=result.tokens_per_layer,
@@ -265,6 +324,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
     info = dict(device=device_name(args.device), versions=versions(args.device), dtype=dtype_name,
                 date=datetime.date.today().isoformat(), seed=args.seed, sharpen=args.sharpen,
                 warmup=args.warmup, repeats=args.repeats)
+    if args.model:
+        info["model_class"] = args.checkpoint.class_name
     if args.device.type == "cpu" and hasattr(os, "getloadavg"):
         info["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other work on the cores skews CPU timings
     vs = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
@@ -282,8 +343,12 @@ def run(argv: list[str] | None = None) -> list[dict]:
     else:
         rows = _run_models(args, info)
         lines = model_table(rows)
-        facts = [f"feature layer {args.feature_layer}, q/k sharpened x{args.sharpen:g} (seed {args.seed})"]
-        title = f"FlowCut prefill benchmark ({args.preset})"
+        if args.model:
+            facts = [f"checkpoint {args.model}: {args.checkpoint.description}; its own weights, random inputs "
+                     f"(seed {args.seed}); feature layer {args.feature_layer}"]
+        else:
+            facts = [f"feature layer {args.feature_layer}, q/k sharpened x{args.sharpen:g} (seed {args.seed})"]
+        title = f"FlowCut prefill benchmark ({args.model or args.preset})"
     if "load_avg_1min" in info:
         end_load = round(os.getloadavg()[0], 2)
         for row in rows:
@@ -308,7 +373,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         write_markdown(args.markdown, title, header, lines, notes)
         print(f"wrote {args.markdown}")
     if args.plot:
-        write_plot(args.plot, rows, f"{title}: {info['device']}, {dtype_name}, {info['date']}")
+        write_plot(args.plot, rows, title, f"{info['device']} · {dtype_name} · {info['date']}")
         print(f"wrote {args.plot}")
     return rows
 
@@ -324,9 +389,10 @@ def _print_summary(rows: list[dict]) -> None:
 
 METHOD_NOTES = [
     "Methods: `unpruned` — the stock HF forward (SDPA), `output_hidden_states=True`, all layers, features "
-    "`hidden_states[-2]` without CLS; `original` — benchmarks/original.py, the published approach re-implemented "
-    "(eager attention keeping every layer's S×S probabilities, Python scoring from their CLS row, a host sync "
-    "per prune step, every layer run); `flowcut-<backend>` — `flowcut_kernels.encode` (layers 0…F only).",
+    "`hidden_states[F]` without the CLS row (as LLaVA-1.5 takes them); `original` — benchmarks/original.py, the "
+    "published approach re-implemented for CLIP towers (eager attention keeping every layer's S×S probabilities, "
+    "Python scoring from their CLS row, a host sync per prune step, every layer run); `flowcut-<backend>` — "
+    "`flowcut_kernels.encode` (layers 0…F only).",
     "",
 ]
 

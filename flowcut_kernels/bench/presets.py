@@ -6,14 +6,16 @@ feature layer's patch rows. LLaVA presets add a LLaVA-1.5 projector (Linear → 
 Llama language model, and measure the whole prefill: tower → projector → language model on a prompt
 with the projected image features inserted (``inputs_embeds``, ``use_cache=True``, logits of the last
 position only, as ``generate`` does it). Everything is built directly on the target device in the
-target dtype (no CPU copy of the weights).
+target dtype (no CPU copy of the weights). A checkpoint given to ``--model`` (:mod:`.checkpoint`) is
+measured by the same methods.
 
 Methods, each a zero-argument callable returning a :class:`MethodResult`:
 
 - ``unpruned`` — the stock HF forward (its SDPA attention), ``output_hidden_states=True``, all layers run,
-  features ``hidden_states[feature_layer][:, 1:]`` — how LLaVA calls its tower;
+  features ``hidden_states[feature_layer][:, 1:]`` (all rows where ``Built.drop_first`` is False) — how LLaVA
+  calls its tower;
 - ``original`` — the original-style FlowCut of ``benchmarks/original.py`` (eager attention with the full
-  probabilities, Python scoring, a host sync per prune step, every layer run);
+  probabilities, Python scoring, a host sync per prune step, every layer run), on CLIP towers only;
 - ``flowcut-<backend>`` — :func:`flowcut_kernels.encode` with that backend (layers 0 … F only).
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -30,12 +32,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import encode, synthetic
+from ..models.registry import find_tower
 
 #: Vicuna-7B (LLaVA-1.5-7B's language model) shapes.
 VICUNA_7B = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
 )
+#: The LLaVA prompt: 60 text tokens, the image after 35 of them (LLaVA-1.5's system prompt and "USER:" first).
+PROMPT_TOKENS = 60
+IMAGE_POSITION = 35
 TINY_LM = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -55,8 +61,8 @@ class ModelPreset:
     tower: str
     description: str
     lm: dict | None = None
-    prompt_tokens: int = 60
-    image_position: int = 35
+    prompt_tokens: int = PROMPT_TOKENS
+    image_position: int = IMAGE_POSITION
     cuda_only: str | None = None  # why the preset cannot run on a CPU, if it cannot
 
     @property
@@ -129,7 +135,9 @@ def load_original() -> tuple[ModuleType | None, str | None]:
 class LlavaPrefill(nn.Module):
     """LLaVA-1.5's projector and language model: image features → prefill logits.
 
-    prompt_ids: (1, P) token ids; the image goes in after ``image_position`` of them.
+    lm: a causal LM taking ``inputs_embeds`` (a ``LlamaForCausalLM``, or a whole
+    ``LlavaForConditionalGeneration``, which then runs its language model only). prompt_ids: (1, P) token ids;
+    the image goes in after ``image_position`` of them.
     """
 
     def __init__(self, projector: nn.Module, lm: nn.Module, prompt_ids: Tensor, image_position: int):
@@ -150,13 +158,24 @@ class LlavaPrefill(nn.Module):
 
 @dataclass
 class Built:
-    """The models of a preset on one device: the vision tower and, for LLaVA presets, the prefill."""
+    """What a run measures, on one device: a vision tower and, for LLaVA, the prefill that follows it.
 
-    preset: ModelPreset
+    name: the preset's name, or the checkpoint given to ``--model`` (the rows' ``preset``). tower: a CLIP or
+    SigLIP vision model (what :func:`~flowcut_kernels.models.registry.find_tower` accepts). drop_first: the
+    unpruned features drop row 0, the CLS row (LLaVA's "default" strategy). weights_mb: every weight, once.
+    """
+
+    name: str
     tower: nn.Module
     prefill: LlavaPrefill | None
+    drop_first: bool
     weights_mb: float
-    extra: dict = field(default_factory=dict)
+
+
+def weights_mb(*modules: nn.Module) -> float:
+    """MiB of the parameters of ``modules``, each parameter counted once (the modules may share some)."""
+    params = {id(p): p for m in modules for p in m.parameters()}
+    return sum(p.numel() * p.element_size() for p in params.values()) / 2**20
 
 
 def build(preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: int, sharpen: float) -> Built:
@@ -174,13 +193,16 @@ def build(preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: i
             projector = nn.Sequential(
                 nn.Linear(vision_width, width, dtype=dtype), nn.GELU(), nn.Linear(width, width, dtype=dtype)
             )
-            generator = torch.Generator(device=device).manual_seed(seed)
-            prompt = torch.randint(3, preset.lm["vocab_size"], (1, preset.prompt_tokens), generator=generator,
-                                   device=device)
+        prompt = random_prompt(preset.prompt_tokens, preset.lm["vocab_size"], device, seed)
         prefill = LlavaPrefill(projector, lm.eval(), prompt, preset.image_position).eval()
     modules = [tower] + ([prefill] if prefill is not None else [])
-    weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-    return Built(preset, tower, prefill, weights / 2**20)
+    return Built(preset.name, tower, prefill, True, weights_mb(*modules))
+
+
+def random_prompt(length: int, vocab_size: int, device: torch.device, seed: int) -> Tensor:
+    """(1, length) seeded token ids in [3, vocab_size) (ids 0–2 are usually padding, start and end)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(3, vocab_size, (1, length), generator=generator, device=device)
 
 
 def methods(
@@ -195,20 +217,21 @@ def methods(
     """The methods to measure for one (batch, target): name -> zero-argument callable.
 
     pixels: (B, 3, H, W). include: the method families asked for ("unpruned", "original", "flowcut").
+    original: the module of :func:`load_original`, or None to leave that method out.
     """
     tower, prefill = built.tower, built.prefill
-    num_layers = built.preset.num_layers
+    num_layers = len(find_tower(tower).layers)
 
     def finish(features: Tensor, keep: Tensor | None, tokens: list[int]) -> MethodResult:
         if prefill is None:
             return MethodResult(features, keep, tokens, features.shape[1])
         logits = prefill(features)
-        return MethodResult(logits, keep, tokens, features.shape[1], built.preset.prompt_tokens + features.shape[1])
+        return MethodResult(logits, keep, tokens, features.shape[1], prefill.prompt_ids.shape[1] + features.shape[1])
 
     def unpruned() -> MethodResult:
         out = tower(pixel_values=pixels, output_hidden_states=True)
-        features = out.hidden_states[feature_layer][:, 1:]
-        return finish(features, None, [features.shape[1] + 1] * num_layers)
+        features = out.hidden_states[feature_layer][:, int(built.drop_first):]
+        return finish(features, None, [out.hidden_states[0].shape[1]] * num_layers)
 
     def original_style() -> MethodResult:
         return finish(*original.encode_original(tower, pixels, target, feature_layer))

@@ -1,9 +1,9 @@
-"""Output of :mod:`flowcut_kernels.bench`: the stdout table, markdown, JSON rows and the plot.
+"""Text output of :mod:`flowcut_kernels.bench`: the stdout table, markdown and JSON rows (the plot: :mod:`.plots`).
 
-Every row is a dict with at least ``method, preset, batch, target, tokens_out, median_ms, p20_ms, p80_ms,
-peak_mem_mb, device, versions``; model presets add ``speedup_vs_unpruned`` and ``speedup_vs_original``
-(None where that method was not measured), kernel presets ``median_us``, ``gbps``, ``bw_share`` and
-``speedup_vs_torch``.
+Every row is a dict with at least ``method, preset`` (the checkpoint of a ``--model`` run), ``batch, target,
+tokens_out, median_ms, p20_ms, p80_ms, peak_mem_mb, device, versions``; model runs add ``speedup_vs_unpruned``
+and ``speedup_vs_original`` (None where that method was not measured) and the raw ``times_ms``, kernel
+presets ``median_us``, ``gbps``, ``bw_share`` and ``speedup_vs_torch``.
 """
 
 from __future__ import annotations
@@ -76,58 +76,6 @@ def write_markdown(path: str, title: str, header: list[str], lines: list[list[st
         text += [*notes, ""]
     with open(path, "w") as f:
         f.write("\n".join(text))
-
-
-def write_plot(path: str, rows: list[dict], title: str) -> None:
-    """A PNG: model presets — speed-up over unpruned against batch and against target, one line per method
-    (and target / batch); kernel presets — speed-up over the torch backend and share of the copy bandwidth
-    per case."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    if rows and "gbps" in rows[0]:
-        cases = sorted({(r["case"], r["batch"]) for r in rows}, key=lambda c: (c[0], c[1]))
-        labels = [f"{c} B={b}" for c, b in cases]
-        backends = sorted({r["method"] for r in rows})
-        width = 0.8 / max(len(backends), 1)
-        for j, method in enumerate(backends):
-            by_case = {(r["case"], r["batch"]): r for r in rows if r["method"] == method}
-            xs = [i + j * width for i in range(len(cases))]
-            axes[0].bar(xs, [(by_case[c].get("speedup_vs_torch") or 0) if c in by_case else 0 for c in cases],
-                        width, label=method)
-            axes[1].bar(xs, [100 * by_case[c]["bw_share"] if c in by_case else 0 for c in cases], width,
-                        label=method)
-        for ax, ylabel in zip(axes, ("speed-up over torch (x)", "share of copy bandwidth (%)")):
-            ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(cases))], labels, rotation=20)
-            ax.set_ylabel(ylabel)
-            ax.legend()
-    else:
-        measured = [r for r in rows if r.get("speedup_vs_unpruned") is not None and r["method"] != "unpruned"]
-        for ax, x_key, group_key in ((axes[0], "batch", "target"), (axes[1], "target", "batch")):
-            for key in sorted({(r["method"], r[group_key]) for r in measured}):
-                points = sorted((r[x_key], r["speedup_vs_unpruned"]) for r in measured
-                                if (r["method"], r[group_key]) == key)
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                        label=f"{key[0]}, {group_key} {key[1]}")
-            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set_xlabel(x_key)
-            ax.set_ylabel("speed-up over unpruned (x)")
-            ax.legend(fontsize=7)
-        for ax, key in ((axes[0], "batch"), (axes[1], "target")):
-            values = sorted({r[key] for r in measured})
-            if values:
-                ax.set_xticks(values, [str(v) for v in values])
-        if len({r["batch"] for r in measured}) > 2:
-            axes[0].set_xscale("log", base=2)
-            axes[0].set_xticks(sorted({r["batch"] for r in measured}),
-                               [str(v) for v in sorted({r["batch"] for r in measured})])
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parent_writable(path: str) -> bool:

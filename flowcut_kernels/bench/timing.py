@@ -82,14 +82,18 @@ class Timer:
     def round_robin(
         self, fns: dict[str, Callable[[], object]], repeats: int, progress: "Progress | None" = None, label: str = ""
     ) -> dict[str, Timing]:
-        """Time every function ``repeats`` times, interleaved; returns name -> :class:`Timing`."""
+        """Time every function ``repeats`` times, interleaved; returns name -> :class:`Timing`.
+
+        ``progress`` is told which call runs (``"{label} {name}"``) before it starts, and when it ends.
+        """
+        progress = progress or Progress(0, enabled=False)
         times: dict[str, list[float]] = {name: [] for name in fns}
         self.sync()
         for _ in range(repeats):
             for name, fn in fns.items():
+                progress.running(f"{label} {name}")
                 times[name].append(self.once(fn))
-                if progress is not None:
-                    progress.step(f"{label} {name}")
+                progress.step()
         return {name: summarize(values) for name, values in times.items()}
 
 
@@ -145,7 +149,12 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
 
 
 class Progress:
-    """A one-line progress bar on stderr: redrawn in place on a terminal, else a line every ~10%."""
+    """A one-line progress bar on stderr that names the call running now.
+
+    Each call is announced with :meth:`running` before it starts and closed with :meth:`step`. On a
+    terminal the line is redrawn in place at every call; in a log (no terminal) a line is written when
+    the first call starts, when a call starts after a further ~10% of the calls, and at the end.
+    """
 
     def __init__(self, total: int, enabled: bool = True, stream=None):
         self.total = max(total, 1)
@@ -153,20 +162,31 @@ class Progress:
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.label = ""
         self.last_decile = -1
         self.start = time.perf_counter()
 
-    def step(self, label: str = "") -> None:
+    def running(self, label: str) -> None:
+        """The call ``label`` starts now."""
+        self.label = label
+        decile = self.done * 10 // self.total
+        if self.tty or decile > self.last_decile:
+            self.last_decile = decile
+            self._show(f"running {label}")
+
+    def step(self) -> None:
+        """The running call has ended."""
         self.done = min(self.done + 1, self.total)
+        if self.done == self.total:
+            self._show("done", final=True)
+
+    def _show(self, text: str, final: bool = False) -> None:
         if not self.enabled:
             return
-        fraction = self.done / self.total
-        bar = "#" * int(fraction * 20)
-        line = f"[{bar:<20}] {self.done}/{self.total} {time.perf_counter() - self.start:6.1f}s {label}"
+        bar = "#" * (self.done * 20 // self.total)
+        line = f"[{bar:<20}] {self.done}/{self.total} {time.perf_counter() - self.start:6.1f}s {text}"
         if self.tty:
-            end = "\n" if self.done == self.total else ""
-            self.stream.write("\r" + line[:110].ljust(110) + end)
-        elif int(fraction * 10) > self.last_decile or self.done == self.total:
-            self.last_decile = int(fraction * 10)
+            self.stream.write("\r" + line[:110].ljust(110) + ("\n" if final else ""))
+        else:
             self.stream.write(line + "\n")
         self.stream.flush()

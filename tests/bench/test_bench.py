@@ -1,7 +1,9 @@
 """The benchmark harness (python -m flowcut_kernels.bench) at tiny sizes, and the original-style baseline."""
 
 import importlib.util
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from flowcut_kernels import bench, encode, synthetic
 from flowcut_kernels.bench import kernels as bench_kernels
+from flowcut_kernels.bench import plots
 from flowcut_kernels.bench import presets as bench_models
 from flowcut_kernels.bench import timing as bench_timing
 from flowcut_kernels.models.registry import find_tower
@@ -66,12 +69,97 @@ def test_llava_preset_prefills_the_language_model():
             assert row["tokens_out"] == 8 and row["lm_tokens"] == 12 + 8
 
 
-def test_plot_is_written(tmp_path):
+@pytest.fixture(scope="module")
+def sweep_rows():
+    """Rows of a clip-tiny run over batches 1, 2 and targets 8, 12 (every method, 3 timed calls each)."""
+    return bench.run(["--preset", "clip-tiny", "--batch", "1", "2", "--target", "8", "12", *FAST, "--repeats", "3"])
+
+
+def methods_in_plot_order(rows):
+    return sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: {"unpruned": 0, "original": 1}.get(m, 2))
+
+
+def test_plot_is_written_with_device_dtype_and_date(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    from flowcut_kernels.bench import cli
+
+    titles = []
+    monkeypatch.setattr(cli, "write_plot", lambda path, rows, title, subtitle: titles.append(subtitle))
+    bench.run(["--preset", "clip-tiny", *FAST, "--plot", str(tmp_path / "p.png")])
+    (subtitle,) = titles
+    assert subtitle.startswith("cpu ") and " · float32 · " in subtitle
+    assert re.search(r"\d{4}-\d\d-\d\d$", subtitle)
+    monkeypatch.undo()
     for preset, extra in (("clip-tiny", ["--batch", "1", "2"]), ("kernels-tiny", [])):
         path = tmp_path / f"{preset}.png"
         bench.run(["--preset", preset, *extra, *FAST, "--plot", str(path)])
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_point_plot_is_bars_with_whiskers_and_speedups(sweep_rows):
+    """One (batch, target): a bar per method (its own colour) to the median, whiskers p20–p80, speed-up written."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_hex
+    from matplotlib.container import ErrorbarContainer
+
+    rows = [r for r in sweep_rows if (r["batch"], r["target"]) == (2, 8)]
+    fig = plots.figure(rows, "FlowCut prefill benchmark (clip-tiny)", "cpu · float32 · 2026-01-02")
+    (ax,) = fig.axes
+    by_method = {r["method"]: r for r in rows}
+    order = methods_in_plot_order(rows)
+    assert [to_hex(bar.get_facecolor()) for bar in ax.patches] == [plots.style(m)[0] for m in order]
+    assert [bar.get_width() for bar in ax.patches] == [by_method[m]["median_ms"] for m in order]
+    (errorbar,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    whiskers = errorbar.lines[2][0].get_segments()
+    for method, segment in zip(order, whiskers):
+        assert segment[:, 0].tolist() == pytest.approx([by_method[method]["p20_ms"], by_method[method]["p80_ms"]])
+    texts = " | ".join(t.get_text() for t in ax.texts)
+    for method in order[1:]:
+        assert f"{by_method[method]['speedup_vs_unpruned']:.2f}× vs unpruned (p20–p80 " in texts
+    assert fig._suptitle.get_text().endswith("cpu · float32 · 2026-01-02")
+
+
+def test_sweep_plot_keeps_one_style_per_method_with_bands(sweep_rows):
+    """A sweep: one column per target, x = batch; every method the same colour and marker in every panel."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import to_hex
+
+    fig = plots.figure(sweep_rows, "title", "cpu · float32 · 2026-01-02")
+    order = methods_in_plot_order(sweep_rows)
+    top, bottom = fig.axes[:2], fig.axes[2:4]  # row-major: 2 rows x 2 target columns
+    assert len(fig.axes) == 4 and [ax.get_title() for ax in top] == ["target 8", "target 12"]
+    assert bottom[0].get_ylabel().startswith("speed-up vs unpruned (×)")
+    for ax in top:
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == order
+        assert [(to_hex(line.get_color()), line.get_marker()) for line in lines] == [plots.style(m) for m in order]
+        assert list(lines[0].get_xdata()) == [1, 2]
+    for ax in bottom:
+        lines = [line for line in ax.get_lines() if len(line.get_xdata()) == 2 and line.get_marker() != "None"]
+        assert [(to_hex(line.get_color()), line.get_marker()) for line in lines] == [plots.style(m) for m in order[1:]]
+    assert [sum(isinstance(c, PolyCollection) for c in ax.collections) for ax in fig.axes] == [len(order)] * 2 + [
+        len(order) - 1] * 2  # a p20–p80 band per method (per FlowCut/original method on the speed-up row)
+
+
+def test_ratio_band_pairs_the_interleaved_rounds():
+    base = {"times_ms": [10.0, 20.0, 30.0]}
+    row = {"times_ms": [5.0, 10.0, 10.0]}  # ratios 2, 2, 3
+    assert plots._ratio_band(row, base) == pytest.approx((2.0, 2.6))
+
+
+def test_kernel_plot_writes_speedups_and_bandwidth_shares(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_hex
+
+    rows = bench.run(["--preset", "kernels-tiny", *FAST])
+    fig = plots.figure(rows, "title", "cpu · float32 · 2026-01-02")
+    left, right = fig.axes
+    texts = " | ".join(t.get_text() for t in left.texts)
+    shares = " | ".join(t.get_text() for t in right.texts)
+    for row in rows:
+        assert f"{row['speedup_vs_torch']:.2f}×" in texts and f"{100 * row['bw_share']:.0f}%" in shares
+    assert {to_hex(bar.get_facecolor()) for bar in left.patches} == {plots.style(r["method"])[0] for r in rows}
 
 
 def test_kernels_preset_covers_every_cpu_backend_but_the_interpreter(tmp_path):
@@ -181,14 +269,40 @@ def test_timing_helpers():
     assert peak is None or peak >= 0
 
 
-def test_progress_lines_without_a_terminal(capsys):
-    import sys
+class Log(io.StringIO):
+    """A stream that says whether it is a terminal."""
 
-    bar = bench_timing.Progress(20, stream=sys.stderr)
-    for _ in range(20):
-        bar.step("x")
-    lines = capsys.readouterr().err.splitlines()
-    assert 2 <= len(lines) <= 12 and lines[-1].startswith("[####################] 20/20")
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_lines_without_a_terminal():
+    bar = bench_timing.Progress(20, stream=Log(tty=False))
+    for i in range(20):
+        bar.running(f"call {i}")
+        bar.step()
+    lines = bar.stream.getvalue().splitlines()
+    assert 10 <= len(lines) <= 12 and lines[0].endswith("0/20    0.0s running call 0")
+    assert lines[-1].startswith("[####################] 20/20") and lines[-1].endswith(" done")
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_names_the_call_running_now(tty):
+    """Each progress line names the call that runs next (which the call then writes right after it), not the
+    last method of the round — on a terminal at every call, in a log every ~10%."""
+    log = Log(tty)
+    calls = {name: (lambda name=name: log.write(f"<{name}>\n")) for name in ("a", "b", "c")}
+    bench_timing.Timer(torch.device("cpu")).round_robin(calls, 7, bench_timing.Progress(21, stream=log), "B=1")
+    text = log.getvalue()
+    named = re.findall(r"running B=1 (\w)\s*<(\w)>", text)
+    assert len(named) == (21 if tty else 10)
+    assert all(shown == ran for shown, ran in named)
+    assert {shown for shown, _ in named} == {"a", "b", "c"}
+    assert text.rstrip().endswith("done")
 
 
 def test_command_line_exits_cleanly(tmp_path):
