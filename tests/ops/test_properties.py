@@ -194,6 +194,78 @@ def test_select_gather_varlen(backend):
 
 
 def test_enough_generated_cases_per_run():
-    """The property tests above draw at least 200 cases per CI run across the ops."""
-    per_backend = [4 * examples(b) for b in CPU_BACKENDS]  # 3 flow_scores tests + 1 select_gather test
+    """The property tests draw at least 200 cases per CI run across the ops."""
+    per_backend = [5 * examples(b) for b in CPU_BACKENDS]  # 3 flow_scores, 1 select_gather, 1 primitives test
     assert sum(per_backend) >= 200 and math.prod(per_backend) > 0
+
+
+# --- Generic primitives -----------------------------------------------------------------------------------
+
+
+@st.composite
+def primitive_cases(draw, backend: str):
+    """Ragged lengths, heads (GQA ratios), dtype, tie level, layout and a seed for the primitives."""
+    longest = 24 if backend == "triton" else 60
+    lens = draw(st.lists(st.integers(1, longest), min_size=1, max_size=4))
+    kv_heads = draw(st.sampled_from([1, 2]))
+    dtypes = [n for n in DTYPES if not (backend == "triton" and n == "float64")]
+    return dict(
+        lens=lens, kv_heads=kv_heads, heads=kv_heads * draw(st.sampled_from([1, 2, 4])),
+        rows=draw(st.integers(1, 3)), dim=draw(st.sampled_from([1, 4, 8])),
+        dtype=DTYPES[draw(st.sampled_from(dtypes))], levels=draw(st.sampled_from([0, 1, 3])),
+        strided=draw(st.booleans()), protect=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _values(case, *shape, g, strided=False):
+    """Random values of the case's dtype and tie level; ``strided``: every other column of a wider tensor."""
+    shape = (*shape[:-1], 2 * shape[-1]) if strided else shape
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if case["levels"]:
+        x = (x * case["levels"]).round() / case["levels"]
+    x = x.to(case["dtype"])
+    return x[..., ::2] if strided else x
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_primitives(backend):
+    """attention_scores, topk_select and merge_nearest on random ragged cases against the float64 oracle."""
+    from oracle.primitives import naive_attention_scores, naive_merge_nearest, naive_topk_select
+
+    @configured(backend)
+    @given(primitive_cases(backend))
+    def run(case):
+        g = torch.Generator().manual_seed(case["seed"])
+        lens, total = case["lens"], sum(case["lens"])
+        # attention_scores over a padded batch with a key mask: each image's keys, its own rows.
+        width = max(lens)
+        q = _values(case, len(lens), case["heads"], case["rows"], case["dim"], g=g)
+        k = _values(case, len(lens), case["kv_heads"], width, case["dim"], g=g, strided=case["strided"])
+        mask = torch.arange(width) < torch.tensor(lens)[:, None]
+        got = ops.attention_scores(q, k, scale=0.5, key_mask=mask, backend=backend)
+        want = naive_attention_scores(q, k, 0.5, mask)
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=1e-6)
+        # topk_select on packed scores with ties and protected rows, then merge_nearest of the same rows.
+        scores = _values(case, total, g=g)
+        protect = torch.rand(total, generator=g) < 0.3 if case["protect"] else None
+        free = [n - (0 if protect is None else int(p.sum())) for n, p in
+                zip(lens, (protect if protect is not None else torch.zeros(total, dtype=torch.bool)).split(lens))]
+        keep = [int(torch.randint(min(1, f), f + 1, (), generator=g)) for f in free]  # 0 only with nothing free
+        cu = torch.tensor([0, *lens]).cumsum(0)
+        selection = ops.topk_select(scores, keep, protect=protect, cu_seqlens=cu, backend=backend)
+        kept, dropped = naive_topk_select(scores, lens, keep, protect)
+        assert selection.kept.tolist() == kept and selection.dropped.tolist() == dropped
+        counts = (selection.kept_cu[1:] - selection.kept_cu[:-1]).tolist()
+        if all(c > 0 for c in counts):
+            hidden = _values(case, total, 6, g=g, strided=case["strided"])
+            keys = torch.randn(total, 5, generator=g, dtype=torch.float64).to(case["dtype"])
+            merged, sizes = ops.merge_nearest(hidden, keys, selection, backend=backend)
+            cuts = selection.kept_cu.tolist(), selection.dropped_cu.tolist()
+            groups = [selection.kept[a:b].tolist() for a, b in zip(cuts[0], cuts[0][1:])]
+            drops = [selection.dropped[a:b].tolist() for a, b in zip(cuts[1], cuts[1][1:])]
+            want, want_sizes = naive_merge_nearest(hidden, keys, groups, drops)
+            low = case["dtype"] in (torch.float16, torch.bfloat16)
+            torch.testing.assert_close(merged.double(), want, rtol=2e-2 if low else 1e-5, atol=2e-2 if low else 1e-5)
+            assert torch.equal(sizes.double(), want_sizes)
+
+    run()
