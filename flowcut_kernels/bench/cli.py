@@ -31,22 +31,35 @@ import torch
 from .. import FlowCutInputError, __version__, synthetic
 from ..models.encoder import check_target, feature_index
 from ..models.registry import find_tower
-from . import checkpoint, kernels, presets
+from . import checkpoint, kernels, presets, scenarios
 from .plots import write_plot
 from .report import as_text, kernel_table, model_table, parent_writable, write_json, write_markdown
 from .timing import Progress, Timer, peak_memory_mb
 
-METHOD_FAMILIES = ("unpruned", "original", "flowcut")
-PRESETS = sorted(presets.MODEL_PRESETS) + sorted(kernels.KERNEL_PRESETS)
+METHOD_FAMILIES = ("unpruned", "original", "flowcut", "per-image", "serial", "stage")
+PRESETS = sorted(presets.MODEL_PRESETS) + sorted(scenarios.SCENARIOS) + sorted(kernels.KERNEL_PRESETS)
+KERNEL_DESCRIPTIONS = {
+    "kernels": "one prune step per backend (CLIP-L/336 at B=1,16,64, a Qwen-VL image of 4096 and 16384 tokens on "
+               "CUDA; fewer, smaller cases on a CPU) and the primitives attention_scores, text_guided_scores, "
+               "topk_select, merge_nearest per backend vs their plain-PyTorch compositions",
+    "kernels-tiny": "kernels at tiny sizes, for tests",
+}
+
+
+def preset_lines() -> list[str]:
+    """One line per preset: its name and what it measures."""
+    described = {**{k: v.description for k, v in presets.MODEL_PRESETS.items()},
+                 **{k: v.description for k, v in scenarios.SCENARIOS.items()}, **KERNEL_DESCRIPTIONS}
+    width = max(map(len, described))
+    return [f"  {name:<{width}}  {described[name]}" for name in PRESETS]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowcut-bench", description=__doc__.splitlines()[0],
-        epilog="Model presets: " + "; ".join(f"{k}: {v.description}" for k, v in presets.MODEL_PRESETS.items())
-        + ". Kernel presets: kernels (CLIP-L/336 at B=1,16,64 and a Qwen-VL image of 4096 and 16384 tokens on "
-        "CUDA; fewer, smaller cases on a CPU), kernels-tiny (for tests).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets (--preset):\n" + "\n".join(preset_lines()),
     )
     what = p.add_mutually_exclusive_group()
     what.add_argument("--preset", choices=PRESETS, help="what to measure, with random weights (default clip-l-336)")
@@ -59,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="patches kept, to sweep (default 64; 8 for the tiny presets)")
     p.add_argument("--feature-layer", type=int, default=None,
                    help="feature layer, from the end (default -2, as LLaVA-1.5; a LLaVA checkpoint's own)")
-    p.add_argument("--methods", nargs="+", choices=METHOD_FAMILIES, help="method families (default all)")
+    p.add_argument("--methods", nargs="+", choices=METHOD_FAMILIES,
+                   help="method families (default: the preset's; per-image, serial and stage are named "
+                   "<family>-<backend>)")
     p.add_argument("--backends", nargs="+", metavar="NAME",
                    help="flowcut backends (default every backend available on the device)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -142,19 +157,41 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.model:
         shape = _checked_checkpoint(parser, args)
         where = f"--model {args.model}"
+        families = ("unpruned", "original", "flowcut", "per-image", "serial")
+        default_methods = ["unpruned", "original", "flowcut"]
     else:
-        shape = presets.MODEL_PRESETS[args.preset]
+        shape = presets.MODEL_PRESETS.get(args.preset) or scenarios.SCENARIOS[args.preset]
         if shape.cuda_only and device.type != "cuda":
             parser.error(f"--preset {args.preset} runs on CUDA only: {shape.cuda_only}")
-        args.sharpen = synthetic.DEFAULT_SHARPEN if args.sharpen is None else args.sharpen
         where = f"preset {args.preset}"
-    args.batch = args.batch or [1]
+        families = shape.families
+        default_methods = shape.default_methods(device)
+    args.batch = args.batch or list(getattr(shape, "default_batch", (1,)))
+    args.methods = list(dict.fromkeys(args.methods)) if args.methods else default_methods
+    for family in args.methods:
+        if family not in families:
+            parser.error(f"--methods {family} does not apply to {where}; choose from {' '.join(families)}")
+    if isinstance(shape, scenarios.Scenario):
+        args.sharpen = shape.sharpen if args.sharpen is None else args.sharpen
+        if args.feature_layer is not None:
+            parser.error(f"--feature-layer does not apply to --preset {args.preset}: its feature layer is the "
+                         "model's own (LLaVA-NeXT: -2; Qwen2-VL: the merger after the last layer)")
+        args.target = args.target or list(shape.default_targets)
+        for t in args.target:
+            why = shape.check_target(t)
+            if why:
+                parser.error(why)
+        return
+    if not args.model:
+        args.sharpen = synthetic.DEFAULT_SHARPEN if args.sharpen is None else args.sharpen
     args.target = args.target or [64 if shape.num_patches > 64 else shape.num_patches // 8]
     args.feature_layer = -2 if args.feature_layer is None else args.feature_layer
-    args.methods = args.methods or list(METHOD_FAMILIES)
     try:
         for t in args.target:
             check_target(t, shape.num_patches)
+            if "stage" in args.methods and 2 * t >= shape.num_patches:
+                raise FlowCutInputError(f"target {t} is too large for the stage rows: the tower keeps 2·target, "
+                                        f"which must be below the {shape.num_patches} patches")
         feature_index(args.feature_layer, shape.num_layers)
     except FlowCutInputError as error:
         parser.error(f"{error} ({where}: {shape.num_patches} patches, {shape.num_layers} layers)")
@@ -210,6 +247,11 @@ def _build(args) -> presets.Built:
         print(f"loading {args.model} ({found.description}) with from_pretrained{where}; random pixels"
               f"{' and prompt' if found.family == 'llava' else ''}, seed {args.seed}", flush=True)
         built = checkpoint.load(found, args.device, args.dtype, args.seed)
+    elif args.preset in scenarios.SCENARIOS:
+        preset = scenarios.SCENARIOS[args.preset]
+        print(f"building {preset.name} ({preset.description}); random weights, seed {args.seed}, "
+              f"q/k x{args.sharpen:g}", flush=True)
+        built = preset.build(args.device, args.dtype, args.seed, args.sharpen)
     else:
         preset = presets.MODEL_PRESETS[args.preset]
         print(f"building {preset.name} ({preset.description}); random weights, seed {args.seed}, "
@@ -235,18 +277,23 @@ def _original(args, built: presets.Built):
 def _run_models(args, info: dict) -> list[dict]:
     built = _build(args)
     original = _original(args, built)
-    n_methods = ("unpruned" in args.methods) + (original is not None) + (
-        len(args.backends) if "flowcut" in args.methods else 0)
+    scenario = isinstance(built, scenarios.BuiltScenario)
+    n_methods = ("unpruned" in args.methods) + (original is not None) + len(args.backends) * sum(
+        f in args.methods for f in ("flowcut", "per-image", "serial")
+        + (("stage",) if getattr(built, "prefill", None) is not None else ()))
     calls = max(args.warmup, 1) + args.repeats
     bar = Progress(len(args.batch) * len(args.target) * n_methods * calls, enabled=not args.no_progress)
     timer = Timer(args.device)
     rows = []
     for batch in args.batch:
-        pixels = synthetic.random_pixels(built.tower, batch, seed=args.seed)
+        pixels = None if scenario else synthetic.random_pixels(built.tower, batch, seed=args.seed)
         for target in args.target:
             label = f"B={batch} T={target}"
-            fns = presets.methods(built, pixels, target, args.feature_layer, args.backends,
-                                       set(args.methods), original)
+            if scenario:
+                fns = built.methods(batch, target, args.backends, set(args.methods), args.seed)
+            else:
+                fns = presets.methods(built, pixels, target, args.feature_layer, args.backends,
+                                      set(args.methods), original)
             with torch.inference_mode():
                 first, peaks = {}, {}
                 for name, fn in fns.items():  # warm-up; the last warm-up call also gives the peak memory
@@ -277,6 +324,9 @@ def _run_models(args, info: dict) -> list[dict]:
                 for base in ("unpruned", "original"):
                     ref = timings.get(base)
                     row[f"speedup_vs_{base}"] = ref.median_ms / row["median_ms"] if ref else None
+                if row["method"].startswith("per-image-"):  # one batched pass vs B serial passes, same backend
+                    ref = timings.get("serial-" + row["method"].removeprefix("per-image-"))
+                    row["speedup_vs_serial"] = ref.median_ms / row["median_ms"] if ref else None
             rows += group
     return rows
 
@@ -287,7 +337,7 @@ def _print_schedules(label: str, first: dict) -> None:
         if name == "unpruned":
             continue
         print(f"{label} {name}: tokens per layer {' '.join(map(str, result.tokens_per_layer))}", flush=True)
-        if name != "original" and "original" in first:
+        if name != "original" and "original" in first and result.keep_indices is not None:
             share = presets.agreement(result.keep_indices, first["original"].keep_indices)
             print(f"{label} {name}: keeps {share:.1%} of the patches original keeps", flush=True)
 
@@ -300,7 +350,7 @@ def _kernel_rows(args, info: dict) -> tuple[list[dict], float]:
     rows = []
     for r in raw:
         row = dict(
-            method=f"flowcut-{r['backend']}", preset=args.preset, batch=r["batch"], target=r["keep"],
+            method="composition" if r["backend"] == "composition" else f"flowcut-{r['backend']}", preset=args.preset, batch=r["batch"], target=r["keep"],
             tokens_out=r["keep"], median_ms=r["median_us"] / 1e3, p20_ms=r["p20_us"] / 1e3,
             p80_ms=r["p80_us"] / 1e3, peak_mem_mb=r["peak_mem_mb"], **info, copy_gbps=copy_gbps,
         )
@@ -339,13 +389,16 @@ def run(argv: list[str] | None = None) -> list[dict]:
         rows, copy_gbps = _kernel_rows(args, info)
         lines = kernel_table(rows)
         facts = [f"copy bandwidth {copy_gbps:.1f} GB/s (dst.copy_(src), read + write counted)"]
-        title = f"FlowCut prune step per backend ({args.preset})"
+        title = f"FlowCut prune step and primitives per backend ({args.preset})"
     else:
         rows = _run_models(args, info)
         lines = model_table(rows)
         if args.model:
             facts = [f"checkpoint {args.model}: {args.checkpoint.description}; its own weights, random inputs "
                      f"(seed {args.seed}); feature layer {args.feature_layer}"]
+        elif args.preset in scenarios.SCENARIOS:
+            facts = [f"{scenarios.SCENARIOS[args.preset].description}; q/k sharpened x{args.sharpen:g} "
+                     f"(seed {args.seed})"]
         else:
             facts = [f"feature layer {args.feature_layer}, q/k sharpened x{args.sharpen:g} (seed {args.seed})"]
         title = f"FlowCut prefill benchmark ({args.model or args.preset})"
@@ -380,8 +433,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
 def _print_summary(rows: list[dict]) -> None:
     for r in rows:
-        if r["method"].startswith("flowcut"):
-            parts = [f"{r[f'speedup_vs_{b}']:.2f}x the speed of {b}" for b in ("unpruned", "original")
+        if r["method"] not in ("unpruned", "original"):
+            parts = [f"{r[f'speedup_vs_{b}']:.2f}x the speed of {b}" for b in ("unpruned", "original", "serial")
                      if r.get(f"speedup_vs_{b}") is not None]
             if parts:
                 print(f"B={r['batch']} T={r['target']} {r['method']}: " + ", ".join(parts))
@@ -392,7 +445,12 @@ METHOD_NOTES = [
     "`hidden_states[F]` without the CLS row (as LLaVA-1.5 takes them); `original` — benchmarks/original.py, the "
     "published approach re-implemented for CLIP towers (eager attention keeping every layer's S×S probabilities, "
     "Python scoring from their CLS row, a host sync per prune step, every layer run); `flowcut-<backend>` — "
-    "`flowcut_kernels.encode` (layers 0…F only).",
+    "`flowcut_kernels.encode` (layers 0…F only), one schedule for the batch; `per-image-<backend>` — "
+    "`encode(..., schedule=\"per_image\")`, each image on its own schedule, all in ONE padded pass; "
+    "`serial-<backend>` — the same result the old way, B single-image `encode` calls one after the other "
+    "(vs serial = serial time / per-image time, same backend); `stage-<backend>` — `flowcut(llava, K, "
+    "llm_stage=True)`, the whole LLaVA forward (tower to 2K per image, decoder layer 1 keeps K); LLaVA-NeXT and "
+    "Qwen2-VL presets: see `flowcut_kernels/bench/scenarios.py`.",
     "",
 ]
 

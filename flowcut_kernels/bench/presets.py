@@ -16,14 +16,26 @@ Methods, each a zero-argument callable returning a :class:`MethodResult`:
   calls its tower;
 - ``original`` — the original-style FlowCut of ``benchmarks/original.py`` (eager attention with the full
   probabilities, Python scoring, a host sync per prune step, every layer run), on CLIP towers only;
-- ``flowcut-<backend>`` — :func:`flowcut_kernels.encode` with that backend (layers 0 … F only).
+- ``flowcut-<backend>`` — :func:`flowcut_kernels.encode` with that backend (layers 0 … F only), one schedule
+  for the batch (the batch rule);
+- ``per-image-<backend>`` — ``encode(..., schedule="per_image")``: each image on its own schedule, all images in
+  ONE padded pass (what the LLaVA patch runs);
+- ``serial-<backend>`` — the same per-image result the old way: B single-image ``encode`` calls, one after the
+  other, features concatenated (then one batched prefill on LLaVA presets);
+- ``stage-<backend>`` (LLaVA presets) — ``flowcut(llava, K, llm_stage=True)``: the whole LLaVA-1.5 forward
+  (``input_ids`` with K placeholders per image, ``pixel_values``, ``use_cache=True``, last-position logits): the
+  tower on per-image schedules to 2K, decoder layers 0–1 on the long prompt (P + 2K), layer 1 keeps K per image
+  by the text-guided score, the other layers on P + K. The same tower, projector and language-model weights as
+  the other rows (one ``LlavaForConditionalGeneration`` assembled around them).
+
+Other presets (LLaVA-NeXT, Qwen2-VL) are in :mod:`.scenarios`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -64,6 +76,18 @@ class ModelPreset:
     prompt_tokens: int = PROMPT_TOKENS
     image_position: int = IMAGE_POSITION
     cuda_only: str | None = None  # why the preset cannot run on a CPU, if it cannot
+    default_batch: tuple[int, ...] = (1,)
+    methods: tuple[str, ...] = ("unpruned", "original", "flowcut")  # the default method families
+    cuda_methods: tuple[str, ...] | None = None  # the default families on CUDA, when they differ
+
+    def default_methods(self, device: torch.device) -> list[str]:
+        cuda = torch.device(device).type == "cuda" and self.cuda_methods is not None
+        return list(self.cuda_methods if cuda else self.methods)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Every method family that applies (``--methods`` may pick any of them)."""
+        return ENCODER_FAMILIES + (("stage",) if self.lm is not None else ())
 
     @property
     def num_patches(self) -> int:
@@ -75,19 +99,38 @@ class ModelPreset:
         return synthetic.PRESETS[self.tower]["num_hidden_layers"]
 
 
+#: Method families of the CLIP / LLaVA-1.5 presets (``--methods``); LLaVA presets add "stage".
+ENCODER_FAMILIES = ("unpruned", "original", "flowcut", "per-image", "serial")
+BASE = ("unpruned", "original", "flowcut")
+RAGGED = ("per-image", "serial")
+
 MODEL_PRESETS = {
-    "clip-l-336": ModelPreset("clip-l-336", "clip-l-336", "CLIP ViT-L/14-336 vision tower (LLaVA-1.5's), 577 tokens"),
+    "clip-l-336": ModelPreset(
+        "clip-l-336", "clip-l-336", "CLIP ViT-L/14-336 vision tower (LLaVA-1.5's), 577 tokens "
+        "(on CUDA also the per-image pass vs serial single-image passes)", cuda_methods=BASE + RAGGED,
+    ),
     "clip-tiny": ModelPreset("clip-tiny", "tiny", "a tiny CLIP tower for tests (6 layers, 65 tokens, C=32)"),
     "llava-1.5-7b": ModelPreset(
         "llava-1.5-7b", "clip-l-336",
-        "LLaVA-1.5-7B prefill: CLIP-L/336 tower + projector + Vicuna-7B-shaped LM, 60-token prompt",
-        lm=VICUNA_7B,
+        "LLaVA-1.5-7B prefill: CLIP-L/336 tower + projector + Vicuna-7B-shaped LM, 60-token prompt; also "
+        "per-image vs serial tower passes and the language-model stage (CUDA only)",
+        lm=VICUNA_7B, methods=BASE + RAGGED + ("stage",),
         cuda_only="Vicuna-7B needs 27 GB in float32 and minutes per prefill on a CPU; "
         "run it on a CUDA GPU, or use --preset llava-tiny on a CPU",
     ),
     "llava-tiny": ModelPreset(
-        "llava-tiny", "tiny", "a tiny LLaVA for tests: tiny tower + projector + 2-layer LM, 12-token prompt",
-        lm=TINY_LM, prompt_tokens=12, image_position=7,
+        "llava-tiny", "tiny", "a tiny LLaVA: tiny tower + projector + 2-layer LM, 12-token prompt, also with the "
+        "language-model stage (stage-<backend>)",
+        lm=TINY_LM, prompt_tokens=12, image_position=7, methods=BASE + ("stage",),
+    ),
+    "ragged-clip-l-336": ModelPreset(
+        "ragged-clip-l-336", "clip-l-336", "CLIP-L/336 tower at B=8, per-image schedules: ONE batched pass "
+        "(encode schedule='per_image') vs 8 serial single-image passes, per backend",
+        default_batch=(8,), methods=RAGGED,
+    ),
+    "ragged-tiny": ModelPreset(
+        "ragged-tiny", "tiny", "ragged-clip-l-336 on the tiny tower, B=3, for tests",
+        default_batch=(3,), methods=RAGGED,
     ),
 }
 
@@ -170,6 +213,41 @@ class Built:
     prefill: LlavaPrefill | None
     drop_first: bool
     weights_mb: float
+    lm_config: dict | None = None  # LlamaConfig fields of a preset's language model (the stage's LLaVA needs it)
+    _llava: dict = field(default_factory=dict)
+
+    def llava(self, backend: str) -> nn.Module:
+        """A ``LlavaForConditionalGeneration`` made of this tower, projector and language model (no weight
+        copied: built on the meta device, then its modules replaced by these), one per backend, for
+        ``flowcut(..., llm_stage=True)``. Its image token is id 0 (prompt ids are ≥ 3)."""
+        if backend not in self._llava:
+            self._llava[backend] = assemble_llava(self.tower, self.prefill, self.lm_config)
+        return self._llava[backend]
+
+
+#: The image placeholder id of :func:`assemble_llava` (random prompts use ids 3 and up).
+IMAGE_TOKEN = 0
+
+
+def assemble_llava(tower: nn.Module, prefill: LlavaPrefill, lm_config: dict) -> nn.Module:
+    """A ``LlavaForConditionalGeneration`` around ``tower`` and ``prefill``'s projector and language model."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=tower.config, text_config=LlamaConfig(**lm_config), image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    core = llava.model
+    core.vision_tower = tower
+    core.multi_modal_projector.linear_1 = prefill.projector[0]
+    core.multi_modal_projector.linear_2 = prefill.projector[2]
+    core.language_model = prefill.lm.model
+    llava.lm_head = prefill.lm.lm_head
+    left = [name for name, t in [*llava.named_parameters(), *llava.named_buffers()] if t.is_meta]
+    assert not left, f"assemble_llava left {left} on the meta device"
+    return llava.eval()
 
 
 def weights_mb(*modules: nn.Module) -> float:
@@ -196,7 +274,7 @@ def build(preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: i
         prompt = random_prompt(preset.prompt_tokens, preset.lm["vocab_size"], device, seed)
         prefill = LlavaPrefill(projector, lm.eval(), prompt, preset.image_position).eval()
     modules = [tower] + ([prefill] if prefill is not None else [])
-    return Built(preset.name, tower, prefill, True, weights_mb(*modules))
+    return Built(preset.name, tower, prefill, True, weights_mb(*modules), lm_config=preset.lm)
 
 
 def random_prompt(length: int, vocab_size: int, device: torch.device, seed: int) -> Tensor:
@@ -216,7 +294,7 @@ def methods(
 ) -> dict[str, Callable[[], MethodResult]]:
     """The methods to measure for one (batch, target): name -> zero-argument callable.
 
-    pixels: (B, 3, H, W). include: the method families asked for ("unpruned", "original", "flowcut").
+    pixels: (B, 3, H, W). include: the method families asked for (:attr:`ModelPreset.families`).
     original: the module of :func:`load_original`, or None to leave that method out.
     """
     tower, prefill = built.tower, built.prefill
@@ -243,14 +321,50 @@ def methods(
 
         return run
 
+    def per_image(backend: str) -> Callable[[], MethodResult]:
+        def run() -> MethodResult:
+            out = encode(tower, pixels, target, feature_layer=feature_layer, schedule="per_image", backend=backend)
+            return finish(out.features, out.keep_indices, out.tokens_per_layer[0])
+
+        return run
+
+    def serial(backend: str) -> Callable[[], MethodResult]:
+        def run() -> MethodResult:
+            outs = [encode(tower, pixels[i:i + 1], target, feature_layer=feature_layer, backend=backend)
+                    for i in range(pixels.shape[0])]
+            return finish(torch.cat([o.features for o in outs]), torch.cat([o.keep_indices for o in outs]),
+                          outs[0].tokens_per_layer)
+
+        return run
+
+    def stage(backend: str) -> Callable[[], MethodResult]:
+        from .. import flowcut as patch
+
+        llava = built.llava(backend)
+        patch(llava, target, backend=backend, llm_stage=True)
+        pos = prefill.image_position
+        prompt = prefill.prompt_ids
+        ids = torch.cat([prompt[:, :pos], torch.full((1, target), IMAGE_TOKEN, device=prompt.device),
+                         prompt[:, pos:]], dim=1).expand(pixels.shape[0], -1)
+        with torch.inference_mode():
+            tokens = llava.model.get_image_features(pixels, return_dict=True).tokens_per_layer[0]
+        lm_tokens = prompt.shape[1] + target
+
+        def run() -> MethodResult:
+            logits = llava(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1).logits
+            return MethodResult(logits, None, tokens, target, lm_tokens)
+
+        return run
+
     found: dict[str, Callable[[], MethodResult]] = {}
     if "unpruned" in include:
         found["unpruned"] = unpruned
     if "original" in include and original is not None:
         found["original"] = original_style
-    if "flowcut" in include:
-        for backend in backends:
-            found[f"flowcut-{backend}"] = flowcut(backend)
+    for family, make in (("flowcut", flowcut), ("per-image", per_image), ("serial", serial), ("stage", stage)):
+        if family in include and (family != "stage" or prefill is not None):
+            for backend in backends:
+                found[f"{family}-{backend}"] = make(backend)
     return found
 
 

@@ -2,8 +2,9 @@
 
 Every row is a dict with at least ``method, preset`` (the checkpoint of a ``--model`` run), ``batch, target,
 tokens_out, median_ms, p20_ms, p80_ms, peak_mem_mb, device, versions``; model runs add ``speedup_vs_unpruned``
-and ``speedup_vs_original`` (None where that method was not measured) and the raw ``times_ms``, kernel
-presets ``median_us``, ``gbps``, ``bw_share`` and ``speedup_vs_torch``.
+and ``speedup_vs_original`` (None where that method was not measured) and the raw ``times_ms`` (``per-image-*``
+rows also ``speedup_vs_serial``), kernel presets ``median_us``, ``gbps``, ``bw_share``, ``speedup_vs_torch`` and,
+for the primitives, ``op``, ``variant`` and ``speedup_vs_composition``.
 """
 
 from __future__ import annotations
@@ -22,27 +23,29 @@ def _ratio(value) -> str:
 
 def model_table(rows: list[dict]) -> list[list[str]]:
     """Header + one line per row of a model preset."""
+    serial = any("speedup_vs_serial" in r for r in rows)  # per-image rows: one pass vs B serial passes
     lines = [["method", "batch", "target", "tokens", "median ms", "p20 ms", "p80 ms", "peak MiB",
-              "vs unpruned", "vs original"]]
+              "vs unpruned", "vs original"] + (["vs serial"] if serial else [])]
     for r in rows:
         lines.append([
             r["method"], str(r["batch"]), str(r["target"]), str(r["tokens_out"]), f"{r['median_ms']:.1f}",
             f"{r['p20_ms']:.1f}", f"{r['p80_ms']:.1f}", _fmt(r["peak_mem_mb"], ".0f"),
             _ratio(r.get("speedup_vs_unpruned")), _ratio(r.get("speedup_vs_original")),
-        ])
+        ] + ([_ratio(r.get("speedup_vs_serial"))] if serial else []))
     return lines
 
 
 def kernel_table(rows: list[dict]) -> list[list[str]]:
     """Header + one line per row of a kernel preset."""
     lines = [["backend", "case", "B", "S", "H", "D", "keep", "median us", "p20 us", "p80 us", "MB moved",
-              "GB/s", "copy share", "vs torch"]]
+              "GB/s", "copy share", "vs torch", "vs plain"]]
     for r in rows:
+        heads = str(r["heads"]) if r.get("kv_heads", r["heads"]) == r["heads"] else f"{r['heads']}/{r['kv_heads']}"
         lines.append([
-            r["method"], r["case"], str(r["batch"]), str(r["seq"]), str(r["heads"]), str(r["head_dim"]),
+            r["method"], r["case"], str(r["batch"]), str(r["seq"]), heads, str(r["head_dim"]),
             str(r["keep"]), f"{r['median_us']:.1f}", f"{r['p20_us']:.1f}", f"{r['p80_us']:.1f}",
             f"{r['bytes'] / 1e6:.2f}", f"{r['gbps']:.1f}", f"{r['bw_share'] * 100:.1f}%",
-            _ratio(r.get("speedup_vs_torch")),
+            _ratio(r.get("speedup_vs_torch")), _ratio(r.get("speedup_vs_composition")),
         ])
     return lines
 

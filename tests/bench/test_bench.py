@@ -157,8 +157,10 @@ def test_kernel_plot_writes_speedups_and_bandwidth_shares(tmp_path):
     left, right = fig.axes
     texts = " | ".join(t.get_text() for t in left.texts)
     shares = " | ".join(t.get_text() for t in right.texts)
-    for row in rows:
-        assert f"{row['speedup_vs_torch']:.2f}×" in texts and f"{100 * row['bw_share']:.0f}%" in shares
+    ref = {(r["case"], r["batch"], r["method"]): r["median_us"] for r in rows}
+    for row in rows:  # the speed-up over the reference: torch (prune step) or the plain composition (primitives)
+        speedup = ref[(row["case"], row["batch"], row["ref_method"])] / row["median_us"]
+        assert f"{speedup:.2f}×" in texts and f"{100 * row['bw_share']:.0f}%" in shares
     assert {to_hex(bar.get_facecolor()) for bar in left.patches} == {plots.style(r["method"])[0] for r in rows}
 
 
@@ -167,8 +169,9 @@ def test_kernels_preset_covers_every_cpu_backend_but_the_interpreter(tmp_path):
     backends = cpu_backends()
     assert "triton" not in backends  # only the interpreter runs Triton on a CPU
     cases = bench_kernels.cases_for("kernels-tiny", torch.device("cpu"))
-    assert {r["method"] for r in rows} == {f"flowcut-{b}" for b in backends}
-    assert len(rows) == len(cases) * len(backends)
+    primitives = bench_kernels.PRIMITIVE_CASES["kernels-tiny"]["cpu"]
+    assert {r["method"] for r in rows} == {f"flowcut-{b}" for b in backends} | {"composition"}
+    assert len(rows) == len(cases) * len(backends) + len(primitives) * (len(backends) + 1)
     for row in rows:
         assert REQUIRED <= set(row) and row["gbps"] > 0 and 0 < row["bw_share"] and row["copy_gbps"] > 0
         assert row["tokens_out"] == row["keep"] and row["median_us"] == pytest.approx(row["median_ms"] * 1e3)
@@ -183,7 +186,10 @@ def test_kernels_script_function():
     spec.loader.exec_module(module)
     rows, copy_gbps = module.kernel_benchmark("cpu", preset="kernels-tiny", batches=[3], backends=["torch"],
                                               warmup=1, repeats=1)
-    assert copy_gbps > 0 and {(r["case"], r["batch"]) for r in rows} == {("tiny", 3), ("tiny-mean", 1)}
+    steps = [r for r in rows if r["op"] == "prune_step"]
+    assert copy_gbps > 0 and {(r["case"], r["batch"]) for r in steps} == {("tiny", 3), ("tiny-mean", 1)}
+    assert {r["op"] for r in rows} - {"prune_step"} == {"attention_scores", "text_guided_scores", "topk_select",
+                                                          "merge_nearest"}
 
 
 def test_bytes_moved_counts_the_minimal_traffic():

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Record the CPU result files of benchmarks/results/ (one json + md + png set per run), each run short.
+# Usage: bash benchmarks/record_cpu.sh [DATE] [RUN ...]   (RUN: main kernels ragged stage next qwen; default all)
+# Waits for a quiet minute first (1-minute load below 0.5): other work on the cores slows every method.
+set -euo pipefail
+D=${1:-$(date +%F)}; shift || true
+RUNS=${*:-main kernels ragged stage next qwen}
+R=benchmarks/results
+while awk '{exit !($1 >= 0.5)}' /proc/loadavg; do sleep 10; done
+record() {  # name, then the bench arguments
+  local name=$1; shift
+  python -m flowcut_kernels.bench "$@" --json "$R/$name-cpu-$D.json" --markdown "$R/$name-cpu-$D.md" \
+    --plot "$R/$name-cpu-$D.png" --no-progress
+}
+for run in $RUNS; do
+  case $run in
+    main) record bench-clip-l-336 --device cpu ;;
+    kernels) record kernels --preset kernels --device cpu ;;
+    ragged) record ragged-clip-l-336 --preset ragged-clip-l-336 --device cpu --repeats 4 ;;
+    stage) record llava-tiny-stage --preset llava-tiny --device cpu ;;
+    next) record llava-next-crops --preset llava-next-crops --device cpu --repeats 4 ;;
+    qwen) record qwen2-vl-tower --preset qwen2-vl-tower --device cpu --repeats 4 ;;
+  esac
+done

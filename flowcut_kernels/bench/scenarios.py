@@ -1,0 +1,443 @@
+"""LLaVA-NeXT and Qwen2-VL presets of :mod:`flowcut_kernels.bench`: whole HF models, or their vision towers.
+
+Each preset is a :class:`Scenario`; built, it gives the same zero-argument methods as :mod:`.presets` (each
+returning a :class:`~.presets.MethodResult`), timed, tabled and plotted by the same machinery. Random seeded
+weights built directly on the device in the target dtype; the CLIP towers' q/k are sharpened
+(``--sharpen``, default 16) and so are Qwen2-VL's (the fused ``qkv``'s q and k thirds, default 8 at the 7B
+shapes, 4 on the tiny ones).
+
+- ``llava-next-7b`` (CUDA): ``LlavaNextForConditionalGeneration`` — CLIP-L/336 tower, projector, Vicuna-7B-shaped
+  decoder; LLaVA-NeXT's default ``image_grid_pinpoints``; each image 672×672 (a base crop + a 2×2 grid: 5 crops,
+  5·576 = 2880 patches; the stock packing adds 48 newline tokens: 2928 visual tokens) in a 60-token prompt (image
+  after 35). ``unpruned``: the stock forward; ``flowcut-<backend>``: ``flowcut(model, K, backend=...)`` (the
+  LLaVA-NeXT recipe: tower stage ⌊K/2⌋ per crop, language-model stage to K), the prompt holding K placeholders.
+  Both: ``input_ids`` + ``pixel_values`` + ``image_sizes``, ``use_cache=True``, last-position logits (one prefill).
+- ``llava-next-crops`` (CPU or CUDA): the tower part alone, per image its 5 crops: the stock CLIP forward on the
+  crops (``output_hidden_states``, all layers, ``hidden_states[-2]``) against FlowCut's crop pass (the crops of an
+  image on one shared schedule, ⌊K/2⌋ patches each, all images in one pass, layers 0…F; no projector, no layout).
+- ``qwen2-vl-tower`` (CPU or CUDA): the Qwen2-VL-7B vision tower (32 layers × 1280, 16 heads, 14-px patches, 2×2
+  merge) on a 448×448 image (1024 patches, 256 merged tokens): the stock tower + merger against the FlowCut tower
+  stage (whole merge groups, :func:`flowcut_kernels.models.qwen2_vl.pruned_tower`) + the merger.
+- ``qwen2-vl-7b`` (CUDA): ``Qwen2VLForConditionalGeneration`` at the 7B shapes (the tower above; LLM 28 layers ×
+  3584, GQA 28/4, intermediate 18944, vocabulary 152064, M-RoPE 16/24/24) on a 1288×1288 image (92×92 patches,
+  2116 merged tokens) in a 60-token prompt: the stock forward against ``flowcut(model, K)`` (tower stage).
+- ``…-tiny`` variants: the same code at tiny sizes, for the tests (they run on a CPU).
+
+The FlowCut methods of the whole-model presets patch the model before each call and remove the patch after it
+(a few attribute assignments and argument checks, microseconds), so one model serves every method.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops, synthetic
+from ..models.registry import find_tower
+from .presets import TINY_LM, VICUNA_7B, MethodResult, random_prompt, weights_mb
+
+#: LLaVA-NeXT's default anyres resolutions (336-px crops).
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+#: The image placeholder id of the LLaVA-NeXT presets (random prompts use ids 3 and up).
+IMAGE_TOKEN = 0
+
+#: Qwen2-VL-7B's vision tower and language model.
+QWEN_VISION_7B = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+QWEN_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                    rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+QWEN_IDS_7B = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                   vision_end_token_id=151653)
+QWEN_VISION_TINY = dict(depth=4, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
+                        spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+QWEN_TEXT_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+QWEN_IDS_TINY = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
+
+SCENARIO_FAMILIES = ("unpruned", "flowcut")
+#: q/k factor of the Qwen2-VL-7B-shaped random towers: at 448×448, target 64 the schedule then prunes
+#: progressively (1024 → 932 → 840 → … → 276 patches before the last prune to 256), as on a trained tower; 4 keeps
+#: 428 until the end. The tiny towers use 4 (as ``synthetic.random_qwen2_vl``).
+QWEN_SHARPEN = 8.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A LLaVA-NeXT or Qwen2-VL preset (module docstring).
+
+    kind: "next" (whole LLaVA-NeXT), "next-crops" (its tower on crops), "qwen" (whole Qwen2-VL), "qwen-tower".
+    tower: a CLIP shape of :data:`flowcut_kernels.models.synthetic.PRESETS` (LLaVA-NeXT), or Qwen vision fields.
+    lm: LlamaConfig / Qwen2-VL text fields (whole models). image: (H, W) pixels of each image (LLaVA-NeXT), or
+    (h, w) patches (Qwen2-VL). num_patches: the token count targets are checked against (K < it).
+    """
+
+    name: str
+    kind: str
+    description: str
+    tower: str | dict
+    image: tuple[int, int]
+    max_target: int
+    default_targets: tuple[int, ...]
+    default_batch: tuple[int, ...] = (1,)
+    lm: dict | None = None
+    ids: dict | None = None
+    pinpoints: list | None = None
+    prompt_tokens: int = 60
+    image_position: int = 35
+    sharpen: float = synthetic.DEFAULT_SHARPEN
+    cuda_only: str | None = None
+    families: tuple[str, ...] = SCENARIO_FAMILIES
+    min_target: int = 1
+
+    def default_methods(self, device: torch.device) -> list[str]:
+        return list(self.families)
+
+    def check_target(self, target: int) -> str | None:
+        """Why ``target`` cannot be measured, or None."""
+        if not self.min_target <= target <= self.max_target:
+            what = "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)" if self.kind.startswith("next") else \
+                "K (merged tokens kept per image)"
+            return (f"target {target} is out of range for --preset {self.name}: {what} must be in "
+                    f"[{self.min_target}, {self.max_target}]")
+        return None
+
+    def build(self, device: torch.device, dtype: torch.dtype, seed: int, sharpen: float) -> "BuiltScenario":
+        return BUILDERS[self.kind](self, torch.device(device), dtype, seed, sharpen)
+
+
+COLD = "{} needs {} GB in float16 and minutes per prefill on a CPU; run it on a CUDA GPU, or use --preset {} on a CPU"
+SCENARIOS = {s.name: s for s in [
+    Scenario("llava-next-7b", "next", "LLaVA-NeXT-7B prefill: CLIP-L/336 on 5 crops + projector + Vicuna-7B-shaped "
+             "LM, 2880-patch image (2928 tokens unpruned) vs FlowCut K=32/64/128/160 (with the LM stage), B=1, 8 "
+             "(CUDA only)", "clip-l-336", (672, 672), 1151, (32, 64, 128, 160), (1, 8), lm=VICUNA_7B,
+             pinpoints=NEXT_PINPOINTS, cuda_only=COLD.format("LLaVA-NeXT-7B", 14, "llava-next-crops"), min_target=2),
+    Scenario("llava-next-tiny", "next", "llava-next-7b at tiny sizes (5 crops of 32 px, 2-layer LM), for tests",
+             "tiny", (64, 64), 127, (16,), (1,), lm=TINY_LM, pinpoints=synthetic.TINY_PINPOINTS,
+             prompt_tokens=12, image_position=7, min_target=2),
+    Scenario("llava-next-crops", "next-crops", "LLaVA-NeXT's tower on one image's 5 CLIP-L/336 crops: unpruned vs "
+             "FlowCut's per-image shared-schedule crop pass (K/2 per crop)", "clip-l-336", (672, 672), 1151, (64,),
+             min_target=2),
+    Scenario("llava-next-crops-tiny", "next-crops", "llava-next-crops on the tiny tower, for tests", "tiny",
+             (64, 64), 127, (16,), min_target=2),
+    Scenario("qwen2-vl-tower", "qwen-tower", "Qwen2-VL-7B vision tower (32 layers x 1280) on a 448x448 image (1024 "
+             "patches, 256 merged tokens): unpruned vs the FlowCut tower stage", QWEN_VISION_7B, (32, 32), 255,
+             (64,), sharpen=QWEN_SHARPEN),
+    Scenario("qwen2-vl-tower-tiny", "qwen-tower", "qwen2-vl-tower at tiny sizes, for tests", QWEN_VISION_TINY,
+             (16, 16), 63, (16,), sharpen=4.0),
+    Scenario("qwen2-vl-7b", "qwen", "Qwen2-VL-7B prefill (ViT 32x1280, LLM 28x3584, GQA 28/4) on a 1288x1288 image "
+             "(2116 merged tokens) vs FlowCut's tower stage (CUDA only)", QWEN_VISION_7B, (92, 92), 2115,
+             (64, 128, 256, 512), (1, 8), lm=QWEN_TEXT_7B, ids=QWEN_IDS_7B, sharpen=QWEN_SHARPEN,
+             cuda_only=COLD.format("Qwen2-VL-7B", 17, "qwen2-vl-tower")),
+    Scenario("qwen2-vl-tiny", "qwen", "qwen2-vl-7b at tiny sizes, for tests", QWEN_VISION_TINY, (16, 16), 63, (16,),
+             lm=QWEN_TEXT_TINY, ids=QWEN_IDS_TINY, prompt_tokens=12, image_position=7, sharpen=4.0),
+]}
+
+
+@dataclass
+class BuiltScenario:
+    """A built scenario: ``methods(batch, target, backends, include)`` gives name → zero-argument method."""
+
+    name: str
+    weights_mb: float
+    make_methods: Callable[..., dict]
+    model: nn.Module
+    extras: dict = field(default_factory=dict)
+
+    def methods(self, batch: int, target: int, backends: list[str], include: set[str], seed: int) -> dict:
+        return self.make_methods(batch, target, backends, include, seed)
+
+
+def _generator(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _clip_fields(tower: str) -> dict:
+    return {k: v for k, v in synthetic.PRESETS[tower].items() if k != "projection_dim"}
+
+
+def next_config(s: Scenario):
+    """The ``LlavaNextConfig`` of a ``next`` scenario."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**_clip_fields(s.tower)), text_config=LlamaConfig(**s.lm),
+        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=s.pinpoints, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def qwen_config(s: Scenario):
+    """The ``Qwen2VLConfig`` of a ``qwen`` scenario (the vision config alone for ``qwen-tower``)."""
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+
+    if s.lm is None:
+        return Qwen2VLVisionConfig(**s.tower)
+    text = dict(s.lm, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # within every vocabulary
+    return Qwen2VLConfig(vision_config=dict(s.tower), text_config=text, **s.ids)
+
+
+def _sharpen_qwen(visual: nn.Module, factor: float) -> None:
+    with torch.no_grad():
+        for block in visual.blocks:
+            width = block.attn.qkv.out_features // 3
+            block.attn.qkv.weight[: 2 * width].mul_(factor)
+            block.attn.qkv.bias[: 2 * width].mul_(factor)
+
+
+def _prompt(s: Scenario, image: list[int], device, seed: int, vocab: int, batch: int) -> Tensor:
+    """(batch, P + len(image)) the seeded text with ``image`` ids inserted after ``image_position`` tokens."""
+    text = random_prompt(s.prompt_tokens, vocab, device, seed)
+    if s.ids is not None:  # keep Qwen's vision ids out of the text
+        text = text % min(s.ids.values())
+        text = text.clamp(min=3)
+    pos = s.image_position
+    ids = torch.cat([text[:, :pos], torch.tensor([image], device=device), text[:, pos:]], dim=1)
+    return ids.expand(batch, -1).contiguous()
+
+
+class _Patched:
+    """``with _Patched(model, K, backend):`` the model runs FlowCut inside the block, stock after it."""
+
+    def __init__(self, model, target, backend):
+        self.args = (model, target, backend)
+
+    def __enter__(self):
+        from .. import flowcut
+
+        model, target, backend = self.args
+        flowcut(model, target, backend=backend)
+
+    def __exit__(self, *exc):
+        from .. import remove_flowcut
+
+        remove_flowcut(self.args[0])
+
+
+def _build_next(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers import LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaNextForConditionalGeneration._from_config(next_config(s), attn_implementation="sdpa",
+                                                               dtype=dtype).eval()
+    synthetic.sharpen_attention(model.model.vision_tower, sharpen)
+    side = synthetic.PRESETS[s.tower]["image_size"]
+    crops = 1 + (s.image[0] // side) * (s.image[1] // side)
+    vocab = s.lm["vocab_size"]
+    cache = {}
+
+    def inputs(batch, seed):
+        if batch not in cache:
+            pixels = torch.randn(batch, crops, 3, side, side, generator=_generator(device, seed), device=device,
+                                 dtype=dtype)
+            sizes = torch.tensor([list(s.image)] * batch, device=device)
+            with torch.inference_mode():
+                count = model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output[0].shape[0]
+            cache[batch] = pixels, sizes, count
+        return cache[batch]
+
+    def make(batch, target, backends, include, seed):
+        pixels, sizes, stock_count = inputs(batch, seed)
+        found = {}
+
+        def call(ids):
+            return model(input_ids=ids, pixel_values=pixels, image_sizes=sizes, use_cache=True, logits_to_keep=1)
+
+        if "unpruned" in include:
+            ids = _prompt(s, [IMAGE_TOKEN] * stock_count, device, seed, vocab, batch)
+            n_layers = len(find_tower(model.model.vision_tower).layers)
+
+            def unpruned(ids=ids):
+                return MethodResult(call(ids).logits, None, [_tokens(model)] * n_layers, stock_count, ids.shape[1])
+
+            found["unpruned"] = unpruned
+        if "flowcut" in include:
+            ids = _prompt(s, [IMAGE_TOKEN] * target, device, seed, vocab, batch)
+            for backend in backends:
+                with _Patched(model, target, backend), torch.inference_mode():
+                    tokens = model.model.get_image_features(pixels, sizes, return_dict=True).tokens_per_layer[0]
+
+                def run(backend=backend, tokens=tokens, ids=ids):
+                    with _Patched(model, target, backend):
+                        logits = call(ids).logits
+                    return MethodResult(logits, None, tokens, target, ids.shape[1])
+
+                found[f"flowcut-{backend}"] = run
+        return found
+
+    return BuiltScenario(s.name, weights_mb(model), make, model, dict(crops=crops))
+
+
+def _tokens(model) -> int:
+    """Tokens of one CLIP crop (CLS included)."""
+    tower = find_tower(model.model.vision_tower)
+    return tower.num_patches + 1
+
+
+def _build_next_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from ..models.encoder import PACKED_OPS, run_pruned
+    from ..models.llava_next import CropPolicy
+
+    tower_model = synthetic.random_clip_vision(s.tower, seed=seed, sharpen=sharpen, dtype=dtype, device=device)
+    tower = find_tower(tower_model)
+    side = synthetic.PRESETS[s.tower]["image_size"]
+    crops = 1 + (s.image[0] // side) * (s.image[1] // side)
+    layers = len(tower.layers)
+    feature_idx = layers - 2
+
+    def make(batch, target, backends, include, seed):
+        pixels = synthetic.random_pixels(tower_model, batch * crops, seed=seed)
+        found = {}
+        if "unpruned" in include:
+            def unpruned():
+                out = tower_model(pixel_values=pixels, output_hidden_states=True)
+                features = out.hidden_states[-2][:, 1:]
+                return MethodResult(features, None, [out.hidden_states[0].shape[1]] * layers, crops * features.shape[1])
+
+            found["unpruned"] = unpruned
+        if "flowcut" in include:
+            for name in backends:
+                def run(name=name):
+                    backend = ops.resolve_backend(name, tower.device, tower.dtype, PACKED_OPS)
+                    hidden = tower.embed(pixels)
+                    policy = CropPolicy(target // 2, [crops] * batch)
+                    last, keep, tokens = run_pruned(tower, hidden, policy, feature_idx, backend, per_image=True)
+                    return MethodResult(last[:, 1:], keep, tokens[0], crops * (target // 2))
+
+                found[f"flowcut-{name}"] = run
+        return found
+
+    return BuiltScenario(s.name, weights_mb(tower_model), make, tower_model, dict(crops=crops))
+
+
+def _qwen_pixels(visual_config, s: Scenario, batch: int, device, dtype, seed) -> tuple[Tensor, Tensor]:
+    h, w = s.image
+    t = visual_config.temporal_patch_size
+    width = visual_config.in_channels * t * visual_config.patch_size**2
+    pixels = torch.randn(batch * h * w, width, generator=_generator(device, seed), device=device, dtype=dtype)
+    grid = torch.tensor([[1, h, w]] * batch, device=device)
+    return pixels, grid
+
+
+def _tower_tokens(visual: nn.Module, fn: Callable[[], object]) -> list[int]:
+    """The patches each tower block processed during ``fn()`` (forward pre-hooks)."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args, kw: seen.append(int((args[0] if args else
+                                                                              kw["hidden_states"]).shape[0])),
+                                         with_kwargs=True) for b in visual.blocks]
+    try:
+        with torch.inference_mode():
+            fn()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    from ..models.qwen2_vl import TOWER_OPS, pruned_tower
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        visual = Qwen2VisionTransformerPretrainedModel._from_config(qwen_config(s), attn_implementation="sdpa",
+                                                                    dtype=dtype).eval()
+    _sharpen_qwen(visual, sharpen)
+    m = visual.spatial_merge_size**2
+    groups = s.image[0] * s.image[1] // m
+
+    def make(batch, target, backends, include, seed):
+        pixels, grid = _qwen_pixels(visual.config, s, batch, device, dtype, seed)
+        found = {}
+        if "unpruned" in include:
+            def unpruned():
+                merged = visual(pixels, grid_thw=grid).pooler_output
+                return MethodResult(merged.view(batch, groups, -1), None, [s.image[0] * s.image[1]] * len(visual.blocks),
+                                    groups)
+
+            found["unpruned"] = unpruned
+        if "flowcut" in include:
+            for name in backends:
+                def run(name=name):
+                    backend = ops.resolve_backend(name, visual.device, visual.dtype, TOWER_OPS)
+                    hidden, keep = pruned_tower(visual, pixels, grid, [target] * batch, backend)
+                    merged = visual.merger(hidden)
+                    return MethodResult(merged.view(batch, target, -1), torch.stack(keep), [], target)
+
+                per_layer = [n // batch for n in _tower_tokens(visual, run)]  # every image alike: the same schedule
+                found[f"flowcut-{name}"] = _with_tokens(run, per_layer)
+        return found
+
+    return BuiltScenario(s.name, weights_mb(visual), make, visual, dict(groups=groups))
+
+
+def _with_tokens(fn, tokens):
+    def run():
+        result = fn()
+        result.tokens_per_layer = tokens
+        return result
+
+    return run
+
+
+def _build_qwen(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(qwen_config(s), attn_implementation="sdpa",
+                                                             dtype=dtype).eval()
+    visual = model.model.visual
+    _sharpen_qwen(visual, sharpen)
+    TYPE_IDS = "mm_token_type_ids" in inspect.signature(type(model.model).forward).parameters
+    m = visual.spatial_merge_size**2
+    groups = s.image[0] * s.image[1] // m
+    ids = s.ids
+    vocab = s.lm["vocab_size"]
+
+    def image_ids(count):
+        return [ids["vision_start_token_id"], *[ids["image_token_id"]] * count, ids["vision_end_token_id"]]
+
+    def make(batch, target, backends, include, seed):
+        pixels, grid = _qwen_pixels(visual.config, s, batch, device, dtype, seed)
+        found = {}
+
+        def call(prompt):
+            extra = {}
+            if TYPE_IDS:  # transformers > 5.0: the processor's mm_token_type_ids (1 at image tokens)
+                extra["mm_token_type_ids"] = (prompt == ids["image_token_id"]).long()
+            return model(input_ids=prompt, pixel_values=pixels, image_grid_thw=grid, use_cache=True, logits_to_keep=1,
+                         **extra)
+
+        if "unpruned" in include:
+            prompt = _prompt(s, image_ids(groups), device, seed, vocab, batch)
+
+            def unpruned(prompt=prompt):
+                return MethodResult(call(prompt).logits, None, [s.image[0] * s.image[1]] * len(visual.blocks), groups,
+                                    prompt.shape[1])
+
+            found["unpruned"] = unpruned
+        if "flowcut" in include:
+            prompt = _prompt(s, image_ids(target), device, seed, vocab, batch)
+            for backend in backends:
+                def run(backend=backend, prompt=prompt):
+                    with _Patched(model, target, backend):
+                        logits = call(prompt).logits
+                    return MethodResult(logits, None, [], target, prompt.shape[1])
+
+                per_layer = [n // batch for n in _tower_tokens(visual, run)]
+                found[f"flowcut-{backend}"] = _with_tokens(run, per_layer)
+        return found
+
+    return BuiltScenario(s.name, weights_mb(model), make, model, dict(groups=groups))
+
+
+BUILDERS = {"next": _build_next, "next-crops": _build_next_crops, "qwen-tower": _build_qwen_tower, "qwen": _build_qwen}

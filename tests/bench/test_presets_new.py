@@ -1,0 +1,221 @@
+"""The benchmark's ragged-batch, language-model-stage, primitive, LLaVA-NeXT and Qwen2-VL rows, at tiny sizes."""
+
+import pytest
+import torch
+
+from flowcut_kernels import bench, synthetic
+from flowcut_kernels.bench import cli, plots, scenarios
+from flowcut_kernels.bench import kernels as bench_kernels
+from flowcut_kernels.bench import presets as bench_models
+
+FAST = ["--device", "cpu", "--repeats", "1", "--warmup", "1", "--no-progress"]
+
+
+def cpu_backends():
+    return bench_kernels.measurable_backends("cpu")[0]
+
+
+def by_method(rows):
+    return {r["method"]: r for r in rows}
+
+
+# 1. ragged batches
+
+def test_ragged_preset_compares_one_pass_with_serial_passes(tmp_path):
+    rows = bench.run(["--preset", "ragged-tiny", "--target", "8", *FAST, "--markdown", str(tmp_path / "r.md")])
+    found = by_method(rows)
+    backends = cpu_backends()
+    assert set(found) == {f"{f}-{b}" for f in ("per-image", "serial") for b in backends}
+    for b in backends:
+        one, serial = found[f"per-image-{b}"], found[f"serial-{b}"]
+        assert one["batch"] == serial["batch"] == 3  # the preset's default batch
+        assert one["speedup_vs_serial"] == pytest.approx(serial["median_ms"] / one["median_ms"])
+        assert "speedup_vs_serial" not in serial and one["speedup_vs_unpruned"] is None
+        assert one["tokens_out"] == serial["tokens_out"] == 8
+        assert one["tokens_per_layer"] == serial["tokens_per_layer"]  # image 0's schedule, alone or batched
+    assert "| vs serial |" in (tmp_path / "r.md").read_text()
+
+
+def test_per_image_pass_gives_the_serial_result():
+    preset = bench_models.MODEL_PRESETS["ragged-tiny"]
+    built = bench_models.build(preset, torch.device("cpu"), torch.float32, 0, 16.0)
+    pixels = synthetic.random_pixels(built.tower, 3, seed=1)
+    fns = bench_models.methods(built, pixels, 8, -2, ["torch"], {"per-image", "serial"}, None)
+    with torch.inference_mode():
+        one, serial = fns["per-image-torch"](), fns["serial-torch"]()
+    assert torch.equal(one.keep_indices, serial.keep_indices)
+    torch.testing.assert_close(one.output, serial.output, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_presets_add_the_ragged_and_stage_rows():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only the device type is read
+    clip = bench_models.MODEL_PRESETS["clip-l-336"]
+    assert clip.default_methods(cpu) == ["unpruned", "original", "flowcut"]  # the recorded CPU run is unchanged
+    assert clip.default_methods(cuda) == ["unpruned", "original", "flowcut", "per-image", "serial"]
+    llava = bench_models.MODEL_PRESETS["llava-1.5-7b"]
+    assert llava.default_methods(cuda) == ["unpruned", "original", "flowcut", "per-image", "serial", "stage"]
+    assert bench_models.MODEL_PRESETS["ragged-clip-l-336"].default_batch == (8,)
+    assert bench_models.MODEL_PRESETS["ragged-clip-l-336"].tower == "clip-l-336"
+
+
+def test_ragged_and_stage_rows_on_a_llava_sweep():
+    """--methods may add the per-image / serial rows to any CLIP or LLaVA preset (as the GPU sweep does)."""
+    rows = bench.run(["--preset", "llava-tiny", "--batch", "1", "2", "--target", "8", *FAST,
+                      "--methods", "unpruned", "per-image", "serial", "stage", "--backends", "torch"])
+    assert {(r["method"], r["batch"]) for r in rows} == {
+        (m, b) for m in ("unpruned", "per-image-torch", "serial-torch", "stage-torch") for b in (1, 2)}
+    for row in rows:
+        if row["method"] != "unpruned":
+            assert row["lm_tokens"] == 12 + 8 and row["speedup_vs_unpruned"] > 0
+
+
+# 2. the language-model stage
+
+def test_llava_tiny_has_stage_rows():
+    rows = bench.run(["--preset", "llava-tiny", "--target", "8", *FAST])
+    found = by_method(rows)
+    for b in cpu_backends():
+        stage = found[f"stage-{b}"]
+        assert stage["tokens_out"] == 8 and stage["lm_tokens"] == 12 + 8
+        assert stage["tokens_per_layer"][0] == 65 and stage["tokens_per_layer"][-1] == 2 * 8 + 1  # tower to 2K
+        assert stage["speedup_vs_unpruned"] > 0
+
+
+def test_stage_uses_the_same_weights():
+    """The stage's LLaVA is assembled around the preset's own tower, projector and language model."""
+    built = bench_models.build(bench_models.MODEL_PRESETS["llava-tiny"], torch.device("cpu"), torch.float32, 0, 16.0)
+    llava = built.llava("torch")
+    assert llava.model.vision_tower is built.tower
+    assert llava.model.language_model is built.prefill.lm.model and llava.lm_head is built.prefill.lm.lm_head
+    assert llava.model.multi_modal_projector.linear_1 is built.prefill.projector[0]
+    assert built.llava("torch") is llava
+
+
+# 3. primitives
+
+@pytest.mark.parametrize("case", bench_kernels.PRIMITIVE_CASES["kernels-tiny"]["cpu"], ids=lambda c: c.op)
+def test_compositions_compute_the_primitives(case):
+    inputs = bench_kernels.primitive_inputs(case, torch.device("cpu"), torch.float32, seed=3)
+    plain = bench_kernels.composition_call(case, inputs)
+    for backend in cpu_backends():
+        got = bench_kernels.primitive_call(case, inputs, backend)
+        if case.op == "topk_select":
+            kept, dropped, mask = plain
+            assert torch.equal(got.kept, kept) and torch.equal(got.dropped, dropped) and torch.equal(got.mask, mask)
+        elif case.op == "merge_nearest":
+            torch.testing.assert_close(got[0], plain[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], plain[1])
+        else:
+            torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_primitive_bytes_count_inputs_and_outputs():
+    case = bench_kernels.PrimitiveCase("x", "attention_scores", 2, 10, heads=4, kv_heads=2, queries=3, head_dim=8,
+                                       span=(1, 7))
+    inputs = bench_kernels.primitive_inputs(case, torch.device("cpu"), torch.float32)
+    out = bench_kernels.primitive_call(case, inputs, "torch")
+    assert bench_kernels.primitive_bytes(case, inputs, out) == 4 * (2 * 4 * 3 * 8 + 2 * 2 * 10 * 8 + 2 * 6)
+    case = bench_kernels.PrimitiveCase("x", "topk_select", 2, 10, keep=3)
+    inputs = bench_kernels.primitive_inputs(case, torch.device("cpu"), torch.float32)
+    out = bench_kernels.primitive_call(case, inputs, "torch")
+    assert bench_kernels.primitive_bytes(case, inputs, out) == 4 * 20 + 8 * (6 + 14 + 3 + 3) + 20  # + the bool mask
+
+
+def test_kernel_rows_time_every_primitive_against_its_composition():
+    rows = bench.run(["--preset", "kernels-tiny", *FAST])
+    primitive = [r for r in rows if r["op"] != "prune_step"]
+    assert {r["op"] for r in primitive} == {"attention_scores", "text_guided_scores", "topk_select", "merge_nearest"}
+    for op in {r["op"] for r in primitive}:
+        variants = {r["variant"] for r in primitive if r["op"] == op}
+        assert variants == {*cpu_backends(), "composition"}
+    for row in primitive:
+        assert row["speedup_vs_composition"] > 0 and row["bytes"] > 0 and row["ref_method"] == "composition"
+        if row["variant"] == "composition":
+            assert row["method"] == "composition" and row["speedup_vs_composition"] == 1.0
+    cuda_ops = {c.op for c in bench_kernels.PRIMITIVE_CASES["kernels"]["cuda"]}
+    assert cuda_ops == {"attention_scores", "text_guided_scores", "topk_select", "merge_nearest"}
+
+
+# 4, 5. LLaVA-NeXT and Qwen2-VL
+
+@pytest.mark.parametrize("preset, out_unpruned, out_flowcut, lm", [
+    ("llava-next-tiny", 5 * 64 + 16, 16, True),  # 5 crops of 64 patches; the stock packing adds 16 newlines
+    ("llava-next-crops-tiny", 5 * 64, 5 * 8, False),  # ⌊K/2⌋ per crop
+    ("qwen2-vl-tower-tiny", 64, 16, False),  # 16×16 patches, 2×2 merge
+    ("qwen2-vl-tiny", 64, 16, True),
+])
+def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = bench.run(["--preset", preset, "--batch", "1", "2", *FAST, "--plot", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    backends = cpu_backends()
+    assert {(r["method"], r["batch"]) for r in rows} == {
+        (m, b) for m in ["unpruned", *(f"flowcut-{x}" for x in backends)] for b in (1, 2)}
+    for row in rows:
+        assert row["target"] == 16 and row["preset"] == preset
+        if row["method"] == "unpruned":
+            assert row["tokens_out"] == out_unpruned
+        else:
+            assert row["tokens_out"] == out_flowcut and row["speedup_vs_unpruned"] > 0
+        assert (row["lm_tokens"] is not None) == lm
+        if lm:
+            assert row["lm_tokens"] == 12 + row["tokens_out"] + (2 if preset.startswith("qwen") else 0)
+        assert row["tokens_per_layer"]
+
+
+def test_gpu_scenarios_have_the_7b_shapes():
+    next7 = scenarios.SCENARIOS["llava-next-7b"]
+    config = scenarios.next_config(next7)
+    assert config.vision_config.image_size == 336 and config.vision_config.num_hidden_layers == 24
+    assert config.text_config.hidden_size == 4096 and config.text_config.num_hidden_layers == 32
+    assert config.image_grid_pinpoints == scenarios.NEXT_PINPOINTS and next7.image == (672, 672)
+    assert next7.default_targets == (32, 64, 128, 160) and next7.default_batch == (1, 8)
+    qwen = scenarios.qwen_config(scenarios.SCENARIOS["qwen2-vl-7b"])
+    assert (qwen.vision_config.depth, qwen.vision_config.embed_dim) == (32, 1280)
+    text = qwen.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.num_key_value_heads) == (
+        28, 3584, 28, 4)
+    assert scenarios.SCENARIOS["qwen2-vl-7b"].image == (92, 92)  # 1288×1288 px, 2116 merged tokens
+    assert scenarios.SCENARIOS["qwen2-vl-tower"].image == (32, 32)  # 448×448 px
+    tower = scenarios.qwen_config(scenarios.SCENARIOS["qwen2-vl-tower"])
+    assert (tower.depth, tower.embed_dim, tower.num_heads, tower.patch_size) == (32, 1280, 16, 14)
+
+
+def test_help_lists_every_preset_with_a_line(capsys):
+    with pytest.raises(SystemExit):
+        bench.run(["--help"])
+    text = capsys.readouterr().out
+    for name in cli.PRESETS:
+        assert any(line.strip().startswith(name + " ") and len(line.split()) > 2 for line in text.splitlines()), name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "llava-next-7b"], "--preset llava-next-7b runs on CUDA only"),
+    (["--preset", "qwen2-vl-7b"], "--preset qwen2-vl-7b runs on CUDA only"),
+    (["--preset", "llava-next-crops-tiny", "--feature-layer", "-2"], "--feature-layer does not apply"),
+    (["--preset", "qwen2-vl-tower-tiny", "--methods", "original"], "--methods original does not apply"),
+    (["--preset", "clip-tiny", "--methods", "stage"], "--methods stage does not apply"),
+    (["--preset", "llava-next-crops-tiny", "--target", "128"], "target 128 is out of range"),
+    (["--preset", "llava-next-tiny", "--target", "1"], "target 1 is out of range"),
+    (["--preset", "qwen2-vl-tower-tiny", "--target", "64"], "target 64 is out of range"),
+    (["--preset", "llava-tiny", "--target", "40"], "too large for the stage rows"),
+    (["--preset", "ragged-tiny", "--batch", "0"], "--batch 0"),
+    (["--preset", "kernels-tiny", "--methods", "serial"], "--methods does not apply"),
+])
+def test_new_bad_arguments_are_usage_errors(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(bench_models, "build", lambda *a, **k: pytest.fail("built a model for bad arguments"))
+    monkeypatch.setattr(scenarios.Scenario, "build", lambda *a, **k: pytest.fail("built a model for bad arguments"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.run(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ragged_bars_write_the_speedup_over_serial():
+    pytest.importorskip("matplotlib")
+    rows = bench.run(["--preset", "ragged-tiny", "--target", "8", *FAST, "--repeats", "2", "--backends", "torch"])
+    fig = plots.figure(rows, "title", "cpu · float32 · 2026-01-02")
+    texts = " | ".join(t.get_text() for t in fig.axes[0].texts)
+    one = by_method(rows)["per-image-torch"]
+    assert f"{one['speedup_vs_serial']:.2f}× vs serial-torch" in texts
+    assert plots.style("per-image-torch") != plots.style("serial-torch")
