@@ -350,7 +350,8 @@ def _kernel_rows(args, info: dict) -> tuple[list[dict], float]:
     rows = []
     for r in raw:
         row = dict(
-            method="composition" if r["backend"] == "composition" else f"flowcut-{r['backend']}", preset=args.preset, batch=r["batch"], target=r["keep"],
+            method="composition" if r["backend"] == "composition" else f"flowcut-{r['backend']}",
+            preset=args.preset, batch=r["batch"], target=r["keep"],
             tokens_out=r["keep"], median_ms=r["median_us"] / 1e3, p20_ms=r["p20_us"] / 1e3,
             p80_ms=r["p80_us"] / 1e3, peak_mem_mb=r["peak_mem_mb"], **info, copy_gbps=copy_gbps,
         )

@@ -201,7 +201,8 @@ def _shape(row: dict) -> str:
 def _kernels(plt, rows: list[dict]):
     """Kernel cases: speed-up over torch (whiskers p20–p80, median µs written) and share of the copy bandwidth."""
     cases = list(dict.fromkeys((r["case"], r["batch"]) for r in rows))
-    backends = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: (m != "composition", m != "flowcut-torch"))
+    backends = sorted(dict.fromkeys(r["method"] for r in rows),
+                      key=lambda m: (m != "composition", m != "flowcut-torch"))
     found = {(r["case"], r["batch"], r["method"]): r for r in rows}
     height = 0.8 / len(backends)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 1.8 + 0.55 * len(cases) * len(backends)), sharey=True,

@@ -360,8 +360,8 @@ def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenari
         if "unpruned" in include:
             def unpruned():
                 merged = visual(pixels, grid_thw=grid).pooler_output
-                return MethodResult(merged.view(batch, groups, -1), None, [s.image[0] * s.image[1]] * len(visual.blocks),
-                                    groups)
+                tokens = [s.image[0] * s.image[1]] * len(visual.blocks)
+                return MethodResult(merged.view(batch, groups, -1), None, tokens, groups)
 
             found["unpruned"] = unpruned
         if "flowcut" in include:

@@ -239,74 +239,83 @@ def _checked_placeholder_mask(self: nn.Module, input_ids, inputs_embeds, image_f
     return stock(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
 
 
-def _staged_forward(
-    self: nn.Module,
-    input_ids=None,
-    pixel_values=None,
-    attention_mask=None,
-    position_ids=None,
-    past_key_values=None,
-    inputs_embeds=None,
-    vision_feature_layer=None,
-    vision_feature_select_strategy=None,
-    image_sizes=None,
-    mm_encoder_outputs=None,
-    **kwargs,
-):
-    """Patched ``LlavaModel.forward`` with the language-model stage (module docstring): prompts with images are
-    prefilled by :func:`.lm_stage.prefill` on their tower-stage features, any other call is the stock forward."""
-    encoded = (mm_encoder_outputs or {}).get("image")
-    if pixel_values is None and encoded is None:
-        if mm_encoder_outputs is not None:  # transformers > 5.0 only
-            kwargs["mm_encoder_outputs"] = mm_encoder_outputs
-        return prior_attr(self, "forward")(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs,
-        )
-    require(pixel_values is None or encoded is None, "pass pixel_values or mm_encoder_outputs, not both")
-    require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
-    require(
-        not kwargs.pop("output_attentions", None),
-        "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention "
-        "matrix; call flowcut_kernels.remove_flowcut(model) first",
-    )
-    require(
-        attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
-        "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
-        "relay): set tokenizer.padding_side = 'left'",
-    )
-    if inputs_embeds is None:
-        inputs_embeds = self.get_input_embeddings()(input_ids)
-    placeholders = _placeholders(self, input_ids, inputs_embeds)
-    _check_count(self, int(placeholders.sum()), len(pixel_values) if encoded is None else len(encoded.pooler_output))
-    if encoded is None:
-        encoded = self.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes, return_dict=True,
-        )
-    features = torch.stack(list(encoded.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)  # (G, 2K, C)
-    mask = attention_mask if attention_mask is not None else torch.ones_like(placeholders, dtype=torch.long)
-    return_dict = kwargs.pop("return_dict", None)
-    kwargs.pop("cache_position", None)  # 5.0's, of the short layout; the stage counts its own positions
-    out = lm_stage.prefill(
-        self.language_model,
-        lm_stage.expand(inputs_embeds, mask, placeholders, features),
-        self.flowcut_config.target_num,
-        positions=position_ids if position_ids is not None else lm_stage.mask_positions(mask),
-        mask=attention_mask,
-        past_key_values=past_key_values,
-        backend=self.flowcut_config.backend,
+def staged_forward(output_class: type):
+    """The patched forward, with the language-model stage, of a LLaVA-like core (``LlavaModel``,
+    ``LlavaNextModel``) whose stock forward returns ``output_class``: prompts with images are prefilled by
+    :func:`.lm_stage.prefill` on each image's tower-stage features (W_g ≥ target_num rows), any other call is the
+    stock forward."""
+
+    def forward(
+        self: nn.Module,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        image_sizes=None,
+        mm_encoder_outputs=None,
         **kwargs,
-    )
-    out = LlavaModelOutputWithPast(
-        last_hidden_state=out.last_hidden_state,
-        past_key_values=out.past_key_values,
-        hidden_states=out.hidden_states,
-        image_hidden_states=features.flatten(0, 1),
-    )
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    ):
+        encoded = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is None and encoded is None:
+            if mm_encoder_outputs is not None:  # transformers > 5.0 only
+                kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+            return prior_attr(self, "forward")(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs,
+            )
+        require(pixel_values is None or encoded is None, "pass pixel_values or mm_encoder_outputs, not both")
+        require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
+        require(
+            not kwargs.pop("output_attentions", None),
+            "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention "
+            "matrix; call flowcut_kernels.remove_flowcut(model) first",
+        )
+        require(
+            attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
+            "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
+            "relay): set tokenizer.padding_side = 'left'",
+        )
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        placeholders = _placeholders(self, input_ids, inputs_embeds)
+        if encoded is None:
+            images = len(image_sizes) if image_sizes is not None else len(pixel_values)
+            _check_count(self, int(placeholders.sum()), images)
+            encoded = self.get_image_features(
+                pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
+                return_dict=True,
+            )
+        features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in encoded.pooler_output]  # (W_g, C) each
+        _check_count(self, int(placeholders.sum()), len(features))
+        mask = attention_mask if attention_mask is not None else torch.ones_like(placeholders, dtype=torch.long)
+        return_dict = kwargs.pop("return_dict", None)
+        kwargs.pop("cache_position", None)  # 5.0's, of the short layout; the stage counts its own positions
+        out = lm_stage.prefill(
+            self.language_model,
+            lm_stage.expand(inputs_embeds, mask, placeholders, features),
+            self.flowcut_config.target_num,
+            positions=position_ids if position_ids is not None else lm_stage.mask_positions(mask),
+            mask=attention_mask,
+            past_key_values=past_key_values,
+            backend=self.flowcut_config.backend,
+            **kwargs,
+        )
+        out = output_class(
+            last_hidden_state=out.last_hidden_state,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            image_hidden_states=torch.cat(features),
+        )
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return out if return_dict else out.to_tuple()
+
+    return forward
 
 
 def _no_pre_encoding() -> bool:
@@ -415,7 +424,7 @@ def patch_llava(
         _flowcut_processor=processor,
     )
     if config.llm_stage:
-        set_attrs(core, forward=types.MethodType(_staged_forward, core))
+        set_attrs(core, forward=types.MethodType(staged_forward(LlavaModelOutputWithPast), core))
     if model is not core:
         set_attrs(model, flowcut_config=config)
         if config.llm_stage:

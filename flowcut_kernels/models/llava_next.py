@@ -41,15 +41,15 @@ from .. import ops
 from ..checks import require
 from . import lm_stage
 from .encoder import PACKED_OPS, check_pixels, feature_index, run_pruned
-from .instance import is_patched, prior_attr, restore_attrs, set_attrs
+from .instance import is_patched, restore_attrs, set_attrs
 from .llava import (
-    _check_count,
     _checked_placeholder_mask,
     _no_pre_encoding,
     _placeholders,
     check_strategy,
     feature_layer_of,
     llava_tower,
+    staged_forward,
 )
 from .policy import FlowCutPolicy, LayerView
 from .registry import Family, FlowCutConfig
@@ -141,7 +141,8 @@ def _pruned_image_features(
     **kwargs,
 ):
     """Patched ``LlavaNextModel.get_image_features``: pixels (G, P_max, 3, S, S) padded, or (ΣP_g, 3, S, S), with
-    image_sizes (G, 2) → a :class:`FlowCutNextImageFeatures` (a tuple with ``return_dict=False``), like the stock one."""
+    image_sizes (G, 2) → a :class:`FlowCutNextImageFeatures` (a tuple with ``return_dict=False``), like the stock
+    one."""
     config = self.flowcut_config
     tower = llava_tower(self)
     if vision_feature_layer is None:
@@ -164,8 +165,9 @@ def _pruned_image_features(
         if pixel_values.dim() == 5:  # (G, P_max, 3, S, S) padded with empty crops
             pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops)])
     check_pixels(pixel_values, tower)
-    require(len(pixel_values) == sum(crops), f"pixel_values holds {len(pixel_values)} crops, but image_sizes gives "
-                                             f"{sum(crops)}: pass the processor's pixel_values and image_sizes together")
+    require(len(pixel_values) == sum(crops), f"pixel_values holds {len(pixel_values)} crops, but image_sizes "
+                                             f"gives {sum(crops)}: pass the processor's pixel_values and image_sizes "
+                                             f"together")
 
     hidden = tower.embed(pixel_values)
     per_crop = config.target_num // 2
@@ -177,7 +179,8 @@ def _pruned_image_features(
     projected = self.multi_modal_projector(last[:, 1:]).split(crops)
     features, where = [], []
     patches_per_side = side // tower.core.embeddings.patch_size
-    for g, (image_keep, image_cum) in enumerate(zip(keep.split(crops), policy.kept_cum.view(-1, per_crop).split(crops))):
+    cums = policy.kept_cum.view(-1, per_crop).split(crops)
+    for g, (image_keep, image_cum) in enumerate(zip(keep.split(crops), cums)):
         grid = get_anyres_image_grid_shape(image_sizes[g], pinpoints, side)
         order = arrange(image_keep, image_cum, grid, image_sizes[g], patches_per_side, config.target_num,
                         exact=not config.llm_stage)
@@ -190,78 +193,6 @@ def _pruned_image_features(
         pooler_output=features,
         keep_indices=where,
         tokens_per_layer=[tokens[c] for c in first_crops],
-    )
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
-
-
-def _staged_forward(
-    self: nn.Module,
-    input_ids=None,
-    pixel_values=None,
-    image_sizes=None,
-    attention_mask=None,
-    position_ids=None,
-    past_key_values=None,
-    inputs_embeds=None,
-    vision_feature_layer=None,
-    vision_feature_select_strategy=None,
-    mm_encoder_outputs=None,
-    **kwargs,
-):
-    """Patched ``LlavaNextModel.forward`` with the language-model stage: prompts with images are prefilled by
-    :func:`.lm_stage.prefill` on each image's W_g ≥ target_num tower-stage features, any other call is stock."""
-    encoded = (mm_encoder_outputs or {}).get("image")
-    if pixel_values is None and encoded is None:
-        if mm_encoder_outputs is not None:  # transformers > 5.0 only
-            kwargs["mm_encoder_outputs"] = mm_encoder_outputs
-        return prior_attr(self, "forward")(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs,
-        )
-    require(pixel_values is None or encoded is None, "pass pixel_values or mm_encoder_outputs, not both")
-    require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
-    require(
-        not kwargs.pop("output_attentions", None),
-        "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention "
-        "matrix; call flowcut_kernels.remove_flowcut(model) first",
-    )
-    require(
-        attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
-        "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
-        "relay): set tokenizer.padding_side = 'left'",
-    )
-    if inputs_embeds is None:
-        inputs_embeds = self.get_input_embeddings()(input_ids)
-    placeholders = _placeholders(self, input_ids, inputs_embeds)
-    if encoded is None:
-        require(image_sizes is not None, "image_sizes is required with pixel_values: pass the processor's outputs")
-        _check_count(self, int(placeholders.sum()), len(image_sizes))
-        encoded = self.get_image_features(
-            pixel_values, image_sizes, vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True,
-        )
-    features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in encoded.pooler_output]  # (W_g, C) each
-    _check_count(self, int(placeholders.sum()), len(features))
-    mask = attention_mask if attention_mask is not None else torch.ones_like(placeholders, dtype=torch.long)
-    return_dict = kwargs.pop("return_dict", None)
-    kwargs.pop("cache_position", None)  # 5.0's, of the short layout; the stage counts its own positions
-    out = lm_stage.prefill(
-        self.language_model,
-        lm_stage.expand(inputs_embeds, mask, placeholders, features),
-        self.flowcut_config.target_num,
-        positions=position_ids if position_ids is not None else lm_stage.mask_positions(mask),
-        mask=attention_mask,
-        past_key_values=past_key_values,
-        backend=self.flowcut_config.backend,
-        **kwargs,
-    )
-    out = LlavaNextModelOutputWithPast(
-        last_hidden_state=out.last_hidden_state,
-        past_key_values=out.past_key_values,
-        hidden_states=out.hidden_states,
-        image_hidden_states=torch.cat(features),
     )
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
@@ -387,7 +318,7 @@ def patch_llava_next(
         _flowcut_processor=processor,
     )
     if llm_stage:
-        set_attrs(core, forward=types.MethodType(_staged_forward, core))
+        set_attrs(core, forward=types.MethodType(staged_forward(LlavaNextModelOutputWithPast), core))
     if model is not core:
         set_attrs(model, flowcut_config=config)
         if llm_stage:

@@ -340,7 +340,8 @@ def random_llava_next(
     text: dict | None = None,
     **vision_overrides,
 ) -> nn.Module:
-    """A seeded random ``LlavaNextForConditionalGeneration`` (CLIP tower, anyres) for :func:`tiny_tokenizer`, in eval mode.
+    """A seeded random ``LlavaNextForConditionalGeneration`` (CLIP tower, anyres) for :func:`tiny_tokenizer`, in eval
+    mode.
 
     Args:
         preset: the CLIP tower's shape (:data:`PRESETS`; its ``image_size`` is the crop size); ``vision_overrides``

@@ -49,7 +49,8 @@ def randn(*shape, scale=1.0, seed=0, dtype=torch.float32, device="cpu"):
 
 
 def close(got, want, rtol, atol, what=""):
-    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def score_tol(device, dtype):
