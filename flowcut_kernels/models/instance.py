@@ -50,3 +50,14 @@ def restore_attrs(obj) -> None:
             setattr(obj, name, record["prior"][name])
         else:
             delattr(obj, name)
+
+
+def restore_patch(model, core) -> None:
+    """Undo a VLM patch: the processor it recorded on ``core`` (``_flowcut_processor``), ``core``, and ``model``
+    when it wraps ``core`` — each object's attributes exactly as before."""
+    processor = vars(core).get("_flowcut_processor")
+    if processor is not None:
+        restore_attrs(processor)
+    restore_attrs(core)
+    if model is not core:
+        restore_attrs(model)

@@ -55,7 +55,7 @@ from .. import ops
 from ..checks import FlowCutInputError, require
 from . import lm_stage
 from .encoder import PACKED_OPS, check_pixels, check_target, feature_index, run_pruned
-from .instance import is_patched, prior_attr, restore_attrs, set_attrs
+from .instance import is_patched, prior_attr, restore_patch, set_attrs
 from .policy import FlowCutPolicy
 from .registry import Family, FlowCutConfig, find_tower, is_tower, supported_towers
 from .tower import Tower
@@ -437,13 +437,7 @@ def patch_llava(
 
 def unpatch_llava(model: nn.Module) -> None:
     """Undo :func:`patch_llava`: the model's and the processor's attributes are restored exactly."""
-    core = llava_core(model)
-    processor = vars(core).get("_flowcut_processor")
-    if processor is not None:
-        restore_attrs(processor)
-    restore_attrs(core)
-    if model is not core:
-        restore_attrs(model)
+    restore_patch(model, llava_core(model))
 
 
 FAMILY = Family(

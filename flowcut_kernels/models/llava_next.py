@@ -41,7 +41,7 @@ from .. import ops
 from ..checks import require
 from . import lm_stage
 from .encoder import PACKED_OPS, check_pixels, feature_index, run_pruned
-from .instance import is_patched, restore_attrs, set_attrs
+from .instance import is_patched, restore_patch, set_attrs
 from .llava import (
     _checked_placeholder_mask,
     _no_pre_encoding,
@@ -331,13 +331,7 @@ def patch_llava_next(
 
 def unpatch_llava_next(model: nn.Module) -> None:
     """Undo :func:`patch_llava_next`: the model's and the processor's attributes are restored exactly."""
-    core = next_core(model)
-    processor = vars(core).get("_flowcut_processor")
-    if processor is not None:
-        restore_attrs(processor)
-    restore_attrs(core)
-    if model is not core:
-        restore_attrs(model)
+    restore_patch(model, next_core(model))
 
 
 FAMILY = Family(

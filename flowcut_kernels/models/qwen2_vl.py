@@ -38,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .. import ops
 from ..checks import FlowCutInputError, check_int, require
 from .attention import capturing
-from .instance import is_patched, prior_attr, restore_attrs, set_attrs
+from .instance import is_patched, prior_attr, restore_patch, set_attrs
 from .registry import Family, FlowCutConfig
 
 #: The ops the tower stage runs.
@@ -367,13 +367,7 @@ def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, bac
 
 def unpatch_qwen2_vl(model: nn.Module) -> None:
     """Undo :func:`patch_qwen2_vl`: the model's and the processor's attributes are restored exactly."""
-    core = qwen_core(model)
-    processor = vars(core).get("_flowcut_processor")
-    if processor is not None:
-        restore_attrs(processor)
-    restore_attrs(core)
-    if model is not core:
-        restore_attrs(model)
+    restore_patch(model, qwen_core(model))
 
 
 FAMILY = Family("qwen2_vl", classes, patch_qwen2_vl, unpatch_qwen2_vl)
