@@ -1,4 +1,5 @@
-"""FlowCut for HF Qwen2-VL (``Qwen2VLForConditionalGeneration`` / ``Qwen2VLModel``) and its ``Qwen2VLProcessor``.
+"""FlowCut for HF Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration`` / ``Qwen2VLModel``,
+``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2_5_VLModel``) and their processors.
 
 The vision tower holds the patches of all images packed along one token axis (``cu_seqlens``), each image's in
 merge-block order: the merger turns every run of m = spatial_merge_size² consecutive patches (one 2×2 block) into one
@@ -11,8 +12,13 @@ language-model token. FlowCut (docs/semantics.md, mean-query variant) runs on it
   prune_g = round_half_to_even((G − T_g)/√rpl · (1 − Hn²)), keep_g = max(G − prune_g, T_g); rpl = 0 keeps T_g.
   Kept groups stay in order, with their members' S_cum, rotary embeddings and the recounted ``cu_seqlens``.
 - An image with G₀ ≤ target_num groups is kept whole (T_g = G₀).
+- Qwen2.5-VL's tower reorders the groups window by window before its blocks (whole groups, so each stays a run of m
+  patches) and undoes it after the merger. Pruned, the kept groups keep their windows and the tower's order; the
+  windowed layers attend within each window's kept groups (its length recounted, an emptied window gone), the
+  ``fullatt_block_indexes`` layers within the image. Scores are per image in every layer (relay = the image's mean
+  query over all its windows). The kept groups go back to their image's order before the merger.
 
-The patch replaces, on the one ``Qwen2VLModel`` instance:
+The patch replaces, on the one ``Qwen2VLModel`` (``Qwen2_5_VLModel``) instance:
 
 - ``get_image_features``: the pruned tower and the model's own merger; ``pooler_output`` is one (K_b, C_text) tensor
   per image (K_b = min(target_num, G₀_b)), ``keep_groups`` their merge-group numbers.
@@ -65,9 +71,15 @@ def classes() -> tuple[type, type]:
     return Qwen2VLForConditionalGeneration, Qwen2VLModel
 
 
+def classes_2_5() -> tuple[type, type]:
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+
+    return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+
+
 def qwen_core(model: nn.Module) -> nn.Module:
-    """The ``Qwen2VLModel`` of a ``Qwen2VLForConditionalGeneration`` (or the model itself)."""
-    return model.model if isinstance(model, classes()[0]) else model
+    """The ``Qwen2VLModel`` / ``Qwen2_5_VLModel`` of a ``…ForConditionalGeneration`` (or the model itself)."""
+    return model.model if isinstance(model, (classes()[0], classes_2_5()[0])) else model
 
 
 def token_counts(core: nn.Module, grid: Tensor) -> list[int]:
@@ -100,8 +112,24 @@ def _rotary(visual: nn.Module, grid: Tensor, hidden: Tensor) -> tuple[Tensor, Te
     return visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, visual.spatial_merge_size))
 
 
-def _offsets(lengths: list[int], device) -> Tensor:
-    return torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+def _offsets(lengths, device) -> Tensor:
+    return torch.tensor([0] + list(lengths), device=device).cumsum(0).to(torch.int32)
+
+
+def windows(visual: nn.Module, grid: Tensor) -> tuple[Tensor, Tensor]:
+    """The tower's group order: (Σ G₀_b,) global merge-group numbers in the order the blocks see them, and the
+    window of each (Qwen2-VL: no reorder, one window per image; Qwen2.5-VL: its window reorder)."""
+    groups = grid.prod(-1) // visual.spatial_merge_size**2
+    if not hasattr(visual, "window_size"):
+        return torch.arange(int(groups.sum())), torch.arange(len(groups)).repeat_interleave(groups.cpu())
+    if hasattr(visual, "get_window_index"):  # transformers 5.0
+        order, cu = visual.get_window_index(grid)
+    else:
+        from transformers.vision_utils import get_vision_window_index
+
+        order, cu = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+    lengths = torch.as_tensor(cu).unique_consecutive().diff() // visual.spatial_merge_size**2
+    return order.cpu(), torch.arange(len(lengths)).repeat_interleave(lengths)
 
 
 def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[int], backend: str):
@@ -112,21 +140,29 @@ def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[
         targets: B ints, the groups each image keeps (T_g ≤ G₀_b).
 
     Returns:
-        hidden (Σ m·T_g, C_vision) the last layer's output on the kept patches, packed; keep_groups: B (T_g,) int64.
+        hidden (Σ m·T_g, C_vision) the last layer's output on the kept patches, packed, each image's groups in its
+        own (merge-block) order; keep_groups: B (T_g,) int64.
     """
     m = visual.spatial_merge_size**2
     hidden = visual.patch_embed(pixels.type(visual.dtype))
     cos, sin = _rotary(visual, grid, hidden)
+    number, window = windows(visual, grid)  # per group, in the tower's order
+    rows = (number[:, None] * m + torch.arange(m)).flatten().to(hidden.device)
+    hidden, cos, sin = hidden[rows], cos[rows], sin[rows]
     groups = (grid.prod(-1) // m).tolist()
-    index = torch.cat([torch.arange(g * m, device=hidden.device) for g in groups])  # patch number in its image
     cum = None
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     layers = len(visual.blocks)
+    full = getattr(visual, "fullatt_block_indexes", range(layers))
     with capturing(visual.config) as run:
         for layer, block in enumerate(visual.blocks):
             cu = _offsets([g * m for g in groups], hidden.device)
+            lengths = window.unique_consecutive(return_counts=True)[1] * m
             run.watch, run.calls = block.attn, []
-            hidden = block(hidden, cu_seqlens=cu, position_embeddings=(cos, sin))
+            hidden = block(
+                hidden, cu_seqlens=cu if layer in full else _offsets(lengths.tolist(), hidden.device),
+                position_embeddings=(cos, sin),
+            )
             if groups == targets:
                 continue
             q, k, v = (torch.cat([call[i] for call in run.calls], dim=2)[0].transpose(0, 1) for i in range(3))
@@ -148,9 +184,14 @@ def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[
                 cum.view(-1, m).sum(1), keep, cu_seqlens=_offsets(groups, cum.device), backend=backend
             ).kept
             rows = (kept[:, None] * m + torch.arange(m, device=kept.device)).flatten()
-            hidden, cum, index, cos, sin = (x[rows] for x in (hidden, cum, index, cos, sin))
+            hidden, cum, cos, sin = (x[rows] for x in (hidden, cum, cos, sin))
+            number, window = number[kept.cpu()], window[kept.cpu()]
             groups = keep
-    return hidden, (index.view(-1, m)[:, 0] // m).split(groups)
+    number, order = number.sort()  # the image's order back: images stay in order, each a contiguous run
+    hidden = hidden.view(-1, m, hidden.shape[-1])[order.to(hidden.device)].flatten(0, 1)
+    first = (grid.prod(-1) // m).cpu().cumsum(0) - grid.prod(-1).cpu() // m  # each image's first global group
+    starts = first.repeat_interleave(torch.tensor(groups))
+    return hidden, (number - starts).to(hidden.device).split(groups)
 
 
 def _pruned_image_features(self: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **kwargs):
@@ -299,13 +340,15 @@ def _replace_video_token(self, *args, **kwargs) -> str:
 
 
 def check_processor(processor, core: nn.Module) -> None:
-    """``processor``: this model's Qwen2-VL processor, with the hook FlowCut sets, not patched for another model."""
-    from transformers import Qwen2VLProcessor
+    """``processor``: this model's Qwen2-VL (Qwen2.5-VL) processor, with the hook FlowCut sets, not patched for
+    another model."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
+    expected = Qwen2_5_VLProcessor if isinstance(core, classes_2_5()[1]) else Qwen2VLProcessor
     require(
-        isinstance(processor, Qwen2VLProcessor),
-        f"processor is a {type(processor).__name__}; pass the model's Qwen2VLProcessor (AutoProcessor.from_pretrained "
-        f"of the same checkpoint), whose image-token count FlowCut adjusts",
+        isinstance(processor, expected),
+        f"processor is a {type(processor).__name__}; pass the model's {expected.__name__} (AutoProcessor."
+        f"from_pretrained of the same checkpoint), whose image-token count FlowCut adjusts",
     )
     require(
         processor.image_token_id == core.config.image_token_id
@@ -316,9 +359,9 @@ def check_processor(processor, core: nn.Module) -> None:
     )
     require(
         hasattr(type(processor), "replace_image_token"),
-        "this transformers release's Qwen2VLProcessor counts image tokens inside __call__, which FlowCut cannot adjust "
-        "per instance: upgrade transformers, or leave processor unset and write min(target_num, merged tokens) image "
-        "tokens per image yourself",
+        f"this transformers release's {expected.__name__} counts image tokens inside __call__, which FlowCut cannot "
+        "adjust per instance: upgrade transformers, or leave processor unset and write min(target_num, merged tokens) "
+        "image tokens per image yourself",
     )
     owner = vars(core).get("_flowcut_processor")
     require(
@@ -371,3 +414,4 @@ def unpatch_qwen2_vl(model: nn.Module) -> None:
 
 
 FAMILY = Family("qwen2_vl", classes, patch_qwen2_vl, unpatch_qwen2_vl)
+FAMILY_2_5 = Family("qwen2_5_vl", classes_2_5, patch_qwen2_vl, unpatch_qwen2_vl)

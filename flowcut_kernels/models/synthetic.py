@@ -321,6 +321,78 @@ def tiny_qwen2_vl_processor(tokenizer=None):
     )
 
 
+def random_qwen2_5_vl(
+    *,
+    seed: int = 0,
+    sharpen: float = 64.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    depth: int = 4,
+    fullatt_block_indexes: tuple[int, ...] = (2,),
+) -> nn.Module:
+    """A seeded random ``Qwen2_5_VLForConditionalGeneration`` for :func:`tiny_qwen_tokenizer`, in eval mode.
+
+    As :func:`random_qwen2_vl`, with Qwen2.5-VL's tower: RMSNorm, gated MLP (width 64), 8-pixel windows (2×2 merge
+    groups, so the window reorder is not the identity on images wider than 4 patches), full attention in
+    ``fullatt_block_indexes``, the others windowed. The RMSNorm'd random patches have a mean query near zero, so the
+    q/k factor is larger than Qwen2-VL's: at 64 the tower prunes before its last layer (at layer 1 of 4 on the tests'
+    images: 24 → 15 groups, and a window emptied on a 6×10 patch image).
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=2,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=8,
+            fullatt_block_indexes=list(fullatt_block_indexes),
+        ),
+        text_config=dict(
+            vocab_size=len(QWEN_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        ),
+        image_token_id=QWEN_WORDS.index("<|image_pad|>"),
+        video_token_id=QWEN_WORDS.index("<|video_pad|>"),
+        vision_start_token_id=QWEN_WORDS.index("<|vision_start|>"),
+        vision_end_token_id=QWEN_WORDS.index("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            config, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    with torch.no_grad():
+        for block in model.model.visual.blocks:
+            width = block.attn.qkv.out_features // 3
+            block.attn.qkv.weight[: 2 * width].mul_(sharpen)
+            block.attn.qkv.bias[: 2 * width].mul_(sharpen)
+    model.generation_config.do_sample = False
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    model.generation_config.suppress_tokens = list(range(len(TINY_WORDS), len(QWEN_WORDS)))
+    return model.to(dtype).eval()
+
+
+def tiny_qwen2_5_vl_processor(tokenizer=None):
+    """A ``Qwen2_5_VLProcessor`` for :func:`random_qwen2_5_vl`, image-only, with the image processor and tokenizer of
+    :func:`tiny_qwen2_vl_processor`. Needs Pillow."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        attributes: ClassVar[list[str]] = ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, **kwargs)
+
+        @classmethod
+        def get_attributes(cls):
+            return cls.attributes
+
+    parts = tiny_qwen2_vl_processor(tokenizer)
+    return ImageOnlyQwen2_5_VLProcessor(image_processor=parts.image_processor, tokenizer=parts.tokenizer)
+
+
 #: Grid resolutions of :func:`random_llava_next` at its tiny 32 px crops: LLaVA-NeXT's defaults scaled by 32/336
 #: (grids 1×2, 2×1, 2×2, 1×3, 3×1: 3 to 5 crops with the base image).
 TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]

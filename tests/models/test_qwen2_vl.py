@@ -1,4 +1,5 @@
-"""FlowCut on Qwen2-VL (tower stage): the float64 oracle, batches, generation, dtypes, reversibility, bad inputs."""
+"""FlowCut on Qwen2-VL and Qwen2.5-VL (tower stage): the float64 oracle, batches, generation, dtypes,
+reversibility, bad inputs; Qwen2.5-VL's window order."""
 import inspect
 import os
 import sys
@@ -8,13 +9,25 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from oracle.qwen2_vl import naive_logits, patch_coordinates
+from oracle.qwen2_vl import group_windows, naive_logits, patch_coordinates
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
-from flowcut_kernels.models.synthetic import QWEN_WORDS, random_qwen2_vl, tiny_qwen2_vl_processor
+from flowcut_kernels.models.qwen2_vl import windows
+from flowcut_kernels.models.synthetic import (
+    QWEN_WORDS,
+    random_qwen2_5_vl,
+    random_qwen2_vl,
+    tiny_qwen2_5_vl_processor,
+    tiny_qwen2_vl_processor,
+)
 
 IMAGE, START, END = (QWEN_WORDS.index(w) for w in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
 TARGET = 5
+#: name → (model builder, processor builder)
+MODELS = {
+    "qwen2_vl": (random_qwen2_vl, tiny_qwen2_vl_processor),
+    "qwen2_5_vl": (random_qwen2_5_vl, tiny_qwen2_5_vl_processor),
+}
 
 
 def _pixels(grids, seed=0):
@@ -49,10 +62,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_prefill_matches_oracle(case):
+def test_prefill_matches_oracle(case, name):
     prompts, grids = CASES[case]
-    model = random_qwen2_vl()
+    model = MODELS[name][0]()
     ids, mask = _prompts(prompts, grids)
     pixels = _pixels(grids)
     expected, kept = naive_logits(model, ids, mask, pixels, grids, TARGET)
@@ -67,9 +81,10 @@ def test_prefill_matches_oracle(case):
     assert (logits[:, -1].double() - expected).abs().max() <= 1e-4 * scale
 
 
-def test_merged_tokens_are_whole_blocks():
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_merged_tokens_are_whole_blocks(name):
     grids = [(1, 8, 12), (1, 12, 6)]
-    model = flowcut(random_qwen2_vl(), TARGET)
+    model = flowcut(MODELS[name][0](), TARGET)
     with torch.no_grad():
         features = model.model.get_image_features(_pixels(grids), torch.tensor(grids))
     for (t, h, w), groups in zip(grids, features.keep_groups):
@@ -80,6 +95,35 @@ def test_merged_tokens_are_whole_blocks():
             assert {tuple(x) for x in block.tolist()} == {tuple((corner + d).tolist()) for d in
                                                           torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])}
         assert len(groups) == TARGET and bool((groups[1:] > groups[:-1]).all())
+
+
+def test_window_order_moves_whole_groups():
+    """Qwen2.5-VL's tower order: each run of 4 patches is one 2×2 block, each window one contiguous run of the
+    groups the oracle puts in it, the images in order."""
+    grids = [(1, 8, 12), (1, 12, 6), (1, 4, 4)]
+    visual = random_qwen2_5_vl().model.visual
+    number, window = windows(visual, torch.tensor(grids))
+    first = 0
+    for t, h, w in grids:
+        count = t * h * w // 4
+        mine, theirs = number[first : first + count] - first, window[first : first + count]
+        assert sorted(mine.tolist()) == list(range(count)) and bool((theirs[1:] >= theirs[:-1]).all())
+        assert group_windows(visual, t, h, w)[mine].unique_consecutive().numel() == theirs.unique().numel()
+        coords = patch_coordinates(t, h, w).long().view(-1, 4, 2)[mine]
+        assert bool((coords.amax(1) - coords.amin(1) == 1).all()) and bool((coords.amin(1) % 2 == 0).all())
+        first += count
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_unpruned_tower_equals_stock(name):
+    grids = torch.tensor([(1, 8, 12), (1, 12, 6)])
+    model = MODELS[name][0]()
+    pixels = _pixels(grids.tolist())
+    with torch.no_grad():
+        stock = model.model.get_image_features(pixels, grids).pooler_output
+        flowcut(model, 100)
+        mine = model.model.get_image_features(pixels, grids).pooler_output
+    assert all(torch.equal(a, b) for a, b in zip(stock, mine))
 
 
 def test_small_image_kept_whole():
@@ -94,10 +138,11 @@ def test_small_image_kept_whole():
     assert torch.allclose(logits.logits[:, -1].double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_finite(dtype):
+def test_half_precision_finite(dtype, name):
     prompts, grids = CASES["two prompts, sizes differ"]
-    model = flowcut(random_qwen2_vl(dtype=dtype), TARGET)
+    model = flowcut(MODELS[name][0](dtype=dtype), TARGET)
     ids, mask = _prompts(prompts, grids)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=_pixels(grids).to(dtype),
@@ -112,9 +157,10 @@ def _generate(model, prompts, grids, **kwargs):
     return out[:, ids.shape[1]:]
 
 
-def test_generate_batched_equals_single_and_cache_off():
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_generate_batched_equals_single_and_cache_off(name):
     prompts, grids = CASES["two prompts, sizes differ"]
-    model = flowcut(random_qwen2_vl(), TARGET)
+    model = flowcut(MODELS[name][0](), TARGET)
     both = _generate(model, prompts, grids)
     single = []
     for b in range(2):  # each prompt alone, with its own image's pixels
@@ -127,9 +173,11 @@ def test_generate_batched_equals_single_and_cache_off():
     assert torch.equal(both, _generate(model, prompts, grids, use_cache=False))
 
 
-def test_remove_flowcut_restores_stock():
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_remove_flowcut_restores_stock(name):
     grids = CASES["one image"][1]
-    model = random_qwen2_vl()
+    build, build_processor = MODELS[name]
+    model = build()
     ids_full = torch.tensor([[10, START] + [IMAGE] * 24 + [END, 11]])
     stock_kwargs = dict(input_ids=ids_full, pixel_values=_pixels(grids), image_grid_thw=torch.tensor(grids))
     if "mm_token_type_ids" in inspect.signature(type(model.model).forward).parameters:  # transformers > 5.0
@@ -137,7 +185,7 @@ def test_remove_flowcut_restores_stock():
     stock_dict = dict(vars(model.model))
     with torch.no_grad():
         stock = model(**stock_kwargs).logits
-    processor = tiny_qwen2_vl_processor()
+    processor = build_processor()
     processor_dict = dict(vars(processor))
     flowcut(model, TARGET, processor=processor if hasattr(type(processor), "replace_image_token") else None)
     remove_flowcut(model)
@@ -149,13 +197,15 @@ def test_remove_flowcut_restores_stock():
     assert torch.equal(stock, again)
 
 
-def test_processor_emits_target_placeholders():
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_processor_emits_target_placeholders(name):
     from PIL import Image
 
-    processor = tiny_qwen2_vl_processor()
+    build, build_processor = MODELS[name]
+    processor = build_processor()
     if not hasattr(type(processor), "replace_image_token"):
-        pytest.skip("this transformers release counts image tokens inside Qwen2VLProcessor.__call__")
-    model = flowcut(random_qwen2_vl(), TARGET, processor=processor)
+        pytest.skip("this transformers release counts image tokens inside the processor's __call__")
+    model = flowcut(build(), TARGET, processor=processor)
     generator = torch.Generator().manual_seed(0)
     images = [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).byte().numpy()) for h, w in
               [(24, 32), (40, 20), (6, 6)]]
@@ -197,3 +247,7 @@ def test_bad_inputs_leave_model_unchanged():
     wrong, _ = _prompts([[10, None, 11]], [(1, 8, 8)], target=16)
     with pytest.raises(FlowCutInputError, match="processor"):
         model(input_ids=wrong, pixel_values=_pixels([(1, 8, 8)]), image_grid_thw=torch.tensor([[1, 8, 8]]))
+    with pytest.raises(FlowCutInputError, match="Qwen2_5_VLProcessor"):
+        flowcut(random_qwen2_5_vl(), TARGET, processor=tiny_qwen2_vl_processor())
+    with pytest.raises(FlowCutInputError, match="llm_stage"):
+        flowcut(random_qwen2_5_vl(), TARGET, llm_stage=True)

@@ -1,9 +1,15 @@
-"""Naive, independent float64 oracle for FlowCut on Qwen2-VL (docs/semantics.md, the Qwen2-VL recipe).
+"""Naive, independent float64 oracle for FlowCut on Qwen2-VL and Qwen2.5-VL (docs/semantics.md, the Qwen2-VL
+recipe).
 
 Built on oracle/flowcut.py and the model's weights only: each image alone, the vision blocks written out (LayerNorm,
-fused qkv, the 2-D rotary embedding computed from each patch's (h, w), softmax attention, MLP), FlowCut's mean-query
-scores per patch, pruning in whole 2×2 merge groups (group score = sum of its 4 members' S_cum), the merger, and the
-M-RoPE positions of the kept tokens. Nothing is shared with the `flowcut_kernels` package.
+or Qwen2.5-VL's RMSNorm; fused qkv, the 2-D rotary embedding computed from each patch's (h, w), softmax attention,
+MLP or Qwen2.5-VL's gated MLP), FlowCut's mean-query scores per patch, pruning in whole 2×2 merge groups (group
+score = sum of its 4 members' S_cum), the merger, and the M-RoPE positions of the kept tokens. Nothing is shared with
+the `flowcut_kernels` package.
+
+Qwen2.5-VL's window attention is a mask, not a reorder: the patches stay in the processor's order and a windowed
+layer lets a patch attend only to the (kept) patches of its own window, the window of merge block (bh, bw) being
+(bh // n, bw // n), n = window_size // patch_size // 2; the other layers attend over the image.
 """
 import copy
 
@@ -40,21 +46,47 @@ def _rotate(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _block(block, x, cos, sin):
-    """One vision block on one image, float64: returns the output and the rotated q, k and v (1, H, S, D)."""
+def _norm(norm, x):
+    """LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL, no bias), float64."""
+    if getattr(norm, "bias", None) is not None:
+        return F.layer_norm(x, x.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.double()
+
+
+def _linear(layer, x):
+    return x @ layer.weight.double().T + layer.bias.double()
+
+
+def _mlp(mlp, x):
+    """Qwen2.5-VL's gated MLP down(silu(gate(x))·up(x)) written out; Qwen2-VL's MLP in float64."""
+    if hasattr(mlp, "gate_proj"):
+        return _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+    return copy.deepcopy(mlp).double()(x)
+
+
+def _block(block, x, cos, sin, same_window):
+    """One vision block on one image, float64: returns the output and the rotated q, k and v (1, H, S, D).
+    same_window: (S, S) bool, which keys each query may attend to."""
     heads = block.attn.num_heads
     S, C = x.shape
-    y = F.layer_norm(x, (C,), block.norm1.weight.double(), block.norm1.bias.double(), block.norm1.eps)
-    qkv = y @ block.attn.qkv.weight.double().T + block.attn.qkv.bias.double()
+    qkv = _linear(block.attn.qkv, _norm(block.norm1, x))
     q, k, v = qkv.view(S, 3, heads, -1).permute(1, 2, 0, 3)  # (H, S, D) each
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     scale = q.shape[-1] ** -0.5
-    attention = torch.softmax(q @ k.transpose(1, 2) * scale, dim=-1) @ v  # (H, S, D)
-    out = attention.transpose(0, 1).reshape(S, C) @ block.attn.proj.weight.double().T + block.attn.proj.bias.double()
-    x = x + out
-    y = F.layer_norm(x, (C,), block.norm2.weight.double(), block.norm2.bias.double(), block.norm2.eps)
-    mlp = copy.deepcopy(block.mlp).double()
-    return x + mlp(y), q[None], k[None], v[None], scale
+    logits = (q @ k.transpose(1, 2) * scale).masked_fill(~same_window, float("-inf"))
+    attention = torch.softmax(logits, dim=-1) @ v  # (H, S, D)
+    x = x + _linear(block.attn.proj, attention.transpose(0, 1).reshape(S, C))
+    return x + _mlp(block.mlp, _norm(block.norm2, x)), q[None], k[None], v[None], scale
+
+
+def group_windows(visual, t, h, w, merge=2):
+    """(t·h·w/4,) the attention window of each merge group (all 0 without windows: Qwen2-VL)."""
+    if not hasattr(visual, "window_size"):
+        return torch.zeros(t * h * w // merge**2, dtype=torch.long)
+    n = visual.window_size // visual.patch_size // merge
+    down, across = -(-(h // merge) // n), -(-(w // merge) // n)  # windows per column and per row of a frame
+    return torch.tensor([(f * down + bh // n) * across + bw // n
+                         for f in range(t) for bh in range(h // merge) for bw in range(w // merge)])
 
 
 def _top_groups(scores, keep):
@@ -72,11 +104,15 @@ def naive_image(visual, pixels, grid, target_groups):
     head_dim = x.shape[1] // visual.blocks[0].attn.num_heads
     cos, sin = _rotary(patch_coordinates(t, h, w), head_dim)
     groups = list(range(t * h * w // m))
+    window = group_windows(visual, t, h, w)
     target = min(target_groups, len(groups))
     cum = None
     L = len(visual.blocks)
     for layer, block in enumerate(visual.blocks):
-        x, q, k, v, scale = _block(block, x, cos, sin)
+        patch_window = window[groups].repeat_interleave(m)
+        if layer in getattr(visual, "fullatt_block_indexes", range(L)):
+            patch_window = torch.zeros_like(patch_window)
+        x, q, k, v, scale = _block(block, x, cos, sin, patch_window[:, None] == patch_window[None, :])
         if len(groups) <= target:
             continue
         cum, hn, _ = naive_flow_scores(q.mean(dim=2), k, v, cum, scale, has_cls=False)
@@ -120,7 +156,7 @@ def naive_positions(input_ids, mask, image_token_id, grids, kept, merge=2):
 
 @torch.no_grad()
 def naive_logits(model, input_ids, mask, pixel_values, grids, target_num):
-    """Last-position logits (B, V) float64 of FlowCut on a Qwen2VLForConditionalGeneration (llm_stage=False): the
+    """Last-position logits (B, V) float64 of FlowCut on a Qwen2(.5)VLForConditionalGeneration (llm_stage=False): the
     oracle's merged tokens in the placeholders, the oracle's positions, the stock language model in float64.
     Also returns the kept groups of each image."""
     visual = model.model.visual
