@@ -1,16 +1,18 @@
 """FlowCut's language-model stage: a second, text-guided prune inside a Llama-family decoder, during prefill.
 
-A family patch (``llava.py``) hands :func:`prefill` one prompt batch in two layouts:
+A family patch (``llava.py``, ``qwen2_vl.py``) hands :func:`prefill` one prompt batch in two layouts:
 
 - **short** (B, L): the prompt as ``generate`` sees it, K = ``target_num`` placeholders per image;
 - **long** (B, L_long): the same rows with each image's K placeholders replaced by its W tower-stage features (2K for
   LLaVA-1.5; W ≥ K may differ between images) (:func:`expand`; rows left-padded to a common length, the extra padding
   masked).
 
-Decoder layers 0 … ℓp (ℓp = :data:`PRUNE_LAYER` = 1) run on the long layout, positions counted from its mask. At
+Decoder layers 0 … ℓp (ℓp = :data:`PRUNE_LAYER` = 1) run on the long layout, positions counted from its mask (or
+the family's own, e.g. Qwen2-VL's (3, B, L_long) M-RoPE positions, which go to the rotary embedding only). At
 layer ℓp the relay — the last position, the prompt's last token under left padding — scores each image's W tokens
 with that layer's own q, k, v after RoPE (``ops.text_guided_scores``), and each image's K best tokens (ascending)
-take its placeholders' places: the later layers run on the short layout, with its mask and positions.
+take its placeholders' places: the later layers run on the short layout, with its mask and positions (LLaVA: counted
+from its mask; M-RoPE: each token keeps its long position).
 
 The cache ends with every layer at the short length L, so decode steps run the stock model on it: layers 0 … ℓp keep
 the k/v rows of the tokens that stay (their keys keep the rotary phase of their long positions), the later layers
@@ -83,22 +85,25 @@ class Layout:
     segments: list[tuple[int, int, int]]
 
 
-def expand(embeds: Tensor, mask: Tensor, placeholders: Tensor, features) -> Layout:
+def expand(embeds: Tensor, mask: Tensor, placeholders: Tensor, features, counts=None) -> Layout:
     """The long layout of a short batch: embeds (B, L, C), mask (B, L), placeholders (B, L) bool (G·K of them: K
-    consecutive per image, images in row-major order) with features (G, W, C), or G tensors (W_g, C) of any widths.
+    consecutive per image, images in row-major order; or ``counts[g]`` for image g) with features (G, W, C), or G
+    tensors (W_g, C) of any widths.
     Each image's first placeholder becomes its W_g feature rows, its other placeholders and the padding nothing; rows
     are left-padded to the longest. A short padding token maps to the next real token's row (its copy stays masked)."""
     batch, length = placeholders.shape
     images = len(features)
     widths = torch.tensor([len(f) for f in features], device=embeds.device)
-    spots = placeholders.flatten().nonzero().squeeze(1).view(images, -1)  # (G, K) flat indices, image by image
-    per_image = spots.shape[1]
+    flat = placeholders.flatten().nonzero().squeeze(1)  # flat indices, image by image
+    counts = [len(flat) // images] * images if counts is None else list(counts)
+    spots = [(s[0], s[-1]) for s in flat.split(counts)]
+    first, last = torch.stack([f for f, _ in spots]), torch.stack([e for _, e in spots])
+    per_image = torch.tensor(counts, device=flat.device)
     require(
-        bool(((spots[:, -1] - spots[:, 0] == per_image - 1) & (spots[:, 0] // length == spots[:, -1] // length)).all()),
-        f"each image's {per_image} placeholder tokens must be consecutive and in one prompt, as the processor writes "
-        f"them: write each <image> as {per_image} image tokens in a row",
+        bool(((last - first == per_image - 1) & (first // length == last // length)).all()),
+        f"each image's {counts[0]} placeholder tokens must be consecutive and in one prompt, as the processor writes "
+        f"them: write each <image> as {counts[0]} image tokens in a row",
     )
-    first = spots[:, 0]
     text = ~placeholders & mask.bool()
     repeats = text.long()
     repeats.view(-1)[first] = widths
@@ -135,13 +140,19 @@ def _take(x: Tensor, rows: Tensor) -> Tensor:
     return x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
+def _hidden(output) -> Tensor:
+    """A decoder layer's hidden states (Qwen2-VL's layers return a tuple in transformers 5.0)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def prefill(
     text_model: nn.Module,
     layout: Layout,
-    keep: int,
+    keep,
     *,
-    positions: Tensor,
+    positions: Tensor | None,
     mask: Tensor | None,
+    long_positions: Tensor | None = None,
     past_key_values=None,
     use_cache: bool | None = None,
     backend: str = "auto",
@@ -152,8 +163,11 @@ def prefill(
 
     Args:
         layout: the batch's long layout (:func:`expand`).
-        keep: tokens each image keeps at layer ``PRUNE_LAYER`` (K).
-        positions: (B, L) position ids of the short layout (as ``generate`` computes them from ``mask``).
+        keep: tokens each image keeps at layer ``PRUNE_LAYER`` (K), or one count per image.
+        positions: (B, L) position ids of the short layout (as ``generate`` computes them from ``mask``), or None:
+            each short token keeps its long position (M-RoPE models).
+        long_positions: position ids of the long layout, (B, L_long) or (3, B, L_long) (M-RoPE, passed to the
+            decoder's rotary embedding only); default: counted from its mask.
         mask: (B, L) the short layout's attention mask, or None (no padding).
         past_key_values: an empty ``Cache`` to fill to length L in every layer, or None: a new ``DynamicCache``
             when ``use_cache`` (default: the text model's ``config.use_cache``).
@@ -172,17 +186,19 @@ def prefill(
         f"the language-model stage prunes a prompt's images during its prefill, but the cache already holds "
         f"{0 if cache is None else cache.get_seq_length()} tokens: start from an empty cache (generate() does)",
     )
-    long_positions = mask_positions(layout.mask)
+    if long_positions is None:
+        long_positions = mask_positions(layout.mask)
     hidden = layout.embeds
-    long_mask = causal_mask(config, hidden, layout.mask, long_positions)  # before capturing selects "flowcut"
+    text_positions = long_positions if long_positions.dim() == 2 else None  # M-RoPE ones go to the rotary only
+    long_mask = causal_mask(config, hidden, layout.mask, text_positions)  # before capturing selects "flowcut"
     rotary = text_model.rotary_emb(hidden, long_positions)
     states, seen = [hidden], []
     with capturing(config) as run:
         for layer in text_model.layers[: PRUNE_LAYER + 1]:
             run.watch = layer.self_attn
-            hidden = layer(
-                hidden, attention_mask=long_mask, position_ids=long_positions, position_embeddings=rotary, **kwargs
-            )
+            hidden = _hidden(layer(
+                hidden, attention_mask=long_mask, position_ids=text_positions, position_embeddings=rotary, **kwargs
+            ))
             seen.append(run.seen)
             states.append(hidden)
 
@@ -193,24 +209,27 @@ def prefill(
     kept = ops.topk_select(scores, keep, cu_seqlens=cu_seqlens, backend=backend).kept  # (G·K,) packed, ascending
     rows = layout.rows.clone()
     starts = rows.new_tensor([start for _, start, _ in layout.segments]) - cu_seqlens[:-1]
-    rows[layout.placeholders] = starts.repeat_interleave(keep) + kept
+    rows[layout.placeholders] = starts.repeat_interleave(torch.as_tensor(keep, device=rows.device)) + kept
     hidden = ops.gather_rows(hidden, rows)
     if cache is not None:
         for i, (_, key, value, _) in enumerate(seen):
             cache.update(_take(key, rows), _take(value, rows), i)
 
-    short_mask = causal_mask(config, hidden, mask, positions)
+    if positions is None:
+        positions = long_positions.gather(-1, rows.expand(*long_positions.shape[:-1], -1))
+    text_positions = positions if positions.dim() == 2 else None
+    short_mask = causal_mask(config, hidden, mask, text_positions)
     rotary = text_model.rotary_emb(hidden, positions)
     for layer in text_model.layers[PRUNE_LAYER + 1 :]:
-        hidden = layer(
+        hidden = _hidden(layer(
             hidden,
             attention_mask=short_mask,
-            position_ids=positions,
+            position_ids=text_positions,
             past_key_values=cache,
             use_cache=cache is not None,
             position_embeddings=rotary,
             **kwargs,
-        )
+        ))
         states.append(hidden)
     hidden = text_model.norm(hidden)
     states[-1] = hidden

@@ -28,6 +28,13 @@ The patch replaces, on the one ``Qwen2VLModel`` (``Qwen2_5_VLModel``) instance:
 - ``get_rope_index``: the same positions from the prompt alone (``generate`` asks before the images are encoded):
   right for the text; the image tokens get the first K_b groups' positions, replaced by the prefill's.
 
+With the language-model stage (``llm_stage``, the default; docs/semantics.md) the tower keeps W_b = min(2·target_num,
+G₀_b) groups per image and a prompt with images is prefilled by :func:`.lm_stage.prefill`: decoder layers 0 and 1
+see each image's W_b tokens at their original M-RoPE positions in place of its K_b placeholders, layer 1 keeps K_b of
+them (text-guided), and the later layers and the cache see the prompt's layout, each kept token still at its original
+position; text and ``rope_deltas`` count on from the unpruned sequence, as without the stage. ``llm_stage=False``:
+the tower stage alone, K_b groups per image.
+
 The processor, when given, writes K_b placeholders per image (its ``replace_image_token``), and refuses videos.
 """
 
@@ -43,6 +50,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import ops
 from ..checks import FlowCutInputError, check_int, require
+from . import lm_stage
 from .attention import capturing
 from .instance import is_patched, prior_attr, restore_patch, set_attrs
 from .registry import Family, FlowCutConfig
@@ -82,9 +90,10 @@ def qwen_core(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, (classes()[0], classes_2_5()[0])) else model
 
 
-def token_counts(core: nn.Module, grid: Tensor) -> list[int]:
-    """The language-model tokens of each image: K_b = min(target_num, G₀_b), G₀_b = t·h·w / m."""
-    target = core.flowcut_config.target_num
+def token_counts(core: nn.Module, grid: Tensor, factor: int = 1) -> list[int]:
+    """The language-model tokens of each image: K_b = min(target_num, G₀_b), G₀_b = t·h·w / m (with ``factor``:
+    min(factor·target_num, G₀_b))."""
+    target = factor * core.flowcut_config.target_num
     return [min(target, g) for g in (grid.prod(-1) // core.visual.spatial_merge_size**2).tolist()]
 
 
@@ -207,7 +216,8 @@ def _pruned_image_features(self: nn.Module, pixel_values: Tensor, image_grid_thw
     grid = _check_grid(image_grid_thw, visual.spatial_merge_size)
     require(pixel_values is not None, "pixel_values is required with image_grid_thw")
     backend = ops.resolve_backend(self.flowcut_config.backend, visual.device, visual.dtype, TOWER_OPS)
-    hidden, keep_groups = pruned_tower(visual, pixel_values.to(visual.device), grid, token_counts(self, grid), backend)
+    targets = token_counts(self, grid, 2 if self.flowcut_config.llm_stage else 1)
+    hidden, keep_groups = pruned_tower(visual, pixel_values.to(visual.device), grid, targets, backend)
     merged = visual.merger(hidden)
     out = FlowCutQwenImageFeatures(
         last_hidden_state=hidden,
@@ -218,12 +228,15 @@ def _pruned_image_features(self: nn.Module, pixel_values: Tensor, image_grid_thw
     return out if return_dict else out.to_tuple()
 
 
-def mrope_positions(core: nn.Module, input_ids: Tensor, mask: Tensor | None, grid: Tensor | None, keep_groups=None):
+def mrope_positions(
+    core: nn.Module, input_ids: Tensor, mask: Tensor | None, grid: Tensor | None, keep_groups=None, counts=None
+):
     """M-RoPE positions of prompts holding K_b placeholders per image (docs/semantics.md).
 
     Args:
         input_ids: (B, L); mask: (B, L) or None; grid: (G, 3) the images' patch grids, in prompt order, or None.
         keep_groups: G (K_b,) int64 kept merge groups, or None for the first K_b of each image.
+        counts: the placeholders of each image in input_ids (default K_b).
 
     Returns:
         positions (3, B, L) int64: text tokens count on from the unpruned sequence (after an image of llm grid
@@ -231,7 +244,8 @@ def mrope_positions(core: nn.Module, input_ids: Tensor, mask: Tensor | None, gri
         deltas (B, 1): the installed release's ``rope_deltas`` for decoding.
     """
     merge = core.visual.spatial_merge_size
-    counts = token_counts(core, grid) if grid is not None else []
+    if counts is None:
+        counts = token_counts(core, grid) if grid is not None else []
     if keep_groups is None:
         keep_groups = [torch.arange(k) for k in counts]
     mask = torch.ones_like(input_ids) if mask is None else mask
@@ -307,7 +321,7 @@ def _forward(
         "mm_encoder_outputs['image'] must come from the FlowCut-patched get_image_features of this model",
     )
     placeholders = input_ids == self.config.image_token_id
-    counts = [len(k) for k in encoded.keep_groups]
+    counts = [min(len(k), self.flowcut_config.target_num) for k in encoded.keep_groups]
     if int(placeholders.sum()) != sum(counts):
         raise FlowCutInputError(
             f"the prompts hold {int(placeholders.sum())} image placeholder tokens, but FlowCut gives the language "
@@ -317,6 +331,8 @@ def _forward(
         )
     if inputs_embeds is None:
         inputs_embeds = self.get_input_embeddings()(input_ids)
+    if self.flowcut_config.llm_stage:
+        return _staged_prefill(self, input_ids, attention_mask, inputs_embeds, encoded, counts, past_key_values, kwargs)
     features = torch.cat(encoded.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
     inputs_embeds = inputs_embeds.masked_scatter(placeholders[..., None].to(inputs_embeds.device), features)
     positions, self.rope_deltas = mrope_positions(
@@ -327,6 +343,51 @@ def _forward(
         attention_mask=attention_mask, position_ids=positions, past_key_values=past_key_values,
         inputs_embeds=inputs_embeds, **kwargs,
     )
+
+
+def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, encoded, counts, cache, kwargs):
+    """The prefill with the language-model stage: each image's W_b = min(2·target_num, G₀_b) tower-stage tokens at
+    their own M-RoPE positions in the long layout, K_b of them kept at layer ``PRUNE_LAYER`` with their positions."""
+    require(
+        not kwargs.pop("output_attentions", None),
+        "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention matrix; "
+        "call flowcut_kernels.remove_flowcut(model) first",
+    )
+    require(
+        attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
+        "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
+        "relay): set tokenizer.padding_side = 'left'",
+    )
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in encoded.pooler_output]
+    placeholders = input_ids == self.config.image_token_id
+    layout = lm_stage.expand(inputs_embeds, mask, placeholders, features, counts)
+    long_ids = torch.full_like(layout.mask, self.config.image_token_id)  # the image rows; padding is masked
+    text = ~placeholders & mask.bool()
+    long_ids[text.nonzero()[:, 0], layout.rows[text]] = input_ids[text]
+    long_positions, _ = mrope_positions(
+        self, long_ids, layout.mask, encoded.grid_thw, encoded.keep_groups, [len(f) for f in features]
+    )
+    _, self.rope_deltas = mrope_positions(  # the text's positions and the end: the same with any kept tokens
+        self, input_ids, attention_mask, encoded.grid_thw, [k[:c] for k, c in zip(encoded.keep_groups, counts)]
+    )
+    return_dict = kwargs.pop("return_dict", None)
+    for name in ("cache_position", "mm_token_type_ids", "mm_encoder_outputs", "second_per_grid_ts", "rope_deltas"):
+        kwargs.pop(name, None)
+    out = lm_stage.prefill(
+        self.language_model, layout, counts, positions=None, long_positions=long_positions.to(mask.device),
+        mask=attention_mask, past_key_values=cache, backend=self.flowcut_config.backend, **kwargs,
+    )
+    module = inspect.getmodule(type(self))
+    output_class = next((getattr(module, n) for n in dir(module) if n.endswith("VLModelOutputWithPast")), None)
+    if output_class is not None:  # transformers 5.0; later releases return the text model's output
+        out = output_class(
+            last_hidden_state=out.last_hidden_state, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, rope_deltas=self.rope_deltas,
+        )
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
 
 
 def _replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -378,17 +439,18 @@ def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, bac
     target_num = check_int("target_num", target_num, 1)
     require(feature_layer is None, "feature_layer does not apply to Qwen2-VL (the merger takes the last layer); "
                                    "leave it unset")
-    require(
-        not llm_stage,
-        "llm_stage=True is not supported for Qwen2-VL yet; leave llm_stage unset (tower stage only)",
-    )
+    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
+    llm_stage = llm_stage is not False  # the spec's default for Qwen: with the stage
     ops.resolve_backend(backend, core.visual.device, core.visual.dtype, TOWER_OPS)
+    if llm_stage:
+        lm_stage.check_decoder(core.language_model)
+        ops.resolve_backend(backend, core.language_model.device, core.language_model.dtype, lm_stage.STAGE_OPS)
     if processor is not None:
         check_processor(processor, core)
     else:
         processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
     unpatch_qwen2_vl(model)
-    config = FlowCutConfig(target_num, 0, backend)
+    config = FlowCutConfig(target_num, 0, backend, llm_stage)
     if processor is not None:
         set_attrs(
             processor,

@@ -121,9 +121,10 @@ def flowcut(
             Without it, prompts must already hold ``target_num`` image tokens per image, and a forward
             whose count differs fails with a message saying to pass it. Vision models: not needed (their
             image processor does not depend on the token count); accepted and left untouched.
-        llm_stage: add the language-model stage (docs/semantics.md): the tower keeps 2·target_num tokens per
+        llm_stage: the language-model stage (docs/semantics.md): the tower keeps about 2·target_num tokens per
             image and decoder layer 1 keeps target_num of them, text-guided. None: the family's recipe
-            default (off for LLaVA-1.5); refused by families without a language model.
+            default (off for LLaVA-1.5, on for LLaVA-NeXT and Qwen2-VL/2.5-VL); refused by families without a
+            language model.
 
     A patched vision model's forward returns a :class:`~flowcut_kernels.FlowCutVisionOutput` (CLIP, SigLIP) or
     a :class:`~flowcut_kernels.FlowCutVisionProjectionOutput` (``CLIPVisionModelWithProjection``); the kept

@@ -1,5 +1,5 @@
-"""FlowCut on Qwen2-VL and Qwen2.5-VL (tower stage): the float64 oracle, batches, generation, dtypes,
-reversibility, bad inputs; Qwen2.5-VL's window order."""
+"""FlowCut on Qwen2-VL and Qwen2.5-VL, tower stage alone and with the language-model stage (the default): the
+float64 oracles, batches, generation, dtypes, reversibility, bad inputs; Qwen2.5-VL's window order."""
 import inspect
 import os
 import sys
@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from oracle.qwen2_vl import group_windows, naive_logits, patch_coordinates
+from oracle.qwen2_vl import group_windows, naive_logits, naive_stage_logits, patch_coordinates
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
 from flowcut_kernels.models.qwen2_vl import windows
@@ -70,7 +70,7 @@ def test_prefill_matches_oracle(case, name):
     ids, mask = _prompts(prompts, grids)
     pixels = _pixels(grids)
     expected, kept = naive_logits(model, ids, mask, pixels, grids, TARGET)
-    flowcut(model, TARGET)
+    flowcut(model, TARGET, llm_stage=False)
     with torch.no_grad():
         features = model.model.get_image_features(pixels, torch.tensor(grids))
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
@@ -84,7 +84,7 @@ def test_prefill_matches_oracle(case, name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_merged_tokens_are_whole_blocks(name):
     grids = [(1, 8, 12), (1, 12, 6)]
-    model = flowcut(MODELS[name][0](), TARGET)
+    model = flowcut(MODELS[name][0](), TARGET, llm_stage=False)
     with torch.no_grad():
         features = model.model.get_image_features(_pixels(grids), torch.tensor(grids))
     for (t, h, w), groups in zip(grids, features.keep_groups):
@@ -121,7 +121,7 @@ def test_unpruned_tower_equals_stock(name):
     pixels = _pixels(grids.tolist())
     with torch.no_grad():
         stock = model.model.get_image_features(pixels, grids).pooler_output
-        flowcut(model, 100)
+        flowcut(model, 100, llm_stage=False)
         mine = model.model.get_image_features(pixels, grids).pooler_output
     assert all(torch.equal(a, b) for a, b in zip(stock, mine))
 
@@ -131,18 +131,19 @@ def test_small_image_kept_whole():
     model = random_qwen2_vl()
     ids, mask = _prompts([[10, None, 11]], grids)
     expected, _ = naive_logits(model, ids, mask, _pixels(grids), grids, TARGET)
-    flowcut(model, TARGET)
+    flowcut(model, TARGET, llm_stage=False)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=_pixels(grids),
                        image_grid_thw=torch.tensor(grids))
     assert torch.allclose(logits.logits[:, -1].double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("stage", [True, False])
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_finite(dtype, name):
+def test_half_precision_finite(dtype, name, stage):
     prompts, grids = CASES["two prompts, sizes differ"]
-    model = flowcut(MODELS[name][0](dtype=dtype), TARGET)
+    model = flowcut(MODELS[name][0](dtype=dtype), TARGET, llm_stage=stage)
     ids, mask = _prompts(prompts, grids)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=_pixels(grids).to(dtype),
@@ -157,10 +158,13 @@ def _generate(model, prompts, grids, **kwargs):
     return out[:, ids.shape[1]:]
 
 
+@pytest.mark.parametrize("stage", [True, False])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_generate_batched_equals_single_and_cache_off(name):
+def test_generate_batched_equals_single_and_cache_off(name, stage):
+    """Batched = each prompt alone; without the stage also = use_cache=False; with it the cache-free run re-prunes
+    the whole sequence at every step, so only its first token (the prefill's) must agree."""
     prompts, grids = CASES["two prompts, sizes differ"]
-    model = flowcut(MODELS[name][0](), TARGET)
+    model = flowcut(MODELS[name][0](), TARGET, llm_stage=stage)
     both = _generate(model, prompts, grids)
     single = []
     for b in range(2):  # each prompt alone, with its own image's pixels
@@ -170,7 +174,8 @@ def test_generate_batched_equals_single_and_cache_off(name):
                              image_grid_thw=torch.tensor(grids[b : b + 1]), max_new_tokens=4)
         single.append(out[0, ids.shape[1]:])
     assert torch.equal(both, torch.stack(single))
-    assert torch.equal(both, _generate(model, prompts, grids, use_cache=False))
+    uncached = _generate(model, prompts, grids, use_cache=False)
+    assert torch.equal(both[:, :1], uncached[:, :1]) if stage else torch.equal(both, uncached)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -231,7 +236,7 @@ def test_bad_inputs_leave_model_unchanged():
     llava_processor = tiny_llava_processor(random_llava())
     for kwargs, match in [
         (dict(target_num=0), "target_num"),
-        (dict(target_num=4, llm_stage=True), "llm_stage"),
+        (dict(target_num=4, llm_stage="yes"), "llm_stage"),
         (dict(target_num=4, feature_layer=-2), "feature_layer"),
         (dict(target_num=4, processor=llava_processor), "Qwen2VLProcessor"),
     ]:
@@ -249,5 +254,31 @@ def test_bad_inputs_leave_model_unchanged():
         model(input_ids=wrong, pixel_values=_pixels([(1, 8, 8)]), image_grid_thw=torch.tensor([[1, 8, 8]]))
     with pytest.raises(FlowCutInputError, match="Qwen2_5_VLProcessor"):
         flowcut(random_qwen2_5_vl(), TARGET, processor=tiny_qwen2_vl_processor())
-    with pytest.raises(FlowCutInputError, match="llm_stage"):
-        flowcut(random_qwen2_5_vl(), TARGET, llm_stage=True)
+    with pytest.raises(FlowCutInputError, match="padded on the left"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([ids.shape[1] - 1]), 0),
+              pixel_values=_pixels([(1, 8, 8)]), image_grid_thw=torch.tensor([[1, 8, 8]]))
+
+
+STAGE_CASES = {**CASES, "small image kept whole": ([[10, None, 11, 12], [13, None, 14]], [(1, 8, 12), (1, 4, 4)])}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("case", sorted(STAGE_CASES))
+def test_stage_prefill_matches_oracle(case, name):
+    """With the language-model stage: the tower keeps min(2K, G₀) groups, decoder layer 1 min(K, W) tokens, each at
+    its original M-RoPE position; last-position logits within 1e-4 of the float64 oracle."""
+    prompts, grids = STAGE_CASES[case]
+    model = MODELS[name][0]()
+    ids, mask = _prompts(prompts, grids)
+    pixels = _pixels(grids)
+    expected, towers, _ = naive_stage_logits(model, ids, mask, pixels, grids, TARGET)
+    flowcut(model, TARGET)
+    assert model.flowcut_config.llm_stage
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels, torch.tensor(grids))
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                       image_grid_thw=torch.tensor(grids)).logits
+    for got, want in zip(features.keep_groups, towers):
+        assert torch.equal(got, want)
+    scale = expected.abs().max()
+    assert (logits[:, -1].double() - expected).abs().max() <= 1e-4 * scale

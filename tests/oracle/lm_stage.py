@@ -55,6 +55,10 @@ class Decoder:
         self.embed = self.text.embed_tokens.weight.double()
         self.lm_head = llava.lm_head.weight.double()
 
+    def rotate(self, x, positions):
+        """x (H, L, D) rotated to positions (L,) (RoPE)."""
+        return _rotate(x, positions, self.theta)
+
     def layer(self, i, x, positions, past=None):
         """Layer i on x (L, C) at positions (L,), after past = (k, v) (Hkv, P, D) or None.
 
@@ -66,7 +70,7 @@ class Decoder:
         q = _linear(h, attn.q_proj).view(length, self.heads, self.dim).transpose(0, 1)
         k = _linear(h, attn.k_proj).view(length, self.kv_heads, self.dim).transpose(0, 1)
         v = _linear(h, attn.v_proj).view(length, self.kv_heads, self.dim).transpose(0, 1)
-        q, k = _rotate(q, positions, self.theta), _rotate(k, positions, self.theta)
+        q, k = self.rotate(q, positions), self.rotate(k, positions)
         keys = k if past is None else torch.cat([past[0], k], 1)
         values = v if past is None else torch.cat([past[1], v], 1)
         before = keys.shape[1] - length

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from oracle.flowcut import naive_flow_scores, naive_prune_count
+from oracle.lm_stage import Decoder
 
 
 def patch_coordinates(t, h, w, merge=2):
@@ -176,3 +177,77 @@ def naive_logits(model, input_ids, mask, pixel_values, grids, target_num):
     positions = naive_positions(input_ids, mask, model.config.image_token_id, grids, kept)
     out = reference(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
     return out.logits[:, -1], kept
+
+
+def _mrope(x, positions, theta, sections):
+    """x (heads, L, D) rotated at M-RoPE positions (3, L): frequency i (of D/2) turns with the t, h or w position,
+    ``sections`` of them each in that order; pairs i and i + D/2 rotate together."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    axis = torch.repeat_interleave(torch.arange(3), torch.tensor(sections))
+    angles = positions.double()[axis].T * inv_freq  # (L, D/2): frequency i at its axis' position
+    cos, sin = torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), angles.sin()], -1)
+    return x * cos + torch.cat([-x[..., dim // 2:], x[..., : dim // 2]], -1) * sin
+
+
+class QwenDecoder(Decoder):
+    """A HF Qwen2(.5)-VL text decoder's weights in float64: oracle/lm_stage.py's Llama layer (q/k/v biases) with
+    M-RoPE positions (3, L)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.sections = self.config.rope_parameters["mrope_section"]
+
+    def rotate(self, x, positions):
+        return _mrope(x, positions, self.theta, self.sections)
+
+
+@torch.no_grad()
+def naive_stage_logits(model, input_ids, mask, pixel_values, grids, target_num):
+    """Last-position logits (B, V) float64 of FlowCut with the language-model stage on a Qwen2(.5)-VL: each image's
+    tower keeps min(2·target_num, G₀) groups (naive_image); per prompt (real tokens only), layers 0 … lp run on the
+    long sequence, each token at its M-RoPE position (a group (t, h, w) of an image starting at p at p + (t, h, w),
+    text after it from p + max(h', w')); at lp each image keeps min(target_num, W) tokens by the stage score
+    (oracle/lm_stage.py, relay the last token); the later layers run on the text and kept tokens at their positions.
+    Also returns the tower's kept groups and the stage's kept indices of each image."""
+    from oracle.lm_stage import PRUNE_LAYER, _top, stage_scores
+
+    visual = model.model.visual
+    images = [naive_image(visual, p, g, 2 * target_num) for p, g in
+              zip(pixel_values.split([t * h * w for t, h, w in grids]), grids)]
+    decoder = QwenDecoder(model)
+    image_token = model.config.image_token_id
+    out, towers, stages, image = [], [], [], 0
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b][mask[b].bool()].tolist()
+        rows, positions, segments, current, i = [], [], [], 0, 0
+        while i < len(ids):
+            if ids[i] != image_token:
+                rows.append(decoder.embed[ids[i]])
+                positions.append(torch.full((3,), current))
+                current, i = current + 1, i + 1
+                continue
+            tokens, groups = images[image]
+            _, h, w = (x // 2 for x in grids[image])
+            segments.append((len(rows), len(tokens), image))
+            rows.extend(tokens)
+            positions.extend(torch.stack([groups // (h * w), groups // w % h, groups % w], 1) + current)
+            current += max(h, w)
+            i += min(target_num, grids[image][0] * h * w)
+            towers.append(groups)
+            image += 1
+        x, positions = torch.stack(rows), torch.stack(positions, 1)
+        for layer in range(PRUNE_LAYER + 1):
+            x, q, k, v = decoder.layer(layer, x, positions)
+        short = [j for j in range(len(rows)) if not any(s <= j < s + n for s, n, _ in segments)]
+        for first, width, _ in segments:
+            segment = slice(first, first + width)
+            kept = _top(stage_scores(q[:, -1], v[:, -1], k[:, segment], v[:, segment]), min(target_num, width))
+            stages.append(torch.tensor(kept))
+            short += [first + j for j in kept]
+        short.sort()
+        x, positions = x[short], positions[:, short]
+        for layer in range(PRUNE_LAYER + 1, len(decoder.text.layers)):
+            x = decoder.layer(layer, x, positions)[0]
+        out.append(decoder.logits(x))
+    return torch.stack(out), towers, stages
