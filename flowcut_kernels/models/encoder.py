@@ -71,18 +71,22 @@ class Ragged:
     def __init__(self, lens: list[int], device: torch.device):
         self.lens, self.device = list(lens), device
         self.width = max(self.lens)
-        starts = [b * self.width for b in range(len(self.lens))]
-        self.rows = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, self.lens)])
-        self.cu_seqlens = torch.tensor([0, *self.lens], device=device).cumsum(0, dtype=torch.int32)
+        # Built on the host from the known lengths and copied once: nothing is read back from the device.
+        rows = torch.cat([torch.arange(b * self.width, b * self.width + n) for b, n in enumerate(self.lens)])
+        self.rows = rows.to(device, non_blocking=True)
+        self.cu_seqlens = torch.tensor([0, *self.lens]).cumsum(0, dtype=torch.int32).to(device, non_blocking=True)
+        self._masks: dict[torch.dtype, Tensor] = {}
 
     def key_mask(self, dtype: torch.dtype) -> Tensor | None:
-        """(B, 1, 1, S_max) additive mask hiding each image's padding keys; None when nothing is padded."""
+        """(B, 1, 1, S_max) additive mask hiding each image's padding keys; None when nothing is padded. Built once
+        per layout and dtype (the layers between two prune steps share it)."""
         if min(self.lens) == self.width:
             return None
-        padding = torch.arange(self.width, device=self.device) >= torch.tensor(self.lens, device=self.device)[:, None]
-        return torch.zeros(padding.shape, dtype=dtype, device=self.device).masked_fill(
-            padding, torch.finfo(dtype).min
-        )[:, None, None, :]
+        if dtype not in self._masks:
+            padding = torch.arange(self.width)[None, :] >= torch.tensor(self.lens)[:, None]
+            mask = torch.zeros(padding.shape, dtype=dtype).masked_fill(padding, torch.finfo(dtype).min)
+            self._masks[dtype] = mask[:, None, None, :].to(self.device, non_blocking=True)
+        return self._masks[dtype]
 
     def pack(self, x: Tensor) -> Tensor:
         """(B, S_max, *rest) → (T, *rest): the real rows, image by image."""
