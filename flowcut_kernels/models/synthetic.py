@@ -244,6 +244,38 @@ def tiny_qwen_tokenizer():
     )
 
 
+#: The tiny Qwen2(.5)-VL text model and token ids of :func:`tiny_qwen_tokenizer`.
+_QWEN_TEXT = dict(
+    text_config=dict(
+        vocab_size=len(QWEN_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    ),
+    image_token_id=QWEN_WORDS.index("<|image_pad|>"),
+    video_token_id=QWEN_WORDS.index("<|video_pad|>"),
+    vision_start_token_id=QWEN_WORDS.index("<|vision_start|>"),
+    vision_end_token_id=QWEN_WORDS.index("<|vision_end|>"),
+)
+
+
+def _qwen_model(cls, config, seed, sharpen, dtype, device, attn_implementation) -> nn.Module:
+    """``cls`` from ``config``: seeded float32 weights on ``device``, the tower's q and k (the fused ``qkv``'s first
+    two thirds) multiplied by ``sharpen``, greedy generation that never emits a vision token, cast, in eval mode."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    with torch.no_grad():
+        for block in model.model.visual.blocks:
+            width = block.attn.qkv.out_features // 3
+            block.attn.qkv.weight[: 2 * width].mul_(sharpen)
+            block.attn.qkv.bias[: 2 * width].mul_(sharpen)
+    model.generation_config.do_sample = False
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    model.generation_config.suppress_tokens = list(range(len(TINY_WORDS), len(QWEN_WORDS)))
+    return model.to(dtype).eval()
+
+
 def random_qwen2_vl(
     *,
     seed: int = 0,
@@ -266,31 +298,9 @@ def random_qwen2_vl(
             depth=depth, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
             spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
         ),
-        text_config=dict(
-            vocab_size=len(QWEN_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-        ),
-        image_token_id=QWEN_WORDS.index("<|image_pad|>"),
-        video_token_id=QWEN_WORDS.index("<|video_pad|>"),
-        vision_start_token_id=QWEN_WORDS.index("<|vision_start|>"),
-        vision_end_token_id=QWEN_WORDS.index("<|vision_end|>"),
+        **_QWEN_TEXT,
     )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(
-            config, attn_implementation=attn_implementation, dtype=torch.float32
-        )
-    with torch.no_grad():
-        for block in model.model.visual.blocks:
-            width = block.attn.qkv.out_features // 3
-            block.attn.qkv.weight[: 2 * width].mul_(sharpen)
-            block.attn.qkv.bias[: 2 * width].mul_(sharpen)
-    model.generation_config.do_sample = False
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    model.generation_config.suppress_tokens = list(range(len(TINY_WORDS), len(QWEN_WORDS)))
-    return model.to(dtype).eval()
+    return _qwen_model(Qwen2VLForConditionalGeneration, config, seed, sharpen, dtype, device, attn_implementation)
 
 
 def tiny_qwen2_vl_processor(tokenizer=None):
@@ -347,31 +357,9 @@ def random_qwen2_5_vl(
             spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=8,
             fullatt_block_indexes=list(fullatt_block_indexes),
         ),
-        text_config=dict(
-            vocab_size=len(QWEN_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-        ),
-        image_token_id=QWEN_WORDS.index("<|image_pad|>"),
-        video_token_id=QWEN_WORDS.index("<|video_pad|>"),
-        vision_start_token_id=QWEN_WORDS.index("<|vision_start|>"),
-        vision_end_token_id=QWEN_WORDS.index("<|vision_end|>"),
+        **_QWEN_TEXT,
     )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
-            config, attn_implementation=attn_implementation, dtype=torch.float32
-        )
-    with torch.no_grad():
-        for block in model.model.visual.blocks:
-            width = block.attn.qkv.out_features // 3
-            block.attn.qkv.weight[: 2 * width].mul_(sharpen)
-            block.attn.qkv.bias[: 2 * width].mul_(sharpen)
-    model.generation_config.do_sample = False
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    model.generation_config.suppress_tokens = list(range(len(TINY_WORDS), len(QWEN_WORDS)))
-    return model.to(dtype).eval()
+    return _qwen_model(Qwen2_5_VLForConditionalGeneration, config, seed, sharpen, dtype, device, attn_implementation)
 
 
 def tiny_qwen2_5_vl_processor(tokenizer=None):
