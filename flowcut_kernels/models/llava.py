@@ -416,22 +416,29 @@ def patch_llava(
     unpatch_llava(model)  # a re-apply starts from the stock model (and restores a replaced processor)
     if processor is not None:
         _patch_processor(processor, config.target_num)
+    install(model, core, config, processor, _pruned_image_features, LlavaModelOutputWithPast, _expand_by_prompt)
+
+
+def install(model, core, config, processor, image_features, output_class, expand_by_prompt) -> None:
+    """Set a LLaVA-like patch on its instances: ``core`` gets ``image_features`` as its ``get_image_features``, the
+    placeholder check, ``config`` and ``processor``; with the stage, :func:`staged_forward` (``output_class``), and the
+    outer ``model`` pixels for the prefill and ``expand_by_prompt`` for beams."""
     set_attrs(
         core,
-        get_image_features=types.MethodType(_pruned_image_features, core),
+        get_image_features=types.MethodType(image_features, core),
         get_placeholder_mask=types.MethodType(_checked_placeholder_mask, core),
         flowcut_config=config,
         _flowcut_processor=processor,
     )
     if config.llm_stage:
-        set_attrs(core, forward=types.MethodType(staged_forward(LlavaModelOutputWithPast), core))
+        set_attrs(core, forward=types.MethodType(staged_forward(output_class), core))
     if model is not core:
         set_attrs(model, flowcut_config=config)
         if config.llm_stage:
             set_attrs(
                 model,
                 _supports_mm_encoder_outputs=_no_pre_encoding,
-                _expand_inputs_for_generation=types.MethodType(_expand_by_prompt, model),
+                _expand_inputs_for_generation=types.MethodType(expand_by_prompt, model),
             )
 
 

@@ -24,7 +24,6 @@ its size: its ``_get_number_of_features`` gives K (+ 1 for the "default" strateg
 from __future__ import annotations
 
 import inspect
-import types
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +42,11 @@ from . import lm_stage
 from .encoder import PACKED_OPS, check_pixels, feature_index, run_pruned
 from .instance import is_patched, restore_patch, set_attrs
 from .llava import (
-    _checked_placeholder_mask,
-    _no_pre_encoding,
     _placeholders,
     check_strategy,
     feature_layer_of,
+    install,
     llava_tower,
-    staged_forward,
 )
 from .policy import FlowCutPolicy, LayerView
 from .registry import Family, FlowCutConfig
@@ -310,23 +307,7 @@ def patch_llava_next(
     if processor is not None:
         default = processor.vision_feature_select_strategy == "default"
         set_attrs(processor, _get_number_of_features=_fixed_count(target_num + int(default)))
-    set_attrs(
-        core,
-        get_image_features=types.MethodType(_pruned_image_features, core),
-        get_placeholder_mask=types.MethodType(_checked_placeholder_mask, core),
-        flowcut_config=config,
-        _flowcut_processor=processor,
-    )
-    if llm_stage:
-        set_attrs(core, forward=types.MethodType(staged_forward(LlavaNextModelOutputWithPast), core))
-    if model is not core:
-        set_attrs(model, flowcut_config=config)
-        if llm_stage:
-            set_attrs(
-                model,
-                _supports_mm_encoder_outputs=_no_pre_encoding,
-                _expand_inputs_for_generation=types.MethodType(_expand_by_prompt, model),
-            )
+    install(model, core, config, processor, _pruned_image_features, LlavaNextModelOutputWithPast, _expand_by_prompt)
 
 
 def unpatch_llava_next(model: nn.Module) -> None:
