@@ -109,7 +109,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["flowcut_kernels", "flowcut_kernels.*"]),
-    install_requires=["torch>=2.4", "transformers>=5.0,<6"],
+    install_requires=["torch>=2.4", "transformers>=5.0,<5.26"],  # the tested releases: models/seams.py
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "triton>=3.2", "pillow", "matplotlib"],
         "bench": ["matplotlib"],

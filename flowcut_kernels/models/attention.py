@@ -12,14 +12,13 @@ classes never see it.
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import seams
 
 NAME = "flowcut"
 
@@ -44,13 +43,6 @@ class Capture:
 _RUN: ContextVar[Capture | None] = ContextVar("flowcut_capture", default=None)
 
 
-def _inner(module: nn.Module, implementation: str):
-    """The attention function ``module`` would have used: a registered one, or its own module's eager."""
-    if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[implementation]
-    return inspect.getmodule(type(module)).eager_attention_forward
-
-
 def flowcut_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
     """The registered ``"flowcut"`` attention: record q/k/v of the watched block, then run the real one."""
     run = _RUN.get()
@@ -62,21 +54,21 @@ def flowcut_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         run.seen = (query, key, value, scaling)
         if run.calls is not None:
             run.calls.append(run.seen)
-    return _inner(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+    return seams.attention_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(NAME, flowcut_attention)
+seams.register_attention(NAME, flowcut_attention)
 
 
 @contextmanager
 def capturing(config):
     """Select ``"flowcut"`` on ``config`` (one model instance's) for the block; yields the :class:`Capture`."""
-    prior = config._attn_implementation_internal
+    prior = seams.attention_implementation(config)
     run = Capture(prior or "eager")
     token = _RUN.set(run)
-    config._attn_implementation_internal = NAME
+    seams.select_attention(config, NAME)
     try:
         yield run
     finally:
-        config._attn_implementation_internal = prior
+        seams.select_attention(config, prior)
         _RUN.reset(token)

@@ -41,31 +41,24 @@ Features are the feature layer's raw output, as stock LLaVA takes ``hidden_state
 
 from __future__ import annotations
 
-import inspect
-import sys
 import types
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
 from .. import ops
 from ..checks import FlowCutInputError, require
-from . import lm_stage
+from . import lm_stage, seams
 from .encoder import PACKED_OPS, check_pixels, check_target, feature_index, run_pruned
 from .instance import is_patched, prior_attr, restore_patch, set_attrs
 from .policy import FlowCutPolicy
 from .registry import Family, FlowCutConfig, find_tower, is_tower, supported_towers
 from .tower import Tower
 
-#: The processor's patch_size while patched: larger than any image side, so (h // p) · (w // p) = 0.
-PROCESSOR_PATCH_SIZE = sys.maxsize
-
 
 @dataclass
-class FlowCutImageFeatures(BaseModelOutputWithPooling):
+class FlowCutImageFeatures(seams.BaseModelOutputWithPooling):
     r"""What a patched LLaVA's ``get_image_features`` returns.
 
     last_hidden_state: (B, T, C_vision) output of the feature layer on the kept tokens (T = 1 + target_num
@@ -239,97 +232,82 @@ def _checked_placeholder_mask(self: nn.Module, input_ids, inputs_embeds, image_f
     return stock(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
 
 
-def staged_forward(output_class: type):
-    """The patched forward, with the language-model stage, of a LLaVA-like core (``LlavaModel``,
-    ``LlavaNextModel``) whose stock forward returns ``output_class``: prompts with images are prefilled by
-    :func:`.lm_stage.prefill` on each image's tower-stage features (W_g ≥ target_num rows), any other call is the
+def staged_forward(
+    self: nn.Module,
+    input_ids=None,
+    pixel_values=None,
+    attention_mask=None,
+    position_ids=None,
+    inputs_embeds=None,
+    vision_feature_layer=None,
+    vision_feature_select_strategy=None,
+    image_sizes=None,
+    mm_encoder_outputs=None,
+    **kwargs,
+):
+    """The patched forward, with the language-model stage, of a LLaVA-like core (``LlavaModel``, ``LlavaNextModel``):
+    prompts with images are prefilled by :func:`.lm_stage.prefill` on each image's tower-stage features (W_g ≥
+    target_num rows) and the output is the stock forward's class (:func:`.seams.vlm_output`); any other call is the
     stock forward."""
-
-    def forward(
-        self: nn.Module,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        vision_feature_layer=None,
-        vision_feature_select_strategy=None,
-        image_sizes=None,
-        mm_encoder_outputs=None,
+    cache = seams.pop_cache(kwargs)
+    encoded = (mm_encoder_outputs or {}).get("image")
+    if pixel_values is None and encoded is None:
+        if mm_encoder_outputs is not None:  # transformers > 5.0 only
+            kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+        return prior_attr(self, "forward")(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, **seams.cache_arg(cache), **kwargs,
+        )
+    require(pixel_values is None or encoded is None, "pass pixel_values or mm_encoder_outputs, not both")
+    require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
+    require(
+        not kwargs.pop("output_attentions", None),
+        "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention "
+        "matrix; call flowcut_kernels.remove_flowcut(model) first",
+    )
+    require(
+        attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
+        "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
+        "relay): set tokenizer.padding_side = 'left'",
+    )
+    if inputs_embeds is None:
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+    placeholders = _placeholders(self, input_ids, inputs_embeds)
+    if encoded is None:
+        images = len(image_sizes) if image_sizes is not None else len(pixel_values)
+        _check_count(self, int(placeholders.sum()), images)
+        encoded = self.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
+            return_dict=True,
+        )
+    features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in encoded.pooler_output]  # (W_g, C) each
+    _check_count(self, int(placeholders.sum()), len(features))
+    mask = attention_mask if attention_mask is not None else torch.ones_like(placeholders, dtype=torch.long)
+    return_dict = kwargs.pop("return_dict", None)
+    kwargs.pop("cache_position", None)  # 5.0's, of the short layout; the stage counts its own positions
+    out = lm_stage.prefill(
+        self.language_model,
+        lm_stage.expand(inputs_embeds, mask, placeholders, features),
+        self.flowcut_config.target_num,
+        positions=position_ids if position_ids is not None else lm_stage.mask_positions(mask),
+        mask=attention_mask,
+        cache=cache,
+        backend=self.flowcut_config.backend,
         **kwargs,
-    ):
-        encoded = (mm_encoder_outputs or {}).get("image")
-        if pixel_values is None and encoded is None:
-            if mm_encoder_outputs is not None:  # transformers > 5.0 only
-                kwargs["mm_encoder_outputs"] = mm_encoder_outputs
-            return prior_attr(self, "forward")(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs,
-            )
-        require(pixel_values is None or encoded is None, "pass pixel_values or mm_encoder_outputs, not both")
-        require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
-        require(
-            not kwargs.pop("output_attentions", None),
-            "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention "
-            "matrix; call flowcut_kernels.remove_flowcut(model) first",
-        )
-        require(
-            attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
-            "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
-            "relay): set tokenizer.padding_side = 'left'",
-        )
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        placeholders = _placeholders(self, input_ids, inputs_embeds)
-        if encoded is None:
-            images = len(image_sizes) if image_sizes is not None else len(pixel_values)
-            _check_count(self, int(placeholders.sum()), images)
-            encoded = self.get_image_features(
-                pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
-                return_dict=True,
-            )
-        features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in encoded.pooler_output]  # (W_g, C) each
-        _check_count(self, int(placeholders.sum()), len(features))
-        mask = attention_mask if attention_mask is not None else torch.ones_like(placeholders, dtype=torch.long)
-        return_dict = kwargs.pop("return_dict", None)
-        kwargs.pop("cache_position", None)  # 5.0's, of the short layout; the stage counts its own positions
-        out = lm_stage.prefill(
-            self.language_model,
-            lm_stage.expand(inputs_embeds, mask, placeholders, features),
-            self.flowcut_config.target_num,
-            positions=position_ids if position_ids is not None else lm_stage.mask_positions(mask),
-            mask=attention_mask,
-            past_key_values=past_key_values,
-            backend=self.flowcut_config.backend,
-            **kwargs,
-        )
-        out = output_class(
-            last_hidden_state=out.last_hidden_state,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            image_hidden_states=torch.cat(features),
-        )
-        if return_dict is None:
-            return_dict = getattr(self.config, "return_dict", True)
-        return out if return_dict else out.to_tuple()
-
-    return forward
-
-
-def _no_pre_encoding() -> bool:
-    """The outer model's ``_supports_mm_encoder_outputs`` with llm_stage: generate passes the pixels to the prefill."""
-    return False
+    )
+    out = seams.vlm_output(self, out, encoded)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
 
 
 def _expand_by_prompt(self: nn.Module, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
     """The outer model's ``_expand_inputs_for_generation`` with llm_stage (beams, num_return_sequences): each prompt's
     images are repeated as a group, [A1, A2] → [A1, A2, A1, A2], as recent 5.x does for pre-encoded features; the
     stock expansion of the pixels, [A1, A1, A2, A2], would give a prompt of several images the wrong ones."""
-    stock = inspect.getattr_static(type(self), "_expand_inputs_for_generation").__get__(self, type(self))
     pixels = model_kwargs.pop("pixel_values", None)
-    input_ids, model_kwargs = stock(
+    input_ids, model_kwargs = seams.stock_expand_inputs(self)(
         expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
     )
     if pixels is not None:
@@ -362,12 +340,6 @@ def check_processor(processor, model: nn.Module, core: nn.Module) -> None:
         "processor is already patched by flowcut() for another model; call remove_flowcut() on that model first, "
         "or pass a separate processor instance (e.g. copy.deepcopy(processor))",
     )
-
-
-def _patch_processor(processor, target_num: int) -> None:
-    """Make ``processor`` expand each ``<image>`` to ``target_num`` placeholders (restored by restore_attrs)."""
-    default = processor.vision_feature_select_strategy == "default"
-    set_attrs(processor, patch_size=PROCESSOR_PATCH_SIZE, num_additional_image_tokens=target_num + int(default))
 
 
 def _check_llava(
@@ -413,16 +385,17 @@ def patch_llava(
     core = llava_core(model)
     if processor is None:
         processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
+    counting = seams.llava_count(processor, target_num) if processor is not None else {}
     unpatch_llava(model)  # a re-apply starts from the stock model (and restores a replaced processor)
     if processor is not None:
-        _patch_processor(processor, config.target_num)
-    install(model, core, config, processor, _pruned_image_features, LlavaModelOutputWithPast, _expand_by_prompt)
+        set_attrs(processor, **counting)
+    install(model, core, config, processor, _pruned_image_features, _expand_by_prompt)
 
 
-def install(model, core, config, processor, image_features, output_class, expand_by_prompt) -> None:
+def install(model, core, config, processor, image_features, expand_by_prompt) -> None:
     """Set a LLaVA-like patch on its instances: ``core`` gets ``image_features`` as its ``get_image_features``, the
-    placeholder check, ``config`` and ``processor``; with the stage, :func:`staged_forward` (``output_class``), and the
-    outer ``model`` pixels for the prefill and ``expand_by_prompt`` for beams."""
+    placeholder check, ``config`` and ``processor``; with the stage, :func:`staged_forward`, and the outer ``model``
+    pixels for the prefill and ``expand_by_prompt`` for beams."""
     set_attrs(
         core,
         get_image_features=types.MethodType(image_features, core),
@@ -431,15 +404,11 @@ def install(model, core, config, processor, image_features, output_class, expand
         _flowcut_processor=processor,
     )
     if config.llm_stage:
-        set_attrs(core, forward=types.MethodType(staged_forward(output_class), core))
+        set_attrs(core, forward=types.MethodType(staged_forward, core))
     if model is not core:
         set_attrs(model, flowcut_config=config)
         if config.llm_stage:
-            set_attrs(
-                model,
-                _supports_mm_encoder_outputs=_no_pre_encoding,
-                _expand_inputs_for_generation=types.MethodType(expand_by_prompt, model),
-            )
+            set_attrs(model, **seams.generate_hooks(model, expand_by_prompt))
 
 
 def unpatch_llava(model: nn.Module) -> None:

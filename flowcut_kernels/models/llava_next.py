@@ -23,22 +23,14 @@ its size: its ``_get_number_of_features`` gives K (+ 1 for the "default" strateg
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_next.modeling_llava_next import (
-    LlavaNextModelOutputWithPast,
-    get_anyres_image_grid_shape,
-    image_size_to_num_patches,
-    unpad_image,
-)
 
 from .. import ops
 from ..checks import require
-from . import lm_stage
+from . import lm_stage, seams
 from .encoder import PACKED_OPS, check_pixels, feature_index, run_pruned
 from .instance import is_patched, restore_patch, set_attrs
 from .llava import (
@@ -53,7 +45,7 @@ from .registry import Family, FlowCutConfig
 
 
 @dataclass
-class FlowCutNextImageFeatures(BaseModelOutputWithPooling):
+class FlowCutNextImageFeatures(seams.BaseModelOutputWithPooling):
     r"""What a patched LLaVA-NeXT's ``get_image_features`` returns (G images, P_g crops each, k = ⌊target_num/2⌋).
 
     last_hidden_state: (ΣP_g, 1 + k, C_vision) the feature layer's output on each crop's kept tokens (CLS row first),
@@ -118,6 +110,7 @@ def arrange(keep: Tensor, cum: Tensor, grid: tuple[int, int], image_size, side: 
     tile = (crop - 1).clamp(min=0)
     at = (tile // grid[1] * side + patch // side) * cols + tile % grid[1] * side + patch % side  # stitched raster
     inside = torch.zeros(rows * cols, dtype=torch.bool, device=keep.device)
+    unpad_image = seams.anyres()[2]
     inside[unpad_image(torch.arange(rows * cols, device=keep.device).view(1, rows, cols), image_size).flatten()] = True
     base = crop == 0
     order_key = torch.where(base, patch, side * side + at)  # the base crop first
@@ -156,7 +149,8 @@ def _pruned_image_features(
             "pixel_values and image_sizes are required: pass the LlavaNextProcessor's outputs")
     side = tower.core.embeddings.image_size
     pinpoints = self.config.image_grid_pinpoints
-    crops = [image_size_to_num_patches(size, pinpoints, side) for size in image_sizes]
+    grid_shape, crop_count, _ = seams.anyres()
+    crops = [crop_count(size, pinpoints, side) for size in image_sizes]
     if isinstance(pixel_values, Tensor):  # as the stock tower's forward would, under a device map
         pixel_values = pixel_values.to(tower.device)
         if pixel_values.dim() == 5:  # (G, P_max, 3, S, S) padded with empty crops
@@ -178,7 +172,7 @@ def _pruned_image_features(
     patches_per_side = side // tower.core.embeddings.patch_size
     cums = policy.kept_cum.view(-1, per_crop).split(crops)
     for g, (image_keep, image_cum) in enumerate(zip(keep.split(crops), cums)):
-        grid = get_anyres_image_grid_shape(image_sizes[g], pinpoints, side)
+        grid = grid_shape(image_sizes[g], pinpoints, side)
         order = arrange(image_keep, image_cum, grid, image_sizes[g], patches_per_side, config.target_num,
                         exact=not config.llm_stage)
         features.append(projected[g].flatten(0, 1)[order])
@@ -199,9 +193,8 @@ def _pruned_image_features(
 def _expand_by_prompt(self: nn.Module, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
     """The outer model's ``_expand_inputs_for_generation`` with llm_stage (beams, num_return_sequences): each prompt's
     images (pixel_values and image_sizes) are repeated as a group, [A1, A2] → [A1, A2, A1, A2], not [A1, A1, A2, A2]."""
-    stock = inspect.getattr_static(type(self), "_expand_inputs_for_generation").__get__(self, type(self))
     images = {name: model_kwargs.pop(name, None) for name in ("pixel_values", "image_sizes")}
-    input_ids, model_kwargs = stock(
+    input_ids, model_kwargs = seams.stock_expand_inputs(self)(
         expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
     )
     placeholders = _placeholders(self.model, input_ids, model_kwargs.get("inputs_embeds"))[::expand_size]
@@ -286,11 +279,6 @@ def _check_next(model: nn.Module, target_num: int, feature_layer, backend: str, 
     return configured
 
 
-def _fixed_count(count: int):
-    """A processor's ``_get_number_of_features`` giving ``count`` for any image size."""
-    return lambda *sizes: count
-
-
 def patch_llava_next(
     model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None
 ) -> None:
@@ -303,11 +291,11 @@ def patch_llava_next(
     core = next_core(model)
     if processor is None:
         processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
+    counting = seams.next_count(processor, target_num) if processor is not None else {}
     unpatch_llava_next(model)  # a re-apply starts from the stock model (and restores a replaced processor)
     if processor is not None:
-        default = processor.vision_feature_select_strategy == "default"
-        set_attrs(processor, _get_number_of_features=_fixed_count(target_num + int(default)))
-    install(model, core, config, processor, _pruned_image_features, LlavaNextModelOutputWithPast, _expand_by_prompt)
+        set_attrs(processor, **counting)
+    install(model, core, config, processor, _pruned_image_features, _expand_by_prompt)
 
 
 def unpatch_llava_next(model: nn.Module) -> None:

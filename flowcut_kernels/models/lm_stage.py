@@ -21,17 +21,14 @@ cache what they computed on the short layout.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .. import ops
 from ..checks import require
+from . import seams
 from .attention import capturing
 
 #: The decoder layer (0-based) whose q, k, v score the visual tokens; the layers after it run without the dropped ones.
@@ -123,26 +120,9 @@ def expand(embeds: Tensor, mask: Tensor, placeholders: Tensor, features, counts=
     return Layout(long_embeds, long_mask, start, placeholders, segments)
 
 
-def causal_mask(config, embeds: Tensor, mask: Tensor | None, positions: Tensor):
-    """The stock causal mask of a prefill without cache, for ``config``'s attention implementation (transformers
-    5.0 names the embeddings ``input_embeds`` and takes a ``cache_position``; later 5.x do neither)."""
-    params = inspect.signature(create_causal_mask).parameters
-    kwargs = {"inputs_embeds" if "inputs_embeds" in params else "input_embeds": embeds}
-    if "cache_position" in params:
-        kwargs["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
-    return create_causal_mask(
-        config=config, attention_mask=mask, past_key_values=None, position_ids=positions, **kwargs
-    )
-
-
 def _take(x: Tensor, rows: Tensor) -> Tensor:
     """Per-head rows: x (B, H, L_long, D), rows (B, L) → (B, H, L, D)."""
     return x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
-
-
-def _hidden(output) -> Tensor:
-    """A decoder layer's hidden states (Qwen2-VL's layers return a tuple in transformers 5.0)."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def prefill(
@@ -153,12 +133,12 @@ def prefill(
     positions: Tensor | None,
     mask: Tensor | None,
     long_positions: Tensor | None = None,
-    past_key_values=None,
+    cache=None,
     use_cache: bool | None = None,
     backend: str = "auto",
     output_hidden_states: bool | None = None,
     **kwargs,
-) -> BaseModelOutputWithPast:
+):
     """Run ``text_model``'s decoder layers and final norm on one prompt batch with the stage (module docstring).
 
     Args:
@@ -169,18 +149,19 @@ def prefill(
         long_positions: position ids of the long layout, (B, L_long) or (3, B, L_long) (M-RoPE, passed to the
             decoder's rotary embedding only); default: counted from its mask.
         mask: (B, L) the short layout's attention mask, or None (no padding).
-        past_key_values: an empty ``Cache`` to fill to length L in every layer, or None: a new ``DynamicCache``
+        cache: an empty ``Cache`` to fill to length L in every layer, or None: a new ``DynamicCache``
             when ``use_cache`` (default: the text model's ``config.use_cache``).
         output_hidden_states: default: the text model's config.
         kwargs: passed to every decoder layer, as the text model's own forward does.
 
     Returns:
-        last_hidden_state (B, L, C), past_key_values (None without ``use_cache``), and with ``output_hidden_states``
+        The text model's output (:func:`.seams.text_output`): last_hidden_state (B, L, C), the cache (None without
+        ``use_cache``), and with ``output_hidden_states``
         the embeddings and each layer's output (long through layer ``PRUNE_LAYER``, short after it; the last normed).
     """
     config = text_model.config
     use_cache = config.use_cache if use_cache is None else use_cache
-    cache = (past_key_values if past_key_values is not None else DynamicCache(config=config)) if use_cache else None
+    cache = (cache if cache is not None else seams.new_cache(config)) if use_cache else None
     require(
         cache is None or cache.get_seq_length() == 0,
         f"the language-model stage prunes a prompt's images during its prefill, but the cache already holds "
@@ -190,13 +171,13 @@ def prefill(
         long_positions = mask_positions(layout.mask)
     hidden = layout.embeds
     text_positions = long_positions if long_positions.dim() == 2 else None  # M-RoPE ones go to the rotary only
-    long_mask = causal_mask(config, hidden, layout.mask, text_positions)  # before capturing selects "flowcut"
+    long_mask = seams.causal_mask(config, hidden, layout.mask, text_positions)  # before capturing selects "flowcut"
     rotary = text_model.rotary_emb(hidden, long_positions)
     states, seen = [hidden], []
     with capturing(config) as run:
         for layer in text_model.layers[: PRUNE_LAYER + 1]:
             run.watch = layer.self_attn
-            hidden = _hidden(layer(
+            hidden = seams.layer_hidden(layer(
                 hidden, attention_mask=long_mask, position_ids=text_positions, position_embeddings=rotary, **kwargs
             ))
             seen.append(run.seen)
@@ -218,15 +199,15 @@ def prefill(
     if positions is None:
         positions = long_positions.gather(-1, rows.expand(*long_positions.shape[:-1], -1))
     text_positions = positions if positions.dim() == 2 else None
-    short_mask = causal_mask(config, hidden, mask, text_positions)
+    short_mask = seams.causal_mask(config, hidden, mask, text_positions)
     rotary = text_model.rotary_emb(hidden, positions)
     for layer in text_model.layers[PRUNE_LAYER + 1 :]:
-        hidden = _hidden(layer(
+        hidden = seams.layer_hidden(layer(
             hidden,
             attention_mask=short_mask,
             position_ids=text_positions,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **seams.cache_arg(cache),
             position_embeddings=rotary,
             **kwargs,
         ))
@@ -235,6 +216,4 @@ def prefill(
     states[-1] = hidden
     if output_hidden_states is None:
         output_hidden_states = config.output_hidden_states
-    return BaseModelOutputWithPast(
-        last_hidden_state=hidden, past_key_values=cache, hidden_states=tuple(states) if output_hidden_states else None
-    )
+    return seams.text_output(hidden, cache, tuple(states) if output_hidden_states else None)

@@ -46,11 +46,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import ops
 from ..checks import FlowCutInputError, check_int, require
-from . import lm_stage
+from . import lm_stage, seams
 from .attention import capturing
 from .instance import is_patched, prior_attr, restore_patch, set_attrs
 from .registry import Family, FlowCutConfig
@@ -60,7 +59,7 @@ TOWER_OPS = ("flow_scores_varlen", "topk_select")
 
 
 @dataclass
-class FlowCutQwenImageFeatures(BaseModelOutputWithPooling):
+class FlowCutQwenImageFeatures(seams.BaseModelOutputWithPooling):
     r"""What a patched Qwen2-VL's ``get_image_features`` returns.
 
     last_hidden_state: (Σ m·K_b, C_vision) the last tower layer's output on the kept patches, packed image by image.
@@ -110,17 +109,6 @@ def _check_grid(grid, merge: int) -> Tensor:
     return grid
 
 
-def _rotary(visual: nn.Module, grid: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
-    """The tower's rotary (cos, sin), (P, D) each, for the patches of ``grid`` in the tower's order."""
-    if hasattr(visual, "rot_pos_emb"):  # transformers 5.0
-        emb = visual.rot_pos_emb(grid)
-        emb = torch.cat((emb, emb), dim=-1)
-        return emb.cos(), emb.sin()
-    from transformers.vision_utils import get_vision_position_ids
-
-    return visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, visual.spatial_merge_size))
-
-
 def _offsets(lengths, device) -> Tensor:
     return torch.tensor([0] + list(lengths), device=device).cumsum(0).to(torch.int32)
 
@@ -131,12 +119,7 @@ def windows(visual: nn.Module, grid: Tensor) -> tuple[Tensor, Tensor]:
     groups = grid.prod(-1) // visual.spatial_merge_size**2
     if not hasattr(visual, "window_size"):
         return torch.arange(int(groups.sum())), torch.arange(len(groups)).repeat_interleave(groups.cpu())
-    if hasattr(visual, "get_window_index"):  # transformers 5.0
-        order, cu = visual.get_window_index(grid)
-    else:
-        from transformers.vision_utils import get_vision_window_index
-
-        order, cu = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+    order, cu = seams.qwen_window_index(visual, grid)
     lengths = torch.as_tensor(cu).unique_consecutive().diff() // visual.spatial_merge_size**2
     return order.cpu(), torch.arange(len(lengths)).repeat_interleave(lengths)
 
@@ -154,7 +137,7 @@ def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[
     """
     m = visual.spatial_merge_size**2
     hidden = visual.patch_embed(pixels.type(visual.dtype))
-    cos, sin = _rotary(visual, grid, hidden)
+    cos, sin = seams.qwen_rotary(visual, grid, hidden)
     number, window = windows(visual, grid)  # per group, in the tower's order
     rows = (number[:, None] * m + torch.arange(m)).flatten().to(hidden.device)
     hidden, cos, sin = hidden[rows], cos[rows], sin[rows]
@@ -250,8 +233,7 @@ def mrope_positions(
         keep_groups = [torch.arange(k) for k in counts]
     mask = torch.ones_like(input_ids) if mask is None else mask
     positions = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
-    # rope_deltas count from the real tokens after 5.0 (which counted the padded length)
-    per_real_token = "mm_token_type_ids" in inspect.signature(type(core).get_rope_index).parameters
+    per_real_token = seams.rope_deltas_from_real_tokens(core)
     deltas, image = [], 0
     for b in range(len(input_ids)):
         ids = input_ids[b][mask[b].bool()].tolist()
@@ -292,7 +274,6 @@ def _forward(
     input_ids=None,
     attention_mask=None,
     position_ids=None,
-    past_key_values=None,
     inputs_embeds=None,
     pixel_values=None,
     pixel_values_videos=None,
@@ -305,13 +286,14 @@ def _forward(
     then the stock forward runs on the embeddings; calls without images are the stock forward."""
     _refuse_video(pixel_values_videos if video_grid_thw is None else video_grid_thw)
     stock = prior_attr(self, "forward")
+    cache = seams.pop_cache(kwargs)
     encoded = (mm_encoder_outputs or {}).get("image")
     if mm_encoder_outputs is not None:  # transformers > 5.0 only
         kwargs["mm_encoder_outputs"] = {**mm_encoder_outputs, "image": None}
     if pixel_values is None and encoded is None:
         return stock(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, image_grid_thw=image_grid_thw, **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            image_grid_thw=image_grid_thw, **seams.cache_arg(cache), **kwargs,
         )
     require(input_ids is not None, "a Qwen2-VL prompt with images needs input_ids (for its M-RoPE positions)")
     if encoded is None:
@@ -332,17 +314,18 @@ def _forward(
     if inputs_embeds is None:
         inputs_embeds = self.get_input_embeddings()(input_ids)
     if self.flowcut_config.llm_stage:
-        return _staged_prefill(self, input_ids, attention_mask, inputs_embeds, encoded, counts, past_key_values, kwargs)
+        return _staged_prefill(self, input_ids, attention_mask, inputs_embeds, encoded, counts, cache, kwargs)
     features = torch.cat(encoded.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
     inputs_embeds = inputs_embeds.masked_scatter(placeholders[..., None].to(inputs_embeds.device), features)
     positions, self.rope_deltas = mrope_positions(
         self, input_ids, attention_mask, encoded.grid_thw, encoded.keep_groups
     )
     kwargs.pop("mm_token_type_ids", None)
-    return stock(
-        attention_mask=attention_mask, position_ids=positions, past_key_values=past_key_values,
-        inputs_embeds=inputs_embeds, **kwargs,
+    out = stock(
+        attention_mask=attention_mask, position_ids=positions, inputs_embeds=inputs_embeds, **seams.cache_arg(cache),
+        **kwargs,
     )
+    return seams.with_image_outputs(out, encoded)
 
 
 def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, encoded, counts, cache, kwargs):
@@ -376,15 +359,9 @@ def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, e
         kwargs.pop(name, None)
     out = lm_stage.prefill(
         self.language_model, layout, counts, positions=None, long_positions=long_positions.to(mask.device),
-        mask=attention_mask, past_key_values=cache, backend=self.flowcut_config.backend, **kwargs,
+        mask=attention_mask, cache=cache, backend=self.flowcut_config.backend, **kwargs,
     )
-    module = inspect.getmodule(type(self))
-    output_class = next((getattr(module, n) for n in dir(module) if n.endswith("VLModelOutputWithPast")), None)
-    if output_class is not None:  # transformers 5.0; later releases return the text model's output
-        out = output_class(
-            last_hidden_state=out.last_hidden_state, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, rope_deltas=self.rope_deltas,
-        )
+    out = seams.vlm_output(self, out, encoded, rope_deltas=self.rope_deltas)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return out if return_dict else out.to_tuple()
@@ -418,12 +395,6 @@ def check_processor(processor, core: nn.Module) -> None:
         f"{processor.image_processor.merge_size}, the model's are {core.config.image_token_id} and "
         f"{core.visual.spatial_merge_size}; pass the processor of the model's checkpoint",
     )
-    require(
-        hasattr(type(processor), "replace_image_token"),
-        f"this transformers release's {expected.__name__} counts image tokens inside __call__, which FlowCut cannot "
-        "adjust per instance: upgrade transformers, or leave processor unset and write min(target_num, merged tokens) "
-        "image tokens per image yourself",
-    )
     owner = vars(core).get("_flowcut_processor")
     require(
         not is_patched(processor) or owner is processor,
@@ -449,15 +420,11 @@ def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, bac
         check_processor(processor, core)
     else:
         processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
+    counting = seams.qwen_counts(processor, _replace_image_token, _replace_video_token) if processor is not None else {}
     unpatch_qwen2_vl(model)
     config = FlowCutConfig(target_num, 0, backend, llm_stage)
     if processor is not None:
-        set_attrs(
-            processor,
-            _flowcut_target=target_num,
-            replace_image_token=types.MethodType(_replace_image_token, processor),
-            replace_video_token=types.MethodType(_replace_video_token, processor),
-        )
+        set_attrs(processor, _flowcut_target=target_num, **counting)
     set_attrs(
         core,
         get_image_features=types.MethodType(_pruned_image_features, core),

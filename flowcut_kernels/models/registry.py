@@ -14,6 +14,7 @@ from typing import Callable
 from torch import nn
 
 from ..checks import FlowCutInputError
+from . import seams
 from .tower import Tower
 
 
@@ -139,6 +140,7 @@ def flowcut(
         raise FlowCutInputError(
             f"model is a {type(model).__name__}, which FlowCut does not support; pass one of {_names(FAMILIES)}"
         )
+    seams.check_release()
     family.patch(
         model, target_num, feature_layer=feature_layer, backend=backend, processor=processor, llm_stage=llm_stage
     )

@@ -10,8 +10,6 @@ import types
 from dataclasses import dataclass
 
 from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
 
 from .. import ops
 from ..checks import FlowCutInputError, require
@@ -19,6 +17,7 @@ from .encoder import check_pixels, check_target, feature_index, run_pruned
 from .instance import restore_attrs, set_attrs
 from .policy import FlowCutPolicy
 from .registry import FlowCutConfig, find_tower
+from .seams import BaseModelOutputWithPooling, CLIPVisionModelOutput
 
 
 @dataclass

@@ -48,6 +48,8 @@ def test_float64_model_matches_the_oracle_exactly(tiny_clip, backend):
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_the_attention_seam_is_per_run_and_restored(tiny_clip, implementation, monkeypatch):
     """encode selects the "flowcut" attention on this instance only while it runs, even when it fails."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from flowcut_kernels.models import attention
 
     model, other = tiny_clip(seed=5, attn_implementation=implementation), tiny_clip(seed=6)
@@ -55,7 +57,7 @@ def test_the_attention_seam_is_per_run_and_restored(tiny_clip, implementation, m
     inside = []
     real = attention.flowcut_attention
     monkeypatch.setitem(
-        attention.ALL_ATTENTION_FUNCTIONS._global_mapping, attention.NAME,
+        ALL_ATTENTION_FUNCTIONS._global_mapping, attention.NAME,
         lambda module, *a, **k: inside.append((module.config._attn_implementation, other.config._attn_implementation))
         or real(module, *a, **k),
     )

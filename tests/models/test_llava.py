@@ -16,6 +16,7 @@ from transformers import LlavaModel
 from conftest import CPU_BACKENDS, TensorShapes
 from flowcut_kernels import FlowCutInputError, encode, flowcut, remove_flowcut, synthetic
 from flowcut_kernels import FlowCutImageFeatures
+from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 from oracle.llava import naive_llava_embeds, naive_llava_features
 
@@ -243,7 +244,7 @@ def test_llava_model_alone():
     assert isinstance(core, LlavaModel) and core.flowcut_config.target_num == 10
     given = inputs(full, PROMPTS[:2], 10)
     out = core(**given)
-    assert out.image_hidden_states.shape == (20, 32)
+    assert seams.image_features(out).shape == (20, 32)
     remove_flowcut(core)
     assert "get_image_features" not in vars(core)
 
@@ -382,7 +383,7 @@ def test_unsupported_configurations_are_refused():
     full = tiny_llava(vision_feature_select_strategy="full")
     _refused(full, "vision_feature_select_strategy='full' is not supported", target_num=8)
     siglip = flowcut(tiny_llava("siglip", vision_feature_select_strategy="default"), 8)  # no CLS: either works
-    assert siglip(**inputs(siglip, PROMPTS[:1], 8)).image_hidden_states.shape == (8, 32)
+    assert seams.image_features(siglip.model(**inputs(siglip, PROMPTS[:1], 8))).shape == (8, 32)
     pixels = synthetic.random_pixels(full.model.vision_tower, 1)
     model = flowcut(tiny_llava(), 8)
     with pytest.raises(FlowCutInputError, match="selects several feature layers"):

@@ -14,6 +14,7 @@ from oracle.llava_next import naive_logits, naive_next_features
 from oracle.lm_stage import naive_lm_stage
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut, synthetic
+from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 
 pytest.importorskip("PIL", reason="transformers' image processors need Pillow")
@@ -197,7 +198,7 @@ def test_llava_next_model_alone():
     processor = synthetic.tiny_llava_next_processor(tiny_next())
     flowcut(core, K, processor=processor, llm_stage=False)
     out = core(**processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt"))
-    assert out.image_hidden_states.shape == (2 * K, 32)
+    assert seams.image_features(out).shape == (2 * K, 32)
     remove_flowcut(core)
     assert "get_image_features" not in vars(core)
 

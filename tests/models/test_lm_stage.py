@@ -16,6 +16,7 @@ from oracle.llava import naive_llava_features
 from oracle.lm_stage import naive_lm_stage
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut, synthetic
+from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -123,7 +124,7 @@ def test_inputs_embeds_and_llava_model_alone():
     core = flowcut(stage_llava().model, K, llm_stage=True)
     out = core(**inputs(model, BATCH))
     assert out.last_hidden_state.shape == (3, logits.shape[1], 32)
-    assert out.image_hidden_states.shape == (3 * 2 * K, 32)  # the tower stage's features, 2K per image
+    assert seams.image_features(out).shape == (3 * 2 * K, 32)  # the tower stage's features, 2K per image
 
 
 def test_layers_after_the_prune_see_target_num_per_image():
@@ -140,7 +141,7 @@ def test_layers_after_the_prune_see_target_num_per_image():
     long = int((real + images * K).max())  # each image's K placeholders become its 2K features
     assert long > short
     assert lengths == {0: [long], 1: [long], 2: [short], 3: [short]}
-    assert [out.past_key_values.get_seq_length(i) for i in range(LAYERS)] == [short] * LAYERS
+    assert [seams.output_cache(out).get_seq_length(i) for i in range(LAYERS)] == [short] * LAYERS
 
 
 def test_output_hidden_states():

@@ -1,0 +1,287 @@
+"""Every seam between FlowCut's patches and transformers' internals, one small function each.
+
+Family modules call these and never name a private transformers attribute or check a release: what changed
+between releases is decided here, by looking at what the installed release has (a field, a parameter, a method),
+and each function says which releases it covers. Tested: transformers :data:`OLDEST` … :data:`NEWEST`; the package
+declares ``>= OLDEST, < NEXT`` (the next minor after the newest tested).
+
+Outside that range :func:`check_release` warns once; a seam the installed release lacks raises
+:class:`~flowcut_kernels.FlowCutInputError` naming the release and the tested range (:func:`require`), before a
+patch changes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import warnings
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
+from ..checks import FlowCutInputError
+
+__all__ = ["BaseModelOutputWithPooling", "CLIPVisionModelOutput"]  # base classes of FlowCut's outputs
+
+#: The oldest and newest transformers releases the test suite runs on (CI pins both).
+OLDEST, NEWEST = "5.0.0", "5.25.0"
+#: The first release past the declared range: the minor after :data:`NEWEST`.
+NEXT = "5.26"
+#: The installed release.
+RELEASE = transformers.__version__
+
+_warned = False
+
+
+def tested_range() -> str:
+    return f"transformers {OLDEST} to {NEWEST} (pip install 'transformers>={OLDEST},<{NEXT}')"
+
+
+def check_release() -> None:
+    """Warn once when the installed transformers is outside the tested range (a newer release may move a seam)."""
+    global _warned
+    if _warned or Version(OLDEST) <= Version(RELEASE) < Version(NEXT):
+        return
+    _warned = True
+    warnings.warn(
+        f"flowcut_kernels is tested with {tested_range()}; transformers {RELEASE} is installed. A patch whose "
+        f"seam moved in this release raises FlowCutInputError; install a tested release if results look wrong",
+        stacklevel=3,
+    )
+
+
+def require(present: bool, what: str) -> None:
+    """Refuse a patch whose seam ``what`` the installed release lacks, naming it and the tested releases."""
+    if not present:
+        raise FlowCutInputError(
+            f"transformers {RELEASE} has no {what}, which this FlowCut patch needs; FlowCut is tested with "
+            f"{tested_range()}; install one of those (the model is unchanged)"
+        )
+
+
+# -- The cache keyword: ``past_key_values`` in 5.0–5.23, ``cache`` from 5.24 (forwards, layers, outputs). --------
+
+#: The keyword (and output field) under which forwards and decoder layers take and return the KV cache.
+CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_arg(cache) -> dict:
+    """``{keyword: cache}`` to pass a cache to a stock forward or decoder layer of the installed release."""
+    return {CACHE: cache}
+
+
+def pop_cache(kwargs: dict):
+    """Take a patched forward's cache argument out of ``kwargs`` under either name (None if absent)."""
+    cache = kwargs.pop("past_key_values", None)
+    return kwargs.pop("cache", None) if cache is None else cache
+
+
+def output_cache(output):
+    """The cache an output carries (``past_key_values`` or ``cache``)."""
+    return getattr(output, CACHE)
+
+
+def new_cache(config):
+    """An empty dynamic cache for a text model's ``config`` (every 5.x)."""
+    return DynamicCache(config=config)
+
+
+def causal_mask(config, embeds: Tensor, mask: Tensor | None, positions: Tensor | None):
+    """The stock causal mask of a prefill without cache, for ``config``'s attention implementation. 5.0 names the
+    embeddings ``input_embeds`` and takes a ``cache_position``; later releases do neither; the cache parameter is
+    ``past_key_values`` or ``cache`` as :data:`CACHE`."""
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs = {"inputs_embeds" if "inputs_embeds" in params else "input_embeds": embeds}
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
+    kwargs["cache" if "cache" in params else "past_key_values"] = None
+    return create_causal_mask(config=config, attention_mask=mask, position_ids=positions, **kwargs)
+
+
+def layer_hidden(output) -> Tensor:
+    """A decoder layer's hidden states (Qwen2-VL's layers return a tuple in 5.0, a tensor later)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+# -- Outputs: built from the text model's output, with the fields the installed release's classes have. -----------
+
+
+def text_output(hidden: Tensor, cache, states) -> BaseModelOutputWithPast:
+    """A text model's output (every 5.x)."""
+    return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=states, **cache_arg(cache))
+
+
+def _core_output_class(core: nn.Module) -> type:
+    """The class a VLM core's stock forward returns: the model module's ``<Core>OutputWithPast`` where it has one
+    (LLaVA, LLaVA-NeXT: every 5.x; Qwen2-VL/2.5-VL: 5.0), else ``MultimodalBaseModelOutputWithPast`` (5.24+), else
+    the text model's ``BaseModelOutputWithPast`` (Qwen 5.1–5.23)."""
+    module = inspect.getmodule(type(core))
+    own = getattr(module, type(core).__name__ + "OutputWithPast", None)
+    if own is not None:
+        return own
+    return getattr(transformers.modeling_outputs, "MultimodalBaseModelOutputWithPast", BaseModelOutputWithPast)
+
+
+def vlm_output(core: nn.Module, text: BaseModelOutputWithPast, image_outputs: BaseModelOutputWithPooling, **extra):
+    """What ``core``'s stock forward returns for a prefill the patch ran itself: ``text`` (the text model's
+    output) with the images' encoder output where the class has a place for it — ``image_outputs`` (5.24+) or
+    ``image_hidden_states``, the concatenated projected features (≤ 5.23) — and the ``extra`` fields it has
+    (Qwen 5.0: ``rope_deltas``)."""
+    cls = _core_output_class(core)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {name: value for name, value in text.items() if name in fields}
+    if "image_outputs" in fields:
+        values["image_outputs"] = image_outputs
+    elif "image_hidden_states" in fields:
+        values["image_hidden_states"] = torch.cat(list(image_outputs.pooler_output))
+    values.update({name: value for name, value in extra.items() if name in fields})
+    return cls(**values)
+
+
+def with_image_outputs(output, image_outputs):
+    """The stock forward's own ``output``, given the images' encoder output where its class has the field (5.24+),
+    for a forward that encoded the images before calling the stock one."""
+    if "image_outputs" in getattr(output, "__dataclass_fields__", {}):
+        output.image_outputs = image_outputs
+    return output
+
+
+def image_features(output) -> Tensor:
+    """(ΣW_g, C_text): the projected image features a VLM core's output carries, concatenated image by image
+    (``image_outputs.pooler_output`` in 5.24+, one tensor per image; ``image_hidden_states`` in ≤ 5.23)."""
+    if "image_outputs" in getattr(output, "__dataclass_fields__", {}):
+        return torch.cat(list(output.image_outputs.pooler_output))
+    return output.image_hidden_states
+
+
+# -- The attention interface (every 5.x). ----------------------------------------------------------------------
+
+
+def register_attention(name: str, function) -> None:
+    AttentionInterface.register(name, function)
+
+
+def attention_function(module: nn.Module, implementation: str):
+    """The attention function ``module`` uses under ``implementation``: a registered one, or its module's eager."""
+    if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    return inspect.getmodule(type(module)).eager_attention_forward
+
+
+def attention_implementation(config) -> str | None:
+    """The implementation ``config`` (one instance's) selects, as set (None: the release's default)."""
+    return config._attn_implementation_internal
+
+
+def select_attention(config, implementation: str | None) -> None:
+    """Select ``implementation`` on ``config`` (one instance's; its layers read it at each call)."""
+    config._attn_implementation_internal = implementation
+
+
+# -- generate (5.x after 5.0 pre-encodes images; 5.0 never does). ----------------------------------------------
+
+
+def generate_hooks(model: nn.Module, expand_by_prompt) -> dict:
+    """Attributes for :func:`~.instance.set_attrs` on an outer VLM that must get its pixels in the prefill (not
+    pre-encoded: ``_supports_mm_encoder_outputs`` false) and expand them by prompt for beams (``expand_by_prompt``
+    as its ``_expand_inputs_for_generation``)."""
+    return {
+        "_supports_mm_encoder_outputs": lambda: False,
+        "_expand_inputs_for_generation": expand_by_prompt.__get__(model, type(model)),
+    }
+
+
+def stock_expand_inputs(model: nn.Module):
+    """The class's ``_expand_inputs_for_generation`` bound to ``model`` (what :func:`generate_hooks` replaced)."""
+    return inspect.getattr_static(type(model), "_expand_inputs_for_generation").__get__(model, type(model))
+
+
+# -- Processors: how each family's processor counts image tokens. ---------------------------------------------
+
+
+def llava_count(processor, count: int) -> dict:
+    """Attributes that make a ``LlavaProcessor`` expand each ``<image>`` to ``count`` tokens for any size (every 5.x
+    counts ``(h // patch_size) · (w // patch_size) + num_additional_image_tokens``, − 1 with the "default"
+    strategy): ``patch_size`` above any image side, the count in ``num_additional_image_tokens``."""
+    require(
+        hasattr(processor, "patch_size") and hasattr(processor, "num_additional_image_tokens"),
+        "LlavaProcessor.patch_size / num_additional_image_tokens (how LLaVA's processor counts image tokens)",
+    )
+    default = processor.vision_feature_select_strategy == "default"
+    return {"patch_size": sys.maxsize, "num_additional_image_tokens": count + int(default)}
+
+
+def next_count(processor, count: int) -> dict:
+    """Attributes that make a ``LlavaNextProcessor`` give ``count`` tokens per image (its
+    ``_get_number_of_features``, + 1 for the "default" strategy's CLS drop; every 5.x)."""
+    require(
+        hasattr(type(processor), "_get_number_of_features"),
+        "LlavaNextProcessor._get_number_of_features (how LLaVA-NeXT's processor counts image tokens)",
+    )
+    default = processor.vision_feature_select_strategy == "default"
+    return {"_get_number_of_features": lambda *sizes: count + int(default)}
+
+
+def qwen_counts(processor, image_token, video_token) -> dict:
+    """Attributes that make a Qwen2-VL/2.5-VL processor write ``image_token(processor, image_inputs, index)`` per
+    image and call ``video_token`` per video (its ``replace_image_token`` / ``replace_video_token`` hooks, 5.1+;
+    5.0 counts inside ``__call__``)."""
+    require(
+        hasattr(type(processor), "replace_image_token"),
+        f"{type(processor).__name__}.replace_image_token (the per-image token hook of Qwen processors, 5.1+)",
+    )
+    return {
+        "replace_image_token": image_token.__get__(processor, type(processor)),
+        "replace_video_token": video_token.__get__(processor, type(processor)),
+    }
+
+
+# -- LLaVA-NeXT's anyres helpers (every 5.x). -------------------------------------------------------------------
+
+
+def anyres():
+    """LLaVA-NeXT's anyres helpers: (grid_shape(image_size, pinpoints, side) → (gh, gw), crop_count(image_size,
+    pinpoints, side) → crops incl. the base one, unpad(tensor (C, H, W), image_size) → the unpadded region)."""
+    from transformers.models.llava_next import modeling_llava_next as m
+
+    return m.get_anyres_image_grid_shape, m.image_size_to_num_patches, m.unpad_image
+
+
+# -- Qwen2-VL/2.5-VL vision tower and M-RoPE. --------------------------------------------------------------------
+
+
+def qwen_rotary(visual: nn.Module, grid: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """The tower's rotary (cos, sin), (P, D) each, for the patches of ``grid`` in the tower's order (5.0: the
+    tower's ``rot_pos_emb``; later: ``vision_utils.get_vision_position_ids``)."""
+    if hasattr(visual, "rot_pos_emb"):
+        emb = visual.rot_pos_emb(grid)
+        emb = torch.cat((emb, emb), dim=-1)
+        return emb.cos(), emb.sin()
+    from transformers.vision_utils import get_vision_position_ids
+
+    return visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, visual.spatial_merge_size))
+
+
+def qwen_window_index(visual: nn.Module, grid: Tensor) -> tuple[Tensor, list[int]]:
+    """Qwen2.5-VL's window reorder of the merge groups and its window boundaries (5.0: the tower's
+    ``get_window_index``; later: ``vision_utils.get_vision_window_index``)."""
+    if hasattr(visual, "get_window_index"):
+        return visual.get_window_index(grid)
+    from transformers.vision_utils import get_vision_window_index
+
+    return get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+
+
+def rope_deltas_from_real_tokens(core: nn.Module) -> bool:
+    """Whether the release's ``rope_deltas`` count the real tokens (5.1+: its ``get_rope_index`` takes
+    ``mm_token_type_ids``) rather than the padded length (5.0)."""
+    return "mm_token_type_ids" in inspect.signature(type(core).get_rope_index).parameters
