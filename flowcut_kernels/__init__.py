@@ -3,8 +3,10 @@
 - :mod:`flowcut_kernels.ops` — ``flow_scores``, ``select_gather``, ``prune_count`` (``torch.ops.flowcut.*``)
   and their backends.
 - :func:`encode` — a pruned pass through a HF CLIP or SigLIP vision tower (:mod:`flowcut_kernels.models`).
-- :func:`flowcut` / :func:`remove_flowcut` — patch one model instance (LLaVA-1.5, CLIP/SigLIP towers)
-  and its processor, reversibly.
+- :func:`flowcut` / :func:`remove_flowcut` — patch one model instance and its processor, reversibly: LLaVA-1.5
+  (CLIP or SigLIP tower), LLaVA-NeXT (anyres), Qwen2-VL and Qwen2.5-VL (with the language-model stage where the
+  family's recipe has it), and bare CLIP / SigLIP vision towers.
+- :func:`build_info` — how the native extension was built (or why it is unavailable).
 - ``python -m flowcut_kernels.bench`` — the prefill benchmark (:mod:`flowcut_kernels.bench`).
 """
 
@@ -16,6 +18,7 @@ from .models.llava import FlowCutImageFeatures
 from .models.registry import FlowCutConfig, flowcut, remove_flowcut
 from .models.vision import FlowCutVisionOutput, FlowCutVisionProjectionOutput
 from .ops import available_backends, reference
+from .ops.native import build_info
 
 __version__ = "0.1.0"
 
@@ -27,6 +30,7 @@ __all__ = [
     "FlowCutVisionOutput",
     "FlowCutVisionProjectionOutput",
     "available_backends",
+    "build_info",
     "encode",
     "flowcut",
     "ops",

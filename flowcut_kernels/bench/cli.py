@@ -188,9 +188,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     args.feature_layer = -2 if args.feature_layer is None else args.feature_layer
     try:
         for t in args.target:
-            check_target(t, shape.num_patches)
+            check_target(t, shape.num_patches, "--target")
             if "stage" in args.methods and 2 * t >= shape.num_patches:
-                raise FlowCutInputError(f"target {t} is too large for the stage rows: the tower keeps 2·target, "
+                raise FlowCutInputError(f"--target {t} is too large for the stage rows: the tower keeps 2·target, "
                                         f"which must be below the {shape.num_patches} patches")
         feature_index(args.feature_layer, shape.num_layers)
     except FlowCutInputError as error:

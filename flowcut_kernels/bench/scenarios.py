@@ -103,7 +103,7 @@ class Scenario:
         if not self.min_target <= target <= self.max_target:
             what = "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)" if self.kind.startswith("next") else \
                 "K (merged tokens kept per image)"
-            return (f"target {target} is out of range for --preset {self.name}: {what} must be in "
+            return (f"--target {target} is out of range for --preset {self.name}: {what} must be in "
                     f"[{self.min_target}, {self.max_target}]")
         return None
 

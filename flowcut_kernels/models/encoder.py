@@ -53,9 +53,9 @@ def feature_index(feature_layer: int, num_layers: int, argument: str = "feature_
     return num_layers + feature_layer
 
 
-def check_target(target_num: int, num_patches: int) -> int:
-    """1 ≤ target_num < N₀."""
-    return check_int("target_num", target_num, 1, num_patches - 1)
+def check_target(target_num: int, num_patches: int, argument: str = "target_num") -> int:
+    """1 ≤ target_num < N₀ (errors name ``argument``)."""
+    return check_int(argument, target_num, 1, num_patches - 1)
 
 
 #: The ops the per-image schedule runs on.

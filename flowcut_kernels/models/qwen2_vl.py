@@ -254,11 +254,25 @@ def mrope_positions(
     return positions, torch.tensor(deltas, device=input_ids.device)[:, None]
 
 
+def _check_count(core: nn.Module, placeholders: Tensor, counts: list[int]) -> None:
+    """The prompts must hold K_b placeholders per image; else the fix is to pass the processor."""
+    if int(placeholders.sum()) != sum(counts):
+        raise FlowCutInputError(
+            f"the prompts hold {int(placeholders.sum())} image placeholder tokens, but FlowCut gives the language "
+            f"model {counts} tokens for the images (min(target_num, merged tokens) each): the processor still "
+            f"writes the unpruned count; pass it when patching, flowcut(model, {core.flowcut_config.target_num}, "
+            f"processor=processor), and process the prompts again"
+        )
+
+
 def _rope_index(self: nn.Module, *args, **kwargs):
     """Patched ``get_rope_index`` (any release's signature): :func:`mrope_positions` of the prompt alone."""
     bound = inspect.signature(prior_attr(self, "get_rope_index")).bind(*args, **kwargs).arguments
     _refuse_video(bound.get("video_grid_thw"))
-    return mrope_positions(self, bound["input_ids"], bound.get("attention_mask"), bound.get("image_grid_thw"))
+    input_ids, grid = bound["input_ids"], bound.get("image_grid_thw")
+    if grid is not None:
+        _check_count(self, input_ids == self.config.image_token_id, token_counts(self, grid))
+    return mrope_positions(self, input_ids, bound.get("attention_mask"), grid)
 
 
 def _refuse_video(video) -> None:
@@ -304,13 +318,7 @@ def _forward(
     )
     placeholders = input_ids == self.config.image_token_id
     counts = [min(len(k), self.flowcut_config.target_num) for k in encoded.keep_groups]
-    if int(placeholders.sum()) != sum(counts):
-        raise FlowCutInputError(
-            f"the prompts hold {int(placeholders.sum())} image placeholder tokens, but FlowCut gives the language "
-            f"model {counts} tokens for the images (min(target_num, merged tokens) each): pass the processor when "
-            f"patching, flowcut(model, {self.flowcut_config.target_num}, processor=processor), and process the "
-            f"prompts again"
-        )
+    _check_count(self, placeholders, counts)
     if inputs_embeds is None:
         inputs_embeds = self.get_input_embeddings()(input_ids)
     if self.flowcut_config.llm_stage:
@@ -422,7 +430,7 @@ def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, bac
         processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
     counting = seams.qwen_counts(processor, _replace_image_token, _replace_video_token) if processor is not None else {}
     unpatch_qwen2_vl(model)
-    config = FlowCutConfig(target_num, 0, backend, llm_stage)
+    config = FlowCutConfig(target_num, None, backend, llm_stage)
     if processor is not None:
         set_attrs(processor, _flowcut_target=target_num, **counting)
     set_attrs(

@@ -20,14 +20,15 @@ from .tower import Tower
 
 @dataclass(frozen=True)
 class FlowCutConfig:
-    """What a patched model does: keep ``target_num`` patches at layer F = L + ``feature_layer``.
+    """What a patched model does: keep ``target_num`` patches at layer F = L + ``feature_layer`` (None for a family
+    whose feature layer is fixed: Qwen2-VL's merger takes the tower's last layer).
 
     With ``llm_stage`` the tower keeps ``tower_target`` = 2·target_num patches per image and the language model's
     decoder layer 1 keeps ``target_num`` of them (docs/semantics.md).
     """
 
     target_num: int
-    feature_layer: int
+    feature_layer: int | None
     backend: str
     llm_stage: bool = False
 

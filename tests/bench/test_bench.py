@@ -236,8 +236,8 @@ def test_missing_original_is_skipped_with_its_reason(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--target", "64"], "target_num=64 is out of range"),  # clip-tiny has 64 patches
-    (["--target", "8", "0"], "target_num=0 is out of range"),
+    (["--target", "64"], "--target=64 is out of range"),  # clip-tiny has 64 patches
+    (["--target", "8", "0"], "--target=0 is out of range"),
     (["--feature-layer", "0"], "feature_layer=0 is out of range"),
     (["--backends", "nope"], "--backends nope"),
     (["--batch", "0"], "--batch 0"),

@@ -172,7 +172,7 @@ def bad_llava(**fields):
     (lambda tmp: write_config(tmp, bad_llava()), ["--feature-layer", "-3"],
      "--feature-layer -3 differs from the LLaVA checkpoint's config.vision_feature_layer (-2)"),
     (lambda tmp: write_config(tmp, bad_llava()), ["--target", "64"],
-     "target_num=64 is out of range"),
+     "--target=64 is out of range"),
     (lambda tmp: write_config(tmp, CLIPVisionConfig(**synthetic.PRESETS["tiny"])), ["--feature-layer", "0"],
      "feature_layer=0 is out of range"),
     (lambda tmp: write_config(tmp, bad_llava()), ["--sharpen", "4"], "--sharpen does not apply to --model"),

@@ -244,14 +244,16 @@ def test_bad_inputs_leave_model_unchanged():
             flowcut(model, **kwargs)
         assert vars(model.model) == before
     flowcut(model, TARGET)
+    assert model.flowcut_config.feature_layer is None  # the merger takes the last layer: nothing to choose
     ids, _ = _prompts([[10, None, 11]], [(1, 8, 8)])
     with pytest.raises(FlowCutInputError, match="spatial_merge_size"):
         model(input_ids=ids, pixel_values=_pixels([(1, 6, 6)])[:45], image_grid_thw=torch.tensor([[1, 5, 9]]))
     with pytest.raises(FlowCutInputError, match="videos"):
         model(input_ids=ids, pixel_values_videos=_pixels([(2, 8, 8)]), video_grid_thw=torch.tensor([[2, 8, 8]]))
     wrong, _ = _prompts([[10, None, 11]], [(1, 8, 8)], target=16)
-    with pytest.raises(FlowCutInputError, match="processor"):
-        model(input_ids=wrong, pixel_values=_pixels([(1, 8, 8)]), image_grid_thw=torch.tensor([[1, 8, 8]]))
+    for call in (model, model.generate):  # generate asks for the positions before the images are encoded
+        with pytest.raises(FlowCutInputError, match="pass it when patching"):
+            call(input_ids=wrong, pixel_values=_pixels([(1, 8, 8)]), image_grid_thw=torch.tensor([[1, 8, 8]]))
     with pytest.raises(FlowCutInputError, match="Qwen2_5_VLProcessor"):
         flowcut(random_qwen2_5_vl(), TARGET, processor=tiny_qwen2_vl_processor())
     with pytest.raises(FlowCutInputError, match="padded on the left"):
