@@ -6,6 +6,8 @@
 - :func:`flowcut` / :func:`remove_flowcut` — patch one model instance and its processor, reversibly: LLaVA-1.5
   (CLIP or SigLIP tower), LLaVA-NeXT (anyres), Qwen2-VL and Qwen2.5-VL (with the language-model stage where the
   family's recipe has it), and bare CLIP / SigLIP vision towers.
+- :func:`calibrate_schedule` / :class:`StaticSchedule` — FlowCut with per-layer counts fixed in advance: no host
+  reads, ``torch.compile(fullgraph=True)`` and CUDA graphs.
 - :func:`build_info` — how the native extension was built (or why it is unavailable).
 - ``python -m flowcut_kernels.bench`` — the prefill benchmark (:mod:`flowcut_kernels.bench`).
 """
@@ -16,6 +18,7 @@ from .models import synthetic
 from .models.encoder import FlowCutOutput, encode
 from .models.llava import FlowCutImageFeatures
 from .models.registry import FlowCutConfig, flowcut, remove_flowcut
+from .models.schedule import StaticSchedule, calibrate_schedule
 from .models.vision import FlowCutVisionOutput, FlowCutVisionProjectionOutput
 from .ops import available_backends, reference
 from .ops.native import build_info
@@ -29,8 +32,10 @@ __all__ = [
     "FlowCutOutput",
     "FlowCutVisionOutput",
     "FlowCutVisionProjectionOutput",
+    "StaticSchedule",
     "available_backends",
     "build_info",
+    "calibrate_schedule",
     "encode",
     "flowcut",
     "ops",

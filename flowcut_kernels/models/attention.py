@@ -7,13 +7,13 @@ FlowCut registers one more name, ``"flowcut"``: it records the call's q/k/v and 
 being scored, then runs the implementation the model was configured with (SDPA, flash, eager, …), so
 the S×S matrix is never built by FlowCut. The name is selected on one model instance (its config)
 for the length of one pruned run (:func:`capturing`) and restored after it; other instances and the
-classes never see it.
+classes never see it. The run's :class:`Capture` travels on that config too (the attention modules hold it as
+``module.config``), so nothing global is involved and ``torch.compile`` traces the whole run.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -40,12 +40,13 @@ class Capture:
     calls: list[tuple[Tensor, Tensor, Tensor, float]] | None = None
 
 
-_RUN: ContextVar[Capture | None] = ContextVar("flowcut_capture", default=None)
+#: The config attribute that holds the run's :class:`Capture` while :func:`capturing` is active.
+_RUN = "_flowcut_capture"
 
 
 def flowcut_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
     """The registered ``"flowcut"`` attention: record q/k/v of the watched block, then run the real one."""
-    run = _RUN.get()
+    run = getattr(getattr(module, "config", None), _RUN, None)
     implementation = run.implementation if run is not None else "sdpa"
     if run is not None and module is run.watch:
         scaling = kwargs.get("scaling")
@@ -63,12 +64,15 @@ seams.register_attention(NAME, flowcut_attention)
 @contextmanager
 def capturing(config):
     """Select ``"flowcut"`` on ``config`` (one model instance's) for the block; yields the :class:`Capture`."""
-    prior = seams.attention_implementation(config)
-    run = Capture(prior or "eager")
-    token = _RUN.set(run)
+    prior, outer = seams.attention_implementation(config), getattr(config, _RUN, None)
+    run = Capture(outer.implementation if outer is not None else prior or "eager")
+    setattr(config, _RUN, run)
     seams.select_attention(config, NAME)
     try:
         yield run
     finally:
         seams.select_attention(config, prior)
-        _RUN.reset(token)
+        if outer is None:
+            delattr(config, _RUN)
+        else:
+            setattr(config, _RUN, outer)

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..checks import INPUT_DTYPES, check_int, check_tensor, require
+from ..checks import INPUT_DTYPES, FlowCutInputError, check_int, check_tensor, require
 from .attention import capturing
 from .policy import FlowCutPolicy, LayerView, Policy
 from .registry import find_tower
+from .schedule import StaticPolicy, StaticSchedule, check_schedule
 from .tower import Tower
 
 
@@ -216,7 +217,7 @@ def encode(
     target_num: int,
     *,
     feature_layer: int = -1,
-    schedule: str = "batch",
+    schedule: str | StaticSchedule = "batch",
     backend: str = "auto",
     policy: Policy | None = None,
 ) -> FlowCutOutput:
@@ -233,7 +234,9 @@ def encode(
         feature_layer: negative layer index whose output is the feature (-1 last; LLaVA-1.5 uses -2).
         schedule: "batch" — one schedule for the batch (each prune count the maximum over its images);
             "per_image" — each image on its own schedule, as if encoded alone, all in one pass (the images'
-            token counts differ between prune steps: padded, with their padding masked from attention).
+            token counts differ between prune steps: padded, with their padding masked from attention);
+            a :class:`~flowcut_kernels.StaticSchedule` — the counts fixed in advance (from
+            :func:`~flowcut_kernels.calibrate_schedule`): no host read, ``torch.compile(fullgraph=True)`` works.
         backend: "auto" or a name from :func:`flowcut_kernels.available_backends`.
         policy: another pruning method for the same loop (:class:`~flowcut_kernels.models.policy.Policy`); it
             must leave ``target_num`` patches per image. Default: FlowCut.
@@ -246,11 +249,17 @@ def encode(
     feature_idx = feature_index(feature_layer, len(tower.layers))
     target_num = check_target(target_num, tower.num_patches)
     check_pixels(pixel_values, tower)
-    require(schedule in ("batch", "per_image"), f"schedule={schedule!r} is not one of 'batch', 'per_image'")
+    static = schedule if isinstance(schedule, StaticSchedule) else None
+    if static is None and schedule not in ("batch", "per_image"):
+        raise FlowCutInputError(f"schedule={schedule!r} is not one of 'batch', 'per_image' or a StaticSchedule")
+    check_schedule(static, tower, feature_idx, target_num)
+    require(static is None or policy is None, "pass a static schedule or a policy, not both")
     per_image = schedule == "per_image"
     backend = ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS if per_image else ())
     hidden = tower.embed(pixel_values)
-    if policy is None:
+    if static is not None:
+        policy = StaticPolicy(static, tower.has_cls)
+    elif policy is None:
         policy = FlowCutPolicy(target_num, tower.has_cls)
     out, keep_indices, tokens = run_pruned(tower, hidden, policy, feature_idx, backend, per_image=per_image)
     require(keep_indices.shape[1] == target_num,

@@ -53,6 +53,7 @@ from . import lm_stage, seams
 from .encoder import PACKED_OPS, check_pixels, check_target, feature_index, run_pruned
 from .instance import is_patched, prior_attr, restore_patch, set_attrs
 from .policy import FlowCutPolicy
+from .schedule import StaticPolicy, check_schedule
 from .registry import Family, FlowCutConfig, find_tower, is_tower, supported_towers
 from .tower import Tower
 
@@ -181,10 +182,15 @@ def _pruned_image_features(
     # Each image on its own schedule (docs/semantics.md, "Batches"), all images in one tower pass: a prompt's
     # result never depends on its batch.
     layer_outputs = [list(hidden)] if output_hidden_states else None
-    policy = FlowCutPolicy(target_num, tower.has_cls)
+    static = config.schedule is not None  # the same counts for every image: one dense batch, no host read
+    if static:
+        check_schedule(config.schedule, tower, feature_idx, target_num)
+    policy = StaticPolicy(config.schedule, tower.has_cls) if static else FlowCutPolicy(target_num, tower.has_cls)
     last, keep_indices, tokens = run_pruned(
-        tower, hidden, policy, feature_idx, backend, layer_outputs, per_image=True, **kwargs
+        tower, hidden, policy, feature_idx, backend, layer_outputs, per_image=not static, **kwargs
     )
+    if static:
+        tokens = [tokens] * len(hidden)
     features = last[:, 1:] if tower.has_cls else last
     projected = self.multi_modal_projector(features)
     states = None
@@ -376,12 +382,15 @@ def _check_llava(
 
 
 def patch_llava(
-    model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None
+    model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None,
+    schedule=None,
 ) -> None:
     """Check every argument, then patch the LLaVA ``model`` (and ``processor``); see the module docstring."""
     require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
     target_num, feature_layer = _check_llava(model, target_num, feature_layer, backend, processor, bool(llm_stage))
-    config = FlowCutConfig(target_num, feature_layer, backend, bool(llm_stage))
+    config = FlowCutConfig(target_num, feature_layer, backend, bool(llm_stage), schedule)
+    tower = llava_tower(llava_core(model))
+    check_schedule(schedule, tower, len(tower.layers) + feature_layer, config.tower_target)
     core = llava_core(model)
     if processor is None:
         processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor

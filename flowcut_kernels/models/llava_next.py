@@ -41,6 +41,7 @@ from .llava import (
     llava_tower,
 )
 from .policy import FlowCutPolicy, LayerView
+from .schedule import refuse_schedule
 from .registry import Family, FlowCutConfig
 
 
@@ -280,11 +281,13 @@ def _check_next(model: nn.Module, target_num: int, feature_layer, backend: str, 
 
 
 def patch_llava_next(
-    model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None
+    model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None,
+    schedule=None,
 ) -> None:
     """Check every argument, then patch the LLaVA-NeXT ``model`` (and ``processor``); see the module docstring.
     ``llm_stage=None`` is the recipe's default for LLaVA-NeXT: on."""
     require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
+    refuse_schedule(schedule, "LLaVA-NeXT")
     llm_stage = llm_stage is not False
     feature_layer = _check_next(model, target_num, feature_layer, backend, processor, llm_stage)
     config = FlowCutConfig(target_num, feature_layer, backend, llm_stage)

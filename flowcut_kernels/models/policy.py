@@ -93,8 +93,12 @@ class FlowCutPolicy:
             )
         if layer.steps_left % 2:
             return cum, None
-        if layer.cu_seqlens is None:  # the batch rule: one count for all
+        if layer.steps_left == 0:  # the last step keeps the target: nothing to read
+            return cum, [self.target] * len(layer.lengths)
+        if layer.cu_seqlens is None:  # the batch rule: one count for all, one host read
             seq = layer.lengths[0]
             return cum, [max(seq - ops.prune_count(entropy, seq - first, self.target, layer.steps_left), self.target)]
-        prunes = ops.prune_counts(entropy, [s - first for s in layer.lengths], self.target, layer.steps_left)
+        prunes = ops.prune_counts(  # every image's count from one host read
+            entropy, [s - first for s in layer.lengths], self.target, layer.steps_left
+        )
         return cum, [max(s - p, self.target) for s, p in zip(layer.lengths, prunes)]

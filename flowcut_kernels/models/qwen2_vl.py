@@ -53,6 +53,7 @@ from . import lm_stage, seams
 from .attention import capturing
 from .instance import is_patched, prior_attr, restore_patch, set_attrs
 from .registry import Family, FlowCutConfig
+from .schedule import refuse_schedule
 
 #: The ops the tower stage runs.
 TOWER_OPS = ("flow_scores_varlen", "topk_select")
@@ -412,9 +413,10 @@ def check_processor(processor, core: nn.Module) -> None:
 
 
 def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None,
-                   llm_stage=None) -> None:
+                   llm_stage=None, schedule=None) -> None:
     """Check every argument, then patch ``model`` (and ``processor``); see the module docstring."""
     core = qwen_core(model)
+    refuse_schedule(schedule, "Qwen2-VL/2.5-VL")
     target_num = check_int("target_num", target_num, 1)
     require(feature_layer is None, "feature_layer does not apply to Qwen2-VL (the merger takes the last layer); "
                                    "leave it unset")

@@ -31,6 +31,7 @@ class FlowCutConfig:
     feature_layer: int | None
     backend: str
     llm_stage: bool = False
+    schedule: object = None  # a StaticSchedule of the tower's counts, or None: FlowCut's adaptive schedule
 
     @property
     def tower_target(self) -> int:
@@ -43,8 +44,8 @@ class Family:
     """A model family: the HF classes it handles and how to patch them.
 
     classes: returns the HF classes (imported lazily, so an old transformers without one still loads).
-    patch: ``patch(model, target_num, feature_layer=…, backend=…, processor=…, llm_stage=…)`` checks every argument
-        first (a FlowCutInputError leaves the model unchanged), then patches this instance.
+    patch: ``patch(model, target_num, feature_layer=…, backend=…, processor=…, llm_stage=…, schedule=…)`` checks
+        every argument first (a FlowCutInputError leaves the model unchanged), then patches this instance.
     unpatch: ``unpatch(model)`` restores the instance (and its processor) exactly.
     tower: for bare vision models, ``tower(model)`` → their :class:`Tower` (what ``encode`` runs).
     label: how error messages name the family's classes.
@@ -104,6 +105,7 @@ def flowcut(
     backend: str = "auto",
     processor=None,
     llm_stage: bool | None = None,
+    schedule=None,
 ) -> nn.Module:
     """Make ``model`` prune its visual tokens with FlowCut; returns the same model.
 
@@ -127,6 +129,10 @@ def flowcut(
             image and decoder layer 1 keeps target_num of them, text-guided. None: the family's recipe
             default (off for LLaVA-1.5, on for LLaVA-NeXT and Qwen2-VL/2.5-VL); refused by families without a
             language model.
+        schedule: a :class:`~flowcut_kernels.StaticSchedule` (from :func:`~flowcut_kernels.calibrate_schedule`
+            on this model) to prune with fixed per-layer counts — no host reads, compiles with
+            ``torch.compile(fullgraph=True)`` — or None for FlowCut's adaptive schedule. CLIP/SigLIP towers and
+            LLaVA-1.5 (its tower keeps the schedule's last count: 2·target_num with ``llm_stage``).
 
     A patched vision model's forward returns a :class:`~flowcut_kernels.FlowCutVisionOutput` (CLIP, SigLIP) or
     a :class:`~flowcut_kernels.FlowCutVisionProjectionOutput` (``CLIPVisionModelWithProjection``); the kept
@@ -143,7 +149,8 @@ def flowcut(
         )
     seams.check_release()
     family.patch(
-        model, target_num, feature_layer=feature_layer, backend=backend, processor=processor, llm_stage=llm_stage
+        model, target_num, feature_layer=feature_layer, backend=backend, processor=processor, llm_stage=llm_stage,
+        schedule=schedule,
     )
     return model
 

@@ -16,6 +16,7 @@ from ..checks import FlowCutInputError, require
 from .encoder import check_pixels, check_target, feature_index, run_pruned
 from .instance import restore_attrs, set_attrs
 from .policy import FlowCutPolicy
+from .schedule import StaticPolicy, check_schedule
 from .registry import FlowCutConfig, find_tower
 from .seams import BaseModelOutputWithPooling, CLIPVisionModelOutput
 
@@ -74,7 +75,11 @@ def _pruned_forward(
         output_hidden_states = self.config.output_hidden_states
     states = [hidden] if output_hidden_states else None
 
-    policy = FlowCutPolicy(target_num, tower.has_cls)
+    if config.schedule is not None:
+        check_schedule(config.schedule, tower, feature_idx, target_num)  # the same tower; the image size may differ
+        policy = StaticPolicy(config.schedule, tower.has_cls)
+    else:
+        policy = FlowCutPolicy(target_num, tower.has_cls)
     last, keep_indices, tokens = run_pruned(tower, hidden, policy, feature_idx, backend, states, **kwargs)
 
     core = tower.core
@@ -99,20 +104,22 @@ def _pruned_forward(
 
 
 def patch_vision_model(
-    model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None
+    model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None,
+    schedule=None,
 ):
     """Check, then patch a bare vision model (``processor`` is accepted and left untouched)."""
     require(not llm_stage, f"llm_stage=True needs a language model; a {type(model).__name__} has none: leave it unset")
     tower = find_tower(model)
     if feature_layer is None:
         feature_layer = -1
-    feature_index(feature_layer, len(tower.layers))
+    feature_idx = feature_index(feature_layer, len(tower.layers))
     target_num = check_target(target_num, tower.num_patches)
+    check_schedule(schedule, tower, feature_idx, target_num)
     ops.resolve_backend(backend, tower.device, tower.dtype)
     set_attrs(
         model,
         forward=types.MethodType(_pruned_forward, model),
-        flowcut_config=FlowCutConfig(target_num, feature_layer, backend),
+        flowcut_config=FlowCutConfig(target_num, feature_layer, backend, schedule=schedule),
     )
 
 

@@ -235,9 +235,12 @@ def kept_rows_varlen(cum: Tensor, cu_seqlens: Tensor, keep: list[int], has_cls: 
 
 
 def prune_counts(entropy: Tensor, n_candidates: list[int], target: int, steps_left: int) -> list[int]:
-    """:func:`prune_count` of each image alone (a per-image schedule): B ints, one host read of ``entropy``."""
-    values = entropy.double().cpu()
-    return [prune_count(values[b : b + 1], n, target, steps_left) for b, n in enumerate(n_candidates)]
+    """:func:`prune_count` of each image alone (a per-image schedule): B ints, from one host read."""
+    excess = [n - (target - 1) for n in n_candidates]
+    if steps_left == 0:
+        return excess
+    values = entropy.double().tolist()  # the one read; then :func:`prune_count`'s float64 arithmetic per image
+    return [max(round(e / math.sqrt(steps_left) * (1.0 - h * h)), 0) for e, h in zip(excess, values)]
 
 
 # --- Generic primitives (other pruning methods build on these) -------------------------------------------
