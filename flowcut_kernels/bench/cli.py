@@ -279,7 +279,7 @@ def _run_models(args, info: dict) -> list[dict]:
     original = _original(args, built)
     scenario = isinstance(built, scenarios.BuiltScenario)
     n_methods = ("unpruned" in args.methods) + (original is not None) + len(args.backends) * sum(
-        f in args.methods for f in ("flowcut", "per-image", "serial")
+        f in args.methods for f in ("flowcut", "static", "per-image", "serial")
         + (("stage",) if getattr(built, "prefill", None) is not None else ()))
     calls = max(args.warmup, 1) + args.repeats
     bar = Progress(len(args.batch) * len(args.target) * n_methods * calls, enabled=not args.no_progress)
@@ -319,6 +319,9 @@ def _run_models(args, info: dict) -> list[dict]:
                 if "original" in first and result.keep_indices is not None and name != "original":
                     row["agreement_with_original"] = presets.agreement(
                         result.keep_indices, first["original"].keep_indices)
+                adaptive = first.get(name.replace("static-", "flowcut-", 1)) if name.startswith("static-") else None
+                if adaptive is not None:
+                    row["agreement_with_adaptive"] = presets.agreement(result.keep_indices, adaptive.keep_indices)
                 group.append(row)
             for row in group:
                 for base in ("unpruned", "original"):
@@ -340,6 +343,10 @@ def _print_schedules(label: str, first: dict) -> None:
         if name != "original" and "original" in first and result.keep_indices is not None:
             share = presets.agreement(result.keep_indices, first["original"].keep_indices)
             print(f"{label} {name}: keeps {share:.1%} of the patches original keeps", flush=True)
+        adaptive = first.get(name.replace("static-", "flowcut-", 1)) if name.startswith("static-") else None
+        if adaptive is not None:
+            share = presets.agreement(result.keep_indices, adaptive.keep_indices)
+            print(f"{label} {name}: keeps {share:.1%} of the patches the adaptive schedule keeps", flush=True)
 
 
 def _kernel_rows(args, info: dict) -> tuple[list[dict], float]:

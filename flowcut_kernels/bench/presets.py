@@ -18,6 +18,9 @@ Methods, each a zero-argument callable returning a :class:`MethodResult`:
   probabilities, Python scoring, a host sync per prune step, every layer run), on CLIP towers only;
 - ``flowcut-<backend>`` — :func:`flowcut_kernels.encode` with that backend (layers 0 … F only), one schedule
   for the batch (the batch rule);
+- ``static-<backend>`` — ``encode(..., schedule=static)``: the per-layer counts fixed in advance by
+  :func:`flowcut_kernels.calibrate_schedule` on :data:`CALIBRATION_IMAGES` other random images (not timed): no
+  host read; its kept-set agreement with ``flowcut-<backend>`` (the adaptive schedule) is reported;
 - ``per-image-<backend>`` — ``encode(..., schedule="per_image")``: each image on its own schedule, all images in
   ONE padded pass (what the LLaVA patch runs);
 - ``serial-<backend>`` — the same per-image result the old way: B single-image ``encode`` calls, one after the
@@ -43,7 +46,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import encode, synthetic
+from .. import calibrate_schedule, encode, synthetic
 from ..models.registry import find_tower
 
 #: Vicuna-7B (LLaVA-1.5-7B's language model) shapes.
@@ -77,7 +80,7 @@ class ModelPreset:
     image_position: int = IMAGE_POSITION
     cuda_only: str | None = None  # why the preset cannot run on a CPU, if it cannot
     default_batch: tuple[int, ...] = (1,)
-    methods: tuple[str, ...] = ("unpruned", "original", "flowcut")  # the default method families
+    methods: tuple[str, ...] = ("unpruned", "original", "flowcut", "static")  # the default method families
     cuda_methods: tuple[str, ...] | None = None  # the default families on CUDA, when they differ
 
     def default_methods(self, device: torch.device) -> list[str]:
@@ -100,8 +103,10 @@ class ModelPreset:
 
 
 #: Method families of the CLIP / LLaVA-1.5 presets (``--methods``); LLaVA presets add "stage".
-ENCODER_FAMILIES = ("unpruned", "original", "flowcut", "per-image", "serial")
-BASE = ("unpruned", "original", "flowcut")
+ENCODER_FAMILIES = ("unpruned", "original", "flowcut", "static", "per-image", "serial")
+BASE = ("unpruned", "original", "flowcut", "static")
+#: Random images the static schedule is calibrated on (another seed than the timed ones).
+CALIBRATION_IMAGES = 8
 RAGGED = ("per-image", "serial")
 
 MODEL_PRESETS = {
@@ -321,6 +326,17 @@ def methods(
 
         return run
 
+    def static(backend: str) -> Callable[[], MethodResult]:
+        calibration = synthetic.random_pixels(tower, CALIBRATION_IMAGES, seed=1_000_003)
+        with torch.inference_mode():
+            schedule = calibrate_schedule(tower, calibration, target, feature_layer=feature_layer, backend=backend)
+
+        def run() -> MethodResult:
+            out = encode(tower, pixels, target, feature_layer=feature_layer, schedule=schedule, backend=backend)
+            return finish(out.features, out.keep_indices, out.tokens_per_layer)
+
+        return run
+
     def per_image(backend: str) -> Callable[[], MethodResult]:
         def run() -> MethodResult:
             out = encode(tower, pixels, target, feature_layer=feature_layer, schedule="per_image", backend=backend)
@@ -361,7 +377,8 @@ def methods(
         found["unpruned"] = unpruned
     if "original" in include and original is not None:
         found["original"] = original_style
-    for family, make in (("flowcut", flowcut), ("per-image", per_image), ("serial", serial), ("stage", stage)):
+    families = (("flowcut", flowcut), ("static", static), ("per-image", per_image), ("serial", serial), ("stage", stage))
+    for family, make in families:
         if family in include and (family != "stage" or prefill is not None):
             for backend in backends:
                 found[f"{family}-{backend}"] = make(backend)

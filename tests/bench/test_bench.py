@@ -38,7 +38,7 @@ def test_encoder_preset_rows(tmp_path, capsys):
                        "--json", str(path), "--markdown", str(tmp_path / "rows.md")])
     printed = capsys.readouterr().out
     assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
-    methods = ["unpruned", "original"] + [f"flowcut-{b}" for b in cpu_backends()]
+    methods = ["unpruned", "original"] + [f"{f}-{b}" for f in ("flowcut", "static") for b in cpu_backends()]
     assert len(rows) == 2 * 2 * len(methods)
     for row in rows:
         assert REQUIRED <= set(row)
@@ -54,8 +54,12 @@ def test_encoder_preset_rows(tmp_path, capsys):
         if row["method"].startswith("flowcut"):
             assert len(row["tokens_per_layer"]) == 5  # layers 0 … F = 4; layer 5 is not run
             assert row["agreement_with_original"] == 1.0  # float32: the same patches as the original
+        if row["method"].startswith("static"):
+            assert 0 < row["agreement_with_adaptive"] <= 1
+            assert row["tokens_per_layer"] == sorted(row["tokens_per_layer"], reverse=True)
     assert {(r["batch"], r["target"]) for r in rows} == {(1, 8), (1, 12), (2, 8), (2, 12)}
     assert "tokens per layer 65 " in printed and "keeps 100.0% of the patches original keeps" in printed
+    assert "of the patches the adaptive schedule keeps" in printed
     markdown = (tmp_path / "rows.md").read_text()
     assert "| method | batch | target |" in markdown and "Versions: " in markdown and "Tokens per layer" in markdown
 

@@ -50,10 +50,11 @@ def test_per_image_pass_gives_the_serial_result():
 def test_gpu_presets_add_the_ragged_and_stage_rows():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only the device type is read
     clip = bench_models.MODEL_PRESETS["clip-l-336"]
-    assert clip.default_methods(cpu) == ["unpruned", "original", "flowcut"]  # the recorded CPU run is unchanged
-    assert clip.default_methods(cuda) == ["unpruned", "original", "flowcut", "per-image", "serial"]
+    assert clip.default_methods(cpu) == ["unpruned", "original", "flowcut", "static"]
+    assert clip.default_methods(cuda) == ["unpruned", "original", "flowcut", "static", "per-image", "serial"]
     llava = bench_models.MODEL_PRESETS["llava-1.5-7b"]
-    assert llava.default_methods(cuda) == ["unpruned", "original", "flowcut", "per-image", "serial", "stage"]
+    assert llava.default_methods(cuda) == ["unpruned", "original", "flowcut", "static", "per-image", "serial",
+                                           "stage"]
     assert bench_models.MODEL_PRESETS["ragged-clip-l-336"].default_batch == (8,)
     assert bench_models.MODEL_PRESETS["ragged-clip-l-336"].tower == "clip-l-336"
 
