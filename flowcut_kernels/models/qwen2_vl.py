@@ -268,8 +268,32 @@ def mrope_positions(
             current, i, image = current + max(h, w), i + counts[image], image + 1
         row = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
         positions[:, b, mask[b].bool()] = row.to(positions.device)
-        deltas.append(int(row.max()) + 1 - (len(ids) if per_real_token else mask.shape[1]) if row.numel() else 0)
+        # the next token (generated text) continues as text would: after a trailing image at p + max(h', w')
+        deltas.append(current - (len(ids) if per_real_token else mask.shape[1]) if row.numel() else 0)
     return positions, torch.tensor(deltas, device=input_ids.device)[:, None]
+
+
+def _decode_positions(core: nn.Module, position_ids, attention_mask, cache, input_ids, inputs_embeds):
+    """The M-RoPE positions of a decode step (tokens after a cached prompt): those of text counted on by
+    ``rope_deltas``, as the stock forward computes them without ``position_ids``. ``generate`` passes positions that
+    continue from its own of the prompt's last token: after a prune those are the text's only when the prompt was
+    given with mm_token_type_ids and ends on text. The text row of 4-row position ids (transformers > 5.0) is kept."""
+    deltas = getattr(core, "rope_deltas", None)
+    past = cache.get_seq_length() if cache is not None else 0
+    if position_ids is None or deltas is None or past == 0:
+        return position_ids
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    batch, length = tokens.shape[:2]
+    per_real_token = "mm_token_type_ids" in inspect.signature(type(core).get_rope_index).parameters
+    if attention_mask is not None and attention_mask.dim() == 2 and per_real_token:
+        text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    else:
+        text = torch.arange(past, past + length, device=tokens.device).expand(batch, -1)
+    deltas = deltas.to(text.device).repeat_interleave(batch // deltas.shape[0], dim=0)
+    mrope = (text + deltas)[None].expand(3, -1, -1).to(position_ids.dtype)
+    if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        return torch.cat([position_ids[:1], mrope.to(position_ids.device)])
+    return mrope.to(position_ids.device)
 
 
 def _rope_index(self: nn.Module, *args, **kwargs):
@@ -310,7 +334,8 @@ def _forward(
         kwargs["mm_encoder_outputs"] = {**mm_encoder_outputs, "image": None}
     if pixel_values is None and encoded is None:
         return stock(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=_decode_positions(self, position_ids, attention_mask, past_key_values, input_ids, inputs_embeds),
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, image_grid_thw=image_grid_thw, **kwargs,
         )
     require(input_ids is not None, "a Qwen2-VL prompt with images needs input_ids (for its M-RoPE positions)")
