@@ -58,6 +58,44 @@ def generate(model, batch, **kwargs):
     return out.sequences[:, batch["input_ids"].shape[1]:], out.logits
 
 
+def beam_search(model, batch):
+    """num_beams=2, num_return_sequences=2, no length penalty: the generated tokens (2B, NEW) and each sequence's
+    score (2B,), the sum of its tokens' log-probabilities."""
+    out = model.generate(**batch, num_beams=2, num_return_sequences=2, max_new_tokens=NEW, length_penalty=0.0,
+                         output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (2 * len(batch["input_ids"]), batch["input_ids"].shape[1] + NEW)
+    return out.sequences[:, -NEW:], out.sequences_scores
+
+
+def log_probability(model, alone, tokens):
+    """The log-probability of ``tokens`` (NEW,) after the single prompt ``alone``: its prefill, then each token fed on
+    the cache (no beams: the prompt's own images, whatever the beam expansion does). Qwen's decode positions are
+    given explicitly (the real length plus rope_deltas: test_qwen_decode_steps_and_rope_deltas_equal_oracle checks
+    them), as generate gives them."""
+    out = model(**alone, use_cache=True)
+    mask, cache, total = alone["attention_mask"], out.past_key_values, 0.0
+    deltas = getattr(model.model, "rope_deltas", None)
+    for i, token in enumerate(tokens):
+        total += float(torch.log_softmax(out.logits[0, -1].double(), -1)[token])
+        if i + 1 < len(tokens):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            positions = None if deltas is None else (mask.sum() - 1 + deltas).view(1, 1, 1).expand(3, 1, 1)
+            out = model(input_ids=token.view(1, 1), attention_mask=mask, past_key_values=cache, use_cache=True,
+                        position_ids=positions)
+    return total
+
+
+def assert_same_beams(model, alone, batched, i):
+    """Prompt i's two sequences in the batched beam search equal those it gets alone, and their scores are their
+    log-probabilities given the prompt's own images (within 1e-4): a wrong image order in the beam expansion, which a
+    prompt alone would share with the batch, changes them."""
+    tokens, scores = beam_search(model, alone)
+    assert torch.equal(tokens, batched[0][2 * i: 2 * i + 2])
+    torch.testing.assert_close(scores, batched[1][2 * i: 2 * i + 2], rtol=1e-4, atol=1e-5)
+    want = torch.tensor([log_probability(model, alone, row) for row in tokens], dtype=scores.dtype)
+    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
+
+
 # --- LLaVA-1.5 with the language-model stage ------------------------------------------------------
 
 
@@ -130,12 +168,10 @@ def test_next_beams_equal_each_prompt_alone():
     prompts = ["USER: <image> w1 <image> ASSISTANT:", "USER: <image> w2 ASSISTANT:"]
     sizes = [(30, 90), (64, 64), (90, 30)]
     model, processor, batch = next_run(K, True, prompts, sizes)
-    beams = dict(num_beams=2, num_return_sequences=2, max_new_tokens=NEW)
-    out = model.generate(**batch, **beams)[:, -NEW:]
-    assert out.shape == (4, NEW)
+    out = beam_search(model, batch)
     for i, (prompt, mine) in enumerate(zip(prompts, ([0, 1], [2]))):
         alone = processor(text=[prompt], images=next_images(sizes)[mine[0]: mine[-1] + 1], return_tensors="pt")
-        assert torch.equal(model.generate(**alone, **beams)[:, -NEW:], out[2 * i: 2 * i + 2])
+        assert_same_beams(model, alone, out, i)
 
 
 # --- Qwen2-VL and Qwen2.5-VL ----------------------------------------------------------------------
@@ -209,9 +245,7 @@ def test_qwen_beams_equal_each_prompt_alone(name, stage):
     prompt's two sequences are those it gets alone."""
     batch, grids = qwen_batch("two-images", PER_REAL_TOKEN)
     model = flowcut(MODELS[name][0](), QWEN_TARGET, llm_stage=stage)
-    beams = dict(num_beams=2, num_return_sequences=2, max_new_tokens=NEW)
-    out = model.generate(**batch, **beams)[:, -NEW:]
-    assert out.shape == (4, NEW)
+    out = beam_search(model, batch)
     prompts = QWEN_CASES["two-images"][0]
     pixels = batch["pixel_values"].split([t * h * w for t, h, w in grids])
     for i, images in enumerate(([0, 1], [2])):
@@ -220,4 +254,4 @@ def test_qwen_beams_equal_each_prompt_alone(name, stage):
                      image_grid_thw=torch.tensor([grids[g] for g in images]))
         if PER_REAL_TOKEN:
             alone["mm_token_type_ids"] = (ids == IMAGE).long()
-        assert torch.equal(model.generate(**alone, **beams)[:, -NEW:], out[2 * i: 2 * i + 2])
+        assert_same_beams(model, alone, out, i)
