@@ -237,3 +237,19 @@ def test_varlen_ops_refuse_out_of_range_keep_and_mismatched_shapes():
         scores(qp, kp, vp[:-1], cu, prev, 1.0, True, True)
     with pytest.raises(RuntimeError, match=r"prev must have shape \(T_c,\)"):
         scores(qp, kp, vp, cu, prev[None], 1.0, True, True)
+
+
+def test_flow_scores_refuse_zero_heads():
+    """H = 0 (a mean over no heads) is refused by name; it read past the end of empty k/v (a crash) before the C++
+    check, through the public op as well."""
+    from flowcut_kernels import ops
+
+    q, k, v = torch.randn(2, 0, 8), torch.randn(2, 0, 9, 8), torch.randn(2, 0, 9, 8)
+    match = r"k must hold at least one head \(H >= 1"
+    with pytest.raises(RuntimeError, match=match):
+        OPS.native_flow_scores(q, k, v, None, 1.0, True, True)
+    with pytest.raises(RuntimeError, match=match):
+        ops.flow_scores(q, k, v, scale=1.0, backend="native")
+    with pytest.raises(RuntimeError, match=match):
+        OPS.native_flow_scores_varlen(q[:1], k[0].transpose(0, 1), v[0].transpose(0, 1), torch.tensor([0, 9]), None,
+                                      1.0, True, True)
