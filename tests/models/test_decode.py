@@ -15,20 +15,21 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from oracle.decode import naive_llava_decode, naive_qwen_decode  # noqa: E402
-from oracle.llava import naive_llava_features  # noqa: E402
-from oracle.llava_next import naive_next_features  # noqa: E402
-from test_llava_next import images as next_images  # noqa: E402
-from test_llava_next import tiny_next  # noqa: E402
-from test_lm_stage import MIXED  # noqa: E402
-from test_lm_stage import SINGLE as LLAVA_SINGLE  # noqa: E402
-from test_lm_stage import inputs as llava_inputs  # noqa: E402
-from test_lm_stage import stage_llava  # noqa: E402
-from test_qwen2_vl import END, IMAGE, MODELS, START, _pixels  # noqa: E402
+from oracle.decode import naive_llava_decode, naive_qwen_decode
+from oracle.llava import naive_llava_features
+from oracle.llava_next import naive_next_features
+from test_llava_next import images as next_images
+from test_llava_next import tiny_next
+from test_lm_stage import (
+    MIXED,
+    stage_llava,
+)
+from test_lm_stage import SINGLE as LLAVA_SINGLE
+from test_lm_stage import inputs as llava_inputs
+from test_qwen2_vl import END, IMAGE, MODELS, START, _pixels
+from transformers import Qwen2VLModel
 
-from transformers import Qwen2VLModel  # noqa: E402
-
-from flowcut_kernels import flowcut, synthetic  # noqa: E402
+from flowcut_kernels import flowcut, synthetic
 
 pytest.importorskip("PIL", reason="transformers' image processors need Pillow")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -214,7 +215,8 @@ TYPE_IDS = [False, True] if PER_REAL_TOKEN else [False]
 def qwen_batch(case, type_ids):
     prompts, grids, end = QWEN_CASES[case]
     ids, mask = qwen_prompts(prompts, grids, QWEN_TARGET, end)
-    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=_pixels(grids), image_grid_thw=torch.tensor(grids))
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": _pixels(grids),
+             "image_grid_thw": torch.tensor(grids)}
     if type_ids:
         batch["mm_token_type_ids"] = (ids == IMAGE).long()
     return batch, grids
@@ -250,8 +252,8 @@ def test_qwen_beams_equal_each_prompt_alone(name, stage):
     pixels = batch["pixel_values"].split([t * h * w for t, h, w in grids])
     for i, images in enumerate(([0, 1], [2])):
         ids, mask = qwen_prompts(prompts[i: i + 1], [grids[g] for g in images], QWEN_TARGET)
-        alone = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([pixels[g] for g in images]),
-                     image_grid_thw=torch.tensor([grids[g] for g in images]))
+        alone = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([pixels[g] for g in images]),
+                 "image_grid_thw": torch.tensor([grids[g] for g in images])}
         if PER_REAL_TOKEN:
             alone["mm_token_type_ids"] = (ids == IMAGE).long()
         assert_same_beams(model, alone, out, i)

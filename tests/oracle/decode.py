@@ -90,7 +90,7 @@ def naive_llava_decode(model, input_ids, attention_mask, features, target_num, g
         logits, cache, kept = _prefill(decoder, x, torch.arange(len(x)), segments, [target_num] * len(segments),
                                        short_positions=torch.arange(short_length))
         kept_all += kept
-        later = _decode(decoder, cache, generated[b, :-1], lambda i: torch.tensor([short_length + i]))
+        later = _decode(decoder, cache, generated[b, :-1], lambda i, n=short_length: torch.tensor([n + i]))
         steps.append(torch.stack([logits, *later]))
     return torch.stack(steps, 1), kept_all
 
@@ -130,7 +130,7 @@ def naive_qwen_decode(model, input_ids, mask, pixel_values, grids, target_num, g
             current, i, image = current + max(h, w), i + count, image + 1
         x, positions = torch.stack(rows), torch.stack(positions, 1)
         logits, cache, _ = _prefill(decoder, x, positions, segments, keeps)
-        later = _decode(decoder, cache, generated[b, :-1], lambda i: torch.full((3, 1), current + i))
+        later = _decode(decoder, cache, generated[b, :-1], lambda i, n=current: torch.full((3, 1), n + i))
         steps.append(torch.stack([logits, *later]))
         starts.append(current)
     return torch.stack(steps, 1), torch.tensor(starts)
