@@ -336,9 +336,9 @@ def _forward(
     if mm_encoder_outputs is not None:  # transformers > 5.0 only
         kwargs["mm_encoder_outputs"] = {**mm_encoder_outputs, "image": None}
     if pixel_values is None and encoded is None:
+        position_ids = _decode_positions(self, position_ids, attention_mask, past_key_values, input_ids, inputs_embeds)
         return stock(
-            input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=_decode_positions(self, position_ids, attention_mask, past_key_values, input_ids, inputs_embeds),
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, image_grid_thw=image_grid_thw, **kwargs,
         )
     require(input_ids is not None, "a Qwen2-VL prompt with images needs input_ids (for its M-RoPE positions)")
