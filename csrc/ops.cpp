@@ -64,6 +64,8 @@ std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu_seqlens, int64_t rows,
 void check_flow_scores_inputs(const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& prev, bool has_cls) {
   TORCH_CHECK(k.dim() == 4, "k must have shape (B, H, S, D), got ", k.sizes());
+  TORCH_CHECK(k.size(1) >= 1, "k must hold at least one head (H >= 1: the scores are means over heads), got ",
+              k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(is_float(k) && v.scalar_type() == k.scalar_type(),
               "k and v must share one dtype of float32/float16/bfloat16/float64, got ", k.scalar_type(), " and ",
@@ -105,6 +107,8 @@ std::vector<int64_t> check_flow_scores_varlen_inputs(const at::Tensor& q_relay, 
                                                      const at::Tensor& v, const at::Tensor& cu_seqlens,
                                                      const std::optional<at::Tensor>& prev, bool has_cls) {
   TORCH_CHECK(k.dim() == 3, "k must have shape (T, H, D), got ", k.sizes());
+  TORCH_CHECK(k.size(1) >= 1, "k must hold at least one head (H >= 1: the scores are means over heads), got ",
+              k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(is_float(k) && v.scalar_type() == k.scalar_type(),
               "k and v must share one dtype of float32/float16/bfloat16/float64, got ", k.scalar_type(), " and ",

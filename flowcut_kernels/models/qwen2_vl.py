@@ -28,6 +28,9 @@ The patch replaces, on the one ``Qwen2VLModel`` (``Qwen2_5_VLModel``) instance:
 - ``get_rope_index``: the same positions from the prompt alone (``generate`` asks before the images are encoded):
   right for the text; the image tokens get the first K_b groups' positions, replaced by the prefill's.
 
+and, on a ``…ForConditionalGeneration``, ``_expand_inputs_for_generation`` (beams, several sequences): each prompt's
+images (pixels and grids, or their pre-encoded FlowCut features) are repeated as a group.
+
 With the language-model stage (``llm_stage``, the default; docs/semantics.md) the tower keeps W_b = min(2·target_num,
 G₀_b) groups per image and a prompt with images is prefilled by :func:`.lm_stage.prefill`: decoder layers 0 and 1
 see each image's W_b tokens at their original M-RoPE positions in place of its K_b placeholders, layer 1 keeps K_b of
@@ -251,7 +254,8 @@ def mrope_positions(
             current, i, image = current + max(h, w), i + counts[image], image + 1
         row = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
         positions[:, b, mask[b].bool()] = row.to(positions.device)
-        deltas.append(int(row.max()) + 1 - (len(ids) if per_real_token else mask.shape[1]) if row.numel() else 0)
+        # the next token (generated text) continues as text would: after a trailing image at p + max(h', w')
+        deltas.append(current - (len(ids) if per_real_token else mask.shape[1]) if row.numel() else 0)
     return positions, torch.tensor(deltas, device=input_ids.device)[:, None]
 
 
@@ -264,6 +268,29 @@ def _check_count(core: nn.Module, placeholders: Tensor, counts: list[int]) -> No
             f"writes the unpruned count; pass it when patching, flowcut(model, {core.flowcut_config.target_num}, "
             f"processor=processor), and process the prompts again"
         )
+
+
+def _decode_positions(core: nn.Module, position_ids, attention_mask, cache, input_ids, inputs_embeds):
+    """The M-RoPE positions of a decode step (tokens after a cached prompt): those of text counted on by
+    ``rope_deltas``, as the stock forward computes them without ``position_ids``. ``generate`` passes positions that
+    continue from its own of the prompt's last token: after a prune those are the text's only when the prompt was
+    given with mm_token_type_ids and ends on text. The text row of 4-row position ids (transformers > 5.0) is kept."""
+    deltas = getattr(core, "rope_deltas", None)
+    past = cache.get_seq_length() if cache is not None else 0
+    if position_ids is None or deltas is None or past == 0:
+        return position_ids
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    batch, length = tokens.shape[:2]
+    per_real_token = seams.rope_deltas_from_real_tokens(core)
+    if attention_mask is not None and attention_mask.dim() == 2 and per_real_token:
+        text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    else:
+        text = torch.arange(past, past + length, device=tokens.device).expand(batch, -1)
+    deltas = deltas.to(text.device).repeat_interleave(batch // deltas.shape[0], dim=0)
+    mrope = (text + deltas)[None].expand(3, -1, -1).to(position_ids.dtype)
+    if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        return torch.cat([position_ids[:1], mrope.to(position_ids.device)])
+    return mrope.to(position_ids.device)
 
 
 def _rope_index(self: nn.Module, *args, **kwargs):
@@ -306,6 +333,7 @@ def _forward(
     if mm_encoder_outputs is not None:  # transformers > 5.0 only
         kwargs["mm_encoder_outputs"] = {**mm_encoder_outputs, "image": None}
     if pixel_values is None and encoded is None:
+        position_ids = _decode_positions(self, position_ids, attention_mask, cache, input_ids, inputs_embeds)
         return stock(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
             image_grid_thw=image_grid_thw, **seams.cache_arg(cache), **kwargs,
@@ -376,6 +404,59 @@ def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, e
     return out if return_dict else out.to_tuple()
 
 
+def _expand_by_prompt(self: nn.Module, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+    """The outer model's ``_expand_inputs_for_generation`` (beams, num_return_sequences): each prompt's images are
+    repeated as a group, [A1, A2] → [A1, A2, A1, A2] — their pixels and grids, or the FlowCut features ``generate``
+    encoded before (whose pooled tokens, 2·K per image with the stage, do not match the prompt's K placeholders that
+    the stock expansion counts, and whose kept groups and grids it does not expand)."""
+    stock = seams.stock_expand_inputs(self)
+    if expand_size == 1:
+        return stock(expand_size=1, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+    core = qwen_core(self)
+    encoded_all = model_kwargs.get("mm_encoder_outputs") or {}
+    encoded = encoded_all.get("image")
+    ours = isinstance(encoded, FlowCutQwenImageFeatures) and encoded.grid_thw is not None
+    if ours:
+        model_kwargs["mm_encoder_outputs"] = {**encoded_all, "image": None}
+    images = {name: model_kwargs.pop(name, None) for name in ("pixel_values", "image_grid_thw")}
+    input_ids, model_kwargs = stock(
+        expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+    )
+    grid = encoded.grid_thw if ours else images["image_grid_thw"]
+    if grid is None:
+        model_kwargs.update({k: v for k, v in images.items() if v is not None})
+        return input_ids, model_kwargs
+    counts = token_counts(core, grid)
+    order = [g for g in range(len(counts)) for _ in range(expand_size)]  # stock's, if the prompts do not match
+    if input_ids is not None:
+        per_prompt = (input_ids[::expand_size] == core.config.image_token_id).sum(1).tolist()
+        groups, first = [], 0
+        for total in per_prompt:
+            last, seen = first, 0
+            while seen < total and last < len(counts):
+                seen, last = seen + counts[last], last + 1
+            groups.append(list(range(first, last)))
+            first = last
+        if first == len(counts) and [sum(counts[g] for g in group) for group in groups] == per_prompt:
+            order = [g for group in groups for _ in range(expand_size) for g in group]
+    index = torch.tensor(order, dtype=torch.long)
+    if ours:
+        merge = core.visual.spatial_merge_size ** 2
+        rows = encoded.last_hidden_state.split([merge * len(k) for k in encoded.keep_groups])
+        model_kwargs["mm_encoder_outputs"]["image"] = FlowCutQwenImageFeatures(
+            last_hidden_state=torch.cat([rows[g] for g in order]),
+            pooler_output=tuple(encoded.pooler_output[g] for g in order),
+            keep_groups=tuple(encoded.keep_groups[g] for g in order),
+            grid_thw=encoded.grid_thw[index.to(encoded.grid_thw.device)],
+        )
+    if images["image_grid_thw"] is not None:
+        model_kwargs["image_grid_thw"] = images["image_grid_thw"][index.to(images["image_grid_thw"].device)]
+    if images["pixel_values"] is not None:
+        patches = images["pixel_values"].split(images["image_grid_thw"].prod(-1).tolist())
+        model_kwargs["pixel_values"] = torch.cat([patches[g] for g in order])
+    return input_ids, model_kwargs
+
+
 def _replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
     """The patched processor's placeholders for one image: min(target_num, merged tokens)."""
     tokens = int(image_inputs["image_grid_thw"][image_idx].prod()) // self.image_processor.merge_size**2
@@ -444,7 +525,8 @@ def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, bac
         _flowcut_processor=processor,
     )
     if model is not core:
-        set_attrs(model, flowcut_config=config)
+        set_attrs(model, flowcut_config=config,
+                  _expand_inputs_for_generation=types.MethodType(_expand_by_prompt, model))
 
 
 def unpatch_qwen2_vl(model: nn.Module) -> None:
