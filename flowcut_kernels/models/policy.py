@@ -57,6 +57,37 @@ class LayerView:
         return total / lengths.to(dtype)[:, None, None]
 
 
+def scheduled_keep(
+    entropy: Tensor, sizes: list[int], finals: list[int], steps_left: int, *, relay: int, rule_target: int
+) -> list[int] | None:
+    """FlowCut's schedule rule, image by image (docs/semantics.md, "Schedule"): the rows each image keeps after a
+    layer with ``steps_left`` prune steps after it, or None where the layer does not prune (odd ``steps_left``).
+
+    The last step (``steps_left`` = 0) keeps ``finals`` (no host read). Before it, an image above its final count
+    drops prune = round_half_to_even((N − (rule_target − 1)) / √rpl · (1 − Hn²)) (``ops.prune_counts``: every image
+    from one host read) and keeps max(size − prune, final). The batch rule is the fewest of these (the rounding is
+    monotone, so the minimum keep is the one of the batch's maximum budget).
+
+    Args:
+        entropy: (B,) each image's normalised entropy Hn at this layer.
+        sizes: each image's rows (relay row included); finals: the rows each keeps at the end (relay included).
+        relay: 1 when each image's row 0 is a relay (not a candidate: N = size − 1), else 0 (N = size).
+        rule_target: the T of the prune count (the CLS variant's target_num + 1; see the family's recipe).
+    """
+    if steps_left % 2:
+        return None
+    if steps_left == 0:
+        return list(finals)
+    keep = list(sizes)
+    live = [b for b, (size, final) in enumerate(zip(sizes, finals)) if size > final]
+    if live:
+        values = entropy if len(live) == len(sizes) else entropy[live]
+        prunes = ops.prune_counts(values, [sizes[b] - relay for b in live], rule_target, steps_left)
+        for b, prune in zip(live, prunes):
+            keep[b] = max(sizes[b] - prune, finals[b])
+    return keep
+
+
 class Policy(Protocol):
     """A pruning method for the encoder loop."""
 
@@ -91,14 +122,10 @@ class FlowCutPolicy:
                 layer.relay_query(), layer.k, layer.v, layer.cu_seqlens, layer.prev, float(layer.scale),
                 layer.has_cls, True,
             )
-        if layer.steps_left % 2:
+        dense = layer.cu_seqlens is None
+        sizes = layer.lengths * len(entropy) if dense else layer.lengths
+        keep = scheduled_keep(entropy, sizes, [self.target] * len(sizes), layer.steps_left, relay=first,
+                              rule_target=self.target)
+        if keep is None:
             return cum, None
-        if layer.steps_left == 0:  # the last step keeps the target: nothing to read
-            return cum, [self.target] * len(layer.lengths)
-        if layer.cu_seqlens is None:  # the batch rule: one count for all, one host read
-            seq = layer.lengths[0]
-            return cum, [max(seq - ops.prune_count(entropy, seq - first, self.target, layer.steps_left), self.target)]
-        prunes = ops.prune_counts(  # every image's count from one host read
-            entropy, [s - first for s in layer.lengths], self.target, layer.steps_left
-        )
-        return cum, [max(s - p, self.target) for s, p in zip(layer.lengths, prunes)]
+        return cum, [min(keep)] if dense else keep  # the batch rule: one count for all

@@ -55,6 +55,7 @@ from ..checks import FlowCutInputError, check_int, require
 from . import lm_stage, seams
 from .attention import capturing
 from .instance import is_patched, prior_attr, restore_patch, set_attrs
+from .policy import scheduled_keep
 from .registry import Family, FlowCutConfig
 from .schedule import refuse_schedule
 
@@ -166,16 +167,11 @@ def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[
             cum, entropy, _ = ops.flow_scores_varlen(
                 relay, k, v, cu, cum, scale=run.calls[0][3], has_cls=False, backend=backend
             )
-            steps_left = layers - layer - 1
-            if steps_left % 2:
+            # whole groups: N = G₀ groups, and the prune count's T is T_g + 1 (module docstring)
+            keep = scheduled_keep(entropy, groups, targets, layers - layer - 1, relay=0,
+                                  rule_target=max(targets) + 1)
+            if keep is None:
                 continue
-            keep = list(targets)
-            if steps_left:
-                live = [b for b, (g, t) in enumerate(zip(groups, targets)) if g > t]
-                prunes = ops.prune_counts(entropy[live], [groups[b] for b in live], targets[live[0]] + 1, steps_left)
-                keep = list(groups)
-                for b, p in zip(live, prunes):
-                    keep[b] = max(groups[b] - p, targets[b])
             kept = ops.topk_select(
                 cum.view(-1, m).sum(1), keep, cu_seqlens=_offsets(groups, cum.device), backend=backend
             ).kept

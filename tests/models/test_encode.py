@@ -64,7 +64,7 @@ def test_the_attention_seam_is_per_run_and_restored(tiny_clip, implementation, m
     encode(model, pixels, 8)
     assert inside and set(inside) == {("flowcut", "sdpa")}
     assert model.config._attn_implementation == implementation
-    monkeypatch.setattr("flowcut_kernels.ops.prune_count", lambda *a: 1 / 0)
+    monkeypatch.setattr("flowcut_kernels.ops.prune_counts", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         encode(model, pixels, 8)
     assert model.config._attn_implementation == implementation
