@@ -2,9 +2,10 @@
 
 :class:`HostReads` counts, while active, the ops that hand data to the host: aten's ``_local_scalar_dense``
 (``item``, ``int()``, ``bool()``…), the ops whose output size is data-dependent (``nonzero``, ``masked_select``,
-``unique``…), and any op whose schema returns Python ints from tensors (``flowcut::prune_count``); and the Python calls that copy a tensor to the host (``tolist``, ``cpu``, ``numpy``, a ``to`` towards the CPU) of
-tensors that are not on the CPU — or of every tensor when ``cpu_counts`` (a CPU-only machine standing in for a GPU:
-the same calls would sync there). Each read is recorded with the Python line that made it.
+``unique``…) and any op whose schema returns Python ints from tensors (``flowcut::prune_count``); and the Python
+calls that copy a tensor to the host (``tolist``, ``cpu``, ``numpy``) of tensors not on the CPU — or of every tensor
+when ``cpu_counts`` (a CPU-only machine standing in for a GPU: the same calls would sync there). Each read is
+recorded with the Python line that made it.
 """
 
 from __future__ import annotations

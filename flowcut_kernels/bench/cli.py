@@ -6,7 +6,7 @@
     python -m flowcut_kernels.bench --model llava-hf/llava-1.5-7b-hf   # your own checkpoint (folder or HF cache)
 
 Model presets (see :mod:`flowcut_kernels.bench.presets`) measure, in one run and interleaved, ``unpruned``
-(the stock HF forward, SDPA), ``original`` (benchmarks/original.py: eager attention with the full
+(the stock HF forward, SDPA), ``original`` (:mod:`.original`: eager attention with the full
 probabilities, Python scoring, a host sync per prune step, every layer) and ``flowcut-<backend>``
 (:func:`flowcut_kernels.encode`) for every backend available on the device. The random weights are seeded
 and their q/k projections sharpened (``--sharpen``, see :mod:`flowcut_kernels.models.synthetic`) so the attention
@@ -36,7 +36,7 @@ from .plots import write_plot
 from .report import as_text, kernel_table, model_table, parent_writable, write_json, write_markdown
 from .timing import Progress, Timer, peak_memory_mb
 
-METHOD_FAMILIES = ("unpruned", "original", "flowcut", "per-image", "serial", "stage")
+METHOD_FAMILIES = ("unpruned", "original", "flowcut", "static", "per-image", "serial", "stage")
 PRESETS = sorted(presets.MODEL_PRESETS) + sorted(scenarios.SCENARIOS) + sorted(kernels.KERNEL_PRESETS)
 KERNEL_DESCRIPTIONS = {
     "kernels": "one prune step per backend (CLIP-L/336 at B=1,16,64, a Qwen-VL image of 4096 and 16384 tokens on "
@@ -157,8 +157,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.model:
         shape = _checked_checkpoint(parser, args)
         where = f"--model {args.model}"
-        families = ("unpruned", "original", "flowcut", "per-image", "serial")
-        default_methods = ["unpruned", "original", "flowcut"]
+        families = presets.ENCODER_FAMILIES
+        default_methods = list(presets.BASE)
     else:
         shape = presets.MODEL_PRESETS.get(args.preset) or scenarios.SCENARIOS[args.preset]
         if shape.cuda_only and device.type != "cuda":
@@ -261,24 +261,22 @@ def _build(args) -> presets.Built:
     return built
 
 
-def _original(args, built: presets.Built):
-    """benchmarks/original.py as a module, or None (printing why) when not asked for or not applicable."""
+def _original(args, built: presets.Built) -> bool:
+    """Whether to measure the original-style baseline (printing why not when it was asked for but cannot run)."""
     if "original" not in args.methods:
-        return None
-    original, why = presets.load_original()
-    if original is not None and not find_tower(built.tower).has_cls:
-        original, why = None, (f"benchmarks/original.py re-implements FlowCut for CLIP towers only; this tower is "
-                               f"a {type(built.tower).__name__}")
-    if original is None:
-        print(f"original: skipped — {why}", flush=True)
-    return original
+        return False
+    if not find_tower(built.tower).has_cls:
+        print(f"original: skipped — the original-style baseline (flowcut_kernels/bench/original.py) re-implements "
+              f"FlowCut for CLIP towers only; this tower is a {type(built.tower).__name__}", flush=True)
+        return False
+    return True
 
 
 def _run_models(args, info: dict) -> list[dict]:
     built = _build(args)
     original = _original(args, built)
     scenario = isinstance(built, scenarios.BuiltScenario)
-    n_methods = ("unpruned" in args.methods) + (original is not None) + len(args.backends) * sum(
+    n_methods = ("unpruned" in args.methods) + original + len(args.backends) * sum(
         f in args.methods for f in ("flowcut", "static", "per-image", "serial")
         + (("stage",) if getattr(built, "prefill", None) is not None else ()))
     calls = max(args.warmup, 1) + args.repeats
@@ -450,10 +448,12 @@ def _print_summary(rows: list[dict]) -> None:
 
 METHOD_NOTES = [
     "Methods: `unpruned` — the stock HF forward (SDPA), `output_hidden_states=True`, all layers, features "
-    "`hidden_states[F]` without the CLS row (as LLaVA-1.5 takes them); `original` — benchmarks/original.py, the "
-    "published approach re-implemented for CLIP towers (eager attention keeping every layer's S×S probabilities, "
-    "Python scoring from their CLS row, a host sync per prune step, every layer run); `flowcut-<backend>` — "
-    "`flowcut_kernels.encode` (layers 0…F only), one schedule for the batch; `per-image-<backend>` — "
+    "`hidden_states[F]` without the CLS row (as LLaVA-1.5 takes them); `original` — "
+    "flowcut_kernels/bench/original.py, the published approach re-implemented for CLIP towers (eager attention "
+    "keeping every layer's S×S probabilities, Python scoring from their CLS row, a host sync per prune step, every "
+    "layer run); `flowcut-<backend>` — `flowcut_kernels.encode` (layers 0…F only), one schedule for the batch; "
+    "`static-<backend>` — `encode(..., schedule=static)`, the per-layer counts fixed in advance by "
+    "`calibrate_schedule` on other images (no host read); `per-image-<backend>` — "
     "`encode(..., schedule=\"per_image\")`, each image on its own schedule, all in ONE padded pass; "
     "`serial-<backend>` — the same result the old way, B single-image `encode` calls one after the other "
     "(vs serial = serial time / per-image time, same backend); `stage-<backend>` — `flowcut(llava, K, "

@@ -14,7 +14,7 @@ Methods, each a zero-argument callable returning a :class:`MethodResult`:
 - ``unpruned`` — the stock HF forward (its SDPA attention), ``output_hidden_states=True``, all layers run,
   features ``hidden_states[feature_layer][:, 1:]`` (all rows where ``Built.drop_first`` is False) — how LLaVA
   calls its tower;
-- ``original`` — the original-style FlowCut of ``benchmarks/original.py`` (eager attention with the full
+- ``original`` — the original-style FlowCut of :mod:`.original` (eager attention with the full
   probabilities, Python scoring, a host sync per prune step, every layer run), on CLIP towers only;
 - ``flowcut-<backend>`` — :func:`flowcut_kernels.encode` with that backend (layers 0 … F only), one schedule
   for the batch (the batch rule);
@@ -36,17 +36,14 @@ Other presets (LLaVA-NeXT, Qwen2-VL) are in :mod:`.scenarios`.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import calibrate_schedule, encode, synthetic
+from . import original as original_baseline
 from ..models.registry import find_tower
 
 #: Vicuna-7B (LLaVA-1.5-7B's language model) shapes.
@@ -154,30 +151,6 @@ class MethodResult:
     tokens_per_layer: list[int]
     tokens_out: int
     lm_tokens: int | None = None  # prefill length (prompt + visual tokens) for LLaVA presets
-
-
-def load_original() -> tuple[ModuleType | None, str | None]:
-    """benchmarks/original.py of this checkout, as a module; (None, reason) when it is not there.
-
-    The benchmarks/ directory sits next to the package in the repository (an editable install finds it);
-    a wheel install has no benchmarks/, so the ``original`` method is then skipped with the reason.
-    """
-    name = "flowcut_benchmarks_original"
-    if name in sys.modules:
-        return sys.modules[name], None
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "original.py"
-    if not path.is_file():
-        return None, (f"{path} is not there (the original-style baseline lives in the repository's benchmarks/; "
-                      "install the checkout with pip install -e . to measure it)")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as error:  # noqa: BLE001 - any failure only skips the baseline
-        del sys.modules[name]
-        return None, f"{path} failed to import: {type(error).__name__}: {error}"
-    return module, None
 
 
 class LlavaPrefill(nn.Module):
@@ -295,12 +268,12 @@ def methods(
     feature_layer: int,
     backends: list[str],
     include: set[str],
-    original: ModuleType | None,
+    original: bool,
 ) -> dict[str, Callable[[], MethodResult]]:
     """The methods to measure for one (batch, target): name -> zero-argument callable.
 
     pixels: (B, 3, H, W). include: the method families asked for (:attr:`ModelPreset.families`).
-    original: the module of :func:`load_original`, or None to leave that method out.
+    original: whether to measure the original-style baseline (:mod:`.original`; CLIP towers only).
     """
     tower, prefill = built.tower, built.prefill
     num_layers = len(find_tower(tower).layers)
@@ -317,7 +290,7 @@ def methods(
         return finish(features, None, [out.hidden_states[0].shape[1]] * num_layers)
 
     def original_style() -> MethodResult:
-        return finish(*original.encode_original(tower, pixels, target, feature_layer))
+        return finish(*original_baseline.encode_original(tower, pixels, target, feature_layer))
 
     def flowcut(backend: str) -> Callable[[], MethodResult]:
         def run() -> MethodResult:
@@ -375,10 +348,10 @@ def methods(
     found: dict[str, Callable[[], MethodResult]] = {}
     if "unpruned" in include:
         found["unpruned"] = unpruned
-    if "original" in include and original is not None:
+    if "original" in include and original:
         found["original"] = original_style
-    families = (("flowcut", flowcut), ("static", static), ("per-image", per_image), ("serial", serial), ("stage", stage))
-    for family, make in families:
+    makers = (("flowcut", flowcut), ("static", static), ("per-image", per_image), ("serial", serial), ("stage", stage))
+    for family, make in makers:
         if family in include and (family != "stage" or prefill is not None):
             for backend in backends:
                 found[f"{family}-{backend}"] = make(backend)

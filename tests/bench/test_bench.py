@@ -1,10 +1,8 @@
 """The benchmark harness (python -m flowcut_kernels.bench) at tiny sizes, and the original-style baseline."""
 
-import importlib.util
 import io
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +25,9 @@ def cpu_backends():
 
 @pytest.fixture(scope="module")
 def original():
-    module, why = bench_models.load_original()
-    assert module is not None, why
-    return module
+    from flowcut_kernels.bench import original
+
+    return original
 
 
 def test_encoder_preset_rows(tmp_path, capsys):
@@ -183,19 +181,6 @@ def test_kernels_preset_covers_every_cpu_backend_but_the_interpreter(tmp_path):
             assert row["speedup_vs_torch"] == 1.0
 
 
-def test_kernels_script_function():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_kernels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows, copy_gbps = module.kernel_benchmark("cpu", preset="kernels-tiny", batches=[3], backends=["torch"],
-                                              warmup=1, repeats=1)
-    steps = [r for r in rows if r["op"] == "prune_step"]
-    assert copy_gbps > 0 and {(r["case"], r["batch"]) for r in steps} == {("tiny", 3), ("tiny-mean", 1)}
-    assert {r["op"] for r in rows} - {"prune_step"} == {"attention_scores", "text_guided_scores", "topk_select",
-                                                          "merge_nearest"}
-
-
 def test_bytes_moved_counts_the_minimal_traffic():
     case = bench_kernels.KernelCase("x", batch=2, seq=5, heads=3, head_dim=4, has_cls=True)  # N = 4, keep = 3
     q_kv = 2 * 3 * 4 * 2 + 2 * (2 * 3 * 5 * 4 * 2)  # float16 q_relay, k, v
@@ -229,14 +214,6 @@ def test_original_eager_layers_match_the_stock_layers(tiny_clip, original):
             torch.testing.assert_close(hidden, stock[i + 1], rtol=1e-5, atol=1e-5)
             assert probs.shape == (2, 4, 65, 65) and values.shape == (2, 4, 65, 8)
             torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 65))
-
-
-def test_missing_original_is_skipped_with_its_reason(monkeypatch, capsys):
-    monkeypatch.setattr(bench_models, "load_original", lambda: (None, "benchmarks/original.py is not there"))
-    rows = bench.run(["--preset", "clip-tiny", *FAST])
-    assert "original: skipped — benchmarks/original.py is not there" in capsys.readouterr().out
-    assert "original" not in {r["method"] for r in rows}
-    assert all(r["speedup_vs_original"] is None for r in rows)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -70,10 +70,11 @@ def test_checkpoint_is_measured_like_a_preset(saved, tmp_path, capsys, name, mod
     assert not [r for r in records if "LOAD REPORT" in r.getMessage()]  # a CLIPModel's text tower: not reported
     assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
     backends = bench.kernels.measurable_backends("cpu")[0]
-    assert {r["method"] for r in rows} == methods | {f"flowcut-{b}" for b in backends}
+    assert {r["method"] for r in rows} == methods | {f"{f}-{b}" for f in ("flowcut", "static") for b in backends}
     assert f"loading {saved[name]} ({model_class}" in printed and "from_pretrained" in printed
     if "original" not in methods:
-        assert "original: skipped — benchmarks/original.py re-implements FlowCut for CLIP towers only" in printed
+        assert "original: skipped — the original-style baseline (flowcut_kernels/bench/original.py) re-implements " \
+            "FlowCut for CLIP towers only" in printed
     llava = name.startswith("llava")
     for row in rows:
         assert row["preset"] == saved[name] and row["model_class"] == model_class and row["sharpen"] is None
@@ -99,11 +100,11 @@ def test_llava_checkpoint_times_the_stock_prefill_and_the_patched_one(saved):
 
     with torch.inference_mode():
         pixels = synthetic.random_pixels(built.tower, 2, seed=0)
-        unpruned = bench_models.methods(built, pixels, 8, -2, [], {"unpruned"}, None)["unpruned"]()
+        unpruned = bench_models.methods(built, pixels, 8, -2, [], {"unpruned"}, False)["unpruned"]()
         stock = model(input_ids=input_ids(64, 2), pixel_values=pixels, logits_to_keep=1).logits
         torch.testing.assert_close(unpruned.output, stock)
         pixels = pixels[:1]
-        pruned = bench_models.methods(built, pixels, 8, -2, ["torch"], {"flowcut"}, None)["flowcut-torch"]()
+        pruned = bench_models.methods(built, pixels, 8, -2, ["torch"], {"flowcut"}, False)["flowcut-torch"]()
         flowcut(model, 8, backend="torch")
         patched = model(input_ids=input_ids(8, 1), pixel_values=pixels, logits_to_keep=1).logits
         torch.testing.assert_close(pruned.output, patched)
