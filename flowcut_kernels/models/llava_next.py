@@ -31,11 +31,13 @@ from torch import Tensor, nn
 from .. import ops
 from ..checks import require
 from . import lm_stage, seams
-from .encoder import PACKED_OPS, check_pixels, feature_index, run_pruned
-from .instance import is_patched, restore_patch, set_attrs
-from .llava import (
-    _placeholders,
+from .encoder import PACKED_OPS, check_pixels, run_pruned
+from .instance import restore_patch, set_attrs
+from .vlm import (
+    check_feature_layer,
+    check_processor_owner,
     check_strategy,
+    expand_by_prompt,
     feature_layer_of,
     install,
     llava_tower,
@@ -191,22 +193,6 @@ def _pruned_image_features(
     return out if return_dict else out.to_tuple()
 
 
-def _expand_by_prompt(self: nn.Module, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-    """The outer model's ``_expand_inputs_for_generation`` with llm_stage (beams, num_return_sequences): each prompt's
-    images (pixel_values and image_sizes) are repeated as a group, [A1, A2] → [A1, A2, A1, A2], not [A1, A1, A2, A2]."""
-    images = {name: model_kwargs.pop(name, None) for name in ("pixel_values", "image_sizes")}
-    input_ids, model_kwargs = seams.stock_expand_inputs(self)(
-        expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-    )
-    placeholders = _placeholders(self.model, input_ids, model_kwargs.get("inputs_embeds"))[::expand_size]
-    per_prompt = (placeholders.sum(1) // self.flowcut_config.target_num).tolist()
-    for name, value in images.items():
-        if value is not None:
-            groups = value.split(per_prompt) if sum(per_prompt) == len(value) else [value]  # else: forward refuses
-            model_kwargs[name] = torch.cat([group for group in groups for _ in range(expand_size)])
-    return input_ids, model_kwargs
-
-
 def check_processor(processor, core: nn.Module) -> None:
     """``processor`` must be a ``LlavaNextProcessor`` for this model (image token, crop size, grid resolutions), not
     patched for another model."""
@@ -233,12 +219,7 @@ def check_processor(processor, core: nn.Module) -> None:
     ]
     require(not mismatches, f"processor does not match the model: its {', '.join(mismatches)}; pass the processor "
                             f"of the model's checkpoint")
-    owner = vars(core).get("_flowcut_processor")
-    require(
-        not is_patched(processor) or owner is processor,
-        "processor is already patched by flowcut() for another model; call remove_flowcut() on that model first, "
-        "or pass a separate processor instance (e.g. copy.deepcopy(processor))",
-    )
+    check_processor_owner(processor, core)
 
 
 def _check_next(model: nn.Module, target_num: int, feature_layer, backend: str, processor, llm_stage: bool) -> int:
@@ -247,16 +228,7 @@ def _check_next(model: nn.Module, target_num: int, feature_layer, backend: str, 
     tower = llava_tower(core)
     require(tower.has_cls, f"LLaVA-NeXT is supported with a CLIP vision tower; this model's is a "
                            f"{type(core.vision_tower).__name__}")
-    num_layers = len(tower.layers)
-    configured = feature_layer_of(core.config.vision_feature_layer, num_layers, "model.config.vision_feature_layer")
-    if feature_layer is not None:
-        require(
-            feature_index(feature_layer, num_layers) - num_layers == configured,
-            f"feature_layer={feature_layer} differs from the model's config.vision_feature_layer "
-            f"({core.config.vision_feature_layer}), whose features its projector was trained on; leave feature_layer "
-            f"unset for a LLaVA-NeXT model",
-        )
-    check_strategy(core.config.vision_feature_select_strategy, tower, "model.config.vision_feature_select_strategy")
+    configured = check_feature_layer(core, tower, feature_layer, "LLaVA-NeXT")
     side = core.config.vision_config.image_size
     fewest = 1 + min((h // side) * (w // side) for h, w in core.config.image_grid_pinpoints)
     require(
@@ -298,7 +270,7 @@ def patch_llava_next(
     unpatch_llava_next(model)  # a re-apply starts from the stock model (and restores a replaced processor)
     if processor is not None:
         set_attrs(processor, **counting)
-    install(model, core, config, processor, _pruned_image_features, _expand_by_prompt)
+    install(model, core, config, processor, _pruned_image_features, expand_by_prompt("pixel_values", "image_sizes"))
 
 
 def unpatch_llava_next(model: nn.Module) -> None:

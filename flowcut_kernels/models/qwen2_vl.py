@@ -51,13 +51,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..checks import FlowCutInputError, check_int, require
+from ..checks import check_int, require
 from . import lm_stage, seams
 from .attention import capturing
-from .instance import is_patched, prior_attr, restore_patch, set_attrs
+from .instance import prior_attr, restore_patch, set_attrs
 from .policy import scheduled_keep
 from .registry import Family, FlowCutConfig
 from .schedule import refuse_schedule
+from .vlm import check_count, check_processor_owner
 
 #: The ops the tower stage runs.
 TOWER_OPS = ("flow_scores_varlen", "topk_select")
@@ -255,17 +256,6 @@ def mrope_positions(
     return positions, torch.tensor(deltas, device=input_ids.device)[:, None]
 
 
-def _check_count(core: nn.Module, placeholders: Tensor, counts: list[int]) -> None:
-    """The prompts must hold K_b placeholders per image; else the fix is to pass the processor."""
-    if int(placeholders.sum()) != sum(counts):
-        raise FlowCutInputError(
-            f"the prompts hold {int(placeholders.sum())} image placeholder tokens, but FlowCut gives the language "
-            f"model {counts} tokens for the images (min(target_num, merged tokens) each): the processor still "
-            f"writes the unpruned count; pass it when patching, flowcut(model, {core.flowcut_config.target_num}, "
-            f"processor=processor), and process the prompts again"
-        )
-
-
 def _decode_positions(core: nn.Module, position_ids, attention_mask, cache, input_ids, inputs_embeds):
     """The M-RoPE positions of a decode step (tokens after a cached prompt): those of text counted on by
     ``rope_deltas``, as the stock forward computes them without ``position_ids``. ``generate`` passes positions that
@@ -295,7 +285,7 @@ def _rope_index(self: nn.Module, *args, **kwargs):
     _refuse_video(bound.get("video_grid_thw"))
     input_ids, grid = bound["input_ids"], bound.get("image_grid_thw")
     if grid is not None:
-        _check_count(self, input_ids == self.config.image_token_id, token_counts(self, grid))
+        check_count(self, int((input_ids == self.config.image_token_id).sum()), token_counts(self, grid))
     return mrope_positions(self, input_ids, bound.get("attention_mask"), grid)
 
 
@@ -343,7 +333,7 @@ def _forward(
     )
     placeholders = input_ids == self.config.image_token_id
     counts = [min(len(k), self.flowcut_config.target_num) for k in encoded.keep_groups]
-    _check_count(self, placeholders, counts)
+    check_count(self, int(placeholders.sum()), counts)
     if inputs_embeds is None:
         inputs_embeds = self.get_input_embeddings()(input_ids)
     if self.flowcut_config.llm_stage:
@@ -481,12 +471,7 @@ def check_processor(processor, core: nn.Module) -> None:
         f"{processor.image_processor.merge_size}, the model's are {core.config.image_token_id} and "
         f"{core.visual.spatial_merge_size}; pass the processor of the model's checkpoint",
     )
-    owner = vars(core).get("_flowcut_processor")
-    require(
-        not is_patched(processor) or owner is processor,
-        "processor is already patched by flowcut() for another model; call remove_flowcut() on that model first, "
-        "or pass a separate processor instance (e.g. copy.deepcopy(processor))",
-    )
+    check_processor_owner(processor, core)
 
 
 def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None,

@@ -1,0 +1,231 @@
+"""The pieces every VLM family's patch shares: placeholders and their count, the LLaVA-like tower checks, processor
+ownership, the language-model stage's forward for LLaVA-like cores, prompt-grouped beam expansion, and the install
+of a LLaVA-like patch on its instances.
+
+A family module (``llava.py``, ``llava_next.py``, ``qwen2_vl.py``) holds what is its own — its image features, its
+layout, its processor's checks — and takes the rest from here.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor, nn
+
+from ..checks import FlowCutInputError, require
+from . import lm_stage, seams
+from .encoder import feature_index
+from .instance import is_patched, prior_attr, set_attrs
+from .registry import find_tower, is_tower, supported_towers
+from .tower import Tower
+
+
+def llava_tower(core: nn.Module) -> Tower:
+    """The vision tower of a LLaVA-like core (``LlavaModel``, ``LlavaNextModel``), or a FlowCutInputError naming the
+    supported towers."""
+    if not is_tower(core.vision_tower):
+        raise FlowCutInputError(
+            f"model's vision tower is a {type(core.vision_tower).__name__}, which FlowCut does not support; "
+            f"a LLaVA model is supported with one of {supported_towers()} as its vision tower"
+        )
+    return find_tower(core.vision_tower)
+
+
+def feature_layer_of(vision_feature_layer, num_layers: int, argument: str = "vision_feature_layer") -> int:
+    """LLaVA's ``vision_feature_layer`` (an index into the tower's L + 1 hidden states) as a negative layer.
+
+    ``hidden_states[k]`` is the output of layer k − 1, so k ≥ 1 is the feature layer k − (L + 1) of docs/semantics.md;
+    negative k is already that. A list (several layers concatenated) is refused.
+    """
+    require(
+        not isinstance(vision_feature_layer, (list, tuple)),
+        f"{argument}={vision_feature_layer!r} selects several feature layers, which FlowCut does not support: "
+        f"pruning keeps different tokens at each layer, so their features cannot be concatenated; use a model "
+        f"whose {argument} is a single int (LLaVA-1.5: -2)",
+    )
+    is_int = isinstance(vision_feature_layer, int) and not isinstance(vision_feature_layer, bool)
+    if is_int and vision_feature_layer >= 0:
+        vision_feature_layer -= num_layers + 1
+    return feature_index(vision_feature_layer, num_layers, argument) - num_layers
+
+
+def check_strategy(strategy, tower: Tower, argument: str = "vision_feature_select_strategy") -> None:
+    """CLIP towers: "default" only (the features exclude the CLS row); SigLIP: "default" or "full" (no CLS)."""
+    allowed = ("default",) if tower.has_cls else ("default", "full")
+    require(
+        strategy in allowed,
+        f"{argument}={strategy!r} is not supported with a {type(tower.core).__name__} tower: "
+        + (
+            "FlowCut's features are the kept patches without the CLS row (docs/semantics.md), as with 'default'; "
+            "set the model's config.vision_feature_select_strategy = 'default'"
+            if tower.has_cls
+            else "use 'default' or 'full' (a SigLIP tower has no CLS row, so both give all kept tokens)"
+        ),
+    )
+
+
+def check_processor_owner(processor, core: nn.Module) -> None:
+    """``processor`` is not patched by flowcut() for another model (this ``core``'s own is fine: a re-apply)."""
+    owner = vars(core).get("_flowcut_processor")
+    require(
+        not is_patched(processor) or owner is processor,
+        "processor is already patched by flowcut() for another model; call remove_flowcut() on that model first, "
+        "or pass a separate processor instance (e.g. copy.deepcopy(processor))",
+    )
+
+
+def check_feature_layer(core: nn.Module, tower: Tower, feature_layer, family: str) -> int:
+    """A LLaVA-like core's feature layer (negative) from its config; ``feature_layer``, if given, must be it."""
+    num_layers = len(tower.layers)
+    configured = feature_layer_of(core.config.vision_feature_layer, num_layers, "model.config.vision_feature_layer")
+    if feature_layer is not None:
+        require(
+            feature_index(feature_layer, num_layers) - num_layers == configured,
+            f"feature_layer={feature_layer} differs from the model's config.vision_feature_layer "
+            f"({core.config.vision_feature_layer}), whose features its projector was trained on; leave feature_layer "
+            f"unset for a {family} model",
+        )
+    check_strategy(core.config.vision_feature_select_strategy, tower, "model.config.vision_feature_select_strategy")
+    return configured
+
+
+def placeholders(core: nn.Module, input_ids, inputs_embeds) -> Tensor:
+    """(B, L) bool: the prompts' image placeholders, from ``input_ids`` or, without them, from the embeddings."""
+    token_id = core.config.image_token_id
+    if input_ids is not None:
+        return input_ids == token_id
+    embedded = core.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+    return (inputs_embeds == embedded).all(-1)
+
+
+def check_count(core: nn.Module, n_tokens: int, counts: list[int]) -> None:
+    """The prompts must hold ``counts[g]`` placeholders for image g; else the fix is to pass the processor."""
+    target = core.flowcut_config.target_num
+    if n_tokens != sum(counts):
+        raise FlowCutInputError(
+            f"the prompts hold {n_tokens} image placeholder tokens, but FlowCut gives the language model "
+            f"{sum(counts)} for {len(counts)} image(s) ({target} per image, or fewer for an image with fewer): the "
+            f"processor still writes the unpruned count; pass it when patching, flowcut(model, {target}, "
+            f"processor=processor), and process the prompts again (or write that many image tokens per image)"
+        )
+
+
+def _checked_placeholder_mask(self: nn.Module, input_ids, inputs_embeds, image_features):
+    """Patched ``LlavaModel.get_placeholder_mask``: a mismatch names the fix (pass the processor), then stock."""
+    images = image_features.numel() // inputs_embeds.shape[-1] // self.flowcut_config.target_num
+    marks = placeholders(self, input_ids, inputs_embeds)
+    check_count(self, int(marks.sum()), [self.flowcut_config.target_num] * images)
+    stock = prior_attr(self, "get_placeholder_mask")
+    return stock(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+
+
+def staged_forward(
+    self: nn.Module,
+    input_ids=None,
+    pixel_values=None,
+    attention_mask=None,
+    position_ids=None,
+    inputs_embeds=None,
+    vision_feature_layer=None,
+    vision_feature_select_strategy=None,
+    image_sizes=None,
+    mm_encoder_outputs=None,
+    **kwargs,
+):
+    """The patched forward, with the language-model stage, of a LLaVA-like core (``LlavaModel``, ``LlavaNextModel``):
+    prompts with images are prefilled by :func:`.lm_stage.prefill` on each image's tower-stage features (W_g ≥
+    target_num rows) and the output is the stock forward's class (:func:`.seams.vlm_output`); any other call is the
+    stock forward."""
+    cache = seams.pop_cache(kwargs)
+    encoded = (mm_encoder_outputs or {}).get("image")
+    if pixel_values is None and encoded is None:
+        if mm_encoder_outputs is not None:  # transformers > 5.0 only
+            kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+        return prior_attr(self, "forward")(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, **seams.cache_arg(cache), **kwargs,
+        )
+    require(pixel_values is None or encoded is None, "pass pixel_values or mm_encoder_outputs, not both")
+    require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
+    require(
+        not kwargs.pop("output_attentions", None),
+        "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention "
+        "matrix; call flowcut_kernels.remove_flowcut(model) first",
+    )
+    require(
+        attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
+        "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
+        "relay): set tokenizer.padding_side = 'left'",
+    )
+    if inputs_embeds is None:
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+    marks = placeholders(self, input_ids, inputs_embeds)
+    if encoded is None:
+        images = len(image_sizes) if image_sizes is not None else len(pixel_values)
+        check_count(self, int(marks.sum()), [self.flowcut_config.target_num] * images)
+        encoded = self.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
+            return_dict=True,
+        )
+    features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in encoded.pooler_output]  # (W_g, C) each
+    check_count(self, int(marks.sum()), [self.flowcut_config.target_num] * len(features))
+    mask = attention_mask if attention_mask is not None else torch.ones_like(marks, dtype=torch.long)
+    return_dict = kwargs.pop("return_dict", None)
+    kwargs.pop("cache_position", None)  # 5.0's, of the short layout; the stage counts its own positions
+    out = lm_stage.prefill(
+        self.language_model,
+        lm_stage.expand(inputs_embeds, mask, marks, features),
+        self.flowcut_config.target_num,
+        positions=position_ids if position_ids is not None else lm_stage.mask_positions(mask),
+        mask=attention_mask,
+        cache=cache,
+        backend=self.flowcut_config.backend,
+        **kwargs,
+    )
+    out = seams.vlm_output(self, out, encoded)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
+def expand_by_prompt(*names: str):
+    """An outer model's ``_expand_inputs_for_generation`` with the language-model stage (beams,
+    num_return_sequences): each prompt's images — ``model_kwargs[name]`` for ``names``, one row per image — are
+    repeated as a group, [A1, A2] → [A1, A2, A1, A2], as recent 5.x does for pre-encoded features; the stock
+    expansion, [A1, A1, A2, A2], would give a prompt of several images the wrong ones."""
+
+    def expand(self: nn.Module, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        images = {name: model_kwargs.pop(name, None) for name in names}
+        input_ids, model_kwargs = seams.stock_expand_inputs(self)(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        marks = placeholders(self.model, input_ids, model_kwargs.get("inputs_embeds"))[::expand_size]
+        per_prompt = (marks.sum(1) // self.flowcut_config.target_num).tolist()
+        for name, value in images.items():
+            if value is not None:
+                groups = value.split(per_prompt) if sum(per_prompt) == len(value) else [value]  # else: refused later
+                model_kwargs[name] = torch.cat([group for group in groups for _ in range(expand_size)])
+        return input_ids, model_kwargs
+
+    return expand
+
+
+def install(model, core, config, processor, image_features, expand) -> None:
+    """Set a LLaVA-like patch on its instances: ``core`` gets ``image_features`` as its ``get_image_features``, the
+    placeholder check, ``config`` and ``processor``; with the stage, :func:`staged_forward`, and the outer ``model``
+    pixels for the prefill and ``expand`` (:func:`expand_by_prompt`) for beams."""
+    set_attrs(
+        core,
+        get_image_features=types.MethodType(image_features, core),
+        get_placeholder_mask=types.MethodType(_checked_placeholder_mask, core),
+        flowcut_config=config,
+        _flowcut_processor=processor,
+    )
+    if config.llm_stage:
+        set_attrs(core, forward=types.MethodType(staged_forward, core))
+    if model is not core:
+        set_attrs(model, flowcut_config=config)
+        if config.llm_stage:
+            set_attrs(model, **seams.generate_hooks(model, expand))
