@@ -158,8 +158,8 @@ def _mix(x, lse, w):
 
 @triton.jit
 def _neg_log1p_neg(r):
-    """−ln(1 − r) for 0 ≤ r ≤ ½ to float32 accuracy, without forming 1 − r near 1: its series Σ_k r^k / k (8 terms,
-    error < r·2^-36) below r = 1/16, −ln(1 − r) above (1 − r ≤ 15/16 is then far enough from 1)."""
+    """−ln(1 − r) for 0 ≤ r ≤ ½ to float32 accuracy, without forming 1 − r near 1: its series Σ_k r^k / k
+    (8 terms, error < r·2^-36) below r = 1/16, −ln(1 − r) above (1 − r ≤ 15/16 is far enough from 1)."""
     series = r * (1.0 + r * (1.0 / 2 + r * (1.0 / 3 + r * (1.0 / 4 + r * (1.0 / 5 + r * (1.0 / 6 + r * (
         1.0 / 7 + r * (1.0 / 8))))))))
     return tl.where(r < 1.0 / 16, series, -tl.log(tl.maximum(1.0 - r, 1e-30)))
