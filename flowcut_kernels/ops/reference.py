@@ -4,7 +4,8 @@ Read next to docs/semantics.md and the paper (FlowCut, arXiv 2505.19536). Notati
 S tokens (the relay/CLS token first when ``has_cls``), D head dim, C = H·D hidden size,
 N candidate tokens (S − 1 with a CLS token, S without). Every reduction runs in float32 (float64 for
 float64 inputs); inputs may have any strides. No input validation here: the
-public wrappers in :mod:`flowcut_kernels.ops` do that.
+public wrappers in :mod:`flowcut_kernels.ops` and the ops over these functions (:mod:`.library`) check their
+inputs with :mod:`.validate` first.
 """
 
 from __future__ import annotations
@@ -91,10 +92,10 @@ def flow_scores(
 def normalised_entropy(p: Tensor) -> Tensor:
     """Hn = (−Σ p ln p) / ln N over the last axis of p (B, N) (0·ln 0 = 0; 0 when N = 1), without cancellation.
 
-    A p_j ≤ ½ contributes −p_j ln p_j as it is. A p_m > ½ — one-hot rows put 1 − 1e-10 there, which rounds to 1
-    in float32 — takes ln p_m = log1p(−r), r = Σ of the other p_j (its exact complement, summed from small values),
-    so its share −p_m ln p_m ≈ r is kept instead of lost to rounding. (If rounding leaves two values above ½,
-    their own logs are used.)
+    A p_j ≤ ½ contributes −p_j ln p_j as it is. A p_m > ½ — one-hot rows put 1 − 1e-10 there, which rounds
+    to 1 in float32 — takes ln p_m = log1p(−r), r = Σ of the other p_j (its exact complement, summed from small
+    values), so its share −p_m ln p_m ≈ r is kept instead of lost to rounding. (If rounding leaves two values
+    above ½, their own logs are used.)
     """
     n = p.shape[-1]
     if n <= 1:
