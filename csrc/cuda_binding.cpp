@@ -65,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_flow_scores(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_cuda(
     const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& prev,
     double scale, bool has_cls, bool semantic) {
+  check_scale(scale);
   check_flow_scores_inputs(q_relay, k, v, prev, has_cls);
   const c10::cuda::CUDAGuard guard(k.device());
   cuda::FlowScoresArgs a;
@@ -80,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_varlen_cuda(
     const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& prev, double scale, bool has_cls, bool semantic) {
   // The offsets are read on the host once (B + 1 integers, one copy): checked, and the longest image sizes the grid.
+  check_scale(scale);
   const std::vector<int64_t> cu = check_flow_scores_varlen_inputs(q_relay, k, v, cu_seqlens, prev, has_cls);
   const c10::cuda::CUDAGuard guard(k.device());
   const at::Tensor offsets = cu_seqlens.to(at::kLong).contiguous();  // the kernel's, on the device
@@ -159,6 +161,7 @@ at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& devic
 
 at::Tensor attention_scores_cuda(const at::Tensor& q, const at::Tensor& k, double scale,
                                  const std::optional<at::Tensor>& key_mask, int64_t span_start, int64_t span_end) {
+  check_scale(scale);
   check_attention_scores_inputs(q, k, key_mask, span_start, span_end);
   const c10::cuda::CUDAGuard guard(k.device());
   cuda::AttentionScoresArgs a;
@@ -183,6 +186,7 @@ at::Tensor attention_scores_cuda(const at::Tensor& q, const at::Tensor& k, doubl
 
 at::Tensor text_guided_scores_cuda(const at::Tensor& q_relay, const at::Tensor& v_relay, const at::Tensor& k,
                                    const at::Tensor& v, at::IntArrayRef segments, double scale) {
+  check_scale(scale);
   check_text_guided_scores_inputs(q_relay, v_relay, k, v, segments);
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t G = int64_t(segments.size()) / 3;

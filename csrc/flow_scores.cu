@@ -12,7 +12,7 @@
 // A[j] = mean_h exp(l_h[j] - lse_all_h) and the candidates' normalised attention without dividing underflowed
 // values: p[j] = sum_h w_h exp(l_h[j] - lse_cand_h) / sum_h w_h, w_h = exp(d_h - max_h d_h),
 // d_h = lse_cand_h - lse_all_h (the same for the semantic term); then the layer score, the cumulative score
-// and the entropy of p. All in float32 (float64 inputs are read as such and converted). The workspace holds the
+// and the entropy of p (without cancellation: a p_m > 1/2 takes ln p_m = log1p(-sum of the other p)). All in float32 (float64 inputs are read as such and converted). The workspace holds the
 // logits and rho by packed row, the outputs are packed by candidate (image b's from row_b - b * first).
 #include <algorithm>
 #include <atomic>
@@ -241,7 +241,10 @@ __global__ void flow_scores_kernel(Params p) {
   }
   __syncthreads();
 
-  float ent = 0.0f;
+  // Hn without cancellation: a p_j <= 1/2 adds -p_j ln p_j; a p_m > 1/2 (one-hot rows put 1 - 1e-10 there, which
+  // rounds to 1) takes ln p_m = log1p(-r), r = the sum of the other p_j (its exact complement). If rounding leaves
+  // two values above 1/2, their own logs are used.
+  float ent_small = 0.0f, ent_big = 0.0f, rest = 0.0f, large = 0.0f, n_big = 0.0f;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
     const int64_t r = row + p.first + n;
     float a = 0.0f, pa = 0.0f, ps = 0.0f;
@@ -253,15 +256,22 @@ __global__ void flow_scores_kernel(Params p) {
     }
     a /= float(H), pa *= inv_w[0];
     p.attn[cand + n] = a;
-    if (pa > 0.0f) ent -= pa * logf(pa);
+    const float term = pa > 0.0f ? -pa * logf(pa) : 0.0f;
+    if (pa > 0.5f) {
+      ent_big += term, large += pa, n_big += 1.0f;
+    } else {
+      ent_small += term, rest += pa;
+    }
     const float rho = __ldcg(p.rho + r);
     float score;
     if (p.first) score = (p.semantic ? pa + ps * inv_w[1] : pa) * rho;
     else score = a * rho;
     p.cum[cand + n] = p.prev ? 0.5f * p.prev[b * p.ps0 + (cand + n) * p.ps1] + 0.5f * score : score;
   }
-  ent = block_sum(ent, scratch);
+  ent_small = block_sum(ent_small, scratch), ent_big = block_sum(ent_big, scratch);
+  rest = block_sum(rest, scratch), large = block_sum(large, scratch), n_big = block_sum(n_big, scratch);
   if (threadIdx.x == 0) {
+    const float ent = ent_small + (n_big == 1.0f ? -large * log1pf(-fminf(rest, 0.5f)) : ent_big);
     p.entropy[b] = N > 1 ? ent / logf(float(N)) : 0.0f;
     p.counter[b] = 0u;  // left as found
   }

@@ -9,7 +9,8 @@
 // log-sum-exp over the candidates and lse_all_h = logaddexp(lse_cand_h, l_h[0]) in the CLS variant (= lse_cand_h
 // in the mean variant). Then A[j] = mean_h exp(l_h[j] - lse_all_h) (which may underflow: its true value), and
 // p = A / sum A = sum_h w_h exp(l_h[j] - lse_cand_h) / sum_h w_h with w_h = exp(d_h - max_h d_h),
-// d_h = lse_cand_h - lse_all_h; the same p for the value logits gives the semantic term.
+// d_h = lse_cand_h - lse_all_h; the same p for the value logits gives the semantic term. Hn is computed without
+// cancellation (normalised_entropy).
 #include "flowcut_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -193,6 +194,27 @@ void candidate_signals(const KV<T>& v, const HeadSignals& hs, const std::vector<
   });
 }
 
+// Hn = (-sum p ln p) / ln N of one image's N candidates (0 ln 0 = 0; 0 when N = 1), without cancellation: a p_j <= 1/2
+// adds -p_j ln p_j as it is; a p_m > 1/2 (one-hot rows put 1 - 1e-15 there, which rounds to 1) takes
+// ln p_m = log1p(-r), r = the sum of the other p_j (its exact complement), so its share -p_m ln p_m ~ r is kept. If
+// rounding leaves two values above 1/2, their own logs are used.
+double normalised_entropy(const double* p, int64_t N) {
+  if (N <= 1) return 0.0;
+  double ent_small = 0.0, ent_big = 0.0, rest = 0.0, large = 0.0;
+  int64_t n_big = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const double x = p[n];
+    const double term = x > 0.0 ? -x * std::log(x) : 0.0;
+    if (x > 0.5) {
+      ent_big += term, large += x, ++n_big;
+    } else {
+      ent_small += term, rest += x;
+    }
+  }
+  const double h = ent_small + (n_big == 1 ? -large * std::log1p(-std::min(rest, 0.5)) : ent_big);
+  return h / std::log(double(N));
+}
+
 // flow_scores of the images cu[b] .. cu[b + 1] of k and v, (B, H, S, D) when dense, else (T, H, D); prev (B, N)
 // or (T_c,) alike. Returns cum (T_c,), entropy (B,), attn (T_c,).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_images(
@@ -221,16 +243,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_images(
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c0 = images[b].cand, N = images[b].len - first;
-      double ent = 0.0;
       for (int64_t c = c0; c < c0 + N; ++c) {
-        if (p[c] > 0.0) ent -= p[c] * std::log(p[c]);
         double score;
         if (has_cls) score = (want_semantic ? p[c] + p_sem[c] : p[c]) * rho[c];
         else score = A[c] * rho[c];
         cum_p[c] = float(prev_p ? 0.5 * double(prev_p[prev_rows(b, c)]) + 0.5 * score : score);
         attn_p[c] = float(A[c]);
       }
-      ent_p[b] = N > 1 ? float(ent / std::log(double(N))) : 0.0f;
+      ent_p[b] = float(normalised_entropy(p.data() + c0, N));
     }
   });
   return {cum, entropy, attn};

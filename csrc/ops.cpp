@@ -17,6 +17,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,11 @@ std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu_seqlens, int64_t rows,
 }
 
 }  // namespace
+
+void check_scale(double scale) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0.0,
+              "scale must be a finite positive float (the attention scale, e.g. head_dim ** -0.5), got ", scale);
+}
 
 void check_flow_scores_inputs(const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& prev, bool has_cls) {
@@ -261,6 +267,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_cpu_checked(
     const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& prev,
     double scale, bool has_cls, bool semantic) {
+  check_scale(scale);
   check_flow_scores_inputs(q_relay, k, v, prev, has_cls);
   return flow_scores_cpu(q_relay, k, v, prev, scale, has_cls, semantic);
 }
@@ -274,6 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_gather_cpu_checked(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_varlen_cpu_checked(
     const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& prev, double scale, bool has_cls, bool semantic) {
+  check_scale(scale);
   const std::vector<int64_t> cu = check_flow_scores_varlen_inputs(q_relay, k, v, cu_seqlens, prev, has_cls);
   return flow_scores_varlen_cpu(q_relay, k, v, cu, prev, scale, has_cls, semantic);
 }
@@ -288,12 +296,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_gather_varlen_
 
 at::Tensor attention_scores_cpu_checked(const at::Tensor& q, const at::Tensor& k, double scale,
                                       const std::optional<at::Tensor>& key_mask, int64_t span_start, int64_t span_end) {
+  check_scale(scale);
   check_attention_scores_inputs(q, k, key_mask, span_start, span_end);
   return attention_scores_cpu(q, k, scale, key_mask, span_start, span_end);
 }
 
 at::Tensor text_guided_scores_cpu_checked(const at::Tensor& q_relay, const at::Tensor& v_relay, const at::Tensor& k,
                                           const at::Tensor& v, at::IntArrayRef segments, double scale) {
+  check_scale(scale);
   check_text_guided_scores_inputs(q_relay, v_relay, k, v, segments);
   return text_guided_scores_cpu(q_relay, v_relay, k, v, segments, scale);
 }

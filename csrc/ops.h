@@ -11,6 +11,9 @@
 namespace flowcut {
 
 // q_relay (B, H, D), k and v (B, H, S, D), prev (B, N) float32 or none; one device.
+// scale (flow_scores, attention_scores, text_guided_scores): finite and > 0, the attention scale of a model.
+void check_scale(double scale);
+
 void check_flow_scores_inputs(const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& prev, bool has_cls);
 

@@ -3,28 +3,21 @@
 FlowCut's ops (here): ``flow_scores``, ``select_gather``, ``prune_count`` and the packed-batch
 ``flow_scores_varlen``, ``select_gather_varlen``, ``prune_counts``. Generic primitives
 (:mod:`.primitives`): ``topk_select``, ``gather_rows``, ``merge_nearest``, ``attention_scores``,
-``text_guided_scores``. Each function checks its inputs, picks a backend
-(:mod:`.backends`) and call its torch op (schemas and fakes: :mod:`.library`). Backends: "torch"
-(the reference, :mod:`.reference`), "triton" (:mod:`.triton`) and "native" (C++/CUDA from the
+``text_guided_scores``. Each function checks its inputs (:mod:`.validate`, shared with the reference and
+Triton ops), picks a backend (:mod:`.backends`) and call its torch op (schemas and fakes: :mod:`.library`).
+Backends: "torch" (the reference, :mod:`.reference`), "triton" (:mod:`.triton`) and "native" (C++/CUDA from the
 compiled ``flowcut_kernels._C``, :mod:`.native`); the optional ones load at import.
 """
 
 import torch
 from torch import Tensor
 
-from ..checks import INPUT_DTYPES, FlowCutInputError, check_int, check_same_device, check_tensor, require
-from . import library, reference  # noqa: F401 - registers torch.ops.flowcut.flow_scores / select_gather / prune_count
+from ..checks import INPUT_DTYPES, FlowCutInputError, check_int, check_tensor, require
+from . import library, reference, validate  # noqa: F401 - library registers torch.ops.flowcut.flow_scores / …
 from .backends import (
     BACKENDS, Backend, available_backends, load_optional_backends, register_backend, resolve_backend,
 )
 from .primitives import Selection, attention_scores, gather_rows, merge_nearest, text_guided_scores, topk_select
-
-def _check_scale(scale) -> None:
-    require(
-        isinstance(scale, (int, float)) and not isinstance(scale, bool),
-        f"scale must be a float (the attention scale, e.g. head_dim ** -0.5), got {type(scale).__name__}",
-    )
-
 
 def flow_scores(
     q_relay: Tensor,
@@ -41,12 +34,13 @@ def flow_scores(
 
     Args:
         q_relay: (B, H, D) relay query: the CLS row's q (CLS variant) or the mean q over the
-            image's S tokens (mean variant). float16/bfloat16/float32/float64.
+            image's S tokens (mean variant). In k's dtype, or float32 (float64 for float64 k): a float32 mean of
+            fp16/bf16 queries is fine; a relay of lower precision than k is refused.
         k, v: (B, H, S, D) the layer's keys and values, same dtype (float64: "torch" and "native"
             only; "auto" picks one); transposed views are fine.
         prev: (B, N) float32 cumulative score from the previous scored layer (its ``cum``, gathered by
             :func:`select_gather` if tokens were dropped since), or None to start it (first scored layer).
-        scale: the model's attention scale (D^-1/2 for CLIP and SigLIP).
+        scale: the model's attention scale (D^-1/2 for CLIP and SigLIP): a finite float > 0.
         has_cls: True for the CLS variant (row 0 is the relay, N = S − 1), False for the mean
             variant (N = S).
         semantic: add the CLS-value similarity term of the CLS variant; ignored when has_cls is
@@ -59,30 +53,9 @@ def flow_scores(
         (cum, entropy, attn): the new cumulative score (B, N) float32, the normalised entropy
         Hn (B,) float32 and the head-mean relay attention A (B, N) float32.
     """
-    check_tensor("q_relay", q_relay, 3, INPUT_DTYPES, "(B, H, D)")
-    check_tensor("k", k, 4, INPUT_DTYPES, "(B, H, S, D)")
-    check_tensor("v", v, 4, INPUT_DTYPES, "(B, H, S, D)")
-    require(
-        k.shape == v.shape, f"k and v must have the same shape (B, H, S, D), got {tuple(k.shape)} and {tuple(v.shape)}"
-    )
-    require(k.dtype == v.dtype, f"k and v must have the same dtype, got {k.dtype} and {v.dtype}")
-    batch, heads, seq, dim = k.shape
-    require(
-        q_relay.shape == (batch, heads, dim),
-        f"q_relay must have shape (B, H, D) = {(batch, heads, dim)} to match k, got {tuple(q_relay.shape)}",
-    )
-    n = seq - 1 if has_cls else seq
-    require(n >= 1, f"k has S={seq} tokens: the CLS variant needs at least one candidate besides the relay (S >= 2)")
-    if prev is not None:
-        check_tensor("prev", prev, 2, (torch.float32,), "(B, N)")
-        require(
-            prev.shape == (batch, n),
-            f"prev must have shape (B, N) = {(batch, n)} (N = S{' - 1' if has_cls else ''}), got {tuple(prev.shape)}",
-        )
-    device = check_same_device(q_relay=q_relay, k=k, v=v, prev=prev)
-    _check_scale(scale)
+    device, scale = validate.flow_scores(q_relay, k, v, prev, scale, has_cls)
     op = BACKENDS[resolve_backend(backend, device, k.dtype, "flow_scores")].ops["flow_scores"]
-    return op(q_relay, k, v, prev, float(scale), bool(has_cls), bool(semantic))
+    return op(q_relay, k, v, prev, scale, bool(has_cls), bool(semantic))
 
 
 def select_gather(
@@ -108,39 +81,9 @@ def select_gather(
         hidden_out (B, keep, C) with the relay row first, cum_out and index_out (B, keep − 1)
         (CLS variant) or (B, keep), kept tokens in ascending original order.
     """
-    check_tensor("hidden", hidden, 3, INPUT_DTYPES, "(B, S, C)")
-    check_tensor("cum", cum, 2, (torch.float32,), "(B, N)")
-    batch, seq, _ = hidden.shape
-    n = seq - 1 if has_cls else seq
-    if index_map is None:
-        index_map = torch.arange(n, device=cum.device).expand(batch, n)
-    check_tensor("index_map", index_map, 2, (torch.int64,), "(B, N)")
-    for name, t in (("cum", cum), ("index_map", index_map)):
-        require(
-            t.shape == (batch, n),
-            f"{name} must have shape (B, N) = {(batch, n)} for hidden of shape {tuple(hidden.shape)}, "
-            f"got {tuple(t.shape)}",
-        )
-    keep = check_int("keep", keep, 1, seq)
-    device = check_same_device(hidden=hidden, cum=cum, index_map=index_map)
+    device, keep, index_map = validate.select_gather(hidden, cum, index_map, keep, has_cls)
     op = BACKENDS[resolve_backend(backend, device, hidden.dtype, "select_gather")].ops["select_gather"]
     return op(hidden, cum, index_map, keep, bool(has_cls))
-
-
-def _check_cu_seqlens(cu_seqlens: Tensor, rows: int, min_len: int) -> list[int]:
-    """cu_seqlens (B + 1,) int32/int64: 0, increasing by at least ``min_len``, ending at ``rows``; its values."""
-    check_tensor("cu_seqlens", cu_seqlens, 1, (torch.int32, torch.int64), "(B + 1,)")
-    require(cu_seqlens.numel() >= 2, "cu_seqlens must hold B + 1 >= 2 offsets (0, then each image's end row)")
-    cu = cu_seqlens.tolist()  # one small device-to-host copy
-    lengths = [b - a for a, b in zip(cu, cu[1:])]
-    require(cu[0] == 0, f"cu_seqlens must start at 0, got {cu[0]}")
-    require(
-        min(lengths) >= min_len,
-        f"cu_seqlens must increase by at least {min_len} per image (each image needs "
-        f"{'a relay row and a candidate' if min_len > 1 else 'a row'}), got image lengths {lengths}",
-    )
-    require(cu[-1] == rows, f"cu_seqlens must end at the row count {rows}, got {cu[-1]}")
-    return lengths
 
 
 def flow_scores_varlen(
@@ -170,26 +113,9 @@ def flow_scores_varlen(
     Returns:
         cum (T_c,) float32 packed like the candidates, entropy (B,) float32, attn (T_c,) float32.
     """
-    check_tensor("q_relay", q_relay, 3, INPUT_DTYPES, "(B, H, D)")
-    check_tensor("k", k, 3, INPUT_DTYPES, "(T, H, D)")
-    check_tensor("v", v, 3, INPUT_DTYPES, "(T, H, D)")
-    require(k.shape == v.shape, f"k and v must have one shape (T, H, D), got {tuple(k.shape)} and {tuple(v.shape)}")
-    require(k.dtype == v.dtype, f"k and v must have the same dtype, got {k.dtype} and {v.dtype}")
-    device = check_same_device(q_relay=q_relay, k=k, v=v, cu_seqlens=cu_seqlens, prev=prev)
-    lengths = _check_cu_seqlens(cu_seqlens, k.shape[0], 2 if has_cls else 1)
-    _, heads, dim = k.shape
-    require(
-        q_relay.shape == (len(lengths), heads, dim),
-        f"q_relay must have shape (B, H, D) = {(len(lengths), heads, dim)} for {len(lengths)} images in cu_seqlens "
-        f"and k of shape {tuple(k.shape)}, got {tuple(q_relay.shape)}",
-    )
-    n = k.shape[0] - len(lengths) * int(has_cls)
-    if prev is not None:
-        check_tensor("prev", prev, 1, (torch.float32,), "(T_c,)")
-        require(prev.shape == (n,), f"prev must have shape (T_c,) = ({n},), got {tuple(prev.shape)}")
-    _check_scale(scale)
+    device, _, scale = validate.flow_scores_varlen(q_relay, k, v, cu_seqlens, prev, scale, has_cls)
     op = BACKENDS[resolve_backend(backend, device, k.dtype, "flow_scores_varlen")].ops["flow_scores_varlen"]
-    return op(q_relay, k, v, cu_seqlens, prev, float(scale), bool(has_cls), bool(semantic))
+    return op(q_relay, k, v, cu_seqlens, prev, scale, bool(has_cls), bool(semantic))
 
 
 def select_gather_varlen(
@@ -215,25 +141,12 @@ def select_gather_varlen(
         hidden_out (Σ keep, C), cum_out and index_out (Σ K_b,) packed (K_b = keep_b − 1 with CLS), and
         cu_seqlens_out (B + 1,) of hidden_out, in cu_seqlens' dtype; kept rows in ascending original order.
     """
-    check_tensor("hidden", hidden, 2, INPUT_DTYPES, "(T, C)")
-    check_tensor("cum", cum, 1, (torch.float32,), "(T_c,)")
-    device = check_same_device(hidden=hidden, cum=cum, index_map=index_map, cu_seqlens=cu_seqlens)
-    lengths = _check_cu_seqlens(cu_seqlens, hidden.shape[0], 2 if has_cls else 1)
-    n = hidden.shape[0] - len(lengths) * int(has_cls)
-    require(cum.shape == (n,), f"cum must have shape (T_c,) = ({n},) for hidden of shape {tuple(hidden.shape)}, "
-                               f"got {tuple(cum.shape)}")
-    if index_map is None:
-        index_map = torch.cat([torch.arange(s - int(has_cls), device=device) for s in lengths])
-    check_tensor("index_map", index_map, 1, (torch.int64,), "(T_c,)")
-    require(index_map.shape == (n,), f"index_map must have shape (T_c,) = ({n},), got {tuple(index_map.shape)}")
     if isinstance(keep, Tensor):
         require(keep.dim() == 1 and not keep.is_floating_point() and not keep.is_complex(),
                 f"keep must be a (B,) integer tensor or a sequence of B ints, got a {keep.dtype} tensor of shape "
                 f"{tuple(keep.shape)}")
         keep = keep.tolist()
-    require(isinstance(keep, (list, tuple)) and len(keep) == len(lengths),
-            f"keep must hold one count per image ({len(lengths)}), got {keep!r}")
-    keep = [check_int(f"keep[{b}]", x, 1, s) for b, (x, s) in enumerate(zip(keep, lengths))]
+    device, keep, index_map = validate.select_gather_varlen(hidden, cum, index_map, cu_seqlens, keep, has_cls)
     op = BACKENDS[resolve_backend(backend, device, hidden.dtype, "select_gather_varlen")].ops["select_gather_varlen"]
     return op(hidden, cum, index_map, cu_seqlens, keep, bool(has_cls))
 
@@ -254,6 +167,8 @@ def prune_counts(entropy: Tensor, n_candidates, target: int, steps_left: int) ->
     target = check_int("target", target, 1)
     n_candidates = [check_int(f"n_candidates[{b}]", n, max(target - 1, 1)) for b, n in enumerate(n_candidates)]
     steps_left = check_int("steps_left", steps_left, 0)
+    if steps_left > 0:  # the last step does not read Hn
+        entropy = validate.entropy_on_host(entropy)
     return reference.prune_counts(entropy, n_candidates, target, steps_left)
 
 
@@ -268,7 +183,8 @@ def prune_count(entropy: Tensor, n_candidates: int, target: int, steps_left: int
 
     Returns:
         N − (T − 1) when steps_left is 0, else round_half_to_even(max_b (N − (T − 1)) / √rpl · (1 − Hn_b²)).
-        The step then keeps max(S − prune, T) rows. Reads Hn on the host (one sync).
+        The step then keeps max(S − prune, T) rows. Reads Hn on the host (one sync) unless steps_left is 0;
+        a NaN or infinite Hn it reads is a FlowCutInputError naming ``entropy``.
     """
     if isinstance(entropy, (float, list, tuple)):
         entropy = torch.tensor(entropy, dtype=torch.float64).reshape(-1)

@@ -5,7 +5,8 @@ The reference backend ("torch") is defined here as ``flowcut::flow_scores`` / ``
 :mod:`flowcut_kernels.ops.reference`). The other backends register ops of the same signatures
 (``triton_*`` in :mod:`flowcut_kernels.ops.triton`, ``native_*`` in ``csrc/ops.cpp``) and reuse the
 ``*_fake`` functions below, so FakeTensor tracing and ``torch.compile`` see the same output shapes from
-every backend.
+every backend. Each reference op checks its inputs first (:mod:`.validate`, the checks the public functions
+use), so a direct ``torch.ops.flowcut.<op>`` call with bad input names the argument.
 """
 
 from typing import Optional
@@ -13,13 +14,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, validate
 
 
 @torch.library.custom_op("flowcut::flow_scores", mutates_args=())
 def _flow_scores_op(
     q_relay: Tensor, k: Tensor, v: Tensor, prev: Optional[Tensor], scale: float, has_cls: bool, semantic: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
+    validate.flow_scores(q_relay, k, v, prev, scale, has_cls)
     return reference.flow_scores(q_relay, k, v, prev, scale, has_cls, semantic)
 
 
@@ -36,6 +38,7 @@ def flow_scores_fake(q_relay, k, v, prev, scale, has_cls, semantic):
 def _select_gather_op(
     hidden: Tensor, cum: Tensor, index_map: Tensor, keep: int, has_cls: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
+    validate.select_gather(hidden, cum, index_map, keep, has_cls)
     return reference.select_gather(hidden, cum, index_map, keep, has_cls)
 
 
@@ -56,6 +59,7 @@ def _flow_scores_varlen_op(
     q_relay: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, prev: Optional[Tensor], scale: float, has_cls: bool,
     semantic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    validate.flow_scores_varlen(q_relay, k, v, cu_seqlens, prev, scale, has_cls)
     return reference.flow_scores_varlen(q_relay, k, v, cu_seqlens, prev, scale, has_cls, semantic)
 
 
@@ -71,6 +75,7 @@ def flow_scores_varlen_fake(q_relay, k, v, cu_seqlens, prev, scale, has_cls, sem
 def _select_gather_varlen_op(
     hidden: Tensor, cum: Tensor, index_map: Tensor, cu_seqlens: Tensor, keep: list[int], has_cls: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    validate.select_gather_varlen(hidden, cum, index_map, cu_seqlens, keep, has_cls)
     return reference.select_gather_varlen(hidden, cum, index_map, cu_seqlens, keep, has_cls)
 
 
@@ -94,6 +99,7 @@ def select_gather_varlen_fake(hidden, cum, index_map, cu_seqlens, keep, has_cls)
 def _attention_scores_op(
     q: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor], span_start: int, span_end: int
 ) -> Tensor:
+    validate.attention_scores(q, k, scale, key_mask, span_start, span_end)
     return reference.attention_scores(q, k, scale, key_mask, span_start, span_end)
 
 
@@ -107,6 +113,7 @@ def attention_scores_fake(q, k, scale, key_mask, span_start, span_end):
 def _text_guided_scores_op(
     q_relay: Tensor, v_relay: Tensor, k: Tensor, v: Tensor, segments: list[int], scale: float
 ) -> Tensor:
+    validate.text_guided_scores(q_relay, v_relay, k, v, segments, scale)
     return reference.text_guided_scores(q_relay, v_relay, k, v, segments, scale)
 
 
@@ -153,6 +160,8 @@ def merge_nearest_fake(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes):
 
 @torch.library.custom_op("flowcut::prune_count", mutates_args=())
 def _prune_count_op(entropy: Tensor, n_candidates: int, target: int, steps_left: int) -> int:
+    if steps_left > 0:  # the last step does not read Hn
+        entropy = validate.entropy_on_host(entropy)
     return reference.prune_count(entropy, n_candidates, target, steps_left)
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..checks import INPUT_DTYPES, check_int, check_same_device, check_tensor, require
+from . import validate
 from .backends import BACKENDS, resolve_backend
 
 
@@ -209,24 +210,13 @@ def attention_scores(
     Returns:
         (B, end − start) float32: mean over heads and query rows of softmax over all S keys of scale·q·k.
     """
-    check_tensor("q", q, 4, INPUT_DTYPES, "(B, Hq, Q, D)")
     check_tensor("k", k, 4, INPUT_DTYPES, "(B, Hkv, S, D)")
-    batch, kv_heads, seq, dim = k.shape
-    require(q.shape[0] == batch and q.shape[3] == dim,
-            f"q must have shape (B, Hq, Q, D) with B = {batch}, D = {dim} as k {tuple(k.shape)}, got {tuple(q.shape)}")
-    require(q.shape[1] % kv_heads == 0,
-            f"q's {q.shape[1]} query heads must be a multiple of k's {kv_heads} key heads (grouped-query attention)")
-    require(q.shape[2] >= 1, "q must hold at least one query row")
-    device = check_same_device(q=q, k=k, key_mask=key_mask)
+    start, end = span if span is not None else (0, k.shape[2])
+    device, scale = validate.attention_scores(q, k, scale, key_mask, start, end)
     if key_mask is not None:
-        check_tensor("key_mask", key_mask, 2, (torch.bool,), "(B, S)")
-        require(key_mask.shape == (batch, seq), f"key_mask must have shape (B, S) = {(batch, seq)}")
         require(bool(key_mask.any(dim=1).all()), "key_mask leaves an image without any key to attend")
-    start, end = span if span is not None else (0, seq)
-    require(0 <= start < end <= seq, f"span={span} must satisfy 0 <= start < end <= S = {seq}")
-    require(isinstance(scale, (int, float)) and not isinstance(scale, bool), "scale must be a float")
     op = _op("attention_scores", backend, device, k.dtype)
-    return op(q, k, float(scale), key_mask, int(start), int(end))
+    return op(q, k, scale, key_mask, int(start), int(end))
 
 
 def text_guided_scores(
@@ -252,24 +242,10 @@ def text_guided_scores(
         (Σ (end − start),) float32, segment by segment: (rel + sem)·ρ, rel and sem the head-mean softmaxes over
         the segment of scale·q_t·k_j and scale·v_t·v_j, ρ the L1 norm of the head-mean value.
     """
-    check_tensor("k", k, 4, INPUT_DTYPES, "(B, Hkv, S, D)")
-    check_tensor("v", v, 4, INPUT_DTYPES, "(B, Hkv, S, D)")
-    check_tensor("q_relay", q_relay, 3, INPUT_DTYPES, "(B, Hq, D)")
-    check_tensor("v_relay", v_relay, 3, INPUT_DTYPES, "(B, Hkv, D)")
-    batch, kv_heads, seq, dim = k.shape
-    require(v.shape == k.shape, f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    require(v_relay.shape == (batch, kv_heads, dim), f"v_relay must have shape {(batch, kv_heads, dim)}")
-    require(q_relay.shape[0] == batch and q_relay.shape[2] == dim and q_relay.shape[1] % kv_heads == 0,
-            f"q_relay must have shape (B, Hq, D) with B = {batch}, D = {dim} and Hq a multiple of {kv_heads}, "
-            f"got {tuple(q_relay.shape)}")
-    device = check_same_device(q_relay=q_relay, v_relay=v_relay, k=k, v=v)
     flat = []
     for g, segment in enumerate(segments):
         require(len(segment) == 3, f"segments[{g}] must be (b, start, end), got {segment!r}")
-        b, start, end = (check_int(f"segments[{g}]", x, 0) for x in segment)
-        require(b < batch and start < end <= seq,
-                f"segments[{g}]={tuple(segment)} must name a sequence b < {batch} and 0 <= start < end <= {seq}")
-        flat += [b, start, end]
-    require(isinstance(scale, (int, float)) and not isinstance(scale, bool), "scale must be a float")
+        flat += [check_int(f"segments[{g}]", x, 0) for x in segment]
+    device, scale = validate.text_guided_scores(q_relay, v_relay, k, v, flat, scale)
     op = _op("text_guided_scores", backend, device, k.dtype)
-    return op(q_relay, v_relay, k, v, flat, float(scale))
+    return op(q_relay, v_relay, k, v, flat, scale)

@@ -4,7 +4,8 @@ Read next to docs/semantics.md and the paper (FlowCut, arXiv 2505.19536). Notati
 S tokens (the relay/CLS token first when ``has_cls``), D head dim, C = H·D hidden size,
 N candidate tokens (S − 1 with a CLS token, S without). Every reduction runs in float32 (float64 for
 float64 inputs); inputs may have any strides. No input validation here: the
-public wrappers in :mod:`flowcut_kernels.ops` do that.
+public wrappers in :mod:`flowcut_kernels.ops` and the ops over these functions (:mod:`.library`) check their
+inputs with :mod:`.validate` first.
 """
 
 from __future__ import annotations
@@ -83,10 +84,30 @@ def flow_scores(
 
     # Normalised entropy of the candidates' attention (0·ln 0 = 0; 0 for a single candidate).
     n = attn.shape[-1]
-    entropy = -torch.xlogy(p, p).sum(dim=-1)
-    entropy = entropy / math.log(n) if n > 1 else torch.zeros_like(entropy)
+    entropy = normalised_entropy(p)
     f32 = torch.float32
     return cum.to(f32).contiguous(), entropy.to(f32), attn.to(f32).contiguous()
+
+
+def normalised_entropy(p: Tensor) -> Tensor:
+    """Hn = (−Σ p ln p) / ln N over the last axis of p (B, N) (0·ln 0 = 0; 0 when N = 1), without cancellation.
+
+    A p_j ≤ ½ contributes −p_j ln p_j as it is. A p_m > ½ — one-hot rows put 1 − 1e-10 there, which rounds
+    to 1 in float32 — takes ln p_m = log1p(−r), r = Σ of the other p_j (its exact complement, summed from small
+    values), so its share −p_m ln p_m ≈ r is kept instead of lost to rounding. (If rounding leaves two values
+    above ½, their own logs are used.)
+    """
+    n = p.shape[-1]
+    if n <= 1:
+        return torch.zeros_like(p[..., 0])
+    big = p > 0.5
+    small = p.masked_fill(big, 0.0)
+    rest = small.sum(dim=-1)
+    large = p - small  # the p_j > ½, else 0
+    direct = -torch.xlogy(large, large).sum(dim=-1)
+    complement = -large.sum(dim=-1) * torch.log1p(-rest)
+    h = -torch.xlogy(small, small).sum(dim=-1) + torch.where(big.sum(dim=-1) == 1, complement, direct)
+    return h / math.log(n)
 
 
 def select_gather(

@@ -17,13 +17,19 @@ import torch.nn.functional as F
 # 1. per-layer signals
 # ----------------------------------------------------------------------------------------------
 def _entropy_normalised(p):
-    """p: list of N floats summing to 1 -> (-sum p ln p) / ln N, 0 ln 0 = 0, and 0 when N == 1."""
+    """p: list of N floats summing to 1 -> (-sum p ln p) / ln N, 0 ln 0 = 0, and 0 when N == 1.
+
+    The largest p_m may lie within rounding of 1 (a near-one-hot row): its ln p_m is taken as
+    log1p(-(sum of the others)), the mass it lacks, not as ln of its rounded value.
+    """
     n = len(p)
     if n <= 1:
         return 0.0
-    h = 0.0
-    for x in p:
-        if x > 0.0:
+    m = max(range(n), key=lambda j: p[j])
+    rest = math.fsum(x for j, x in enumerate(p) if j != m)
+    h = -p[m] * (math.log1p(-rest) if rest < 1.0 else math.log(p[m]))
+    for j, x in enumerate(p):
+        if j != m and x > 0.0:
             h -= x * math.log(x)
     return h / math.log(n)
 

@@ -10,6 +10,9 @@ and the backend also runs on CPU tensors. Inputs: float16, bfloat16 or float32 (
 flow_scores, attention_scores and text_guided_scores, the hidden states' for select_gather and
 merge_nearest, the scores' for topk_select); float64 goes to another backend. triton_topk_select with
 ``protect`` reads its kept count on the host (one scalar): its output sizes depend on the data.
+
+Called directly, flow_scores (dense and packed), select_gather, attention_scores and text_guided_scores check
+their inputs as the public functions do (:mod:`..validate`; O(1), cu_seqlens is not read on the host).
 """
 
 import os
@@ -18,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import validate
 from ..backends import Backend, register_backend
 from ..library import register_fakes
 from . import primitives
@@ -49,6 +53,7 @@ else:
 def triton_flow_scores(
     q_relay: Tensor, k: Tensor, v: Tensor, prev: Optional[Tensor], scale: float, has_cls: bool, semantic: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
+    validate.flow_scores(q_relay, k, v, prev, scale, has_cls)
     return _flow_scores(q_relay, k, v, None, prev, scale, has_cls, semantic)
 
 
@@ -56,6 +61,7 @@ def triton_flow_scores(
 def triton_select_gather(
     hidden: Tensor, cum: Tensor, index_map: Tensor, keep: int, has_cls: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
+    validate.select_gather(hidden, cum, index_map, keep, has_cls)
     return _select_gather(hidden, cum, index_map, None, keep, has_cls)
 
 
@@ -64,6 +70,7 @@ def triton_flow_scores_varlen(
     q_relay: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, prev: Optional[Tensor], scale: float, has_cls: bool,
     semantic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    validate.flow_scores_varlen(q_relay, k, v, cu_seqlens, prev, scale, has_cls, read_offsets=False)
     return _flow_scores(q_relay, k, v, cu_seqlens, prev, scale, has_cls, semantic)
 
 
@@ -78,6 +85,7 @@ def triton_select_gather_varlen(
 def triton_attention_scores(
     q: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor], span_start: int, span_end: int
 ) -> Tensor:
+    validate.attention_scores(q, k, scale, key_mask, span_start, span_end)
     return primitives.attention_scores(q, k, scale, key_mask, span_start, span_end, wrap=_wrap)
 
 
@@ -85,6 +93,7 @@ def triton_attention_scores(
 def triton_text_guided_scores(
     q_relay: Tensor, v_relay: Tensor, k: Tensor, v: Tensor, segments: list[int], scale: float
 ) -> Tensor:
+    validate.text_guided_scores(q_relay, v_relay, k, v, segments, scale)
     return primitives.text_guided_scores(q_relay, v_relay, k, v, segments, scale, wrap=_wrap)
 
 

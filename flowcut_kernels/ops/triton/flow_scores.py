@@ -19,7 +19,8 @@ Per image the kernels read q_relay, k and v once, chunk by chunk of ``BLOCK_S`` 
           and A[j] = mean_h exp(l_h[j] − lse_all_h) (it may underflow to 0 when the relay takes
           almost all the mass: its true float32 value); the semantic term p_sem likewise. Then the
           layer score ((p + p_sem)·ρ in the CLS variant, A·ρ in the mean variant), the cumulative
-          update with ``prev`` and the normalised entropy Hn of p.
+          update with ``prev`` and the normalised entropy Hn of p (without cancellation: a p_m > ½ takes
+          ln p_m = log1p(−Σ of the other p), see :func:`_finish_phase`).
 For short images (CLIP's 577 tokens) one program per image runs both phases: one launch. When the
 longest image has 2048 tokens or more and the batch at most 64 images, phase 1 is split over
 (image, chunk) programs and phase 2 is one small second launch that reads only the scratch (2·H + 1
@@ -156,6 +157,15 @@ def _mix(x, lse, w):
 
 
 @triton.jit
+def _neg_log1p_neg(r):
+    """−ln(1 − r) for 0 ≤ r ≤ ½ to float32 accuracy, without forming 1 − r near 1: its series Σ_k r^k / k
+    (8 terms, error < r·2^-36) below r = 1/16, −ln(1 − r) above (1 − r ≤ 15/16 is far enough from 1)."""
+    series = r * (1.0 + r * (1.0 / 2 + r * (1.0 / 3 + r * (1.0 / 4 + r * (1.0 / 5 + r * (1.0 / 6 + r * (
+        1.0 / 7 + r * (1.0 / 8))))))))
+    return tl.where(r < 1.0 / 16, series, -tl.log(tl.maximum(1.0 - r, 1e-30)))
+
+
+@triton.jit
 def _finish_phase(
     logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
     b, start, S, T, H, sp_b, sp_n,
@@ -175,7 +185,13 @@ def _finish_phase(
     if SEMANTIC:
         lse_s, _, w_s = _head_weights(sems, stats, T, H, n_chunks, 2, HAS_CLS, BLOCK_H, BLOCK_C)
     uniform = tl.where(tl.arange(0, BLOCK_H) < H, 1.0 / H, 0.0)
-    neg_plogp = 0.0
+    # Hn without cancellation: the p_j ≤ ½ add −p_j ln p_j; a p_m > ½ (one-hot rows put 1 − 1e-10 there, which
+    # rounds to 1) takes −ln p_m = −log1p(−r), r = Σ of the others (its exact complement).
+    ent_small = 0.0  # Σ −p ln p over p ≤ ½
+    ent_big = 0.0  # Σ −p ln p over p > ½ (used only if rounding leaves two of them)
+    rest = 0.0  # Σ p over p ≤ ½
+    large = 0.0  # Σ p over p > ½
+    n_big = 0
     for s0 in range(0, S, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
         cand = (offs_s >= FIRST) & (offs_s < S)
@@ -187,7 +203,13 @@ def _finish_phase(
         else:
             a = p  # lse_all = lse_cand and w_h = 1/H: the same sum
         tl.store(attn_ptr + first_cand + j, a, mask=cand)
-        neg_plogp -= tl.sum(p * tl.log(tl.where(p > 0.0, p, 1.0)), axis=0)  # 0·ln 0 = 0
+        big = p > 0.5
+        plogp = p * tl.log(tl.where(p > 0.0, p, 1.0))  # 0·ln 0 = 0
+        ent_small -= tl.sum(tl.where(big, 0.0, plogp), axis=0)
+        ent_big -= tl.sum(tl.where(big, plogp, 0.0), axis=0)
+        rest += tl.sum(tl.where(big, 0.0, p), axis=0)
+        large += tl.sum(tl.where(big, p, 0.0), axis=0)
+        n_big += tl.sum(big.to(tl.int32), axis=0)
         rho = tl.load(rho_ptr + start + offs_s, mask=cand, other=0.0)
         if HAS_CLS:
             score = p
@@ -199,6 +221,7 @@ def _finish_phase(
         if HAS_PREV:
             score = 0.5 * tl.load(prev + j * sp_n, mask=cand, other=0.0) + 0.5 * score
         tl.store(cum_ptr + first_cand + j, score, mask=cand)
+    neg_plogp = ent_small + tl.where(n_big == 1, large * _neg_log1p_neg(tl.minimum(rest, 0.5)), ent_big)
     log_n = tl.log(tl.maximum(N, 2).to(tl.float32))
     tl.store(ent_ptr + b, tl.where(N > 1, neg_plogp / log_n, 0.0))  # Hn = 0 for a single candidate
 
