@@ -161,7 +161,7 @@ def merge_nearest_fake(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes):
 @torch.library.custom_op("flowcut::prune_count", mutates_args=())
 def _prune_count_op(entropy: Tensor, n_candidates: int, target: int, steps_left: int) -> int:
     if steps_left > 0:  # the last step does not read Hn
-        entropy = validate.entropy_on_host(entropy)
+        entropy = torch.tensor(validate.entropy_on_host(entropy), dtype=torch.float64)
     return reference.prune_count(entropy, n_candidates, target, steps_left)
 
 

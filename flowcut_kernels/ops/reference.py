@@ -83,7 +83,6 @@ def flow_scores(
     cum = score if prev is None else 0.5 * prev.to(acc) + 0.5 * score
 
     # Normalised entropy of the candidates' attention (0·ln 0 = 0; 0 for a single candidate).
-    n = attn.shape[-1]
     entropy = normalised_entropy(p)
     f32 = torch.float32
     return cum.to(f32).contiguous(), entropy.to(f32), attn.to(f32).contiguous()
@@ -255,12 +254,14 @@ def kept_rows_varlen(cum: Tensor, cu_seqlens: Tensor, keep: list[int], has_cls: 
     return torch.cat(rows)
 
 
-def prune_counts(entropy: Tensor, n_candidates: list[int], target: int, steps_left: int) -> list[int]:
-    """:func:`prune_count` of each image alone (a per-image schedule): B ints, from one host read."""
+def prune_counts(entropy, n_candidates: list[int], target: int, steps_left: int) -> list[int]:
+    """:func:`prune_count` of each image alone (a per-image schedule): B ints, from one host read of ``entropy``
+    ((B,) tensor, or its values already read as floats)."""
     excess = [n - (target - 1) for n in n_candidates]
     if steps_left == 0:
         return excess
-    values = entropy.double().tolist()  # the one read; then :func:`prune_count`'s float64 arithmetic per image
+    # the one read, then :func:`prune_count`'s float64 arithmetic per image
+    values = entropy.double().tolist() if isinstance(entropy, Tensor) else list(entropy)
     return [max(round(e / math.sqrt(steps_left) * (1.0 - h * h)), 0) for e, h in zip(excess, values)]
 
 

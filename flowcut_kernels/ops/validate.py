@@ -220,14 +220,14 @@ def text_guided_scores(q_relay: Tensor, v_relay: Tensor, k: Tensor, v: Tensor, s
     return device, check_scale(scale)
 
 
-def entropy_on_host(entropy: Tensor) -> Tensor:
-    """The normalised entropies (B,) as a float64 CPU tensor (the prune count's one host read), each finite: a NaN
-    or infinite Hn (from NaN or infinite scores upstream) has no prune count."""
-    values = entropy.detach().to("cpu", torch.float64)
-    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+def entropy_on_host(entropy: Tensor) -> list[float]:
+    """The normalised entropies (B,) as Python floats (float64; the prune count's one host read), each finite: a
+    NaN or infinite Hn (from NaN or infinite scores upstream) has no prune count."""
+    values = entropy.detach().double().tolist()
+    bad = [b for b, value in enumerate(values) if not math.isfinite(value)]
     require(
         not bad,
-        f"entropy must be finite, got {values[bad].tolist()} for image(s) {bad}: the layer's scores were not "
+        f"entropy must be finite, got {[values[b] for b in bad]} for image(s) {bad}: the layer's scores were not "
         f"finite (check its q, k and v for NaN or inf)",
     )
     return values
