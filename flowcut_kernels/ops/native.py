@@ -37,8 +37,8 @@ _HOW = (
     "the build sees torch)"
 )
 _CUDA_HOW = (
-    "`FLOWCUT_BUILD_NATIVE=1 pip install --no-build-isolation -e .` with a CUDA torch and the CUDA toolkit (CUDA_HOME "
-    "set to its root, the folder holding bin/nvcc and include/cuda_runtime.h, if it is not found)"
+    "`FLOWCUT_BUILD_NATIVE=1 pip install -v --no-build-isolation -e .`, which stops at what fails instead of leaving "
+    "them out"
 )
 
 
