@@ -6,6 +6,7 @@ unavailable, with its reason in :func:`available_backends` ``(device, reasons=Tr
 """
 
 import importlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -46,6 +47,10 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {}
 UNAVAILABLE: dict[str, str] = {}  # backend name -> why it could not be loaded
+#: (backend name, device type) -> why the backend was built without kernels for that device type; the first
+#: :func:`resolve_backend` for such a device warns once with it.
+MISSING_DEVICES: dict[tuple[str, str], str] = {}
+_WARNED: set[tuple[str, str]] = set()
 # "auto" takes the first backend in this order that runs on the device type and takes the dtype.
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 _OPTIONAL = {"triton": "flowcut_kernels.ops.triton", "native": "flowcut_kernels.ops.native"}
@@ -63,6 +68,20 @@ def mark_unavailable(name: str, reason: str) -> None:
     """Record why backend ``name`` cannot be used (a backend module that loads but cannot run calls this)."""
     BACKENDS.pop(name, None)
     UNAVAILABLE[name] = reason
+
+
+def mark_missing_device(name: str, device_type: str, reason: str) -> None:
+    """Record why backend ``name`` has no kernels for ``device_type`` (e.g. built without CUDA): the reason
+    :func:`available_backends` gives there, and a warning on the first use of such a device."""
+    MISSING_DEVICES[(name, device_type)] = reason
+
+
+def _warn_missing_devices(device_type: str) -> None:
+    for key, reason in MISSING_DEVICES.items():
+        if key[1] == device_type and key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"flowcut_kernels: the {key[0]!r} backend has no {device_type.upper()} kernels: {reason}",
+                          stacklevel=4)
 
 
 def load_optional_backends() -> None:
@@ -107,6 +126,8 @@ def available_backends(
         if name in UNAVAILABLE:
             return UNAVAILABLE[name]
         backend = BACKENDS[name]
+        if (name, device_type) in MISSING_DEVICES:
+            return f"has no {device_type.upper()} kernels: {MISSING_DEVICES[(name, device_type)]}"
         if device_type not in backend.device_types:
             return f"runs on {'/'.join(backend.device_types)} tensors, not {device_type}"
         if dtype is not None and dtype not in backend.dtypes:
@@ -131,6 +152,7 @@ def resolve_backend(
     An unknown name, or one that cannot run here, is a FlowCutInputError that says why and lists the choices.
     """
     require(isinstance(backend, str), f"backend must be a str, got {type(backend).__name__}")
+    _warn_missing_devices(torch.device(device).type)
     usable = available_backends(device, dtype=dtype, op=op)
     if backend == "auto":
         return usable[0]

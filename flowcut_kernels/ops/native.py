@@ -10,6 +10,9 @@ implementations (the library's, shared by every backend) and registers the backe
 or built but not loading) it records why with ``backends.mark_unavailable`` (shown by
 ``available_backends(device, reasons=True)`` and the benchmark's "skipped" lines), warns once unless
 ``FLOWCUT_BUILD_NATIVE=0`` is set, and :func:`build_info` raises that reason; the other backends keep working.
+A ``_C`` built without its CUDA kernels is recorded with ``backends.mark_missing_device``: the first op on a
+CUDA device warns once with the reason. The reasons come from the build's record next to ``_C``,
+``_build_status.json`` (python/native_build.py writes it).
 
 Shapes: B images, H heads, S tokens (relay row first when ``has_cls``), D head dim, C hidden size,
 N candidates (S − 1 with a CLS token, S without), K kept candidates (keep − 1 with CLS, else keep); a packed
@@ -19,25 +22,41 @@ batch holds its images' T rows along one axis (image b: rows cu_seqlens[b] … c
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
-from .backends import ALL_DTYPES, Backend, mark_unavailable, register_backend
+from .backends import ALL_DTYPES, Backend, mark_missing_device, mark_unavailable, register_backend
 from .library import register_fakes
 
 _HOW = (
     "`pip install --no-build-isolation -e .` in a source checkout, with torch and ninja installed first (so that "
     "the build sees torch)"
 )
+_CUDA_HOW = (
+    "`FLOWCUT_BUILD_NATIVE=1 pip install -v --no-build-isolation -e .`, which stops at what fails instead of leaving "
+    "them out"
+)
+
+
+def _build_status() -> dict:
+    """What the build skipped and why: {"native": why _C is not built, "cuda": why it has no CUDA kernels}."""
+    path = Path(__file__).parent.parent / "_build_status.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+_STATUS = _build_status()
 
 
 def _load():
     """(the ``_C`` module, None), or (None, why the native backend is unavailable)."""
     what = "the compiled extension flowcut_kernels._C"
     if importlib.util.find_spec("flowcut_kernels._C") is None:
-        return None, f"{what} is not built (this install skipped it); build it with {_HOW}"
+        why = _STATUS.get("native") or "this install skipped it"
+        return None, f"{what} is not built ({why}); build it with {_HOW}"
     try:
         from .. import _C
     except ImportError as error:
@@ -51,13 +70,16 @@ _C, UNAVAILABLE_REASON = _load()
 
 
 def build_info() -> dict:
-    """How ``_C`` was built: {"version": str, "with_cuda": bool, "cuda_archs": ["sm_80", "sm_90", "compute_90"]}.
+    """How ``_C`` was built: {"version": str, "with_cuda": bool, "cuda_archs": ["sm_80", "sm_90", "compute_90"],
+    "cuda_skipped": None, or why it has no CUDA kernels}.
 
     Raises RuntimeError saying why when the extension is unavailable.
     """
     if _C is None:
         raise RuntimeError(UNAVAILABLE_REASON)
-    return _C.build_info()
+    info = _C.build_info()
+    info["cuda_skipped"] = None if info["with_cuda"] else (_STATUS.get("cuda") or "it was built without CUDA")
+    return info
 
 
 if _C is None:
@@ -72,3 +94,5 @@ else:
     register_fakes("native_")  # the same output shapes as every backend's ops
     DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
     register_backend(Backend.from_library("native", "native_", DEVICE_TYPES, ALL_DTYPES))
+    if not _C.WITH_CUDA:
+        mark_missing_device("native", "cuda", f"{build_info()['cuda_skipped']}; build them with {_CUDA_HOW}")

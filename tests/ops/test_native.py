@@ -3,16 +3,19 @@ oracle."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 import flowcut_kernels
-from flowcut_kernels import available_backends, encode, ops, reference, synthetic
+from flowcut_kernels import FlowCutInputError, available_backends, encode, ops, reference, synthetic
+from flowcut_kernels.ops import backends
 from oracle.flowcut import naive_flow_scores, naive_select_gather
 
 _why = available_backends("cpu", reasons=True).get("native", "not registered")
@@ -51,7 +54,8 @@ def test_build_info():
     from flowcut_kernels.ops import native
 
     info = native.build_info()
-    assert info == _C.build_info()
+    assert {key: info[key] for key in ("version", "with_cuda", "cuda_archs")} == _C.build_info()
+    assert (info["cuda_skipped"] is None) == info["with_cuda"]
     assert info["version"] == _C.__version__ == flowcut_kernels.__version__
     assert info["with_cuda"] is _C.WITH_CUDA
     assert info["cuda_archs"] == list(_C.CUDA_ARCHS) and all(isinstance(a, str) for a in info["cuda_archs"])
@@ -507,12 +511,16 @@ print(json.dumps({
 """
 
 
-def probe_without_extension(tmp_path, c_module=None, **env):
-    """Import a copy of the package without _C (or with ``c_module`` as _C.py) in a fresh interpreter."""
+def probe_without_extension(tmp_path, c_module=None, status=None, **env):
+    """Import a copy of the package without _C (or with ``c_module`` as _C.py) and without the build's record (or
+    with ``status`` as the record) in a fresh interpreter."""
     package = Path(flowcut_kernels.__file__).parent
-    shutil.copytree(package, tmp_path / "flowcut_kernels", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    shutil.copytree(package, tmp_path / "flowcut_kernels",
+                    ignore=shutil.ignore_patterns("_C*", "_build_status.json", "__pycache__"))
     if c_module is not None:
         (tmp_path / "flowcut_kernels" / "_C.py").write_text(c_module)
+    if status is not None:
+        (tmp_path / "flowcut_kernels" / "_build_status.json").write_text(json.dumps(status))
     env = {k: v for k, v in os.environ.items() if k != "FLOWCUT_BUILD_NATIVE"} | env
     out = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True)
@@ -543,3 +551,58 @@ def test_extension_that_does_not_load_keeps_its_reason(tmp_path):
     assert reason.startswith("the compiled extension flowcut_kernels._C does not load (undefined symbol: "
                              "_ZN3foo3barEv); rebuild it with `pip install --no-build-isolation -e .`"), reason
     assert got["build_info_error"] == reason and len(got["warnings"]) == 1
+
+
+def test_failed_build_is_the_reason(tmp_path):
+    """A build that failed (auto mode: the package installs without _C) recorded why; that is the reason given."""
+    failed = "its build failed (RuntimeError: Error compiling objects for extension; `pip install -v` shows the " \
+             "compiler's errors)"
+    got = probe_without_extension(tmp_path, status={"native": failed, "cuda": "torch 2.14.1 has no CUDA"})
+    assert got["reason"].startswith(f"the compiled extension flowcut_kernels._C is not built ({failed}); build it "
+                                    "with `pip install --no-build-isolation -e .`"), got["reason"]
+    assert got["build_info_error"] == got["reason"] and len(got["warnings"]) == 1
+
+
+def test_first_cuda_use_warns_once_when_cuda_kernels_are_missing(monkeypatch):
+    """A _C without CUDA kernels (recorded with mark_missing_device, as native.py does): the first op on a CUDA
+    device (each op resolves its backend first) warns once with the reason; CPU ops do not."""
+    reason = "CUDA_HOME=/nowhere is not a CUDA toolkit; build them with `pip install --no-build-isolation -e .`"
+    monkeypatch.setattr(backends, "MISSING_DEVICES", {})
+    monkeypatch.setattr(backends, "_WARNED", set())
+    backends.mark_missing_device("native", "cuda", reason)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ops.resolve_backend("auto", "cpu") == "native"
+        assert caught == []
+        for _ in range(3):
+            assert ops.resolve_backend("auto", "cuda") != "native"
+    assert [str(w.message) for w in caught] == [f"flowcut_kernels: the 'native' backend has no CUDA kernels: {reason}"]
+    assert available_backends("cuda", reasons=True)["native"] == f"has no CUDA kernels: {reason}"
+    with pytest.raises(FlowCutInputError, match=re.escape(f"backend='native' is not available on cuda (has no CUDA "
+                                                          f"kernels: {reason})")):
+        ops.resolve_backend("native", "cuda")
+
+
+_CUDA_PROBE = """
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import flowcut_kernels as f
+    from flowcut_kernels.ops import native
+    assert not caught, [str(w.message) for w in caught]
+    f.ops.resolve_backend("auto", "cuda")
+    f.ops.resolve_backend("auto", "cuda", op="topk_select")
+print(native.build_info()["cuda_skipped"])
+print("\\n".join(str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.skipif(ops.native.build_info()["with_cuda"] if _why is None else False, reason="_C has CUDA kernels")
+def test_extension_built_without_cuda_warns_on_first_cuda_use():
+    """The installed _C, built without CUDA kernels: its recorded reason and the rebuild command, once, in a fresh
+    interpreter."""
+    out = subprocess.run([sys.executable, "-c", _CUDA_PROBE], capture_output=True, text=True, check=True).stdout
+    skipped, message = out.strip().split("\n")
+    assert message == (f"flowcut_kernels: the 'native' backend has no CUDA kernels: {skipped}; build them with "
+                       "`FLOWCUT_BUILD_NATIVE=1 pip install -v --no-build-isolation -e .`, which stops at what fails "
+                       "instead of leaving them out")
