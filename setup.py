@@ -31,12 +31,18 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["flowcut_kernels", "flowcut_kernels.*"]),
+    py_modules=["flowcut_lmms_eval"],  # the lmms-eval entry point: a module apart, so loading it imports no torch
     install_requires=["torch>=2.13", "transformers>=5.0,<5.26"],  # the tested releases (models/seams.py, .ci/run)
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "triton>=3.2", "pillow", "matplotlib"],
         "bench": ["matplotlib"],
+        # lmms-eval 0.7.3 imports filelock._api (gone in filelock 4) and decord (its LLaVA / Qwen2-VL models)
+        "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4", "decord"],
     },
-    entry_points={"console_scripts": ["flowcut-bench=flowcut_kernels.bench.cli:main"]},
+    entry_points={
+        "console_scripts": ["flowcut-bench=flowcut_kernels.bench.cli:main"],
+        "lmms_eval.models": ["flowcut=flowcut_lmms_eval:manifests"],  # lmms-eval's --model flowcut
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

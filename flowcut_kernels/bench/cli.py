@@ -1,4 +1,4 @@
-"""Prefill benchmark: FlowCut against the unpruned model and the original-style FlowCut, side by side.
+"""Prefill benchmark: FlowCut beside the unpruned model, the original-style FlowCut and other methods.
 
     python -m flowcut_kernels.bench                     # CLIP ViT-L/14-336, target 64, batch 1, CUDA else CPU
     python -m flowcut_kernels.bench --preset llava-1.5-7b --batch 1 8 32 --target 64 128 192 --json r.json
@@ -8,9 +8,15 @@
 Model presets (see :mod:`flowcut_kernels.bench.presets`) measure, in one run and interleaved, ``unpruned``
 (the stock HF forward, SDPA), ``original`` (:mod:`.original`: eager attention with the full
 probabilities, Python scoring, a host sync per prune step, every layer) and ``flowcut-<backend>``
-(:func:`flowcut_kernels.encode`) for every backend available on the device. The random weights are seeded
-and their q/k projections sharpened (``--sharpen``, see :mod:`flowcut_kernels.models.synthetic`) so the attention
-concentrates and the schedule prunes progressively; the tokens each layer processed are printed.
+(:func:`flowcut_kernels.encode`) for every backend available on the device; ``--methods`` adds the other
+methods at the same target, ``visionzip``, ``fastv`` and ``downsample``:
+
+    python -m flowcut_kernels.bench --preset llava-tiny --batch 1 4 --methods unpruned flowcut visionzip fastv
+
+LLaVA presets time the first token (the prefill, then one greedy decode step); every row has its images/s.
+The random weights are seeded and their q/k projections sharpened (``--sharpen``, see
+:mod:`flowcut_kernels.models.synthetic`) so the attention concentrates and the schedule prunes progressively; the
+tokens each layer processed are printed.
 ``--model`` measures a real LLaVA, CLIP or SigLIP checkpoint instead (:mod:`flowcut_kernels.bench.checkpoint`).
 Kernel presets are described in :mod:`flowcut_kernels.bench.kernels`; timing and memory in
 :mod:`flowcut_kernels.bench.timing`.
@@ -36,7 +42,7 @@ from .plots import write_plot
 from .report import as_text, kernel_table, model_table, parent_writable, write_json, write_markdown
 from .timing import Progress, Timer, peak_memory_mb
 
-METHOD_FAMILIES = ("unpruned", "original", "flowcut", "static", "per-image", "serial", "stage")
+METHOD_FAMILIES = ("unpruned", "original", "flowcut", "static", "per-image", "serial", "stage", *presets.ALTERNATIVES)
 PRESETS = sorted(presets.MODEL_PRESETS) + sorted(scenarios.SCENARIOS) + sorted(kernels.KERNEL_PRESETS)
 KERNEL_DESCRIPTIONS = {
     "kernels": "one prune step per backend (CLIP-L/336 at B=1,16,64, a Qwen-VL image of 4096 and 16384 tokens on "
@@ -192,6 +198,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             if "stage" in args.methods and 2 * t >= shape.num_patches:
                 raise FlowCutInputError(f"--target {t} is too large for the stage rows: the tower keeps 2·target, "
                                         f"which must be below the {shape.num_patches} patches")
+            if "visionzip" in args.methods and t < 2:
+                raise FlowCutInputError(f"--target {t} is too small for visionzip: it keeps at least one dominant and "
+                                        "one contextual token")
         feature_index(args.feature_layer, shape.num_layers)
     except FlowCutInputError as error:
         parser.error(f"{error} ({where}: {shape.num_patches} patches, {shape.num_layers} layers)")
@@ -276,7 +285,8 @@ def _run_models(args, info: dict) -> list[dict]:
     built = _build(args)
     original = _original(args, built)
     scenario = isinstance(built, scenarios.BuiltScenario)
-    n_methods = ("unpruned" in args.methods) + original + len(args.backends) * sum(
+    n_methods = ("unpruned" in args.methods) + original + sum(
+        m in args.methods for m in presets.ALTERNATIVES) + len(args.backends) * sum(
         f in args.methods for f in ("flowcut", "static", "per-image", "serial")
         + (("stage",) if getattr(built, "prefill", None) is not None else ()))
     calls = max(args.warmup, 1) + args.repeats
@@ -310,9 +320,10 @@ def _run_models(args, info: dict) -> list[dict]:
                 row = dict(
                     method=name, preset=built.name, batch=batch, target=target, tokens_out=result.tokens_out,
                     median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                    images_per_s=1e3 * batch / timing.median_ms, measured=measured(result),
                     peak_mem_mb=peaks[name], **info,
                     feature_layer=args.feature_layer, tokens_per_layer=result.tokens_per_layer,
-                    lm_tokens=result.lm_tokens, times_ms=list(timing.times_ms),
+                    lm_tokens=result.lm_tokens, times_ms=list(timing.times_ms), settings=result.settings,
                 )
                 if "original" in first and result.keep_indices is not None and name != "original":
                     row["agreement_with_original"] = presets.agreement(
@@ -330,6 +341,22 @@ def _run_models(args, info: dict) -> list[dict]:
                     row["speedup_vs_serial"] = ref.median_ms / row["median_ms"] if ref else None
             rows += group
     return rows
+
+
+#: What a model row's time covers (its ``measured``).
+MEASURED = {
+    "ttft": "time to first token: the prefill, then one greedy decode step on its cache",
+    "prefill": "the prefill (last-position logits)",
+    "vision": "the vision tower's features",
+}
+
+
+def measured(result: presets.MethodResult) -> str:
+    """A key of :data:`MEASURED`: LLaVA presets and checkpoints time the first token, the LLaVA-NeXT and Qwen2-VL
+    whole-model presets the prefill, the others the tower."""
+    if result.first_step is not None:
+        return "ttft"
+    return "vision" if result.lm_tokens is None else "prefill"
 
 
 def _print_schedules(label: str, first: dict) -> None:
@@ -407,6 +434,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
                      f"(seed {args.seed})"]
         else:
             facts = [f"feature layer {args.feature_layer}, q/k sharpened x{args.sharpen:g} (seed {args.seed})"]
+        facts += [f"time: {MEASURED[key]}" for key in dict.fromkeys(r["measured"] for r in rows)]
         title = f"FlowCut prefill benchmark ({args.model or args.preset})"
     if "load_avg_1min" in info:
         end_load = round(os.getloadavg()[0], 2)
@@ -457,8 +485,15 @@ METHOD_NOTES = [
     "`encode(..., schedule=\"per_image\")`, each image on its own schedule, all in ONE padded pass; "
     "`serial-<backend>` — the same result the old way, B single-image `encode` calls one after the other "
     "(vs serial = serial time / per-image time, same backend); `stage-<backend>` — `flowcut(llava, K, "
-    "llm_stage=True)`, the whole LLaVA forward (tower to 2K per image, decoder layer 1 keeps K); LLaVA-NeXT and "
-    "Qwen2-VL presets: see `flowcut_kernels/bench/scenarios.py`.",
+    "llm_stage=True)`, the whole LLaVA forward (tower to 2K per image, decoder layer 1 keeps K); the other methods "
+    "at the same target: `visionzip` — VisionZip (flowcut_kernels/recipes/visionzip.py) on the stock tower's feature "
+    "layer, dominant + contextual tokens (54 + 10 of 64, scaled); `fastv` — the stock tower, then FastV "
+    "(flowcut_kernels/recipes/fastv.py) in the language model: after decoder layer 1 (layer 0 in a 2-layer model) "
+    "the target image tokens the last prompt token attends to most (on a tower preset, which has no language "
+    "model, the stock tower alone); `downsample` — the image resized (bilinear, antialiased) to a g×g patch grid, "
+    "g = round(√target), through the stock tower with its position embeddings interpolated. LLaVA presets time "
+    "the first token: the prefill, then one greedy decode step on its cache. LLaVA-NeXT and Qwen2-VL presets: see "
+    "`flowcut_kernels/bench/scenarios.py`.",
     "",
 ]
 

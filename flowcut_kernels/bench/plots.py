@@ -1,7 +1,8 @@
 """The PNG of :mod:`flowcut_kernels.bench` (``--plot``), drawn to be read at a glance.
 
 Every method looks the same in every plot (:data:`STYLES`: a colour and a marker; the baselines grey and
-red, the FlowCut backends blues and purple). The title names the run, the device, the dtype and the date.
+red, the FlowCut backends blues and purple, the other methods — VisionZip, FastV, downsampling — green, orange and
+pink). The title names the run, the device, the dtype and the date.
 
 - A model run at one (batch, target): horizontal bars of the median time per method, whiskers from the
   20th to the 80th percentile, and the median and the speed-up over ``unpruned`` written at each bar (with
@@ -26,6 +27,9 @@ STYLES = {
     "flowcut-torch": ("#6baed6", "o"),
     "flowcut-native": ("#08519c", "D"),
     "flowcut-triton": ("#6a3d9a", "P"),
+    "visionzip": ("#2ca02c", "v"),
+    "fastv": ("#ff7f0e", "<"),
+    "downsample": ("#e377c2", ">"),
 }
 OTHER = ("#8c564b", "X")
 #: Other method families (``<family>-<backend>``): a colour per family and backend; the marker is the backend's.
@@ -127,7 +131,8 @@ def _bars(plt, rows: list[dict]):
     ax.set_yticks(range(len(methods)), [f"{m}\n{by_method[m]['tokens_out']} tokens out" for m in methods])
     ax.invert_yaxis()
     ax.set_xlim(0, right * (2.4 if any("speedup_vs_serial" in r for r in rows) else 1.8))
-    ax.set_xlabel("median time per call (ms); whiskers: 20th–80th percentile")
+    what = "time to first token" if rows[0].get("measured") == "ttft" else "time per call"
+    ax.set_xlabel(f"median {what} (ms); whiskers: 20th–80th percentile")
     first = rows[0]
     ax.set_title(f"batch {first['batch']}, target {first['target']}; {len(first['times_ms'])} timed calls per "
                  "method, interleaved", fontsize=10)
@@ -178,7 +183,8 @@ def _sweep(plt, rows: list[dict]):
         axes[-1][c].set_xlabel(x_key if x_key == "batch" else "target (patches kept)")
         if has_base:
             axes[1][c].axhline(1.0, color=style("unpruned")[0], ls="--", lw=1)
-    axes[0][0].set_ylabel("median time per call (ms)\nband: p20–p80")
+    what = "time to first token" if rows[0].get("measured") == "ttft" else "time per call"
+    axes[0][0].set_ylabel(f"median {what} (ms)\nband: p20–p80")
     if has_base:
         axes[1][0].set_ylabel("speed-up vs unpruned (×)\nband: p20–p80 per round")
     handles, labels = axes[0][0].get_legend_handles_labels()

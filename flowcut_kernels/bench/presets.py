@@ -31,6 +31,22 @@ Methods, each a zero-argument callable returning a :class:`MethodResult`:
   by the text-guided score, the other layers on P + K. The same tower, projector and language-model weights as
   the other rows (one ``LlavaForConditionalGeneration`` assembled around them).
 
+Other methods at the same target (one row each; ``--methods``):
+
+- ``visionzip`` — VisionZip (:mod:`flowcut_kernels.recipes.visionzip`) on the stock tower's feature layer, its q
+  and k captured through the attention seam: ``dominant`` + ``contextual`` tokens, VisionZip's 54 + 10 of 64 scaled
+  to the target (:func:`visionzip_split`); every layer runs on all tokens;
+- ``fastv`` — the stock tower, then FastV (:mod:`flowcut_kernels.recipes.fastv`) in the language model: after
+  decoder layer 1 (layer 0 in a 2-layer model; :func:`fastv_layer`) the prompt keeps the ``target`` image tokens its
+  last token attends to most. On an encoder preset, which has no language model, the row is the stock tower;
+- ``downsample`` — the image resized (bilinear, antialiased) to g×g patches, g = round(√target)
+  (:func:`downsample_grid`), through the stock tower with its position embeddings interpolated: g² tokens, no
+  pruning; it costs the detail the resize loses, and keeps the whole image's layout.
+
+On LLaVA presets every method's call is the time to first token: the prefill (:class:`LlavaPrefill`, or the
+stage's whole LLaVA), then one greedy decode step on the cache it filled (:func:`decode_step`); the prefill's
+logits are the method's ``output``, the decode step's its ``first_step``.
+
 Other presets (LLaVA-NeXT, Qwen2-VL) are in :mod:`.scenarios`.
 """
 
@@ -43,8 +59,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import calibrate_schedule, encode, synthetic
+from ..models import seams
+from ..models.attention import capturing
+from ..models.encoder import feature_index
 from . import original as original_baseline
 from ..models.registry import find_tower
+from ..recipes.fastv import fastv_prefill
+from ..recipes.visionzip import visionzip as recipes_visionzip
 
 #: Vicuna-7B (LLaVA-1.5-7B's language model) shapes.
 VICUNA_7B = dict(
@@ -100,7 +121,10 @@ class ModelPreset:
 
 
 #: Method families of the CLIP / LLaVA-1.5 presets (``--methods``); LLaVA presets add "stage".
-ENCODER_FAMILIES = ("unpruned", "original", "flowcut", "static", "per-image", "serial")
+ENCODER_FAMILIES = ("unpruned", "original", "flowcut", "static", "per-image", "serial", "visionzip", "fastv",
+                    "downsample")
+#: The other methods, at the same target (one row each, not per backend).
+ALTERNATIVES = ("visionzip", "fastv", "downsample")
 BASE = ("unpruned", "original", "flowcut", "static")
 #: Random images the static schedule is calibrated on (another seed than the timed ones).
 CALIBRATION_IMAGES = 8
@@ -144,6 +168,7 @@ class MethodResult:
     output: the features (B, tokens_out, C) for an encoder, the last position's logits (B, 1, V) for LLaVA.
     keep_indices: (B, tokens_out) kept patch indices, or None (unpruned). tokens_per_layer: tokens each run
     vision layer processed. tokens_out: visual tokens per image that reach the output / the language model.
+    A LLaVA preset's call is the time to first token: the prefill, then one greedy decode step on its cache.
     """
 
     output: Tensor
@@ -151,6 +176,8 @@ class MethodResult:
     tokens_per_layer: list[int]
     tokens_out: int
     lm_tokens: int | None = None  # prefill length (prompt + visual tokens) for LLaVA presets
+    first_step: Tensor | None = None  # LLaVA presets: the logits (B, 1, V) of the first decode step after the prefill
+    settings: dict = field(default_factory=dict)  # the method's settings, for the JSON rows
 
 
 class LlavaPrefill(nn.Module):
@@ -168,13 +195,29 @@ class LlavaPrefill(nn.Module):
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         self.image_position = image_position
 
-    def forward(self, features: Tensor) -> Tensor:
-        """features (B, V, C_vision) → logits (B, 1, vocab) of the last prompt position."""
+    def embeds(self, features: Tensor) -> Tensor:
+        """features (B, V, C_vision) → the prompt's embeddings with the projected features inserted (B, P + V, C)."""
         image = self.projector(features)
         text = self.lm.get_input_embeddings()(self.prompt_ids).expand(features.shape[0], -1, -1)
         pos = self.image_position
-        embeds = torch.cat([text[:, :pos], image, text[:, pos:]], dim=1)
-        return self.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits
+        return torch.cat([text[:, :pos], image, text[:, pos:]], dim=1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, V, C_vision) → logits (B, 1, vocab) of the last prompt position."""
+        return self.lm(inputs_embeds=self.embeds(features), use_cache=True, logits_to_keep=1).logits
+
+    def first_token(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """The time-to-first-token work: the prefill, then one greedy decode step on its cache; returns the
+        prefill's last-position logits (B, 1, vocab) and the decode step's."""
+        out = self.lm(inputs_embeds=self.embeds(features), use_cache=True, logits_to_keep=1)
+        return out.logits, decode_step(self.lm, out.logits, seams.output_cache(out))
+
+
+def decode_step(lm: nn.Module, logits: Tensor, cache) -> Tensor:
+    """One greedy decode step of the causal LM ``lm`` after a prefill that gave ``logits`` (B, 1, V) and ``cache``;
+    returns its logits (B, 1, V). The next position is the cache's length (its first layer's)."""
+    token = logits[:, -1:].argmax(-1)
+    return lm(input_ids=token, use_cache=True, **seams.cache_arg(cache)).logits
 
 
 @dataclass
@@ -278,16 +321,22 @@ def methods(
     tower, prefill = built.tower, built.prefill
     num_layers = len(find_tower(tower).layers)
 
-    def finish(features: Tensor, keep: Tensor | None, tokens: list[int]) -> MethodResult:
+    def finish(features: Tensor, kept: Tensor | None, tokens: list[int], **settings) -> MethodResult:
         if prefill is None:
-            return MethodResult(features, keep, tokens, features.shape[1])
-        logits = prefill(features)
-        return MethodResult(logits, keep, tokens, features.shape[1], prefill.prompt_ids.shape[1] + features.shape[1])
+            return MethodResult(features, kept, tokens, features.shape[1], settings=settings)
+        logits, step = prefill.first_token(features)
+        return MethodResult(logits, kept, tokens, features.shape[1], prefill.prompt_ids.shape[1] + features.shape[1],
+                            step, settings)
+
+    def stock(pixel_values: Tensor, **kwargs) -> tuple[Tensor, list[int], object]:
+        """The stock tower, as LLaVA calls it: (features, tokens per layer, its output)."""
+        out = tower(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
+        features = out.hidden_states[feature_layer][:, int(built.drop_first):]
+        return features, [out.hidden_states[0].shape[1]] * num_layers, out
 
     def unpruned() -> MethodResult:
-        out = tower(pixel_values=pixels, output_hidden_states=True)
-        features = out.hidden_states[feature_layer][:, int(built.drop_first):]
-        return finish(features, None, [out.hidden_states[0].shape[1]] * num_layers)
+        features, tokens, _ = stock(pixels)
+        return finish(features, None, tokens)
 
     def original_style() -> MethodResult:
         return finish(*original_baseline.encode_original(tower, pixels, target, feature_layer))
@@ -295,7 +344,8 @@ def methods(
     def flowcut(backend: str) -> Callable[[], MethodResult]:
         def run() -> MethodResult:
             out = encode(tower, pixels, target, feature_layer=feature_layer, backend=backend)
-            return finish(out.features, out.keep_indices, out.tokens_per_layer)
+            return finish(out.features, out.keep_indices, out.tokens_per_layer, target_num=target, backend=backend,
+                          schedule="adaptive")
 
         return run
 
@@ -306,14 +356,16 @@ def methods(
 
         def run() -> MethodResult:
             out = encode(tower, pixels, target, feature_layer=feature_layer, schedule=schedule, backend=backend)
-            return finish(out.features, out.keep_indices, out.tokens_per_layer)
+            return finish(out.features, out.keep_indices, out.tokens_per_layer, target_num=target, backend=backend,
+                          schedule=f"static ({CALIBRATION_IMAGES} calibration images)")
 
         return run
 
     def per_image(backend: str) -> Callable[[], MethodResult]:
         def run() -> MethodResult:
             out = encode(tower, pixels, target, feature_layer=feature_layer, schedule="per_image", backend=backend)
-            return finish(out.features, out.keep_indices, out.tokens_per_layer[0])
+            return finish(out.features, out.keep_indices, out.tokens_per_layer[0], target_num=target,
+                          backend=backend, schedule="per_image")
 
         return run
 
@@ -322,9 +374,51 @@ def methods(
             outs = [encode(tower, pixels[i:i + 1], target, feature_layer=feature_layer, backend=backend)
                     for i in range(pixels.shape[0])]
             return finish(torch.cat([o.features for o in outs]), torch.cat([o.keep_indices for o in outs]),
-                          outs[0].tokens_per_layer)
+                          outs[0].tokens_per_layer, target_num=target, backend=backend, schedule="adaptive, one image "
+                          "per call")
 
         return run
+
+    def visionzip() -> MethodResult:
+        """VisionZip (the recipe) on the stock tower's feature layer, whose q and k the attention seam captures."""
+        dominant, contextual = visionzip_split(target)
+        layer = find_tower(tower).layers[feature_index(feature_layer, num_layers)]
+        with capturing(tower.config) as seen:
+            seen.watch = layer.self_attn
+            out = tower(pixel_values=pixels, output_hidden_states=True)
+        q, k, _, scale = seen.seen
+        features = recipes_visionzip(out.hidden_states[feature_layer], q, k, scale=scale, dominant=dominant,
+                                     contextual=contextual)
+        return finish(features, None, [out.hidden_states[0].shape[1]] * num_layers, dominant=dominant,
+                      contextual=contextual, feature_layer=feature_layer, backend="auto")
+
+    def fastv() -> MethodResult:
+        """The stock tower; on a LLaVA, FastV (the recipe) in the language model: after decoder layer ℓ − 1 the
+        prompt keeps ``target`` image tokens, those its last token attends to most; then one decode step."""
+        features, tokens, _ = stock(pixels)
+        if prefill is None:
+            return finish(features, None, tokens, keep=target, layer=None,
+                          note="FastV prunes inside a language model; this preset has none, so the tower runs as is")
+        layer = fastv_layer(prefill.lm)
+        embeds = prefill.embeds(features)
+        start = prefill.image_position
+        text = language_model(prefill.lm)
+        cache = seams.new_cache(text.config)
+        hidden = fastv_prefill(text, embeds, (start, start + features.shape[1]), target, layer=layer, cache=cache)
+        logits = prefill.lm.lm_head(hidden[:, -1:])
+        prompt = prefill.prompt_ids.shape[1]
+        return MethodResult(logits, None, tokens, target, prompt + target, decode_step(prefill.lm, logits, cache),
+                            dict(keep=target, layer=layer, prompt_before=prompt + features.shape[1], backend="auto"))
+
+    def downsample() -> MethodResult:
+        """The image resized so the stock tower yields about ``target`` patches (a g×g grid, g = round(√target)),
+        its position embeddings interpolated; no pruning."""
+        grid, size = downsample_grid(tower, target)
+        small = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        features, tokens, _ = stock(small, interpolate_pos_encoding=True)
+        return finish(features, None, tokens, grid=grid, image_size=size, resize="bilinear, antialiased",
+                      position_embeddings="interpolated")
 
     def stage(backend: str) -> Callable[[], MethodResult]:
         from .. import flowcut as patch
@@ -340,8 +434,10 @@ def methods(
         lm_tokens = prompt.shape[1] + target
 
         def run() -> MethodResult:
-            logits = llava(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1).logits
-            return MethodResult(logits, None, tokens, target, lm_tokens)
+            out = llava(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+            return MethodResult(out.logits, None, tokens, target, lm_tokens,
+                                decode_step(llava, out.logits, seams.output_cache(out)),
+                                dict(target_num=target, backend=backend, llm_stage=True))
 
         return run
 
@@ -350,12 +446,38 @@ def methods(
         found["unpruned"] = unpruned
     if "original" in include and original:
         found["original"] = original_style
+    alternatives = dict(visionzip=visionzip, fastv=fastv, downsample=downsample)
+    found.update({name: alternatives[name] for name in ALTERNATIVES if name in include})
     makers = (("flowcut", flowcut), ("static", static), ("per-image", per_image), ("serial", serial), ("stage", stage))
     for family, make in makers:
         if family in include and (family != "stage" or prefill is not None):
             for backend in backends:
                 found[f"{family}-{backend}"] = make(backend)
     return found
+
+
+def visionzip_split(target: int) -> tuple[int, int]:
+    """(dominant, contextual) tokens of VisionZip at ``target`` ≥ 2: its 54 + 10 of 64, scaled (at least 1 each)."""
+    contextual = min(max(1, round(target * 10 / 64)), target - 1)
+    return target - contextual, contextual
+
+
+def fastv_layer(lm: nn.Module) -> int:
+    """FastV's layer: prune after decoder layer 2 − 1 (its K = 2), or after layer 0 in a 2-layer model."""
+    return min(2, lm.config.get_text_config().num_hidden_layers - 1)
+
+
+def language_model(lm: nn.Module) -> nn.Module:
+    """The decoder (``LlamaModel``-like: ``layers``, ``rotary_emb``, ``norm``) of a causal LM or a whole LLaVA."""
+    core = lm.model
+    return getattr(core, "language_model", core)
+
+
+def downsample_grid(tower: nn.Module, target: int) -> tuple[int, int]:
+    """(g, pixels): the g×g patch grid nearest ``target`` patches (g = round(√target), at least 1) and the image
+    side that gives it."""
+    grid = max(1, round(target ** 0.5))
+    return grid, grid * tower.config.patch_size
 
 
 def agreement(a: Tensor, b: Tensor) -> float:

@@ -2,8 +2,11 @@
 
 Every row is a dict with at least ``method, preset`` (the checkpoint of a ``--model`` run), ``batch, target,
 tokens_out, median_ms, p20_ms, p80_ms, peak_mem_mb, device, versions``; model runs add ``speedup_vs_unpruned``
-and ``speedup_vs_original`` (None where that method was not measured) and the raw ``times_ms`` (``per-image-*``
-rows also ``speedup_vs_serial``), kernel presets ``median_us``, ``gbps``, ``bw_share``, ``speedup_vs_torch`` and,
+and ``speedup_vs_original`` (None where that method was not measured), the raw ``times_ms``, ``images_per_s``
+(batch / median time), ``measured`` (what the time covers: ``ttft`` — the prefill and one decode step —,
+``prefill`` or ``vision``) and ``settings`` (the method's own: target, backend, schedule; VisionZip's dominant and
+contextual counts; FastV's layer; the downsampled grid and image size) (``per-image-*`` rows also
+``speedup_vs_serial``), kernel presets ``median_us``, ``gbps``, ``bw_share``, ``speedup_vs_torch`` and,
 for the primitives, ``op``, ``variant`` and ``speedup_vs_composition``.
 """
 
@@ -24,12 +27,13 @@ def _ratio(value) -> str:
 def model_table(rows: list[dict]) -> list[list[str]]:
     """Header + one line per row of a model preset."""
     serial = any("speedup_vs_serial" in r for r in rows)  # per-image rows: one pass vs B serial passes
-    lines = [["method", "batch", "target", "tokens", "median ms", "p20 ms", "p80 ms", "peak MiB",
+    time = "TTFT ms" if rows and rows[0].get("measured") == "ttft" else "median ms"
+    lines = [["method", "batch", "target", "tokens", time, "p20 ms", "p80 ms", "images/s", "peak MiB",
               "vs unpruned", "vs original"] + (["vs serial"] if serial else [])]
     for r in rows:
         lines.append([
             r["method"], str(r["batch"]), str(r["target"]), str(r["tokens_out"]), f"{r['median_ms']:.1f}",
-            f"{r['p20_ms']:.1f}", f"{r['p80_ms']:.1f}", _fmt(r["peak_mem_mb"], ".0f"),
+            f"{r['p20_ms']:.1f}", f"{r['p80_ms']:.1f}", f"{r['images_per_s']:.1f}", _fmt(r["peak_mem_mb"], ".0f"),
             _ratio(r.get("speedup_vs_unpruned")), _ratio(r.get("speedup_vs_original")),
         ] + ([_ratio(r.get("speedup_vs_serial"))] if serial else []))
     return lines

@@ -11,16 +11,20 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..models import seams
 from ..models.attention import capturing
 
 
 def fastv_prefill(
-    model: nn.Module, inputs_embeds: Tensor, image: tuple[int, int], keep: int, layer: int = 2, backend: str = "auto"
+    model: nn.Module, inputs_embeds: Tensor, image: tuple[int, int], keep: int, layer: int = 2, backend: str = "auto",
+    cache=None,
 ) -> Tensor:
-    """Run a HF ``LlamaModel``-like decoder (no cache) with FastV; returns the last hidden states (B, L', C).
+    """Run a HF ``LlamaModel``-like decoder with FastV; returns the last hidden states (B, L', C).
 
     inputs_embeds: (B, L, C); image: (start, end) of the image tokens (the same in every row); keep: image
-    tokens kept after layer ``layer`` − 1.
+    tokens kept after layer ``layer`` − 1. cache: None, or an empty HF cache (``seams.new_cache``) that the layers
+    fill: layers 0 … ``layer`` − 1 with all L positions, the later ones with the L' kept; decode steps then run the
+    stock model on it (the next position is L, the first layer's length; the kept tokens keep their positions).
     """
     hidden = inputs_embeds
     positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
@@ -28,7 +32,8 @@ def fastv_prefill(
         for i, block in enumerate(model.layers):
             seen.watch = block.self_attn if i == layer - 1 else None
             embeddings = model.rotary_emb(hidden, positions)
-            hidden = block(hidden, position_ids=positions, position_embeddings=embeddings)
+            hidden = block(hidden, position_ids=positions, position_embeddings=embeddings, **seams.cache_arg(cache),
+                           use_cache=cache is not None)
             if i == layer - 1:
                 q, k, _, scale = seen.seen
                 # The last token's attention over the keys; the image span competes, the text around it stays.

@@ -114,5 +114,6 @@ def test_default_toolkit_place(no_toolkit_around, monkeypatch, tmp_path):
 def test_no_toolkit_names_cuda_home(no_toolkit_around, tmp_path):
     root, why = native_build.find_cuda_toolkit()
     assert root is None and "\n" not in why
-    assert re.match(r"no CUDA toolkit found \(CUDA_HOME and CUDA_PATH unset, no nvcc on PATH, none at .*\); set "
-                    r"CUDA_HOME to the toolkit's root, the folder holding bin/nvcc and include/cuda_runtime.h", why), why
+    assert re.match(r"no CUDA toolkit found \(CUDA_HOME and CUDA_PATH unset, no nvcc on PATH, none at .*\); "
+                    r"set CUDA_HOME to the toolkit's root, the folder holding bin/nvcc and include/cuda_runtime.h",
+                    why), why
