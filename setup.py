@@ -18,6 +18,9 @@ from setuptools import find_packages, setup
 
 sys.path.insert(0, str(Path(__file__).resolve().with_name("python")))
 from native_build import native_build  # found through the line above
+from package_readme import readme
+
+
 
 VERSION = re.search(r'__version__ = "(.+)"', Path("flowcut_kernels/__init__.py").read_text()).group(1)
 ext_modules, cmdclass = native_build(VERSION)
@@ -26,7 +29,7 @@ setup(
     name="flowcut-kernels",
     version=VERSION,
     description="FlowCut visual-token pruning for vision-language models: fused ops and HF model patches",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=readme(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

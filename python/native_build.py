@@ -45,7 +45,8 @@ def _say(message: str) -> None:
 def native_mode() -> str:
     """FLOWCUT_BUILD_NATIVE as "0" (skip), "1" (required) or "auto"."""
     value = os.environ.get("FLOWCUT_BUILD_NATIVE", "").strip().lower()
-    for mode, spellings in (("0", ("0", "false", "no", "off")), ("1", ("1", "true", "yes", "on")), ("auto", ("", "auto"))):
+    spellings_of = (("0", ("0", "false", "no", "off")), ("1", ("1", "true", "yes", "on")), ("auto", ("", "auto")))
+    for mode, spellings in spellings_of:
         if value in spellings:
             return mode
     raise ValueError(f"FLOWCUT_BUILD_NATIVE={value!r} is not a choice: use 0 (skip the native extension), "
@@ -132,7 +133,9 @@ def native_build(version: str) -> tuple[list, dict]:
     except ImportError as error:
         why = f"torch is not importable in the build environment ({error}; an isolated build?)"
         if mode == "1":
-            raise RuntimeError(f"FLOWCUT_BUILD_NATIVE=1 but {why}; install torch and ninja, then `{REBUILD}`") from error
+            raise RuntimeError(
+                f"FLOWCUT_BUILD_NATIVE=1 but {why}; install torch and ninja, then `{REBUILD}`"
+            ) from error
         _say(f"{why}: skipping the native extension, so the 'native' backend will be unavailable; install torch and "
              f"ninja, then `{REBUILD}`")
         return [], {}
@@ -152,7 +155,10 @@ def native_build(version: str) -> tuple[list, dict]:
 
     def extension(with_cuda: bool):
         """_C with the CUDA kernels, or the C++ CPU kernels alone."""
-        kwargs = {"include_dirs": [str(Path("csrc").resolve())], "extra_compile_args": {"cxx": ["-O3"]}}
+        # no debug information in the shared object (the compiler's -g from Python's flags made it ~10 MB); the CUDA
+        # kernels keep -lineinfo for profilers
+        kwargs = {"include_dirs": [str(Path("csrc").resolve())], "extra_compile_args": {"cxx": ["-O3", "-g0"]},
+                  "extra_link_args": ["-Wl,--strip-debug"]}
         if not with_cuda:
             return CppExtension(EXTENSION, CPU_SOURCES, **kwargs)
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", *gencode]
@@ -183,7 +189,8 @@ def native_build(version: str) -> tuple[list, dict]:
                 _say(f"{self.status['cuda']}; building the C++ CPU kernels alone")
                 cpu = extension(with_cuda=False)  # its fields, into the extension setuptools has prepared
                 for ext in self.extensions:
-                    for field in ("sources", "include_dirs", "library_dirs", "libraries", "extra_compile_args"):
+                    for field in ("sources", "include_dirs", "library_dirs", "libraries", "extra_compile_args",
+                                  "extra_link_args"):
                         setattr(ext, field, getattr(cpu, field))
                 try:
                     return super().build_extensions()
