@@ -31,7 +31,8 @@ class StaticSchedule:
 
     counts: F + 1 ints: the patches (relay row excluded) layer i = 0 … F processes; counts[0] = N₀ (the tower's
         patches), non-increasing, counts[F] = target_num (F = the feature layer, 0-based).
-    tower: the calibrated tower's class, layer count and width, checked on use ("CLIPVisionModel", 24, 1024).
+    tower: the calibrated tower's config class, layer count and width, checked on use ("CLIPVisionConfig", 24,
+        1024).
     feature_layer: the negative feature layer it was calibrated for (F = layers + feature_layer).
     images: how many calibration images the counts come from; statistic: how (:data:`STATISTIC`).
     """
@@ -77,9 +78,9 @@ class StaticSchedule:
         """Refuse this schedule for another tower, feature layer or target (FlowCutInputError naming ``argument``)."""
         here = signature(tower)
         require(self.tower == here,
-                f"{argument} was calibrated on a {self.tower[0]} with {self.tower[1]} layers of width {self.tower[2]}, "
-                f"not this {here[0]} with {here[1]} layers of width {here[2]}: calibrate one for this model with "
-                f"flowcut_kernels.calibrate_schedule")
+                f"{argument} was calibrated on a tower of {self.tower[0]} with {self.tower[1]} layers of width "
+                f"{self.tower[2]}, not this one of {here[0]} with {here[1]} layers of width {here[2]}: calibrate one "
+                f"for this model with flowcut_kernels.calibrate_schedule")
         require(len(self.counts) == feature_idx + 1 and self.counts[0] == tower.num_patches,
                 f"{argument} covers layers 0 … {len(self.counts) - 1} of {self.counts[0]} patches, but this pass runs "
                 f"layers 0 … {feature_idx} of {tower.num_patches}: calibrate it with the same feature_layer and "
@@ -90,8 +91,8 @@ class StaticSchedule:
 
 
 def signature(tower: Tower) -> tuple[str, int, int]:
-    """What a schedule records of the tower it was calibrated on."""
-    return type(tower.core).__name__, len(tower.layers), int(tower.core.config.hidden_size)
+    """What a schedule records of the tower it was calibrated on (its config's class: the same in every release)."""
+    return type(tower.core.config).__name__, len(tower.layers), int(tower.core.config.hidden_size)
 
 
 def refuse_schedule(schedule, family: str) -> None:
@@ -162,7 +163,7 @@ def calibrate_schedule(
         configured = feature_layer_of(core.config.vision_feature_layer, len(tower.layers))
         require(feature_layer in (None, configured),
                 f"feature_layer={feature_layer} differs from the model's vision_feature_layer; leave it unset")
-        feature_layer, model = configured, tower.core
+        feature_layer, model = configured, core.vision_tower
     else:
         model, feature_layer = tower_or_model, -1 if feature_layer is None else feature_layer
     check_int("target_num", target_num, 1)

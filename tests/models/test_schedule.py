@@ -38,7 +38,7 @@ def test_calibration_is_the_median_of_the_adaptive_counts_made_non_increasing(ti
     expected = [min(median[: i + 1].min().item(), 64) for i in range(len(median))]
     expected[-1] = TARGET
     assert list(schedule.counts) == expected
-    assert schedule.counts[0] == 64 and schedule.tower == ("CLIPVisionModel", 6, 32) and schedule.images == 5
+    assert schedule.counts[0] == 64 and schedule.tower == ("CLIPVisionConfig", 6, 32) and schedule.images == 5
 
 
 def test_json_round_trip(tiny_clip):
@@ -147,7 +147,7 @@ def test_bad_schedules_are_refused_and_the_model_unchanged(tiny_clip):
     siglip = synthetic.random_siglip_vision("tiny", seed=0)
     for schedule, target, match in [
         (good, TARGET + 1, "ends at 8 tokens, not target_num=9"),
-        (calibrated(siglip), TARGET, "calibrated on a SiglipVisionModel"),
+        (calibrated(siglip), TARGET, "calibrated on a tower of SiglipVisionConfig"),
         (calibrated(model, feature_layer=-2), TARGET, "layers 0 … 4"),
         ("static", TARGET, "must be a flowcut_kernels.StaticSchedule"),
     ]:
