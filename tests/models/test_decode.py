@@ -26,7 +26,7 @@ from test_lm_stage import (
 )
 from test_lm_stage import SINGLE as LLAVA_SINGLE
 from test_lm_stage import inputs as llava_inputs
-from test_qwen2_vl import END, IMAGE, MODELS, START, _pixels
+from test_qwen2_vl import IMAGE, MODELS, _pixels, _prompts
 from transformers import Qwen2VLModel
 
 from flowcut_kernels import flowcut, synthetic
@@ -179,26 +179,6 @@ def test_next_beams_equal_each_prompt_alone():
 # --- Qwen2-VL and Qwen2.5-VL ----------------------------------------------------------------------
 
 
-def qwen_prompts(prompts, grids, target=K // 2, end=True):
-    """Left-padded input_ids and mask; each prompt a list of word ids and None (an image: <|vision_start|>, min(target,
-    merged tokens) placeholders and, with ``end``, <|vision_end|>; without it a prompt may end on its image)."""
-    images = iter(grids)
-    rows = []
-    for prompt in prompts:
-        row = []
-        for word in prompt:
-            if word is None:
-                t, h, w = next(images)
-                row += [START] + [IMAGE] * min(target, t * h * w // 4) + ([END] if end else [])
-            else:
-                row.append(word)
-        rows.append(row)
-    length = max(map(len, rows))
-    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 QWEN_TARGET = 5
 QWEN_CASES = {
     "single": ([[10, None, 11, 12]], [(1, 8, 12)], True),
@@ -215,7 +195,7 @@ TYPE_IDS = [False, True] if PER_REAL_TOKEN else [False]
 
 def qwen_batch(case, type_ids):
     prompts, grids, end = QWEN_CASES[case]
-    ids, mask = qwen_prompts(prompts, grids, QWEN_TARGET, end)
+    ids, mask = _prompts(prompts, grids, QWEN_TARGET, end)
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": _pixels(grids),
              "image_grid_thw": torch.tensor(grids)}
     if type_ids:
@@ -252,7 +232,7 @@ def test_qwen_beams_equal_each_prompt_alone(name, stage):
     prompts = QWEN_CASES["two-images"][0]
     pixels = batch["pixel_values"].split([t * h * w for t, h, w in grids])
     for i, images in enumerate(([0, 1], [2])):
-        ids, mask = qwen_prompts(prompts[i: i + 1], [grids[g] for g in images], QWEN_TARGET)
+        ids, mask = _prompts(prompts[i: i + 1], [grids[g] for g in images], QWEN_TARGET)
         alone = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([pixels[g] for g in images]),
                  "image_grid_thw": torch.tensor([grids[g] for g in images])}
         if PER_REAL_TOKEN:

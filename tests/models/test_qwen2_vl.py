@@ -36,8 +36,9 @@ def _pixels(grids, seed=0):
     return torch.randn(sum(t * h * w for t, h, w in grids), 24, generator=generator)
 
 
-def _prompts(prompts, grids, target=TARGET):
-    """Left-padded input_ids and mask: each prompt is a list of word ids and None (an image: min(target, G) tokens)."""
+def _prompts(prompts, grids, target=TARGET, end=True):
+    """Left-padded input_ids and mask: each prompt is a list of word ids and None (an image: <|vision_start|>,
+    min(target, G) placeholders and, with ``end``, <|vision_end|>; without it a prompt may end on its image)."""
     images = iter(grids)
     rows = []
     for prompt in prompts:
@@ -45,7 +46,7 @@ def _prompts(prompts, grids, target=TARGET):
         for word in prompt:
             if word is None:
                 t, h, w = next(images)
-                row += [START] + [IMAGE] * min(target, t * h * w // 4) + [END]
+                row += [START] + [IMAGE] * min(target, t * h * w // 4) + ([END] if end else [])
             else:
                 row.append(word)
         rows.append(row)
