@@ -69,7 +69,8 @@ def capturing(config):
     setattr(config, _RUN, run)
     seams.select_attention(config, NAME)
     try:
-        yield run
+        with seams.stock_capture_off():  # the layers run here are not a stock forward's
+            yield run
     finally:
         seams.select_attention(config, prior)
         if outer is None:

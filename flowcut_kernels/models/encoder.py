@@ -183,11 +183,11 @@ def run_pruned(
             if prune_first:
                 hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         run.watch = run.seen = None
-    if per_image:
-        require(len(set(ragged.lens)) == 1, f"the policy left the images with different token counts {ragged.lens}; "
-                                            f"every image must end with the same count")
-    tokens.append(list(ragged.lens) if per_image else seq)
-    hidden = tower.layers[feature_idx](hidden, None, **layer_kwargs)
+        if per_image:
+            require(len(set(ragged.lens)) == 1, f"the policy left the images with different token counts "
+                                                f"{ragged.lens}; every image must end with the same count")
+        tokens.append(list(ragged.lens) if per_image else seq)
+        hidden = tower.layers[feature_idx](hidden, None, **layer_kwargs)  # inside: no stock capture (seams)
     if layer_outputs is not None:
         layer_outputs.append(list(hidden) if per_image else hidden)
     if per_image:

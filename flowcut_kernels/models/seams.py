@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import sys
 import warnings
+from contextlib import contextmanager
 
 import torch
 import transformers
@@ -164,6 +165,32 @@ def image_features(output) -> Tensor:
 
 
 # -- The attention interface (every 5.x). ----------------------------------------------------------------------
+
+
+try:  # looked up once here: an import inside a compiled region is a graph break
+    from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
+except ImportError:  # 5.0.0
+    _ACTIVE_COLLECTOR = None
+
+
+@contextmanager
+def stock_capture_off():
+    """While the pruned loop runs a model's layers itself: the stock forwards' output-capturing hooks record nothing.
+
+    Newer releases (``transformers.utils.output_capturing``; 5.25) install persistent forward hooks on a model's
+    layers at its first stock forward; they read the active collector from a compile-aware variable. Set to None
+    here, they stay quiet — so the pruned layers neither land in an enclosing stock forward's ``hidden_states`` nor
+    make ``torch.compile(fullgraph=True)`` trace a ``ContextVar.get``. 5.0.0 patches layers per stock call instead
+    (no persistent hooks): nothing to do.
+    """
+    if _ACTIVE_COLLECTOR is None:
+        yield
+        return
+    token = _ACTIVE_COLLECTOR.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE_COLLECTOR.reset(token)
 
 
 def register_attention(name: str, function) -> None:

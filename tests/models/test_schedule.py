@@ -97,6 +97,22 @@ def test_fullgraph_compile_of_encode_equals_eager_and_compiles_once(tiny_clip):
         torch.testing.assert_close(out.features, eager.features, rtol=1e-5, atol=1e-5)
 
 
+def test_fullgraph_compile_of_encode_after_a_stock_forward(tiny_clip):
+    """A stock forward with hidden states first (as LLaVA calls its tower) installs transformers' persistent
+    output-capturing hooks (newer releases); the compiled encode still traces whole and matches eager."""
+    model = tiny_clip()
+    schedule = calibrated(model)
+    pixels = synthetic.random_pixels(model, 2, seed=5)
+    stock = model(pixel_values=pixels, output_hidden_states=True)
+    (out,), frames = _compiles_once(lambda x: encode(model, x, TARGET, schedule=schedule), pixels)
+    eager = encode(model, pixels, TARGET, schedule=schedule)
+    assert frames == 1 and torch.equal(out.keep_indices, eager.keep_indices)
+    torch.testing.assert_close(out.features, eager.features, rtol=1e-5, atol=1e-5)
+    again = model(pixel_values=pixels, output_hidden_states=True)  # the stock capture still works after
+    assert len(again.hidden_states) == len(stock.hidden_states)
+    assert all(torch.equal(a, b) for a, b in zip(again.hidden_states, stock.hidden_states))
+
+
 def test_fullgraph_compile_of_patched_tower_and_llava_features(tiny_clip):
     tower = tiny_clip()
     flowcut(tower, TARGET, schedule=calibrated(tower))
