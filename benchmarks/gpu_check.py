@@ -69,9 +69,9 @@ TESTS = ["tests/ops", "tests/models"]
 BENCH = [
     ("kernels", ["--preset", "kernels"], ["--preset", "kernels-tiny", "--repeats", "1"]),
     ("clip-l-336", ["--preset", "clip-l-336", "--batch", "1", "32", "--target", "64",
-                    "--methods", "unpruned", "flowcut", "static", "original"],
-     ["--preset", "clip-tiny", "--batch", "1", "2", "--methods", "unpruned", "flowcut", "static", "original",
-      "--repeats", "1"]),
+                    "--methods", "unpruned", "flowcut", "static", "compiled", "original"],
+     ["--preset", "clip-tiny", "--batch", "1", "2", "--methods", "unpruned", "flowcut", "static", "compiled",
+      "original", "--repeats", "1"]),
     ("llava-1.5-7b", ["--preset", "llava-1.5-7b", "--batch", "1", "--target", "64"],
      ["--preset", "llava-tiny", "--batch", "1", "--repeats", "1"]),
 ]

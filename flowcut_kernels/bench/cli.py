@@ -42,7 +42,8 @@ from .plots import write_plot
 from .report import as_text, kernel_table, model_table, parent_writable, write_json, write_markdown
 from .timing import Progress, Timer, peak_memory_mb
 
-METHOD_FAMILIES = ("unpruned", "original", "flowcut", "static", "per-image", "serial", "stage", *presets.ALTERNATIVES)
+METHOD_FAMILIES = ("unpruned", "original", "flowcut", "static", "compiled", "per-image", "serial", "stage",
+                   *presets.ALTERNATIVES)
 PRESETS = sorted(presets.MODEL_PRESETS) + sorted(scenarios.SCENARIOS) + sorted(kernels.KERNEL_PRESETS)
 KERNEL_DESCRIPTIONS = {
     "kernels": "one prune step per backend (CLIP-L/336 at B=1,16,64, a Qwen-VL image of 4096 and 16384 tokens on "
@@ -287,7 +288,7 @@ def _run_models(args, info: dict) -> list[dict]:
     scenario = isinstance(built, scenarios.BuiltScenario)
     n_methods = ("unpruned" in args.methods) + original + sum(
         m in args.methods for m in presets.ALTERNATIVES) + len(args.backends) * sum(
-        f in args.methods for f in ("flowcut", "static", "per-image", "serial")
+        f in args.methods for f in ("flowcut", "static", "compiled", "per-image", "serial")
         + (("stage",) if getattr(built, "prefill", None) is not None else ()))
     calls = max(args.warmup, 1) + args.repeats
     bar = Progress(len(args.batch) * len(args.target) * n_methods * calls, enabled=not args.no_progress)
@@ -328,7 +329,7 @@ def _run_models(args, info: dict) -> list[dict]:
                 if "original" in first and result.keep_indices is not None and name != "original":
                     row["agreement_with_original"] = presets.agreement(
                         result.keep_indices, first["original"].keep_indices)
-                adaptive = first.get(name.replace("static-", "flowcut-", 1)) if name.startswith("static-") else None
+                adaptive = first.get(_adaptive_of(name))
                 if adaptive is not None:
                     row["agreement_with_adaptive"] = presets.agreement(result.keep_indices, adaptive.keep_indices)
                 group.append(row)
@@ -368,10 +369,16 @@ def _print_schedules(label: str, first: dict) -> None:
         if name != "original" and "original" in first and result.keep_indices is not None:
             share = presets.agreement(result.keep_indices, first["original"].keep_indices)
             print(f"{label} {name}: keeps {share:.1%} of the patches original keeps", flush=True)
-        adaptive = first.get(name.replace("static-", "flowcut-", 1)) if name.startswith("static-") else None
+        adaptive = first.get(_adaptive_of(name))
         if adaptive is not None:
             share = presets.agreement(result.keep_indices, adaptive.keep_indices)
             print(f"{label} {name}: keeps {share:.1%} of the patches the adaptive schedule keeps", flush=True)
+
+
+def _adaptive_of(name: str) -> str | None:
+    """The adaptive row a static-schedule row is compared with: static-/compiled-<backend> -> flowcut-<backend>."""
+    family, _, backend = name.partition("-")
+    return f"flowcut-{backend}" if family in ("static", "compiled") else None
 
 
 def _kernel_rows(args, info: dict) -> tuple[list[dict], float]:
@@ -481,7 +488,9 @@ METHOD_NOTES = [
     "keeping every layer's S×S probabilities, Python scoring from their CLS row, a host sync per prune step, every "
     "layer run); `flowcut-<backend>` — `flowcut_kernels.encode` (layers 0…F only), one schedule for the batch; "
     "`static-<backend>` — `encode(..., schedule=static)`, the per-layer counts fixed in advance by "
-    "`calibrate_schedule` on other images (no host read); `per-image-<backend>` — "
+    "`calibrate_schedule` on other images (no host read); `compiled-<backend>` — the same static encode compiled "
+    "whole (`torch.compile(fullgraph=True, dynamic=False)`, on CUDA `mode=\"reduce-overhead\"`: CUDA graphs; the "
+    "compile is part of the warm-up); `per-image-<backend>` — "
     "`encode(..., schedule=\"per_image\")`, each image on its own schedule, all in ONE padded pass; "
     "`serial-<backend>` — the same result the old way, B single-image `encode` calls one after the other "
     "(vs serial = serial time / per-image time, same backend); `stage-<backend>` — `flowcut(llava, K, "

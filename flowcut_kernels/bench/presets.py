@@ -21,6 +21,9 @@ Methods, each a zero-argument callable returning a :class:`MethodResult`:
 - ``static-<backend>`` — ``encode(..., schedule=static)``: the per-layer counts fixed in advance by
   :func:`flowcut_kernels.calibrate_schedule` on :data:`CALIBRATION_IMAGES` other random images (not timed): no
   host read; its kept-set agreement with ``flowcut-<backend>`` (the adaptive schedule) is reported;
+- ``compiled-<backend>`` — the same static encode compiled whole, ``torch.compile(fullgraph=True, dynamic=False)``,
+  on CUDA with ``mode="reduce-overhead"`` (CUDA graphs: the pass replays without a launch per kernel); the compile
+  is part of the warm-up, not timed;
 - ``per-image-<backend>`` — ``encode(..., schedule="per_image")``: each image on its own schedule, all images in
   ONE padded pass (what the LLaVA patch runs);
 - ``serial-<backend>`` — the same per-image result the old way: B single-image ``encode`` calls, one after the
@@ -58,7 +61,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import calibrate_schedule, encode, synthetic
+from .. import StaticSchedule, calibrate_schedule, encode, synthetic
 from ..models import seams
 from ..models.attention import capturing
 from ..models.encoder import feature_index
@@ -121,8 +124,8 @@ class ModelPreset:
 
 
 #: Method families of the CLIP / LLaVA-1.5 presets (``--methods``); LLaVA presets add "stage".
-ENCODER_FAMILIES = ("unpruned", "original", "flowcut", "static", "per-image", "serial", "visionzip", "fastv",
-                    "downsample")
+ENCODER_FAMILIES = ("unpruned", "original", "flowcut", "static", "compiled", "per-image", "serial", "visionzip",
+                    "fastv", "downsample")
 #: The other methods, at the same target (one row each, not per backend).
 ALTERNATIVES = ("visionzip", "fastv", "downsample")
 BASE = ("unpruned", "original", "flowcut", "static")
@@ -349,15 +352,37 @@ def methods(
 
         return run
 
+    schedules: dict[str, StaticSchedule] = {}
+
+    def calibrated(backend: str) -> StaticSchedule:
+        if backend not in schedules:
+            calibration = synthetic.random_pixels(tower, CALIBRATION_IMAGES, seed=1_000_003)
+            with torch.inference_mode():
+                schedules[backend] = calibrate_schedule(tower, calibration, target, feature_layer=feature_layer,
+                                                        backend=backend)
+        return schedules[backend]
+
     def static(backend: str) -> Callable[[], MethodResult]:
-        calibration = synthetic.random_pixels(tower, CALIBRATION_IMAGES, seed=1_000_003)
-        with torch.inference_mode():
-            schedule = calibrate_schedule(tower, calibration, target, feature_layer=feature_layer, backend=backend)
+        schedule = calibrated(backend)
 
         def run() -> MethodResult:
             out = encode(tower, pixels, target, feature_layer=feature_layer, schedule=schedule, backend=backend)
             return finish(out.features, out.keep_indices, out.tokens_per_layer, target_num=target, backend=backend,
                           schedule=f"static ({CALIBRATION_IMAGES} calibration images)")
+
+        return run
+
+    def compiled(backend: str) -> Callable[[], MethodResult]:
+        schedule = calibrated(backend)
+        mode = "reduce-overhead" if pixels.is_cuda else None  # CUDA graphs on a GPU
+        whole = torch.compile(lambda x: encode(tower, x, target, feature_layer=feature_layer, schedule=schedule,
+                                               backend=backend), fullgraph=True, dynamic=False, mode=mode)
+
+        def run() -> MethodResult:
+            out = whole(pixels)  # a CUDA graph's outputs are overwritten by its next replay: copied out
+            return finish(out.features.clone(), out.keep_indices.clone(), out.tokens_per_layer, target_num=target,
+                          backend=backend, schedule=f"static ({CALIBRATION_IMAGES} calibration images)",
+                          compile=f"fullgraph, mode={mode}")
 
         return run
 
@@ -448,7 +473,8 @@ def methods(
         found["original"] = original_style
     alternatives = dict(visionzip=visionzip, fastv=fastv, downsample=downsample)
     found.update({name: alternatives[name] for name in ALTERNATIVES if name in include})
-    makers = (("flowcut", flowcut), ("static", static), ("per-image", per_image), ("serial", serial), ("stage", stage))
+    makers = (("flowcut", flowcut), ("static", static), ("compiled", compiled), ("per-image", per_image),
+              ("serial", serial), ("stage", stage))
     for family, make in makers:
         if family in include and (family != "stage" or prefill is not None):
             for backend in backends:

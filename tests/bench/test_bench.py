@@ -62,6 +62,16 @@ def test_encoder_preset_rows(tmp_path, capsys):
     assert "| method | batch | target |" in markdown and "Versions: " in markdown and "Tokens per layer" in markdown
 
 
+def test_compiled_rows_keep_what_the_static_encode_keeps():
+    rows = bench.run(["--preset", "clip-tiny", "--batch", "2", "--target", "8", "--backends", "torch",
+                      "--methods", "flowcut", "static", "compiled", *FAST])
+    by_method = {r["method"]: r for r in rows}
+    compiled, static = by_method["compiled-torch"], by_method["static-torch"]
+    assert compiled["tokens_per_layer"] == static["tokens_per_layer"] and compiled["tokens_out"] == 8
+    assert compiled["agreement_with_adaptive"] == static["agreement_with_adaptive"]
+    assert compiled["settings"]["compile"] == "fullgraph, mode=None"
+
+
 def test_llava_preset_prefills_the_language_model():
     rows = bench.run(["--preset", "llava-tiny", "--target", "8", *FAST])
     by_method = {r["method"]: r for r in rows}
