@@ -423,6 +423,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
         rows, copy_gbps = _kernel_rows(args, info)
         lines = kernel_table(rows)
         facts = [f"copy bandwidth {copy_gbps:.1f} GB/s (dst.copy_(src), read + write counted)"]
+        overhead = kernels.wrapper_overhead(args.device, args.dtype, args.backends)
+        facts.append("wrapper overhead at B=1, public op / raw torch op (host µs per call): " + ", ".join(
+            f"{r['op']} {r['backend']} {r['public_us']:.1f}/{r['raw_us']:.1f} = {r['ratio']:.2f}x" for r in overhead))
         title = f"FlowCut prune step and primitives per backend ({args.preset})"
     else:
         rows = _run_models(args, info)
