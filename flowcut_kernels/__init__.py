@@ -14,7 +14,6 @@
 
 from . import ops
 from .checks import FlowCutInputError
-from .models import synthetic
 from .models.encoder import FlowCutOutput, encode
 from .models.llava import FlowCutImageFeatures
 from .models.registry import FlowCutConfig, flowcut, remove_flowcut
@@ -41,5 +40,4 @@ __all__ = [
     "ops",
     "reference",
     "remove_flowcut",
-    "synthetic",
 ]

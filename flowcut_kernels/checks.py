@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from typing import NoReturn
 
 import torch
 from torch import Tensor
@@ -20,38 +21,48 @@ class FlowCutInputError(ValueError, TypeError, RuntimeError):
 
 
 def require(ok: bool, message: str) -> None:
+    """Raise a :class:`FlowCutInputError` with ``message`` unless ``ok`` (for messages that cost nothing to build;
+    hot paths test first and call :func:`fail`)."""
     if not ok:
         raise FlowCutInputError(message)
 
 
+def fail(message: str) -> NoReturn:
+    raise FlowCutInputError(message)
+
+
 def check_int(name: str, value, low: int, high: int | None = None) -> int:
     """An integer (not a bool) in [low, high]."""
-    require(
-        isinstance(value, numbers.Integral) and not isinstance(value, bool),
-        f"{name} must be an int, got {type(value).__name__}",
-    )
-    value = int(value)
-    bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-    require(low <= value and (high is None or value <= high), f"{name}={value} is out of range: it must be {bound}")
+    if type(value) is not int:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            fail(f"{name} must be an int, got {type(value).__name__}")
+        value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        fail(f"{name}={value} is out of range: it must be {bound}")
     return value
 
 
 def check_tensor(name: str, t, ndim: int, dtypes: tuple[torch.dtype, ...], shape_doc: str) -> Tensor:
     """A tensor with ``ndim`` dims and one of ``dtypes``; ``shape_doc`` spells the expected shape."""
-    require(isinstance(t, Tensor), f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
-    require(t.dim() == ndim, f"{name} must have shape {shape_doc}, got {tuple(t.shape)}")
-    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-    require(t.dtype in dtypes, f"{name} has dtype {t.dtype}; expected {names} (convert it with .to(...))")
+    if not isinstance(t, Tensor):
+        fail(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        fail(f"{name} must have shape {shape_doc}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        fail(f"{name} has dtype {t.dtype}; expected {names} (convert it with .to(...))")
     return t
 
 
 def check_same_device(**tensors: Tensor | None) -> torch.device:
     """All given tensors on one device; returns it."""
-    given = {name: t for name, t in tensors.items() if t is not None}
-    first_name, first = next(iter(given.items()))
-    for name, t in given.items():
-        require(
-            t.device == first.device,
-            f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device",
-        )
-    return first.device
+    device = first_name = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if device is None:
+            device, first_name = t.device, name
+        elif t.device != device:
+            fail(f"{name} is on {t.device} but {first_name} is on {device}; move them to one device")
+    return device

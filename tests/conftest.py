@@ -9,7 +9,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from flowcut_kernels import available_backends, synthetic  # noqa: E402
+from flowcut_kernels import available_backends  # noqa: E402
+from flowcut_kernels.bench.random_models import random_clip_vision  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -21,7 +22,7 @@ def tiny_clip():
     """Factory of seeded tiny CLIP vision models with sharpened attention (progressive pruning)."""
 
     def make(seed=0, sharpen=8.0, **overrides):
-        return synthetic.random_clip_vision("tiny", seed=seed, sharpen=sharpen, **overrides)
+        return random_clip_vision("tiny", seed=seed, sharpen=sharpen, **overrides)
 
     return make
 

@@ -4,6 +4,8 @@
 - :mod:`.presets` — CLIP / LLaVA-1.5 presets (random weights at real shapes) and the methods timed on them
   (batch-schedule, per-image pass vs serial passes, the language-model stage).
 - :mod:`.scenarios` — LLaVA-NeXT and Qwen2-VL presets: whole models (CUDA) and their vision towers.
+- :mod:`.random_models` — seeded random CLIP / SigLIP / Qwen2-VL towers at real shapes with sharpened attention,
+  and their pixels (every preset and scenario builds on them).
 - :mod:`.checkpoint` — ``--model``: a real LLaVA, CLIP or SigLIP checkpoint, checked from its config, then loaded.
 - :mod:`.kernels` — the kernel microbenchmark (one prune step per backend; the primitives vs their plain
   compositions).

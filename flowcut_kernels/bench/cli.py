@@ -15,7 +15,7 @@ methods at the same target, ``visionzip``, ``fastv`` and ``downsample``:
 
 LLaVA presets time the first token (the prefill, then one greedy decode step); every row has its images/s.
 The random weights are seeded and their q/k projections sharpened (``--sharpen``, see
-:mod:`flowcut_kernels.models.synthetic`) so the attention concentrates and the schedule prunes progressively; the
+:mod:`.random_models`) so the attention concentrates and the schedule prunes progressively; the
 tokens each layer processed are printed.
 ``--model`` measures a real LLaVA, CLIP or SigLIP checkpoint instead (:mod:`flowcut_kernels.bench.checkpoint`).
 Kernel presets are described in :mod:`flowcut_kernels.bench.kernels`; timing and memory in
@@ -34,7 +34,8 @@ import sys
 
 import torch
 
-from .. import FlowCutInputError, __version__, synthetic
+from .. import FlowCutInputError, __version__
+from . import random_models
 from ..models.encoder import check_target, feature_index
 from ..models.registry import find_tower
 from . import checkpoint, kernels, presets, scenarios
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed calls first (default 1 on CPU, 3 on CUDA; at least 1 is run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--sharpen", type=float,
-                   help=f"q/k projection factor of the random tower (default {synthetic.DEFAULT_SHARPEN:g}; "
+                   help=f"q/k projection factor of the random tower (default {random_models.DEFAULT_SHARPEN:g}; "
                    "not with --model)")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown with device, versions and date")
@@ -190,7 +191,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
                 parser.error(why)
         return
     if not args.model:
-        args.sharpen = synthetic.DEFAULT_SHARPEN if args.sharpen is None else args.sharpen
+        args.sharpen = random_models.DEFAULT_SHARPEN if args.sharpen is None else args.sharpen
     args.target = args.target or [64 if shape.num_patches > 64 else shape.num_patches // 8]
     args.feature_layer = -2 if args.feature_layer is None else args.feature_layer
     try:
@@ -295,7 +296,7 @@ def _run_models(args, info: dict) -> list[dict]:
     timer = Timer(args.device)
     rows = []
     for batch in args.batch:
-        pixels = None if scenario else synthetic.random_pixels(built.tower, batch, seed=args.seed)
+        pixels = None if scenario else random_models.random_pixels(built.tower, batch, seed=args.seed)
         for target in args.target:
             label = f"B={batch} T={target}"
             if scenario:
@@ -429,6 +430,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
         rows, copy_gbps = _kernel_rows(args, info)
         lines = kernel_table(rows)
         facts = [f"copy bandwidth {copy_gbps:.1f} GB/s (dst.copy_(src), read + write counted)"]
+        overhead = kernels.wrapper_overhead(args.device, args.dtype, args.backends)
+        facts.append("wrapper overhead at B=1, public op / raw torch op (host µs per call): " + ", ".join(
+            f"{r['op']} {r['backend']} {r['public_us']:.1f}/{r['raw_us']:.1f} = {r['ratio']:.2f}x" for r in overhead))
         title = f"FlowCut prune step and primitives per backend ({args.preset})"
     else:
         rows = _run_models(args, info)

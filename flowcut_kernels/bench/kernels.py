@@ -25,16 +25,22 @@ its plain-PyTorch composition (what one writes without the package, :data:`COMPO
 
 Their bytes moved are the inputs read once and the outputs written once; "vs plain" is the composition's time
 over the primitive's.
+
+**Wrapper overhead** (:func:`wrapper_overhead`, printed under the table of the ``kernels`` presets): each public
+op against the raw ``torch.ops`` call it makes, at B=1, host time per call (the checks and the backend choice are
+what the wrapper adds).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.backends import OPS
 from .timing import Progress, Timer, peak_memory_mb, summarize
 
 
@@ -418,4 +424,81 @@ def _time_primitive(case, device, dtype, backends, timer, bar, warmup, repeats, 
             speedup_vs_composition=timings["composition"].median_ms / timing.median_ms,
             op=case.op, variant=variant, ref_method="composition", kv_heads=case.kv_heads, queries=case.queries,
         ))
+    return rows
+
+
+def overhead_calls(device: torch.device, dtype: torch.dtype, backend: str) -> dict[str, tuple]:
+    """op -> (public call, raw torch op call) on the same B=1 inputs: the FlowCut ops at CLIP-L/336 shapes (the
+    packed ones on the one image packed), the primitives at their kernels-preset B=1 shapes."""
+    case = KernelCase("clip-l-336", 1, **CLIP_L)
+    x = step_inputs(case, device, dtype)
+    scale = case.head_dim ** -0.5
+    raw = {name: ops.unchecked(name, backend) for name in OPS}
+    cu = torch.tensor([0, case.seq], device=device)
+    kp, vp = (t[0].transpose(0, 1) for t in (x["k"], x["v"]))
+    hp, prev, imap = x["hidden"][0], x["prev"][0], x["index_map"][0]
+    calls = {
+        "flow_scores": (lambda: ops.flow_scores(x["q_relay"], x["k"], x["v"], x["prev"], scale=scale, backend=backend),
+                        lambda: raw["flow_scores"](x["q_relay"], x["k"], x["v"], x["prev"], scale, True, True)),
+        "select_gather": (lambda: ops.select_gather(x["hidden"], x["prev"], x["index_map"], case.keep,
+                                                    backend=backend),
+                          lambda: raw["select_gather"](x["hidden"], x["prev"], x["index_map"], case.keep, True)),
+        "flow_scores_varlen": (
+            lambda: ops.flow_scores_varlen(x["q_relay"], kp, vp, cu, prev, scale=scale, backend=backend),
+            lambda: raw["flow_scores_varlen"](x["q_relay"], kp, vp, cu, prev, scale, True, True)),
+        "select_gather_varlen": (
+            lambda: ops.select_gather_varlen(hp, prev, imap, cu, [case.keep], backend=backend),
+            lambda: raw["select_gather_varlen"](hp, prev, imap, cu, [case.keep], True)),
+    }
+    for pcase in PRIMITIVE_CASES["kernels"][device.type if device.type == "cuda" else "cpu"]:
+        if pcase.batch != 1 or pcase.op in calls:
+            continue
+        inputs = primitive_inputs(pcase, device, dtype)
+        calls[pcase.op] = (lambda c=pcase, i=inputs: primitive_call(c, i, backend),
+                           _raw_primitive(pcase, inputs, raw[pcase.op]))
+    return calls
+
+
+def _raw_primitive(case: PrimitiveCase, inputs: dict, op):
+    """The torch op call :func:`primitive_call` makes for ``case``, its inputs converted once, ahead."""
+    scale = case.head_dim ** -0.5
+    if case.op == "attention_scores":
+        return lambda: op(inputs["q"], inputs["k"], scale, None, *case.span)
+    if case.op == "text_guided_scores":
+        flat = [n for segment in inputs["segments"] for n in segment]
+        return lambda: op(inputs["q_relay"], inputs["v_relay"], inputs["k"], inputs["v"], flat, scale)
+    if case.op == "topk_select":
+        scores = inputs["scores"]
+        cu = torch.tensor([0, scores.shape[1]], device=scores.device)
+        return lambda: op(scores[0], cu, [case.keep], None)
+    s = inputs["selection"]
+    hidden = inputs["hidden"][0]
+    return lambda: op(hidden, hidden, s.kept[0], s.dropped[0], s.kept_cu, s.dropped_cu, None)
+
+
+def wrapper_overhead(device: torch.device, dtype: torch.dtype, backends: list[str], rounds: int = 7,
+                     calls: int = 50) -> list[dict]:
+    """Host time per call of each public op against its raw torch op (:func:`overhead_calls`), per backend: the
+    median over ``rounds`` interleaved rounds of ``calls`` back-to-back calls each, synchronized at the end of a
+    round (host-side launch cost is what the wrappers add). Rows: op, backend, public_us, raw_us, ratio."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    with torch.inference_mode():
+        for backend in backends:
+            for name, (public, raw) in overhead_calls(device, dtype, backend).items():
+                times = {"public": [], "raw": []}
+                for fn in (public, raw):
+                    fn()
+                for _ in range(rounds):
+                    for kind, fn in (("public", public), ("raw", raw)):
+                        sync()
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            fn()
+                        sync()
+                        times[kind].append((time.perf_counter() - start) / calls * 1e6)
+                public_us, raw_us = (sorted(times[k])[rounds // 2] for k in ("public", "raw"))
+                rows.append(dict(op=name, backend=backend, public_us=public_us, raw_us=raw_us,
+                                 ratio=public_us / raw_us))
     return rows

@@ -1,6 +1,6 @@
 """Model presets and the methods :mod:`flowcut_kernels.bench` measures on them.
 
-Encoder presets run a random CLIP vision tower (``flowcut_kernels.models.synthetic``, seeded, q/k sharpened so
+Encoder presets run a random CLIP vision tower (:mod:`.random_models`, seeded, q/k sharpened so
 the attention concentrates and the schedule prunes progressively) and return LLaVA's features: the
 feature layer's patch rows. LLaVA presets add a LLaVA-1.5 projector (Linear → GELU → Linear) and a
 Llama language model, and measure the whole prefill: tower → projector → language model on a prompt
@@ -61,7 +61,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import StaticSchedule, calibrate_schedule, encode, synthetic
+from .. import StaticSchedule, calibrate_schedule, encode
+from . import random_models
 from ..models import seams
 from ..models.attention import capturing
 from ..models.encoder import feature_index
@@ -86,9 +87,9 @@ TINY_LM = dict(
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """A benchmark model: a synthetic CLIP tower, plus a projector and language model for LLaVA presets.
+    """A benchmark model: a random CLIP tower, plus a projector and language model for LLaVA presets.
 
-    tower: a :data:`flowcut_kernels.models.synthetic.PRESETS` name. lm: ``LlamaConfig`` fields, or None for the
+    tower: a :data:`flowcut_kernels.bench.random_models.PRESETS` name. lm: ``LlamaConfig`` fields, or None for the
     encoder alone. prompt_tokens: text tokens of the prompt; the image features go in after
     ``image_position`` of them (LLaVA-1.5's system prompt and "USER:" come first).
     """
@@ -115,12 +116,12 @@ class ModelPreset:
 
     @property
     def num_patches(self) -> int:
-        shape = synthetic.PRESETS[self.tower]
+        shape = random_models.PRESETS[self.tower]
         return (shape["image_size"] // shape["patch_size"]) ** 2
 
     @property
     def num_layers(self) -> int:
-        return synthetic.PRESETS[self.tower]["num_hidden_layers"]
+        return random_models.PRESETS[self.tower]["num_hidden_layers"]
 
 
 #: Method families of the CLIP / LLaVA-1.5 presets (``--methods``); LLaVA presets add "stage".
@@ -282,13 +283,13 @@ def weights_mb(*modules: nn.Module) -> float:
 
 def build(preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: int, sharpen: float) -> Built:
     """Build ``preset`` with seeded random weights directly on ``device`` in ``dtype``."""
-    tower = synthetic.random_clip_vision(preset.tower, seed=seed, sharpen=sharpen, dtype=dtype, device=device)
+    tower = random_models.random_clip_vision(preset.tower, seed=seed, sharpen=sharpen, dtype=dtype, device=device)
     prefill = None
     if preset.lm is not None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed + 1)
-        vision_width = synthetic.PRESETS[preset.tower]["hidden_size"]
+        vision_width = random_models.PRESETS[preset.tower]["hidden_size"]
         width = preset.lm["hidden_size"]
         with torch.device(device):
             lm = LlamaForCausalLM._from_config(LlamaConfig(**preset.lm), attn_implementation="sdpa", dtype=dtype)
@@ -356,7 +357,7 @@ def methods(
 
     def calibrated(backend: str) -> StaticSchedule:
         if backend not in schedules:
-            calibration = synthetic.random_pixels(tower, CALIBRATION_IMAGES, seed=1_000_003)
+            calibration = random_models.random_pixels(tower, CALIBRATION_IMAGES, seed=1_000_003)
             with torch.inference_mode():
                 schedules[backend] = calibrate_schedule(tower, calibration, target, feature_layer=feature_layer,
                                                         backend=backend)

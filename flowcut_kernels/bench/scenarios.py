@@ -36,8 +36,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import ops, synthetic
+from .. import ops
 from ..models.registry import find_tower
+from . import random_models
 from .presets import TINY_LM, VICUNA_7B, MethodResult, random_prompt, weights_mb
 
 #: LLaVA-NeXT's default anyres resolutions (336-px crops).
@@ -63,7 +64,7 @@ QWEN_IDS_TINY = dict(image_token_id=60, video_token_id=61, vision_start_token_id
 SCENARIO_FAMILIES = ("unpruned", "flowcut")
 #: q/k factor of the Qwen2-VL-7B-shaped random towers: at 448×448, target 64 the schedule then prunes
 #: progressively (1024 → 932 → 840 → … → 276 patches before the last prune to 256), as on a trained tower; 4 keeps
-#: 428 until the end. The tiny towers use 4 (as ``synthetic.random_qwen2_vl``).
+#: 428 until the end. The tiny towers use 4 (as the tests' tiny Qwen2-VL).
 QWEN_SHARPEN = 8.0
 
 
@@ -72,7 +73,7 @@ class Scenario:
     """A LLaVA-NeXT or Qwen2-VL preset (module docstring).
 
     kind: "next" (whole LLaVA-NeXT), "next-crops" (its tower on crops), "qwen" (whole Qwen2-VL), "qwen-tower".
-    tower: a CLIP shape of :data:`flowcut_kernels.models.synthetic.PRESETS` (LLaVA-NeXT), or Qwen vision fields.
+    tower: a CLIP shape of :data:`.random_models.PRESETS` (LLaVA-NeXT), or Qwen vision fields.
     lm: LlamaConfig / Qwen2-VL text fields (whole models). image: (H, W) pixels of each image (LLaVA-NeXT), or
     (h, w) patches (Qwen2-VL). num_patches: the token count targets are checked against (K < it).
     """
@@ -90,7 +91,7 @@ class Scenario:
     pinpoints: list | None = None
     prompt_tokens: int = 60
     image_position: int = 35
-    sharpen: float = synthetic.DEFAULT_SHARPEN
+    sharpen: float = random_models.DEFAULT_SHARPEN
     cuda_only: str | None = None
     families: tuple[str, ...] = SCENARIO_FAMILIES
     min_target: int = 1
@@ -118,7 +119,7 @@ SCENARIOS = {s.name: s for s in [
              "(CUDA only)", "clip-l-336", (672, 672), 1151, (32, 64, 128, 160), (1, 8), lm=VICUNA_7B,
              pinpoints=NEXT_PINPOINTS, cuda_only=COLD.format("LLaVA-NeXT-7B", 14, "llava-next-crops"), min_target=2),
     Scenario("llava-next-tiny", "next", "llava-next-7b at tiny sizes (5 crops of 32 px, 2-layer LM), for tests",
-             "tiny", (64, 64), 127, (16,), (1,), lm=TINY_LM, pinpoints=synthetic.TINY_PINPOINTS,
+             "tiny", (64, 64), 127, (16,), (1,), lm=TINY_LM, pinpoints=random_models.TINY_PINPOINTS,
              prompt_tokens=12, image_position=7, min_target=2),
     Scenario("llava-next-crops", "next-crops", "LLaVA-NeXT's tower on one image's 5 CLIP-L/336 crops: unpruned vs "
              "FlowCut's per-image shared-schedule crop pass (K/2 per crop)", "clip-l-336", (672, 672), 1151, (64,),
@@ -157,16 +158,12 @@ def _generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _clip_fields(tower: str) -> dict:
-    return {k: v for k, v in synthetic.PRESETS[tower].items() if k != "projection_dim"}
-
-
 def next_config(s: Scenario):
     """The ``LlavaNextConfig`` of a ``next`` scenario."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
     return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**_clip_fields(s.tower)), text_config=LlamaConfig(**s.lm),
+        vision_config=CLIPVisionConfig(**random_models.vision_fields(s.tower)), text_config=LlamaConfig(**s.lm),
         image_token_index=IMAGE_TOKEN, image_grid_pinpoints=s.pinpoints, vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
@@ -181,14 +178,6 @@ def qwen_config(s: Scenario):
         return Qwen2VLVisionConfig(**s.tower)
     text = dict(s.lm, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # within every vocabulary
     return Qwen2VLConfig(vision_config=dict(s.tower), text_config=text, **s.ids)
-
-
-def _sharpen_qwen(visual: nn.Module, factor: float) -> None:
-    with torch.no_grad():
-        for block in visual.blocks:
-            width = block.attn.qkv.out_features // 3
-            block.attn.qkv.weight[: 2 * width].mul_(factor)
-            block.attn.qkv.bias[: 2 * width].mul_(factor)
 
 
 def _prompt(s: Scenario, image: list[int], device, seed: int, vocab: int, batch: int) -> Tensor:
@@ -223,12 +212,10 @@ class _Patched:
 def _build_next(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     from transformers import LlavaNextForConditionalGeneration
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaNextForConditionalGeneration._from_config(next_config(s), attn_implementation="sdpa",
-                                                               dtype=dtype).eval()
-    synthetic.sharpen_attention(model.model.vision_tower, sharpen)
-    side = synthetic.PRESETS[s.tower]["image_size"]
+    model = random_models.seeded_model(LlavaNextForConditionalGeneration, next_config(s), seed, device,
+                                       dtype=dtype).eval()
+    random_models.sharpen_attention(model.model.vision_tower, sharpen)
+    side = random_models.PRESETS[s.tower]["image_size"]
     crops = 1 + (s.image[0] // side) * (s.image[1] // side)
     vocab = s.lm["vocab_size"]
     cache = {}
@@ -285,15 +272,15 @@ def _build_next_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenari
     from ..models.encoder import PACKED_OPS, run_pruned
     from ..models.llava_next import CropPolicy
 
-    tower_model = synthetic.random_clip_vision(s.tower, seed=seed, sharpen=sharpen, dtype=dtype, device=device)
+    tower_model = random_models.random_clip_vision(s.tower, seed=seed, sharpen=sharpen, dtype=dtype, device=device)
     tower = find_tower(tower_model)
-    side = synthetic.PRESETS[s.tower]["image_size"]
+    side = random_models.PRESETS[s.tower]["image_size"]
     crops = 1 + (s.image[0] // side) * (s.image[1] // side)
     layers = len(tower.layers)
     feature_idx = layers - 2
 
     def make(batch, target, backends, include, seed):
-        pixels = synthetic.random_pixels(tower_model, batch * crops, seed=seed)
+        pixels = random_models.random_pixels(tower_model, batch * crops, seed=seed)
         found = {}
         if "unpruned" in include:
             def unpruned():
@@ -346,11 +333,9 @@ def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenari
 
     from ..models.qwen2_vl import TOWER_OPS, pruned_tower
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        visual = Qwen2VisionTransformerPretrainedModel._from_config(qwen_config(s), attn_implementation="sdpa",
-                                                                    dtype=dtype).eval()
-    _sharpen_qwen(visual, sharpen)
+    visual = random_models.seeded_model(Qwen2VisionTransformerPretrainedModel, qwen_config(s), seed, device,
+                                        dtype=dtype).eval()
+    random_models.sharpen_qwen_attention(visual, sharpen)
     m = visual.spatial_merge_size**2
     groups = s.image[0] * s.image[1] // m
 
@@ -391,12 +376,10 @@ def _with_tokens(fn, tokens):
 def _build_qwen(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     from transformers import Qwen2VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(qwen_config(s), attn_implementation="sdpa",
-                                                             dtype=dtype).eval()
+    model = random_models.seeded_model(Qwen2VLForConditionalGeneration, qwen_config(s), seed, device,
+                                       dtype=dtype).eval()
     visual = model.model.visual
-    _sharpen_qwen(visual, sharpen)
+    random_models.sharpen_qwen_attention(visual, sharpen)
     TYPE_IDS = "mm_token_type_ids" in inspect.signature(type(model.model).forward).parameters
     m = visual.spatial_merge_size**2
     groups = s.image[0] * s.image[1] // m

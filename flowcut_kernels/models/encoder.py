@@ -135,7 +135,7 @@ def run_pruned(
     ragged = Ragged([seq] * batch, hidden.device) if per_image else None
     if per_image:
         index_map = index_map.flatten()
-    packed = ops.BACKENDS[backend].ops
+    gather_varlen = ops.unchecked("select_gather_varlen", backend) if per_image else None  # inputs built here
     scores = None
     tokens = []
     with capturing(tower.core.config) as run:
@@ -170,7 +170,7 @@ def run_pruned(
                     require(len(keep) == len(lens) and all(1 <= x <= s for x, s in zip(keep, lens)),
                             f"the policy kept {keep} rows of images with {lens} rows after layer {i}")
                 if keep is not None and per_image and keep != lens:
-                    kept, scores, index_map, _ = packed["select_gather_varlen"](
+                    kept, scores, index_map, _ = gather_varlen(
                         ragged.pack(hidden), scores, index_map, ragged.cu_seqlens, keep, has_cls
                     )
                     ragged = Ragged(keep, hidden.device)

@@ -117,8 +117,8 @@ class FlowCutPolicy:
                 layer.relay_query(), layer.k, layer.v, layer.prev, scale=layer.scale, has_cls=layer.has_cls,
                 backend=layer.backend,
             )
-        else:  # the backend's op directly: the loop built cu_seqlens itself (no checks, no host read)
-            cum, entropy, _ = ops.BACKENDS[layer.backend].ops["flow_scores_varlen"](
+        else:  # unchecked: the loop built cu_seqlens itself (no checks, no host read)
+            cum, entropy, _ = ops.unchecked("flow_scores_varlen", layer.backend)(
                 layer.relay_query(), layer.k, layer.v, layer.cu_seqlens, layer.prev, float(layer.scale),
                 layer.has_cls, True,
             )

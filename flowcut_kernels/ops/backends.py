@@ -51,6 +51,9 @@ UNAVAILABLE: dict[str, str] = {}  # backend name -> why it could not be loaded
 #: :func:`resolve_backend` for such a device warns once with it.
 MISSING_DEVICES: dict[tuple[str, str], str] = {}
 _WARNED: set[tuple[str, str]] = set()
+#: (backend asked for, device type, dtype, op) -> the torch op it resolved to (:func:`op_for`); cleared whenever
+#: the registry changes.
+_RESOLVED: dict[tuple, Callable] = {}
 # "auto" takes the first backend in this order that runs on the device type and takes the dtype.
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 _OPTIONAL = {"triton": "flowcut_kernels.ops.triton", "native": "flowcut_kernels.ops.native"}
@@ -62,18 +65,21 @@ def register_backend(backend: Backend) -> None:
     autograd.attach(backend)
     BACKENDS[backend.name] = backend
     UNAVAILABLE.pop(backend.name, None)
+    _RESOLVED.clear()
 
 
 def mark_unavailable(name: str, reason: str) -> None:
     """Record why backend ``name`` cannot be used (a backend module that loads but cannot run calls this)."""
     BACKENDS.pop(name, None)
     UNAVAILABLE[name] = reason
+    _RESOLVED.clear()
 
 
 def mark_missing_device(name: str, device_type: str, reason: str) -> None:
     """Record why backend ``name`` has no kernels for ``device_type`` (e.g. built without CUDA): the reason
     :func:`available_backends` gives there, and a warning on the first use of such a device."""
     MISSING_DEVICES[(name, device_type)] = reason
+    _RESOLVED.clear()
 
 
 def _warn_missing_devices(device_type: str) -> None:
@@ -165,3 +171,25 @@ def resolve_backend(
         require(False, f"backend={backend!r} is not available on {torch.device(device)} ({why}); choose 'auto' or one "
                        f"of {usable}")
     return backend
+
+
+def op_for(name: str, backend: str, device: torch.device, dtype: torch.dtype) -> Callable:
+    """The torch op ``name`` of the backend ``backend`` ("auto" or a name) resolves to on ``device`` for ``dtype``
+    inputs: :func:`resolve_backend` once per (backend, device type, dtype, op), then a dict lookup."""
+    key = (backend, device.type, dtype, name)
+    try:
+        return _RESOLVED[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable backend, refused by resolve_backend
+        op = BACKENDS[resolve_backend(backend, device, dtype, name)].ops[name]
+        _RESOLVED[key] = op
+        return op
+
+
+def unchecked(name: str, backend: str) -> Callable:
+    """The torch op ``name`` of the resolved backend ``backend``, to call without the public functions' checks.
+
+    For the package's own loops, which resolved the backend once (:func:`resolve_backend`) and build the ops'
+    inputs themselves (e.g. cu_seqlens of known lengths, so no check needs to read it back); anything else calls
+    the public functions of :mod:`flowcut_kernels.ops`.
+    """
+    return BACKENDS[backend].ops[name]

@@ -8,48 +8,25 @@ the same length); per-image counts are B host ints or a (B,) tensor.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..checks import INPUT_DTYPES, check_int, check_same_device, check_tensor, require
+from ..checks import INPUT_DTYPES, check_int, check_same_device, check_tensor, fail, require
 from . import validate
-from .backends import BACKENDS, resolve_backend
+from .backends import op_for
 
 
-def _op(name: str, backend: str, device, dtype):
-    return BACKENDS[resolve_backend(backend, device, dtype, op=name)].ops[name]
-
-
-def _counts(name: str, values, n: int, low: int, highs: list[int]) -> list[int]:
-    """B ints (an int for all, a sequence or a (B,) integer tensor), each in [low, highs[b]]."""
-    if isinstance(values, Tensor):
-        require(values.dim() == 1 and not values.is_floating_point() and not values.is_complex(),
-                f"{name} must be an int, B ints or a (B,) integer tensor, got a {values.dtype} tensor of shape "
-                f"{tuple(values.shape)}")
-        values = values.tolist()
-    if isinstance(values, int) and not isinstance(values, bool):
-        values = [values] * n
-    require(isinstance(values, (list, tuple)) and len(values) == n,
-            f"{name} must hold one count per image ({n}), got {values!r}")
-    return [check_int(f"{name}[{b}]", x, low, high) for b, (x, high) in enumerate(zip(values, highs))]
-
-
-def _packed(name: str, x: Tensor, cu_seqlens: Tensor | None, shape_doc: str) -> tuple[Tensor, Tensor, list[int]]:
-    """A dense (B, N, …) or packed (T, …) input as packed rows, offsets and per-image lengths."""
+def _packed(name: str, x: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor, list[int]]:
+    """A dense (B, N, …) or packed (T, …) input as packed rows, offsets and per-image lengths (packed: one small
+    host read of the offsets)."""
     if cu_seqlens is None:
         batch, n = x.shape[:2]
         cu = torch.arange(0, (batch + 1) * n, n, device=x.device, dtype=torch.int64)
         return x.flatten(0, 1), cu, [n] * batch
-    check_tensor("cu_seqlens", cu_seqlens, 1, (torch.int32, torch.int64), "(B + 1,)")
-    require(cu_seqlens.numel() >= 2, "cu_seqlens must hold B + 1 >= 2 offsets (0, then each image's end row)")
-    cu = cu_seqlens.tolist()  # one small device-to-host copy
-    lengths = [b - a for a, b in zip(cu, cu[1:])]
-    require(cu[0] == 0, f"cu_seqlens must start at 0, got {cu[0]}")
-    require(min(lengths) >= 0, f"cu_seqlens must not decrease, got image lengths {lengths}")
-    require(cu[-1] == x.shape[0], f"cu_seqlens must end at {name}'s row count {x.shape[0]}, got {cu[-1]}")
-    return x, cu_seqlens, lengths
+    return x, cu_seqlens, validate.cu_seqlens_lengths(cu_seqlens, x.shape[0], 0)
 
 
 @dataclass
@@ -58,15 +35,24 @@ class Selection:
 
     Dense input (B, N): kept (B, K) and dropped (B, N − K) row indices 0 … N − 1 of each image (every image
     must keep the same count). Packed input: kept (Σ K_b,) and dropped (Σ M_b,) indices into the T rows,
-    grouped by image with offsets kept_cu / dropped_cu (B + 1,). ``mask`` marks the kept rows, shaped like
-    the scores.
+    grouped by image with offsets kept_cu / dropped_cu (B + 1,). ``shape``: the scores' shape. ``mask`` marks the
+    kept rows, shaped like the scores (built on first use).
     """
 
     kept: Tensor
     dropped: Tensor
     kept_cu: Tensor
     dropped_cu: Tensor
-    mask: Tensor
+    shape: tuple[int, ...]
+
+    @functools.cached_property
+    def mask(self) -> Tensor:
+        """(B, N) or (T,) bool: True at the kept rows."""
+        mask = torch.zeros(self.shape, dtype=torch.bool, device=self.kept.device)
+        if len(self.shape) == 2:
+            return mask.scatter_(1, self.kept, True)
+        mask[self.kept] = True
+        return mask
 
 
 def topk_select(
@@ -92,11 +78,11 @@ def topk_select(
     Returns:
         A :class:`Selection`.
     """
-    require(isinstance(scores, Tensor) and scores.is_floating_point(),
-            f"scores must be a floating tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
+    if not (isinstance(scores, Tensor) and scores.is_floating_point()):
+        fail(f"scores must be a floating tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
     dense = cu_seqlens is None
-    require(scores.dim() == (2 if dense else 1),
-            f"scores must have shape {'(B, N)' if dense else '(T,) with cu_seqlens'}, got {tuple(scores.shape)}")
+    if scores.dim() != (2 if dense else 1):
+        fail(f"scores must have shape {'(B, N)' if dense else '(T,) with cu_seqlens'}, got {tuple(scores.shape)}")
     device = check_same_device(scores=scores, protect=protect, cu_seqlens=cu_seqlens)
     if span is not None:
         require(dense, "span applies to dense (B, N) scores; for packed scores pass protect")
@@ -106,7 +92,7 @@ def topk_select(
         outside = torch.ones(n, dtype=torch.bool, device=device)
         outside[start:end] = False
         protect = outside.expand_as(scores) if protect is None else protect | outside
-    flat, cu, lengths = _packed("scores", scores, cu_seqlens, "(T,)")
+    flat, cu, lengths = _packed("scores", scores, cu_seqlens)
     if protect is not None:
         check_tensor("protect", protect, scores.dim(), (torch.bool,), "like scores")
         require(protect.shape == scores.shape, f"protect must have the shape of scores {tuple(scores.shape)}, "
@@ -116,21 +102,24 @@ def topk_select(
         protect = protect.flatten()
     else:
         highs = lengths
-    keep = _counts("keep", keep, len(lengths), 0, highs)
-    op = _op("topk_select", backend, device, scores.dtype)
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        keep = [keep] * len(lengths)
+    keep = validate.counts("keep", keep, len(lengths), 0, highs)
+    op = op_for("topk_select", backend, device, scores.dtype)
     kept, dropped, kept_cu, dropped_cu = op(flat, cu, keep, protect)
-    mask = torch.zeros(flat.shape[0], dtype=torch.bool, device=device)
-    mask[kept] = True
     if dense:
         batch, n = scores.shape
-        totals = (kept_cu[1:] - kept_cu[:-1]).tolist()
+        # without protected rows every image keeps its count: no need to read kept_cu back
+        totals = keep if protect is None else (kept_cu[1:] - kept_cu[:-1]).tolist()
         require(len(set(totals)) == 1,
                 f"the images keep different numbers of rows {totals} (their protected counts differ): pass packed "
                 f"scores with cu_seqlens to get them")
-        offsets = (torch.arange(batch, device=device) * n)[:, None]
-        return Selection(kept.view(batch, -1) - offsets, dropped.view(batch, -1) - offsets, kept_cu, dropped_cu,
-                         mask.view(batch, n))
-    return Selection(kept, dropped, kept_cu, dropped_cu, mask)
+        kept, dropped = kept.view(batch, -1), dropped.view(batch, -1)
+        if batch > 1:  # packed row t of image b is row t − b·n of it
+            offsets = torch.arange(0, batch * n, n, device=device)[:, None]
+            kept, dropped = kept - offsets, dropped - offsets
+        return Selection(kept, dropped, kept_cu, dropped_cu, (batch, n))
+    return Selection(kept, dropped, kept_cu, dropped_cu, tuple(scores.shape))
 
 
 def gather_rows(hidden: Tensor, rows: Tensor) -> Tensor:
@@ -164,8 +153,8 @@ def merge_nearest(
     dense = selection.kept.dim() == 2
     check_tensor("hidden", hidden, 3 if dense else 2, INPUT_DTYPES, "(B, N, C)" if dense else "(T, C)")
     check_tensor("keys", keys, hidden.dim(), INPUT_DTYPES, "(B, N, Ck)" if dense else "(T, Ck)")
-    require(keys.shape[:-1] == hidden.shape[:-1],
-            f"keys must have hidden's rows {tuple(hidden.shape[:-1])}, got {tuple(keys.shape)}")
+    if keys.shape[:-1] != hidden.shape[:-1]:
+        fail(f"keys must have hidden's rows {tuple(hidden.shape[:-1])}, got {tuple(keys.shape)}")
     device = check_same_device(hidden=hidden, keys=keys, kept=selection.kept, sizes=sizes)
     if sizes is not None:
         require(isinstance(sizes, Tensor) and sizes.shape == hidden.shape[:-1] and sizes.is_floating_point(),
@@ -179,7 +168,7 @@ def merge_nearest(
         kept, dropped = (kept + offsets).flatten(), (dropped + offsets).flatten()
         hidden, keys = hidden.flatten(0, 1), keys.flatten(0, 1)
         sizes = None if sizes is None else sizes.flatten()
-    op = _op("merge_nearest", backend, device, hidden.dtype)
+    op = op_for("merge_nearest", backend, device, hidden.dtype)
     merged, size_out = op(hidden, keys, kept, dropped, selection.kept_cu, selection.dropped_cu, sizes)
     if dense:
         return merged.view(batch, -1, merged.shape[-1]), size_out.view(batch, -1)
@@ -215,7 +204,7 @@ def attention_scores(
     device, scale = validate.attention_scores(q, k, scale, key_mask, start, end)
     if key_mask is not None:
         require(bool(key_mask.any(dim=1).all()), "key_mask leaves an image without any key to attend")
-    op = _op("attention_scores", backend, device, k.dtype)
+    op = op_for("attention_scores", backend, device, k.dtype)
     return op(q, k, scale, key_mask, int(start), int(end))
 
 
@@ -244,8 +233,10 @@ def text_guided_scores(
     """
     flat = []
     for g, segment in enumerate(segments):
-        require(len(segment) == 3, f"segments[{g}] must be (b, start, end), got {segment!r}")
-        flat += [check_int(f"segments[{g}]", x, 0) for x in segment]
+        if len(segment) != 3:
+            fail(f"segments[{g}] must be (b, start, end), got {segment!r}")
+        name = f"segments[{g}]"
+        flat += [check_int(name, x, 0) for x in segment]
     device, scale = validate.text_guided_scores(q_relay, v_relay, k, v, flat, scale)
-    op = _op("text_guided_scores", backend, device, k.dtype)
+    op = op_for("text_guided_scores", backend, device, k.dtype)
     return op(q_relay, v_relay, k, v, flat, scale)

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from flowcut_kernels import bench, synthetic
+from flowcut_kernels import bench
+from flowcut_kernels.bench.random_models import random_clip_vision, random_pixels
 from flowcut_kernels.bench import presets as bench_models
 from flowcut_kernels.bench import report
 from flowcut_kernels.bench.cli import METHOD_NOTES
@@ -60,7 +61,7 @@ def llava_tiny():
 
 
 def run_method(built, name, target, batch=2):
-    pixels = synthetic.random_pixels(built.tower, batch, seed=4)
+    pixels = random_pixels(built.tower, batch, seed=4)
     with torch.inference_mode():
         return bench_models.methods(built, pixels, target, -2, ["torch"], {name}, False)[name]()
 
@@ -69,7 +70,7 @@ def test_first_token_is_a_decode_step_on_the_prefill_cache(llava_tiny):
     """unpruned: the prefill's logits, then the logits of the greedy next token with the whole prompt before it."""
     prefill = llava_tiny.prefill
     got = run_method(llava_tiny, "unpruned", 8)
-    pixels = synthetic.random_pixels(llava_tiny.tower, 2, seed=4)
+    pixels = random_pixels(llava_tiny.tower, 2, seed=4)
     with torch.inference_mode():
         features = llava_tiny.tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         embeds = prefill.embeds(features)
@@ -92,10 +93,10 @@ def test_fastv_keeping_every_image_token_is_the_unpruned_model(llava_tiny):
 
 
 def test_visionzip_row_is_the_recipe_on_the_feature_layer():
-    tower = synthetic.random_clip_vision("tiny", seed=0, sharpen=16.0)
+    tower = random_clip_vision("tiny", seed=0, sharpen=16.0)
     built = bench_models.Built("clip-tiny", tower, None, True, 0.0)
     got = run_method(built, "visionzip", 12)
-    pixels = synthetic.random_pixels(tower, 2, seed=4)
+    pixels = random_pixels(tower, 2, seed=4)
     with torch.inference_mode(), capturing(tower.config) as seen:
         seen.watch = find_tower(tower).layers[4].self_attn  # layer -2 of 6
         hidden = tower(pixels, output_hidden_states=True).hidden_states[5]
@@ -106,10 +107,10 @@ def test_visionzip_row_is_the_recipe_on_the_feature_layer():
 
 
 def test_downsample_row_is_the_stock_tower_on_the_resized_image():
-    tower = synthetic.random_clip_vision("tiny", seed=0, sharpen=16.0)
+    tower = random_clip_vision("tiny", seed=0, sharpen=16.0)
     built = bench_models.Built("clip-tiny", tower, None, True, 0.0)
     got = run_method(built, "downsample", 16)
-    pixels = synthetic.random_pixels(tower, 2, seed=4)
+    pixels = random_pixels(tower, 2, seed=4)
     small = torch.nn.functional.interpolate(pixels, size=(16, 16), mode="bilinear", antialias=True)
     with torch.inference_mode():
         want = tower(small, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states[-2][:, 1:]

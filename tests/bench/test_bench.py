@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from flowcut_kernels import bench, encode, synthetic
+from flowcut_kernels import bench, encode
+from flowcut_kernels.bench.random_models import random_pixels
 from flowcut_kernels.bench import kernels as bench_kernels
 from flowcut_kernels.bench import plots
 from flowcut_kernels.bench import presets as bench_models
@@ -203,7 +204,7 @@ def test_original_is_faithful_to_encode(tiny_clip, original):
     """Same features and kept tokens as flowcut_kernels.encode in float32; every layer runs."""
     for seed, batch, target, feature_layer in [(0, 1, 8, -2), (1, 3, 16, -2), (2, 2, 5, -1), (3, 2, 30, -3)]:
         model = tiny_clip(seed=seed, sharpen=16.0)
-        pixels = synthetic.random_pixels(model, batch, seed=seed)
+        pixels = random_pixels(model, batch, seed=seed)
         with torch.inference_mode():
             want = encode(model, pixels, target, feature_layer=feature_layer, backend="torch")
             features, keep, tokens = original.encode_original(model, pixels, target, feature_layer)
@@ -216,7 +217,7 @@ def test_original_is_faithful_to_encode(tiny_clip, original):
 def test_original_eager_layers_match_the_stock_layers(tiny_clip, original):
     """The eager layers reproduce the model's own (SDPA) layers, and give softmax rows as probabilities."""
     model = tiny_clip(seed=4)
-    pixels = synthetic.random_pixels(model, 2, seed=4)
+    pixels = random_pixels(model, 2, seed=4)
     with torch.inference_mode():
         stock = model(pixel_values=pixels, output_hidden_states=True).hidden_states
         for i, layer in enumerate(find_tower(model).layers):

@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from flowcut_kernels import bench, flowcut, synthetic
+from flowcut_kernels import bench, flowcut
+from flowcut_kernels.bench.random_models import PRESETS, random_clip_vision, random_pixels, random_siglip_vision
+from tiny.llava import random_llava
 from flowcut_kernels.bench import checkpoint
 from flowcut_kernels.bench import presets as bench_models
 
@@ -19,7 +21,7 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_
 def clip_model(seed=0):
     """A CLIPModel (vision and text towers), as openai/clip-vit-large-patch14-336 is stored."""
     torch.manual_seed(seed)
-    vision = {k: v for k, v in synthetic.PRESETS["tiny"].items() if k != "projection_dim"}
+    vision = {k: v for k, v in PRESETS["tiny"].items() if k != "projection_dim"}
     return CLIPModel(CLIPConfig(vision_config=vision, text_config=TINY_TEXT, projection_dim=16)).eval()
 
 
@@ -38,11 +40,11 @@ def logged(name):
 
 
 BUILDERS = {
-    "clip-projection": lambda: synthetic.random_clip_vision("tiny", with_projection=True),
+    "clip-projection": lambda: random_clip_vision("tiny", with_projection=True),
     "clip-model": clip_model,
-    "siglip": lambda: synthetic.random_siglip_vision("tiny"),
-    "llava-clip": lambda: synthetic.random_llava("clip"),
-    "llava-siglip": lambda: synthetic.random_llava("siglip"),
+    "siglip": lambda: random_siglip_vision("tiny"),
+    "llava-clip": lambda: random_llava("clip"),
+    "llava-siglip": lambda: random_llava("siglip"),
 }
 
 
@@ -99,7 +101,7 @@ def test_llava_checkpoint_times_the_stock_prefill_and_the_patched_one(saved):
         return torch.cat([prompt[:, :pos], image, prompt[:, pos:]], dim=1).expand(batch, -1)
 
     with torch.inference_mode():
-        pixels = synthetic.random_pixels(built.tower, 2, seed=0)
+        pixels = random_pixels(built.tower, 2, seed=0)
         unpruned = bench_models.methods(built, pixels, 8, -2, [], {"unpruned"}, False)["unpruned"]()
         stock = model(input_ids=input_ids(64, 2), pixel_values=pixels, logits_to_keep=1).logits
         torch.testing.assert_close(unpruned.output, stock)
@@ -124,7 +126,7 @@ def cached_repo(cache, monkeypatch, repo_id):
 
 def test_hub_id_is_read_from_the_local_cache(tmp_path, monkeypatch, capsys):
     """A name that is no folder is a Hub id, looked up in the Hugging Face cache only (no download)."""
-    synthetic.random_siglip_vision("tiny").save_pretrained(cached_repo(tmp_path, monkeypatch, "someone/tiny-siglip"))
+    random_siglip_vision("tiny").save_pretrained(cached_repo(tmp_path, monkeypatch, "someone/tiny-siglip"))
     rows = bench.run(["--model", "someone/tiny-siglip", *FAST, "--methods", "unpruned", "flowcut",
                       "--backends", "torch"])
     assert "from the local Hugging Face cache (local_files_only=True)" in capsys.readouterr().out
@@ -153,7 +155,7 @@ def write_config(folder, config):
 
 
 def bad_llava(**fields):
-    vision = {k: v for k, v in synthetic.PRESETS["tiny"].items() if k != "projection_dim"}
+    vision = {k: v for k, v in PRESETS["tiny"].items() if k != "projection_dim"}
     return LlavaConfig(**{"vision_config": {"model_type": "clip_vision_model", **vision},
                           "text_config": {"model_type": "llama", **TINY_TEXT}, **fields})
 
@@ -174,7 +176,7 @@ def bad_llava(**fields):
      "--feature-layer -3 differs from the LLaVA checkpoint's config.vision_feature_layer (-2)"),
     (lambda tmp: write_config(tmp, bad_llava()), ["--target", "64"],
      "--target=64 is out of range"),
-    (lambda tmp: write_config(tmp, CLIPVisionConfig(**synthetic.PRESETS["tiny"])), ["--feature-layer", "0"],
+    (lambda tmp: write_config(tmp, CLIPVisionConfig(**PRESETS["tiny"])), ["--feature-layer", "0"],
      "feature_layer=0 is out of range"),
     (lambda tmp: write_config(tmp, bad_llava()), ["--sharpen", "4"], "--sharpen does not apply to --model"),
     (lambda tmp: write_config(tmp, bad_llava()), ["--preset", "clip-tiny"],

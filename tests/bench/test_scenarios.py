@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from flowcut_kernels import bench, synthetic
+from flowcut_kernels import bench
+from flowcut_kernels.bench.random_models import random_pixels
 from flowcut_kernels.bench import cli, plots, scenarios
 from flowcut_kernels.bench import kernels as bench_kernels
 from flowcut_kernels.bench import presets as bench_models
@@ -39,7 +40,7 @@ def test_ragged_preset_compares_one_pass_with_serial_passes(tmp_path):
 def test_per_image_pass_gives_the_serial_result():
     preset = bench_models.MODEL_PRESETS["ragged-tiny"]
     built = bench_models.build(preset, torch.device("cpu"), torch.float32, 0, 16.0)
-    pixels = synthetic.random_pixels(built.tower, 3, seed=1)
+    pixels = random_pixels(built.tower, 3, seed=1)
     fns = bench_models.methods(built, pixels, 8, -2, ["torch"], {"per-image", "serial"}, None)
     with torch.inference_mode():
         one, serial = fns["per-image-torch"](), fns["serial-torch"]()
@@ -119,7 +120,7 @@ def test_primitive_bytes_count_inputs_and_outputs():
     case = bench_kernels.PrimitiveCase("x", "topk_select", 2, 10, keep=3)
     inputs = bench_kernels.primitive_inputs(case, torch.device("cpu"), torch.float32)
     out = bench_kernels.primitive_call(case, inputs, "torch")
-    assert bench_kernels.primitive_bytes(case, inputs, out) == 4 * 20 + 8 * (6 + 14 + 3 + 3) + 20  # + the bool mask
+    assert bench_kernels.primitive_bytes(case, inputs, out) == 4 * 20 + 8 * (6 + 14 + 3 + 3)  # the mask: on first use
 
 
 def test_kernel_rows_time_every_primitive_against_its_composition():

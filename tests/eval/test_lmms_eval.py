@@ -22,7 +22,9 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed here: run .c
 
 import torch  # noqa: E402
 
-from flowcut_kernels import synthetic  # noqa: E402
+from flowcut_kernels.bench.random_models import random_pixels  # noqa: E402
+from tiny.llava import random_llava, tiny_llava_processor  # noqa: E402
+from tiny.qwen import random_qwen2_vl, tiny_qwen2_vl_processor  # noqa: E402
 
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
 
@@ -96,8 +98,8 @@ def task_dir(tmp_path_factory):
 def llava_dir(tmp_path_factory):
     """A tiny seeded LLaVA-1.5 (CLIP tower of 8×8 patches) and its processor, saved."""
     path = tmp_path_factory.mktemp("llava")
-    model = synthetic.random_llava(seed=0)
-    processor = synthetic.tiny_llava_processor(model)
+    model = random_llava(seed=0)
+    processor = tiny_llava_processor(model)
     processor.chat_template = CHAT_TEMPLATE.replace("IMAGE", "<image>")
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -111,8 +113,8 @@ def qwen_dir(tmp_path_factory):
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     path = tmp_path_factory.mktemp("qwen")
-    model = synthetic.random_qwen2_vl(seed=0)
-    tiny = synthetic.tiny_qwen2_vl_processor()
+    model = random_qwen2_vl(seed=0)
+    tiny = tiny_qwen2_vl_processor()
     processor = Qwen2VLProcessor(
         image_processor=tiny.image_processor, tokenizer=tiny.tokenizer, video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"),
@@ -209,7 +211,7 @@ def test_llm_stage_and_static_schedule_take_effect(task_dir, llava_dir, tmp_path
 
     tower = LlavaForConditionalGeneration.from_pretrained(llava_dir).model.vision_tower
     with torch.inference_mode():
-        schedule = calibrate_schedule(tower, synthetic.random_pixels(tower, 4, seed=3), 8, feature_layer=-2)
+        schedule = calibrate_schedule(tower, random_pixels(tower, 4, seed=3), 8, feature_layer=-2)
     path = tmp_path / "schedule.json"
     path.write_text(schedule.to_json())
     _, stock_lengths = evaluate("llava_hf", f"pretrained={llava_dir},{BASE_ARGS['llava_hf']}", task_dir, tmp_path)

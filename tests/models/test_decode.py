@@ -29,7 +29,8 @@ from test_lm_stage import inputs as llava_inputs
 from test_qwen2_vl import IMAGE, MODELS, _pixels, _prompts
 from transformers import Qwen2VLModel
 
-from flowcut_kernels import flowcut, synthetic
+from flowcut_kernels import flowcut
+from tiny.llava_next import tiny_llava_next_processor
 from flowcut_kernels.models import seams
 
 pytest.importorskip("PIL", reason="transformers' image processors need Pillow")
@@ -126,7 +127,7 @@ NEXT_CASES = {
 
 def next_run(target, llm_stage, prompts, sizes):
     model = tiny_next()
-    processor = synthetic.tiny_llava_next_processor(model)
+    processor = tiny_llava_next_processor(model)
     flowcut(model, target, processor=processor, llm_stage=llm_stage)
     batch = processor(text=prompts, images=next_images(sizes), padding=True, return_tensors="pt")
     return model, processor, batch

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS, TensorShapes
-from flowcut_kernels import FlowCutInputError, encode, synthetic
+from flowcut_kernels import FlowCutInputError, encode
+from flowcut_kernels.bench.random_models import random_clip_vision, random_pixels, random_siglip_vision
 from oracle.flowcut import naive_encode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -22,7 +23,7 @@ def no_grad():
 @pytest.mark.parametrize("target", [1, 8, 30])
 def test_encode_matches_eager_oracle_fp32(tiny_clip, backend, batch, seed, feature_layer, target):
     model = tiny_clip(seed=seed)
-    pixels = synthetic.random_pixels(model, batch, seed=seed)
+    pixels = random_pixels(model, batch, seed=seed)
     got = encode(model, pixels, target, feature_layer=feature_layer, backend=backend)
     features, keep_indices, tokens = naive_encode(model, pixels, target, feature_layer)
 
@@ -37,7 +38,7 @@ def test_encode_matches_eager_oracle_fp32(tiny_clip, backend, batch, seed, featu
 def test_float64_model_matches_the_oracle_exactly(tiny_clip, backend):
     """A float64 tower (how one checks fidelity) is pruned in float64: features equal the oracle's to 1e-10."""
     model = tiny_clip(seed=4).double()
-    pixels = synthetic.random_pixels(model, 2, seed=4).double()
+    pixels = random_pixels(model, 2, seed=4).double()
     got = encode(model, pixels, 8, feature_layer=-2, backend=backend)
     features, keep_indices, tokens = naive_encode(model, pixels, 8, -2)
     assert got.features.dtype == torch.float64 and got.tokens_per_layer == tokens
@@ -53,7 +54,7 @@ def test_the_attention_seam_is_per_run_and_restored(tiny_clip, implementation, m
     from flowcut_kernels.models import attention
 
     model, other = tiny_clip(seed=5, attn_implementation=implementation), tiny_clip(seed=6)
-    pixels = synthetic.random_pixels(model, 1, seed=5)
+    pixels = random_pixels(model, 1, seed=5)
     inside = []
     real = attention.flowcut_attention
     monkeypatch.setitem(
@@ -77,8 +78,8 @@ def test_per_image_schedule_equals_separate_calls(tiny_clip, backend, vision):
     if vision == "clip":
         model = tiny_clip(seed=8)
     else:
-        model = synthetic.random_siglip_vision("tiny", seed=8, sharpen=4.0)
-    pixels = synthetic.random_pixels(model, 4, seed=8)
+        model = random_siglip_vision("tiny", seed=8, sharpen=4.0)
+    pixels = random_pixels(model, 4, seed=8)
     got = encode(model, pixels, 8, feature_layer=-2, schedule="per_image", backend=backend)
     alone = [encode(model, pixels[b : b + 1], 8, feature_layer=-2, backend=backend) for b in range(4)]
     assert len({tuple(t) for t in got.tokens_per_layer}) > 1  # the schedules differ between images
@@ -92,7 +93,7 @@ def test_per_image_schedule_equals_separate_calls(tiny_clip, backend, vision):
 def test_schedule_prunes_progressively(tiny_clip):
     """Sharpened attention makes the adaptive steps prune before the last one (the tests above bite)."""
     model = tiny_clip()
-    out = encode(model, synthetic.random_pixels(model, 2), 8, feature_layer=-1)
+    out = encode(model, random_pixels(model, 2), 8, feature_layer=-1)
     # 6 layers, F = 5: prune steps after layers 0, 2, 4 (steps left 4, 2, 0).
     assert out.tokens_per_layer[0] == 65 and out.tokens_per_layer[-1] == 9
     assert 65 > out.tokens_per_layer[1] > out.tokens_per_layer[3] > 9
@@ -109,8 +110,8 @@ def test_encode_bf16_tracks_the_oracle(seed):
     differ, and features are compared by norm-relative error on the images that kept the oracle's
     exact set: a wrong row, layer or CLS handling gives errors near 1.
     """
-    model = synthetic.random_clip_vision("tiny", seed=seed, sharpen=8.0, dtype=torch.bfloat16)
-    pixels = synthetic.random_pixels(model, 3, seed=seed)
+    model = random_clip_vision("tiny", seed=seed, sharpen=8.0, dtype=torch.bfloat16)
+    pixels = random_pixels(model, 3, seed=seed)
     got = encode(model, pixels, 8, feature_layer=-1)
     features, keep_indices, tokens = naive_encode(model, pixels, 8, -1)
 
@@ -128,7 +129,7 @@ def test_encode_bf16_tracks_the_oracle(seed):
 def test_encode_with_projection_and_eager_attention(tiny_clip):
     plain = tiny_clip(seed=3)
     projected = tiny_clip(seed=3, with_projection=True, attn_implementation="eager")
-    pixels = synthetic.random_pixels(plain, 2, seed=3)
+    pixels = random_pixels(plain, 2, seed=3)
     a, b = encode(plain, pixels, 8), encode(projected, pixels, 8)
     assert torch.equal(a.keep_indices, b.keep_indices)
     torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-5)
@@ -142,7 +143,7 @@ def _square_token_tensors(shapes, tokens):
 
 def test_encode_never_builds_the_attention_matrix(tiny_clip):
     model = tiny_clip()  # sdpa, the default
-    pixels = synthetic.random_pixels(model, 2)
+    pixels = random_pixels(model, 2)
     with TensorShapes() as sdpa:
         out = encode(model, pixels, 8)
     assert _square_token_tensors(sdpa.shapes, set(out.tokens_per_layer)) == []
@@ -160,7 +161,7 @@ def test_layers_after_the_feature_layer_do_not_run(tiny_clip):
     ran = []
     for i, layer in enumerate(layers):  # self_attn: pruning steps call the layer's parts, not the layer
         layer.self_attn.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
-    out = encode(model, synthetic.random_pixels(model, 1), 4, feature_layer=-3)
+    out = encode(model, random_pixels(model, 1), 4, feature_layer=-3)
     assert ran == [0, 1, 2, 3] and len(out.tokens_per_layer) == 4
 
 
@@ -170,13 +171,13 @@ def test_worked_example_clip_l_336_schedule():
 
     Token geometry of CLIP ViT-L/14-336 (image 336, patch 14), narrow width to stay fast on CPU.
     """
-    model = synthetic.random_clip_vision(
+    model = random_clip_vision(
         "clip-l-336", hidden_size=64, intermediate_size=128, num_attention_heads=4, sharpen=10.0
     )
     layers = model.encoder.layers if hasattr(model, "encoder") else model.vision_model.encoder.layers
     for part in (layers[23], layers[23].self_attn, layers[23].mlp):
         part.register_forward_hook(lambda *_: pytest.fail("layer 23 ran"))
-    pixels = synthetic.random_pixels(model, 1)
+    pixels = random_pixels(model, 1)
     for target in (64, 128, 192):
         out = encode(model, pixels, target, feature_layer=-2)
         tokens = out.tokens_per_layer
@@ -193,7 +194,7 @@ def test_worked_example_clip_l_336_schedule():
 
 def test_encode_bad_input(tiny_clip):
     model = tiny_clip()
-    pixels = synthetic.random_pixels(model, 1)
+    pixels = random_pixels(model, 1)
     with pytest.raises(FlowCutInputError, match="target_num=0 is out of range"):
         encode(model, pixels, 0)
     with pytest.raises(FlowCutInputError, match="target_num=64 is out of range"):

@@ -1,6 +1,6 @@
 """flowcut() on HF LLaVA-1.5: placeholders, projector input, generate(), per instance and reversible.
 
-Tiny random models from configs (synthetic.random_llava: CLIP tower 32 px / patch 4 → 64 patches, 6 layers;
+Tiny random models from configs (random_llava: CLIP tower 32 px / patch 4 → 64 patches, 6 layers;
 Llama text model, vocabulary 64, 2 layers). The independent references are tests/oracle/llava.py (features
 from docs/semantics.md in float64) fed to a stock, unpatched twin of the model through inputs_embeds.
 """
@@ -14,7 +14,10 @@ import torch
 from transformers import LlavaModel
 
 from conftest import CPU_BACKENDS, TensorShapes
-from flowcut_kernels import FlowCutInputError, encode, flowcut, remove_flowcut, synthetic
+from flowcut_kernels import FlowCutInputError, encode, flowcut, remove_flowcut
+from flowcut_kernels.bench.random_models import random_pixels
+from tiny.llava import random_llava, tiny_llava_processor
+from tiny.text import TINY_WORDS, tiny_tokenizer
 from flowcut_kernels import FlowCutImageFeatures
 from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
@@ -26,7 +29,7 @@ needs_pil = pytest.mark.skipif(
     importlib.util.find_spec("PIL") is None, reason="transformers' image processors need Pillow"
 )
 
-IMAGE = synthetic.TINY_WORDS.__len__()  # the <image> token id
+IMAGE = TINY_WORDS.__len__()  # the <image> token id
 PROMPTS = ["USER: <image> w1 w2 w3 w4 ASSISTANT:", "USER: <image> w5 ASSISTANT:", "USER: w6 <image> w7 w8 ASSISTANT:"]
 # SigLIP has no pre-layernorm, so a softer sharpening keeps float32 close to the float64 oracle.
 SHARPEN = {"clip": 8.0, "siglip": 4.0}
@@ -39,14 +42,14 @@ def no_grad():
 
 
 def tiny_llava(vision="clip", seed=0, **kwargs):
-    return synthetic.random_llava(vision, seed=seed, sharpen=SHARPEN[vision], **kwargs)
+    return random_llava(vision, seed=seed, sharpen=SHARPEN[vision], **kwargs)
 
 
 def inputs(model, prompts, target, seed=0):
     """Tokenised prompts with ``target`` placeholders per image (left-padded) and matching pixels."""
-    tokenizer = synthetic.tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     batch = tokenizer([p.replace("<image>", "<image>" * target) for p in prompts], padding=True, return_tensors="pt")
-    pixels = synthetic.random_pixels(model.model.vision_tower, len(prompts), seed=seed)
+    pixels = random_pixels(model.model.vision_tower, len(prompts), seed=seed)
     return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels)
 
 
@@ -78,7 +81,7 @@ class ProjectorInput:
 @pytest.mark.parametrize("target", [1, 7, 10, 16, 63])
 def test_processor_emits_target_placeholders(vision, strategy, target):
     model = tiny_llava(vision, vision_feature_select_strategy=strategy)
-    processor, other = synthetic.tiny_llava_processor(model), synthetic.tiny_llava_processor(model)
+    processor, other = tiny_llava_processor(model), tiny_llava_processor(model)
     before = dict(vars(processor))
     stock = 64 + (vision == "clip") - (strategy == "default")  # patches, + CLS, − the "default" drop
     assert count(processor(text=PROMPTS[:2], images=images(2), padding=True)) == [stock, stock]
@@ -98,7 +101,7 @@ def test_processor_emits_target_placeholders(vision, strategy, target):
 def test_processor_end_to_end_generate():
     """The issue's one call: a stock processor and generate() on its output, batched and single."""
     model = tiny_llava()
-    processor = synthetic.tiny_llava_processor(model)
+    processor = tiny_llava_processor(model)
     flowcut(model, 10, processor=processor)
     batch = processor(text=PROMPTS, images=images(3), padding=True, return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=4)
@@ -156,7 +159,7 @@ def test_four_images_one_tower_pass_each_on_its_own_schedule(vision):
     """4 images: the tower's layer 0 runs once per call, and each image's kept indices and projected features
     equal those of that image alone (fp32: indices exact, features within 1e-5 relative)."""
     model = flowcut(tiny_llava(vision, seed=7), 10)
-    pixels = synthetic.random_pixels(model.model.vision_tower, 4, seed=7)
+    pixels = random_pixels(model.model.vision_tower, 4, seed=7)
     calls = []
     first = find_tower(model.model.vision_tower).layers[0]
     handle = first.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
@@ -186,7 +189,7 @@ def test_every_backend(backend):
 def test_images_are_pruned_independently_of_their_batch():
     """A batch's schedule is each image's own: the batch rule's maximum would let one image change another's set."""
     model = flowcut(tiny_llava(), 10)
-    pixels = synthetic.random_pixels(model.model.vision_tower, 3, seed=4)
+    pixels = random_pixels(model.model.vision_tower, 3, seed=4)
     batched = model.model.get_image_features(pixel_values=pixels, output_hidden_states=True)
     singles = [model.model.get_image_features(pixel_values=pixels[b : b + 1]) for b in range(3)]
     assert torch.equal(batched.keep_indices, torch.cat([s.keep_indices for s in singles]))
@@ -201,7 +204,7 @@ def test_images_are_pruned_independently_of_their_batch():
 
 def test_get_image_features_return_types():
     model = flowcut(tiny_llava(), 10)
-    pixels = synthetic.random_pixels(model.model.vision_tower, 2)
+    pixels = random_pixels(model.model.vision_tower, 2)
     out = model.get_image_features(pixel_values=pixels)  # the outer model delegates to the patched LlavaModel
     assert isinstance(out, FlowCutImageFeatures)
     assert isinstance(out.pooler_output, list) and [f.shape for f in out.pooler_output] == [(10, 32)] * 2
@@ -232,7 +235,7 @@ def test_tower_runs_only_to_the_feature_layer_without_the_attention_matrix():
 def test_eager_attention_gives_the_same_features():
     sdpa, eager = flowcut(tiny_llava(), 10), flowcut(tiny_llava(attn_implementation="eager"), 10)
     assert eager.model.vision_tower.config._attn_implementation == "eager"
-    pixels = synthetic.random_pixels(sdpa.model.vision_tower, 2)
+    pixels = random_pixels(sdpa.model.vision_tower, 2)
     a, b = sdpa.model.get_image_features(pixel_values=pixels), eager.model.get_image_features(pixel_values=pixels)
     assert torch.equal(a.keep_indices, b.keep_indices)
     torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, rtol=1e-5, atol=1e-5)
@@ -337,7 +340,7 @@ def test_patched_and_unpatched_side_by_side_and_remove():
 @needs_pil
 def test_reapply_deepcopy_and_processor_swap():
     model = tiny_llava()
-    first, second = synthetic.tiny_llava_processor(model), synthetic.tiny_llava_processor(model)
+    first, second = tiny_llava_processor(model), tiny_llava_processor(model)
     snapshot = _snapshot(model, model.model, first, second)
     flowcut(model, 8, processor=first)
     flowcut(model, 16)  # re-apply: the model keeps its processor, updated to the new target
@@ -384,7 +387,7 @@ def test_unsupported_configurations_are_refused():
     _refused(full, "vision_feature_select_strategy='full' is not supported", target_num=8)
     siglip = flowcut(tiny_llava("siglip", vision_feature_select_strategy="default"), 8)  # no CLS: either works
     assert seams.image_features(siglip.model(**inputs(siglip, PROMPTS[:1], 8))).shape == (8, 32)
-    pixels = synthetic.random_pixels(full.model.vision_tower, 1)
+    pixels = random_pixels(full.model.vision_tower, 1)
     model = flowcut(tiny_llava(), 8)
     with pytest.raises(FlowCutInputError, match="selects several feature layers"):
         model.model.get_image_features(pixel_values=pixels, vision_feature_layer=[-2, -1])
@@ -409,15 +412,15 @@ def test_unsupported_models_are_refused():
 
 def test_mismatched_processors_are_refused():
     model = tiny_llava()
-    tokenizer = synthetic.tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     _refused(model, r"processor is a \w+; pass the model.s LlavaProcessor", tokenizer, target_num=8,
              processor=tokenizer)
     if importlib.util.find_spec("PIL") is None:
         return
-    other_token = synthetic.tiny_llava_processor(model)
+    other_token = tiny_llava_processor(model)
     other_token.image_token_id = 5
     _refused(model, "processor does not match the model.*image_token_id is 63", other_token, target_num=8,
              processor=other_token)
-    shared = synthetic.tiny_llava_processor(model)
+    shared = tiny_llava_processor(model)
     flowcut(tiny_llava(), 8, processor=shared)
     _refused(model, "already patched by flowcut\\(\\) for another model", shared, target_num=8, processor=shared)

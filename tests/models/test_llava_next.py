@@ -1,6 +1,6 @@
 """flowcut() on HF LLaVA-NeXT (anyres): the recipe against a float64 oracle, generate, per instance and reversible.
 
-Tiny random models (synthetic.random_llava_next: CLIP tower with 32 px crops / patch 4 → 64 patches, 6 layers; grid
+Tiny random models (random_llava_next: CLIP tower with 32 px crops / patch 4 → 64 patches, 6 layers; grid
 resolutions 32×64, 64×32, 64×64, 32×96, 96×32 → 3 to 5 crops per image; Llama text model with 4 layers), the tower's
 q/k and the decoder's q/k/v sharpened. The independent reference is tests/oracle/llava_next.py (float64).
 """
@@ -13,7 +13,10 @@ import torch
 from oracle.llava_next import naive_logits, naive_next_features
 from oracle.lm_stage import naive_lm_stage
 
-from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut, synthetic
+from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
+from tiny.llava import random_llava, tiny_llava_processor
+from tiny.llava_next import random_llava_next, tiny_llava_next_processor
+from tiny.text import TINY_WORDS
 from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 
@@ -21,7 +24,7 @@ pytest.importorskip("PIL", reason="transformers' image processors need Pillow")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 K = 10  # each crop keeps 5 patches
-IMAGE = len(synthetic.TINY_WORDS)  # the <image> token id
+IMAGE = len(TINY_WORDS)  # the <image> token id
 # (H, W): grids 1×2, 2×1, 2×2, 1×3, 3×1 and a 2×2 with an unpadding margin.
 SIZES = [(32, 64), (64, 32), (50, 50), (30, 90), (90, 30), (40, 70)]
 SINGLE = ["USER: <image> w1 w2 w3 w4 ASSISTANT:"]
@@ -36,7 +39,7 @@ def no_grad():
 
 def tiny_next(seed=0, sharpen=8.0, **kwargs):
     """A tiny LLaVA-NeXT whose decoder's q/k/v are multiplied by ``sharpen``."""
-    model = synthetic.random_llava_next(seed=seed, sharpen=8.0, text={"num_hidden_layers": 4}, **kwargs)
+    model = random_llava_next(seed=seed, sharpen=8.0, text={"num_hidden_layers": 4}, **kwargs)
     for layer in model.model.language_model.layers:
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             proj.weight.mul_(sharpen)
@@ -51,7 +54,7 @@ def images(sizes, seed=0):
 def patched(llm_stage=True, target=K, **kwargs):
     """A patched tiny model, its processor and a stock twin."""
     model = tiny_next(**kwargs)
-    processor = synthetic.tiny_llava_next_processor(model)
+    processor = tiny_llava_next_processor(model)
     flowcut(model, target, processor=processor, llm_stage=llm_stage)
     return model, processor, tiny_next(**kwargs)
 
@@ -153,7 +156,7 @@ def test_generate_beams_keep_each_prompts_images():
 @pytest.mark.parametrize("target", [2, 10, 64])
 def test_processor_emits_target_placeholders(target):
     model = tiny_next()
-    processor, other = synthetic.tiny_llava_next_processor(model), synthetic.tiny_llava_next_processor(model)
+    processor, other = tiny_llava_next_processor(model), tiny_llava_next_processor(model)
     stock = count(processor(text=SINGLE * len(SIZES), images=images(SIZES), padding=True))
     assert len(set(stock)) > 1  # the stock count depends on the size
     flowcut(model, target, processor=processor)
@@ -176,7 +179,7 @@ def _assert_restored(snapshot):
 
 def test_remove_gives_back_the_stock_model_and_processor():
     model, plain = tiny_next(seed=3), tiny_next(seed=3)
-    processor = synthetic.tiny_llava_next_processor(model)
+    processor = tiny_llava_next_processor(model)
     stock = processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt")
     before = plain.generate(**stock, max_new_tokens=5)
     snapshot = _snapshot(model, model.model, processor)
@@ -195,7 +198,7 @@ def test_remove_gives_back_the_stock_model_and_processor():
 
 def test_llava_next_model_alone():
     core = tiny_next().model
-    processor = synthetic.tiny_llava_next_processor(tiny_next())
+    processor = tiny_llava_next_processor(tiny_next())
     flowcut(core, K, processor=processor, llm_stage=False)
     out = core(**processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt"))
     assert seams.image_features(out).shape == (2 * K, 32)
@@ -238,20 +241,20 @@ def test_unsupported_configurations_are_refused():
 
 def test_mismatched_processors_are_refused():
     model = tiny_next()
-    llava_processor = synthetic.tiny_llava_processor(synthetic.random_llava())
+    llava_processor = tiny_llava_processor(random_llava())
     _refused(model, r"processor is a LlavaProcessor; pass the model.s LlavaNextProcessor", llava_processor,
              target_num=8, processor=llava_processor)
-    other = synthetic.tiny_llava_next_processor(tiny_next(image_grid_pinpoints=[[32, 64], [64, 32]]))
+    other = tiny_llava_next_processor(tiny_next(image_grid_pinpoints=[[32, 64], [64, 32]]))
     _refused(model, r"processor does not match the model: its image_grid_pinpoints", other, target_num=8,
              processor=other)
-    shared = synthetic.tiny_llava_next_processor(model)
+    shared = tiny_llava_next_processor(model)
     flowcut(tiny_next(), 8, processor=shared)
     _refused(model, r"already patched by flowcut\(\) for another model", shared, target_num=8, processor=shared)
 
 
 def test_mismatched_placeholders_name_the_processor():
     model = tiny_next()
-    processor = synthetic.tiny_llava_next_processor(model)
+    processor = tiny_llava_next_processor(model)
     stock = processor(text=SINGLE, images=images([(32, 64)]), return_tensors="pt")
     for llm_stage in (True, False):
         flowcut(model, K, llm_stage=llm_stage)

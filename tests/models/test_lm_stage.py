@@ -1,6 +1,6 @@
 """flowcut(..., llm_stage=True) on HF LLaVA-1.5: the language-model stage (docs/semantics.md).
 
-Tiny random LLaVA (synthetic.random_llava: CLIP tower 32 px / patch 4 → 64 patches; Llama text model with 4 layers,
+Tiny random LLaVA (random_llava: CLIP tower 32 px / patch 4 → 64 patches; Llama text model with 4 layers,
 4 query and 2 key/value heads), the tower's q/k and the decoder's q/k/v sharpened so that both stages' scores are far
 from flat. The independent reference is tests/oracle/lm_stage.py (float64, eager, one prompt at a time) fed the
 tower-stage features of tests/oracle/llava.py (2·K per image).
@@ -15,7 +15,10 @@ from conftest import CPU_BACKENDS
 from oracle.llava import naive_llava_features
 from oracle.lm_stage import naive_lm_stage
 
-from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut, synthetic
+from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
+from flowcut_kernels.bench.random_models import random_pixels
+from tiny.llava import random_llava, tiny_llava_processor
+from tiny.text import tiny_tokenizer
 from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 
@@ -38,7 +41,7 @@ def no_grad():
 
 def stage_llava(seed=0, sharpen=8.0, **kwargs):
     """A tiny LLaVA whose decoder's q/k/v are multiplied by ``sharpen`` (both stage terms far from uniform)."""
-    model = synthetic.random_llava("clip", seed=seed, sharpen=8.0, text={"num_hidden_layers": LAYERS}, **kwargs)
+    model = random_llava("clip", seed=seed, sharpen=8.0, text={"num_hidden_layers": LAYERS}, **kwargs)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -48,12 +51,12 @@ def stage_llava(seed=0, sharpen=8.0, **kwargs):
 
 def inputs(model, prompts, seed=0, placeholders=K, padding_side="left"):
     """Tokenised prompts with ``placeholders`` per image (padded) and one image per <image>."""
-    batch = synthetic.tiny_tokenizer()(
+    batch = tiny_tokenizer()(
         [p.replace("<image>", "<image>" * placeholders) for p in prompts], padding=True, return_tensors="pt",
         padding_side=padding_side,
     )
     images = sum(p.count("<image>") for p in prompts)
-    pixels = synthetic.random_pixels(model.model.vision_tower, images, seed=seed)
+    pixels = random_pixels(model.model.vision_tower, images, seed=seed)
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": pixels}
 
 
@@ -205,7 +208,7 @@ needs_pil = pytest.mark.skipif(
 @needs_pil
 def test_processor_end_to_end():
     model = stage_llava()
-    processor = synthetic.tiny_llava_processor(model)
+    processor = tiny_llava_processor(model)
     flowcut(model, K, processor=processor, llm_stage=True)
     images = [np.random.RandomState(i).randint(0, 256, (32, 32, 3)).astype(np.uint8) for i in range(2)]
     batch = processor(text=BATCH[:2], images=images, padding=True, return_tensors="pt")
@@ -260,7 +263,7 @@ def _refused(model, match, **kwargs):
 def _with_text_model(text_config):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    vision = synthetic.random_llava().config.vision_config
+    vision = random_llava().config.vision_config
     return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text_config)).eval()
 
 
@@ -273,7 +276,7 @@ def test_unsupported_decoders_are_refused():
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=65,
                                              sliding_window=16))
     _refused(sliding, "Llama-family language model.*MistralModel", target_num=8)
-    one_layer = synthetic.random_llava(text={"num_hidden_layers": 1})
+    one_layer = random_llava(text={"num_hidden_layers": 1})
     _refused(one_layer, "at least 2 layers.*LlamaModel", target_num=8)
     assert flowcut(xglm, 8).flowcut_config.llm_stage is False  # the tower stage alone still works
 
@@ -298,7 +301,7 @@ def test_bad_prompts_are_refused():
         model(**stock)
     with pytest.raises(FlowCutInputError, match="processor=processor"):
         model.generate(**stock, max_new_tokens=2)
-    split = synthetic.tiny_tokenizer()("USER: " + "<image>" * 4 + " w1 " + "<image>" * 6 + " ASSISTANT:",
+    split = tiny_tokenizer()("USER: " + "<image>" * 4 + " w1 " + "<image>" * 6 + " ASSISTANT:",
                                        return_tensors="pt")
     with pytest.raises(FlowCutInputError, match="must be consecutive"):
         model(input_ids=split.input_ids, pixel_values=given["pixel_values"][:1])

@@ -13,13 +13,8 @@ from oracle.qwen2_vl import group_windows, naive_logits, naive_stage_logits, pat
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
 from flowcut_kernels.models.qwen2_vl import windows
-from flowcut_kernels.models.synthetic import (
-    QWEN_WORDS,
-    random_qwen2_5_vl,
-    random_qwen2_vl,
-    tiny_qwen2_5_vl_processor,
-    tiny_qwen2_vl_processor,
-)
+from tiny.qwen import random_qwen2_5_vl, random_qwen2_vl, tiny_qwen2_5_vl_processor, tiny_qwen2_vl_processor
+from tiny.text import QWEN_WORDS
 
 IMAGE, START, END = (QWEN_WORDS.index(w) for w in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
 TARGET = 5
@@ -230,7 +225,7 @@ def test_processor_emits_target_placeholders(name):
 
 
 def test_bad_inputs_leave_model_unchanged():
-    from flowcut_kernels.models.synthetic import random_llava, tiny_llava_processor
+    from tiny.llava import random_llava, tiny_llava_processor
 
     model = random_qwen2_vl()
     before = dict(vars(model.model))

@@ -12,7 +12,11 @@ import pytest
 import torch
 from host_reads import HostReads
 
-from flowcut_kernels import FlowCutInputError, StaticSchedule, calibrate_schedule, encode, flowcut, synthetic
+from flowcut_kernels import FlowCutInputError, StaticSchedule, calibrate_schedule, encode, flowcut
+from flowcut_kernels.bench.random_models import random_pixels, random_siglip_vision
+from tiny.llava import random_llava, tiny_llava_processor
+from tiny.llava_next import random_llava_next
+from tiny.qwen import random_qwen2_vl
 from flowcut_kernels.models import llava_next, qwen2_vl  # noqa: F401 - their patches refuse a schedule
 
 TARGET = 8
@@ -25,13 +29,13 @@ def no_grad():
 
 
 def calibrated(model, target=TARGET, images=4, **kwargs):
-    pixels = synthetic.random_pixels(getattr(getattr(model, "model", None), "vision_tower", model), images, seed=1)
+    pixels = random_pixels(getattr(getattr(model, "model", None), "vision_tower", model), images, seed=1)
     return calibrate_schedule(model, pixels, target, **kwargs)
 
 
 def test_calibration_is_the_median_of_the_adaptive_counts_made_non_increasing(tiny_clip):
     model = tiny_clip(seed=3)
-    pixels = synthetic.random_pixels(model, 5, seed=1)
+    pixels = random_pixels(model, 5, seed=1)
     schedule = calibrate_schedule(model, pixels, TARGET)
     adaptive = torch.tensor(encode(model, pixels, TARGET, schedule="per_image").tokens_per_layer) - 1
     median = adaptive.median(dim=0).values
@@ -50,9 +54,9 @@ def test_json_round_trip(tiny_clip):
 
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 def test_static_encode_reads_nothing_and_follows_the_counts(tower, tiny_clip):
-    model = tiny_clip() if tower == "clip" else synthetic.random_siglip_vision("tiny", seed=0, sharpen=8.0)
+    model = tiny_clip() if tower == "clip" else random_siglip_vision("tiny", seed=0, sharpen=8.0)
     schedule = calibrated(model)
-    pixels = synthetic.random_pixels(model, 3, seed=7)
+    pixels = random_pixels(model, 3, seed=7)
     with HostReads() as reads:
         out = encode(model, pixels, TARGET, schedule=schedule)
     assert not reads.reads
@@ -66,7 +70,7 @@ def test_static_with_the_adaptive_counts_equals_adaptive(tiny_clip):
     """Scores, accumulation and selection are FlowCut's: given one image's own adaptive counts, the static pass keeps
     exactly the adaptive pass's tokens and features."""
     model = tiny_clip(seed=2)
-    pixels = synthetic.random_pixels(model, 1, seed=4)
+    pixels = random_pixels(model, 1, seed=4)
     adaptive = encode(model, pixels, TARGET)
     schedule = calibrate_schedule(model, pixels, TARGET)  # one image: its own counts
     static = encode(model, pixels, TARGET, schedule=schedule)
@@ -88,7 +92,7 @@ def _compiles_once(fn, *inputs):
 def test_fullgraph_compile_of_encode_equals_eager_and_compiles_once(tiny_clip):
     model = tiny_clip()
     schedule = calibrated(model)
-    a, b = (synthetic.random_pixels(model, 2, seed=s) for s in (5, 6))
+    a, b = (random_pixels(model, 2, seed=s) for s in (5, 6))
     outs, frames = _compiles_once(lambda x: encode(model, x, TARGET, schedule=schedule), a, b)
     assert frames == 1  # the second batch of the same shape reuses the graph
     for x, out in zip((a, b), outs):
@@ -102,7 +106,7 @@ def test_fullgraph_compile_of_encode_after_a_stock_forward(tiny_clip):
     output-capturing hooks (newer releases); the compiled encode still traces whole and matches eager."""
     model = tiny_clip()
     schedule = calibrated(model)
-    pixels = synthetic.random_pixels(model, 2, seed=5)
+    pixels = random_pixels(model, 2, seed=5)
     stock = model(pixel_values=pixels, output_hidden_states=True)
     (out,), frames = _compiles_once(lambda x: encode(model, x, TARGET, schedule=schedule), pixels)
     eager = encode(model, pixels, TARGET, schedule=schedule)
@@ -116,15 +120,15 @@ def test_fullgraph_compile_of_encode_after_a_stock_forward(tiny_clip):
 def test_fullgraph_compile_of_patched_tower_and_llava_features(tiny_clip):
     tower = tiny_clip()
     flowcut(tower, TARGET, schedule=calibrated(tower))
-    pixels = synthetic.random_pixels(tower, 2, seed=5)
+    pixels = random_pixels(tower, 2, seed=5)
     (out,), _ = _compiles_once(lambda x: tower(pixel_values=x), pixels)
     eager = tower(pixel_values=pixels)
     assert torch.equal(out.keep_indices, eager.keep_indices)
     torch.testing.assert_close(out.last_hidden_state, eager.last_hidden_state, rtol=1e-5, atol=1e-5)
 
-    model = synthetic.random_llava(seed=0)
+    model = random_llava(seed=0)
     flowcut(model, TARGET, schedule=calibrated(model))
-    pixels = synthetic.random_pixels(model.model.vision_tower, 2, seed=5)
+    pixels = random_pixels(model.model.vision_tower, 2, seed=5)
     with HostReads() as reads:
         eager = model.model.get_image_features(pixel_values=pixels)
     assert not reads.reads
@@ -134,8 +138,8 @@ def test_fullgraph_compile_of_patched_tower_and_llava_features(tiny_clip):
 
 
 def test_llava_generates_with_a_static_schedule():
-    model = synthetic.random_llava(seed=0)
-    processor = synthetic.tiny_llava_processor(model)
+    model = random_llava(seed=0)
+    processor = tiny_llava_processor(model)
     for stage in (False, True):
         schedule = calibrated(model, target=2 * TARGET if stage else TARGET)
         flowcut(model, TARGET, processor=processor, llm_stage=stage, schedule=schedule)
@@ -160,7 +164,7 @@ def test_bad_schedules_are_refused_and_the_model_unchanged(tiny_clip):
         with pytest.raises(FlowCutInputError, match=match):
             StaticSchedule(**fields)
     before = dict(vars(model))
-    siglip = synthetic.random_siglip_vision("tiny", seed=0)
+    siglip = random_siglip_vision("tiny", seed=0)
     for schedule, target, match in [
         (good, TARGET + 1, "ends at 8 tokens, not target_num=9"),
         (calibrated(siglip), TARGET, "calibrated on a tower of SiglipVisionConfig"),
@@ -171,8 +175,8 @@ def test_bad_schedules_are_refused_and_the_model_unchanged(tiny_clip):
             flowcut(model, target, schedule=schedule)
         assert vars(model) == before
         with pytest.raises(FlowCutInputError, match=match if schedule != "static" else "not one of"):
-            encode(model, synthetic.random_pixels(model, 1), target, schedule=schedule)
-    for other in (synthetic.random_llava_next(seed=0), synthetic.random_qwen2_vl(seed=0)):
+            encode(model, random_pixels(model, 1), target, schedule=schedule)
+    for other in (random_llava_next(seed=0), random_qwen2_vl(seed=0)):
         state = copy.copy(vars(other))
         with pytest.raises(FlowCutInputError, match="static schedule is supported for CLIP/SigLIP towers and LLaVA"):
             flowcut(other, TARGET, schedule=good)
@@ -182,7 +186,7 @@ def test_bad_schedules_are_refused_and_the_model_unchanged(tiny_clip):
 @pytest.mark.parametrize("schedule", ["batch", "per_image"])
 def test_adaptive_reads_once_per_prune_step_before_the_last(schedule, tiny_clip):
     model = tiny_clip()
-    pixels = synthetic.random_pixels(model, 3, seed=2)
+    pixels = random_pixels(model, 3, seed=2)
     with HostReads() as reads:
         out = encode(model, pixels, TARGET, schedule=schedule, backend="native" if "native" in
                      __import__("flowcut_kernels").available_backends("cpu") else "torch")

@@ -7,7 +7,11 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut, synthetic
+from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
+from flowcut_kernels.bench.random_models import random_clip_vision
+from tiny.llava import random_llava, tiny_llava_processor
+from tiny.llava_next import random_llava_next, tiny_llava_next_processor
+from tiny.qwen import random_qwen2_vl, tiny_qwen2_vl_processor
 from flowcut_kernels.models import seams
 
 pytest.importorskip("PIL", reason="transformers' image processors need Pillow")
@@ -16,7 +20,7 @@ pytest.importorskip("PIL", reason="transformers' image processors need Pillow")
 def test_a_release_outside_the_tested_range_warns_once(monkeypatch):
     monkeypatch.setattr(seams, "RELEASE", "5.99.0")
     monkeypatch.setattr(seams, "_warned", False)
-    tower = synthetic.random_clip_vision("tiny", seed=0)
+    tower = random_clip_vision("tiny", seed=0)
     with pytest.warns(UserWarning, match=r"tested with transformers 5\.0\.0 to 5\.25\.0.*5\.99\.0 is installed"):
         flowcut(tower, 8)
     with warnings.catch_warnings():
@@ -28,7 +32,7 @@ def test_a_tested_release_does_not_warn(monkeypatch):
     monkeypatch.setattr(seams, "_warned", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        flowcut(synthetic.random_clip_vision("tiny", seed=0), 8)
+        flowcut(random_clip_vision("tiny", seed=0), 8)
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
@@ -36,16 +40,16 @@ def test_a_missing_seam_is_refused_with_the_release_and_the_model_unchanged(fami
     """A processor hook moved away (as a future release might): FlowCutInputError naming the release and the tested
     range; the model and the processor keep their attributes, also when a patch was already on."""
     if family == "llava":
-        model = synthetic.random_llava(seed=0)
-        processor = synthetic.tiny_llava_processor(model)
+        model = random_llava(seed=0)
+        processor = tiny_llava_processor(model)
         monkeypatch.delattr(processor, "num_additional_image_tokens")
     elif family == "llava_next":
-        model = synthetic.random_llava_next(seed=0)
-        processor = synthetic.tiny_llava_next_processor(model)
+        model = random_llava_next(seed=0)
+        processor = tiny_llava_next_processor(model)
         monkeypatch.delattr(type(processor), "_get_number_of_features")
     else:
-        model = synthetic.random_qwen2_vl(seed=0)
-        processor = synthetic.tiny_qwen2_vl_processor()
+        model = random_qwen2_vl(seed=0)
+        processor = tiny_qwen2_vl_processor()
         if not hasattr(type(processor), "replace_image_token"):
             pytest.skip("this release's Qwen processor has no per-image hook to remove")
         for owner in [c for c in type(processor).__mro__ if "replace_image_token" in vars(c)]:
@@ -64,8 +68,8 @@ def test_a_missing_seam_is_refused_with_the_release_and_the_model_unchanged(fami
 def test_output_fields_follow_the_installed_classes():
     """The staged prefill's output is the stock forward's class, with the cache under the release's own name and
     the images' features where the class keeps them."""
-    model = synthetic.random_llava(seed=0)
-    processor = synthetic.tiny_llava_processor(model)
+    model = random_llava(seed=0)
+    processor = tiny_llava_processor(model)
     flowcut(model, 4, processor=processor, llm_stage=True)
     batch = processor(text=["USER: <image> w1 w2 ASSISTANT:"], images=[torch.zeros(3, 32, 32)], return_tensors="pt")
     with torch.no_grad():
@@ -79,11 +83,11 @@ def test_generate_on_the_installed_release_calls_nothing_deprecated(caplog):
     """No FutureWarning and no 'deprecated' log line from transformers while the patched models generate."""
     hf_logging.warning_once.cache_clear()
     cases = []
-    next_model = synthetic.random_llava_next(seed=0)
-    cases.append((next_model, synthetic.tiny_llava_next_processor(next_model), "USER: <image> w1 ASSISTANT:", 10))
-    qwen = synthetic.random_qwen2_vl(seed=0)
-    if hasattr(type(synthetic.tiny_qwen2_vl_processor()), "replace_image_token"):
-        cases.append((qwen, synthetic.tiny_qwen2_vl_processor(), "w1 <|vision_start|><|image_pad|><|vision_end|>", 4))
+    next_model = random_llava_next(seed=0)
+    cases.append((next_model, tiny_llava_next_processor(next_model), "USER: <image> w1 ASSISTANT:", 10))
+    qwen = random_qwen2_vl(seed=0)
+    if hasattr(type(tiny_qwen2_vl_processor()), "replace_image_token"):
+        cases.append((qwen, tiny_qwen2_vl_processor(), "w1 <|vision_start|><|image_pad|><|vision_end|>", 4))
     with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="transformers"):
         warnings.simplefilter("always")
         for model, processor, prompt, k in cases:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS, TensorShapes
-from flowcut_kernels import FlowCutInputError, FlowCutVisionOutput, encode, flowcut, remove_flowcut, synthetic
+from flowcut_kernels import FlowCutInputError, FlowCutVisionOutput, encode, flowcut, remove_flowcut
+from flowcut_kernels.bench.random_models import random_pixels, random_siglip_vision
 from flowcut_kernels.models.registry import find_tower
 from oracle.llava import find_siglip_tower, naive_siglip_encode
 
@@ -24,7 +25,7 @@ def no_grad():
 
 
 def tiny_siglip(seed=0, **overrides):
-    return synthetic.random_siglip_vision("tiny", seed=seed, sharpen=SHARPEN, **overrides)
+    return random_siglip_vision("tiny", seed=seed, sharpen=SHARPEN, **overrides)
 
 
 def test_find_tower_uses_the_mean_variant():
@@ -34,7 +35,7 @@ def test_find_tower_uses_the_mean_variant():
 
 def _check_against_oracle(batch, seed, feature_layer, target, backend):
     model = tiny_siglip(seed)
-    pixels = synthetic.random_pixels(model, batch, seed=seed)
+    pixels = random_pixels(model, batch, seed=seed)
     got = encode(model, pixels, target, feature_layer=feature_layer, backend=backend)
     features, keep_indices, tokens = naive_siglip_encode(model, pixels, target, feature_layer)
 
@@ -67,7 +68,7 @@ def test_bf16_tower_takes_the_mean_relay_in_float32(monkeypatch):
     queries = []
     for layer in find_tower(model).layers:
         layer.self_attn.q_proj.register_forward_hook(lambda m, args, out: queries.append(out))
-    encode(model, synthetic.random_pixels(model, 2, seed=3), 8)
+    encode(model, random_pixels(model, 2, seed=3), 8)
     assert seen and all(q.dtype == torch.float32 for q in seen)
     for q_relay, q in zip(seen, queries):  # each scored layer's relay against its own queries
         want = q.double().view(*q.shape[:2], *q_relay.shape[1:]).mean(dim=1)
@@ -76,7 +77,7 @@ def test_bf16_tower_takes_the_mean_relay_in_float32(monkeypatch):
 
 def test_schedule_prunes_progressively():
     model = tiny_siglip()
-    out = encode(model, synthetic.random_pixels(model, 2), 8)
+    out = encode(model, random_pixels(model, 2), 8)
     tokens = out.tokens_per_layer  # 6 layers, F = 5: prune steps after layers 0, 2, 4 (steps left 4, 2, 0)
     assert tokens[0] == 64 and tokens[-1] == 8
     assert 64 > tokens[1] > tokens[3] > 8
@@ -86,7 +87,7 @@ def test_schedule_prunes_progressively():
 
 def test_patched_forward_post_layernorm_and_head():
     model = tiny_siglip()
-    pixels = synthetic.random_pixels(model, 3)
+    pixels = random_pixels(model, 3)
     want = encode(model, pixels, 8)
     assert flowcut(model, 8) is model
     out = model(pixels, output_hidden_states=True)
@@ -103,7 +104,7 @@ def test_patched_forward_post_layernorm_and_head():
 
 def test_patched_forward_feature_layer_and_no_head():
     model = tiny_siglip(vision_use_head=False)
-    pixels = synthetic.random_pixels(model, 2)
+    pixels = random_pixels(model, 2)
     flowcut(model, 12, feature_layer=-3)
     ran = []
     for i, layer in enumerate(find_siglip_tower(model).encoder.layers):  # pruning steps call the layer's parts
@@ -115,7 +116,7 @@ def test_patched_forward_feature_layer_and_no_head():
 
 def test_per_instance_reversible_and_deepcopy():
     patched, other = tiny_siglip(seed=1), tiny_siglip(seed=1)
-    pixels = synthetic.random_pixels(patched, 2)
+    pixels = random_pixels(patched, 2)
     before = patched(pixels)
     attrs = dict(vars(patched))
     class_forward = type(patched).forward
@@ -140,7 +141,7 @@ def test_per_instance_reversible_and_deepcopy():
 
 def test_never_builds_the_attention_matrix():
     model = tiny_siglip()
-    pixels = synthetic.random_pixels(model, 2)
+    pixels = random_pixels(model, 2)
     with TensorShapes() as seen:
         out = encode(model, pixels, 10)  # no token count equals the 8×8 patch grid of the embedding
     tokens = set(out.tokens_per_layer)
@@ -154,7 +155,7 @@ def test_never_builds_the_attention_matrix():
 
 def test_bad_input():
     model = tiny_siglip()
-    pixels = synthetic.random_pixels(model, 1)
+    pixels = random_pixels(model, 1)
     with pytest.raises(FlowCutInputError, match="target_num=64 is out of range"):
         encode(model, pixels, 64)
     with pytest.raises(FlowCutInputError, match="target_num=64 is out of range"):

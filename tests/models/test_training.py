@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from flowcut_kernels import encode, flowcut, synthetic
+from flowcut_kernels import encode, flowcut
+from flowcut_kernels.bench.random_models import random_clip_vision, random_pixels
 from oracle.flowcut import naive_encode_with_grad
 
 from test_llava import PROMPTS, inputs, tiny_llava
@@ -89,8 +90,8 @@ def test_gradient_checkpointing_and_bf16_autocast():
 
 
 def test_no_autograd_state_under_no_grad_or_inference_mode():
-    model = synthetic.random_clip_vision("tiny", seed=6, sharpen=8.0)  # parameters require grad
-    pixels = synthetic.random_pixels(model, 2, seed=6)
+    model = random_clip_vision("tiny", seed=6, sharpen=8.0)  # parameters require grad
+    pixels = random_pixels(model, 2, seed=6)
     assert encode(model, pixels, 8).features.requires_grad  # with grad enabled, the graph is built
     for context in (torch.no_grad, torch.inference_mode):
         with context():

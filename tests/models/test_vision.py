@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from flowcut_kernels import FlowCutInputError, FlowCutVisionOutput, encode, flowcut, remove_flowcut, synthetic
+from flowcut_kernels import FlowCutInputError, FlowCutVisionOutput, encode, flowcut, remove_flowcut
+from flowcut_kernels.bench.random_models import random_pixels
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +20,7 @@ def _state(model):
 
 def test_patched_forward_equals_encode(tiny_clip):
     model = tiny_clip()
-    pixels = synthetic.random_pixels(model, 3)
+    pixels = random_pixels(model, 3)
     want = encode(model, pixels, 8, feature_layer=-2)
     assert flowcut(model, 8, feature_layer=-2) is model
     out = model(pixels)
@@ -34,7 +35,7 @@ def test_patched_forward_equals_encode(tiny_clip):
 
 def test_default_feature_layer_is_last_and_hidden_states(tiny_clip):
     model = flowcut(tiny_clip(), 8)
-    pixels = synthetic.random_pixels(model, 2)
+    pixels = random_pixels(model, 2)
     out = model(pixels, output_hidden_states=True)
     assert len(out.tokens_per_layer) == 6  # all 6 layers ran, the last one is the feature layer
     assert len(out.hidden_states) == 7  # embeddings + each layer's output, before its pruning
@@ -46,7 +47,7 @@ def test_default_feature_layer_is_last_and_hidden_states(tiny_clip):
 
 def test_with_projection(tiny_clip):
     model = flowcut(tiny_clip(with_projection=True), 8)
-    pixels = synthetic.random_pixels(model, 2)
+    pixels = random_pixels(model, 2)
     out = model(pixels)
     assert out.image_embeds.shape == (2, 16) and out.keep_indices.shape == (2, 8)
     pooled = model.vision_model.post_layernorm(out.last_hidden_state[:, 0])
@@ -55,7 +56,7 @@ def test_with_projection(tiny_clip):
 
 def test_per_instance_and_reversible(tiny_clip):
     patched, other = tiny_clip(seed=1), tiny_clip(seed=1)
-    pixels = synthetic.random_pixels(patched, 2)
+    pixels = random_pixels(patched, 2)
     before = patched(pixels)
     class_forward = type(patched).forward
 
@@ -75,7 +76,7 @@ def test_per_instance_and_reversible(tiny_clip):
 
 def test_reapply_changes_target_and_deepcopy(tiny_clip):
     model = tiny_clip()
-    pixels = synthetic.random_pixels(model, 1)
+    pixels = random_pixels(model, 1)
     flowcut(model, 8)
     flowcut(model, 20, feature_layer=-3)
     out = model(pixels)
@@ -90,7 +91,7 @@ def test_reapply_changes_target_and_deepcopy(tiny_clip):
 def test_output_attentions_is_refused(tiny_clip):
     model = flowcut(tiny_clip(), 8)
     with pytest.raises(FlowCutInputError, match="output_attentions"):
-        model(synthetic.random_pixels(model, 1), output_attentions=True)
+        model(random_pixels(model, 1), output_attentions=True)
 
 
 def test_interpolated_resolution(tiny_clip):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import flowcut_kernels
-from flowcut_kernels import FlowCutInputError, available_backends, encode, ops, reference, synthetic
+from flowcut_kernels import FlowCutInputError, available_backends, encode, ops, reference
+from flowcut_kernels.bench.random_models import random_clip_vision, random_pixels
 from flowcut_kernels.ops import backends
 from oracle.flowcut import naive_flow_scores, naive_select_gather
 
@@ -476,8 +477,8 @@ def test_direct_varlen_op_calls_check_their_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("feature_layer,target", [(-1, 8), (-2, 30), (-4, 1)])
 def test_encode_native_equals_torch(tiny_clip, dtype, feature_layer, target):
-    model = synthetic.random_clip_vision("tiny", seed=3, sharpen=8.0, dtype=dtype)
-    pixels = synthetic.random_pixels(model, 3, seed=3)
+    model = random_clip_vision("tiny", seed=3, sharpen=8.0, dtype=dtype)
+    pixels = random_pixels(model, 3, seed=3)
     with torch.no_grad():
         got = encode(model, pixels, target, feature_layer=feature_layer, backend="native")
         want = encode(model, pixels, target, feature_layer=feature_layer, backend="torch")

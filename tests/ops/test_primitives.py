@@ -160,7 +160,7 @@ def test_bad_input_is_named():
             protect=torch.zeros(2, 9, dtype=torch.bool))
     _raises("span applies to dense", ops.topk_select, scores.flatten(), [2, 2], span=(0, 3),
             cu_seqlens=torch.tensor([0, 10, 20]))
-    _raises("cu_seqlens must end at scores's row count 20", ops.topk_select, scores.flatten(), [2, 2],
+    _raises("cu_seqlens must end at the row count 20", ops.topk_select, scores.flatten(), [2, 2],
             cu_seqlens=torch.tensor([0, 10, 19]))
     protect = torch.zeros(2, 10, dtype=torch.bool)
     protect[0, 0] = True

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS
-from flowcut_kernels import encode, ops, synthetic
+from flowcut_kernels import encode, ops
+from flowcut_kernels.bench.random_models import random_clip_vision, random_pixels
 from flowcut_kernels.models.policy import LayerView
 
 
@@ -60,8 +61,8 @@ class CLSAttentionPolicy:
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("schedule", ["batch", "per_image"])
 def test_custom_policy_in_the_encoder_loop(backend, schedule):
-    model = synthetic.random_clip_vision("tiny", seed=2, sharpen=8.0, attn_implementation="eager")
-    pixels = synthetic.random_pixels(model, 2, seed=2)
+    model = random_clip_vision("tiny", seed=2, sharpen=8.0, attn_implementation="eager")
+    pixels = random_pixels(model, 2, seed=2)
     with torch.no_grad():
         got = encode(model, pixels, 12, feature_layer=-2, schedule=schedule, backend=backend,
                      policy=CLSAttentionPolicy(12, at=1))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS
-from flowcut_kernels import synthetic
+from flowcut_kernels.bench.random_models import random_clip_vision, random_pixels
 from flowcut_kernels.models.attention import capturing
 from flowcut_kernels.models.registry import find_tower
 from flowcut_kernels.recipes.visionzip import visionzip
@@ -36,8 +36,8 @@ def plain_visionzip(model, pixels, feature, dominant, contextual):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_visionzip_equals_the_plain_version(backend):
-    model = synthetic.random_clip_vision("tiny", seed=1, sharpen=8.0, attn_implementation="eager")
-    pixels = synthetic.random_pixels(model, 2, seed=1)
+    model = random_clip_vision("tiny", seed=1, sharpen=8.0, attn_implementation="eager")
+    pixels = random_pixels(model, 2, seed=1)
     feature = 4  # LLaVA's layer −2 of 6
     with torch.no_grad():
         want = plain_visionzip(model, pixels, feature, dominant=10, contextual=4)

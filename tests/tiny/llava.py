@@ -1,0 +1,72 @@
+"""Tiny random LLaVA-1.5 (CLIP or SigLIP tower) for :func:`~tiny.text.tiny_tokenizer`, and its stock processor."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flowcut_kernels.bench.random_models import seeded_model, sharpen_attention, vision_fields
+from .text import IMAGE_TOKEN, greedy, pil_image_processor, tiny_llama, tiny_tokenizer
+
+
+def random_llava(
+    vision: str = "clip",
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    sharpen: float = 8.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    vision_feature_layer: int | list[int] = -2,
+    vision_feature_select_strategy: str | None = None,
+    text: dict | None = None,
+    **vision_overrides,
+) -> nn.Module:
+    """A seeded random ``LlavaForConditionalGeneration`` for :func:`~tiny.text.tiny_tokenizer`, in eval mode.
+
+    Args:
+        vision: "clip" (LLaVA-1.5's tower, strategy "default") or "siglip" (strategy "full" by default).
+        preset: the vision tower's shape (``random_models.PRESETS``); ``vision_overrides`` replace its fields.
+        sharpen: q/k factor of the vision tower (``random_models.sharpen_attention``).
+        text: LlamaConfig fields replacing the tiny defaults (:func:`~tiny.text.tiny_llama`).
+
+    Generation: :func:`~tiny.text.greedy`, never emitting ``<image>``.
+    """
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    vision_config = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[vision](
+        **vision_fields(preset, vision_overrides)
+    )
+    if vision_feature_select_strategy is None:
+        vision_feature_select_strategy = "default" if vision == "clip" else "full"
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=tiny_llama(text),
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+    )
+    model = seeded_model(LlavaForConditionalGeneration, config, seed, device, attn_implementation)
+    sharpen_attention(model.model.vision_tower, sharpen)
+    return greedy(model, [config.image_token_id]).to(dtype).eval()
+
+
+def tiny_llava_processor(model: nn.Module, tokenizer=None):
+    """A stock ``LlavaProcessor`` matching ``model`` (a :func:`random_llava`): :func:`~tiny.text.tiny_tokenizer` and
+    a ``CLIPImageProcessor`` at the tower's resolution. Before FlowCut it expands ``<image>`` to all patches (minus
+    the CLS drop of the "default" strategy). Needs Pillow.
+    """
+    from transformers import LlavaProcessor
+
+    vision = model.config.vision_config
+    size = vision.image_size
+    return LlavaProcessor(
+        image_processor=pil_image_processor("CLIPImageProcessor")(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(vision.model_type == "clip_vision_model"),
+    )
