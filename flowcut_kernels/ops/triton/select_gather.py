@@ -8,11 +8,10 @@ cu_seqlens[b+1], read as a batch sharing one slab (batch stride 0), and each ima
 by cu_seqlens_out (built on the host from the keep counts): the same kernel, per-image starts and
 lengths from :func:`~.flow_scores.segment`.
 
-Selection without a sort: scores map to order-preserving 32-bit keys (+0.0 and −0.0 equal; every NaN,
-whatever its sign or payload, one key above +inf, as torch.sort ranks NaN), a bitwise binary search
-finds the key t of the n_keep-th largest score, and a compaction pass keeps every key > t plus the
-lowest-indexed keys == t that are still needed (ties → lower index), writing each kept token at its
-running count — which is its ascending original position. Addresses are computed in int64.
+Selection without a sort (:mod:`.select`, shared with topk_select): the key t of the n_keep-th largest score,
+then a compaction pass keeps every key > t plus the lowest-indexed keys == t that are still needed (ties →
+lower index), writing each kept token at its running count — which is its ascending original position.
+Addresses are computed in int64.
 """
 
 from itertools import accumulate
@@ -23,26 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .flow_scores import segment
-
-
-@triton.jit
-def _keys(cum, offs, N, sc_n):
-    """Order-preserving keys in [0, 2^32) of an image's scores cum[offs] (int64 offs) as int64; −1 past N."""
-    x = tl.load(cum + offs * sc_n, mask=offs < N, other=0.0)
-    x = tl.where(x == 0.0, 0.0, x)  # −0.0 ties with +0.0, as in a float sort
-    bits = tl.where(x != x, 0x7FFFFFFF, x.to(tl.int32, bitcast=True))  # any NaN: the top key, 2^32 − 1
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
-    return tl.where(offs < N, ordered, -1)
-
-
-@triton.jit
-def _count_at_least(cum, N, sc_n, t, BLOCK: tl.constexpr):
-    """How many of the image's N keys are >= t."""
-    count = 0
-    for n0 in range(0, N, BLOCK):
-        offs = n0 + tl.arange(0, BLOCK).to(tl.int64)
-        count += tl.sum((_keys(cum, offs, N, sc_n) >= t).to(tl.int32), axis=0)
-    return count
+from .select import kth_key, row_keys
 
 
 @triton.jit
@@ -71,25 +51,13 @@ def _select_gather_kernel(
     out_cand = out_start - b * FIRST  # the image's first kept candidate in cum_out and idx_out
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     mask_c = offs_c < C
-    # t: the largest key with at least n_keep keys >= t (the n_keep-th largest key).
-    t = tl.zeros((), dtype=tl.int64)
-    if N <= BLOCK_SEARCH:  # every key fits one block: load them once
-        keys = _keys(cum, tl.arange(0, BLOCK_SEARCH).to(tl.int64), N, sc_n)
-        for bit in tl.static_range(31, -1, -1):
-            cand = t | (1 << bit)
-            t = tl.where(tl.sum((keys >= cand).to(tl.int32), axis=0) >= n_keep, cand, t)
-        ties_needed = n_keep - tl.sum((keys > t).to(tl.int32), axis=0)
-    else:
-        for bit in tl.static_range(31, -1, -1):
-            cand = t | (1 << bit)
-            t = tl.where(_count_at_least(cum, N, sc_n, cand, BLOCK_SEARCH) >= n_keep, cand, t)
-        ties_needed = n_keep - _count_at_least(cum, N, sc_n, t + 1, BLOCK_SEARCH)
+    t, ties_needed = kth_key(cum, cum, 0, N, sc_n, 0, n_keep, False, BLOCK_SEARCH)
     ties_seen = 0
     kept_seen = 0
     column_block = tl.zeros((BLOCK_N,), dtype=tl.int32) + tl.program_id(1)
     for n0 in range(0, N, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        key = _keys(cum, offs, N, sc_n)
+        key, _ = row_keys(cum, cum, offs, N, sc_n, 0, False)
         tie = (key == t).to(tl.int32)
         tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie
         kept = (key > t) | ((tie == 1) & (tie_rank < ties_needed))  # none when n_keep = 0
