@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     from flowcut_kernels.ops.triton import select_gather as g, text_guided_scores as pt, topk_select as pk
 
     DATA = {"q_ptr", "k_ptr", "v_ptr", "hidden_ptr", "out_ptr"}  # pointers of the input dtype
-    INDEX = {"idx_ptr", "idx_out_ptr"}                            # int64 pointers
+    INDEX = {"idx_ptr", "idx_out_ptr", "src_ptr"}                 # int64 pointers
     OFFSETS = {"cu_ptr", "cu_out_ptr"}                            # cu_seqlens' dtype; other pointers fp32
 
     def build(kernel, dtype, cu, **constexprs):
@@ -52,8 +52,8 @@ SCRIPT = textwrap.dedent(
         build(f._flow_scores_heads, dtype, cu, **flags, **blocks)
         build(f._flow_scores_finish, dtype, cu, **flags, HAS_PREV=prev, BLOCK_S=64, BLOCK_H=16, BLOCK_B=4)
         build(f._flow_scores_entropy, dtype, cu, HAS_CLS=has_cls, VARLEN=varlen, BLOCK_S=64, BLOCK_C=64)
-        build(g._select_gather_kernel, dtype, cu, HAS_CLS=has_cls, VARLEN=varlen, BLOCK_SEARCH=1024, BLOCK_N=64,
-              BLOCK_C=128)
+        build(g._select_rows_kernel, dtype, cu, HAS_CLS=has_cls, VARLEN=varlen, BLOCK_SEARCH=1024, BLOCK_N=64)
+        build(g._gather_rows_kernel, dtype, cu, BLOCK_R=64, BLOCK_C=128)
 
     # The generic primitives: pointer types by name (others fp32), dots in the input dtype or in fp32 (F32).
     def build_primitive(kernel, pointers, **constexprs):
