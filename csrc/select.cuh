@@ -1,5 +1,5 @@
-// The selection shared by select_gather.cu and topk_select.cu: order-preserving integer keys of scores, and a block
-// radix select of the K-th largest key (8 bits a round, from the top).
+// The selection shared by select_gather.cu and topk_select.cu: order-preserving integer keys of scores, a block
+// radix select of the K-th largest key (8 bits a round, from the top), and the ranks of the kept items in order.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -93,6 +93,22 @@ __device__ void radix_select(int64_t n, long long K, KeyAt key_at, RadixScratch*
   }
   *tau = prefix;
   *take = want;
+}
+
+// One tile of blockDim.x items in index order (item t + threadIdx.x), after radix_select: whether this thread's item
+// is kept — forced, or a candidate above tau, or one of the first `take` candidates equal to it — and, in *rank, how
+// many kept items come before it. *eq_seen and *kept_seen carry the counts from tile to tile. Every thread of the
+// block calls it; scan: 33 ints of shared memory.
+template <typename Key>
+__device__ bool keep_in_order(bool forced, bool candidate, Key key, Key tau, long long take, long long* eq_seen,
+                              long long* kept_seen, long long* rank, int* scan) {
+  int eq_total = 0, kept_total = 0;
+  const int eq_rank = block_exclusive_scan(candidate && key == tau ? 1 : 0, scan, &eq_total);
+  const bool kept = forced || (candidate && (key > tau || (key == tau && *eq_seen + eq_rank < take)));
+  const int pos = block_exclusive_scan(kept ? 1 : 0, scan, &kept_total);
+  *rank = *kept_seen + pos;
+  *eq_seen += eq_total, *kept_seen += kept_total;
+  return kept;
 }
 
 }  // namespace detail

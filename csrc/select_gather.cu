@@ -86,24 +86,17 @@ __global__ void __launch_bounds__(kSelectThreads) select_rows_kernel(Params p) {
       };
       radix_select(N, kept_n, key_at, &radix, &tau, &take);
     }
-    long long eq_base = 0, pos_base = 0;
+    long long eq_seen = 0, kept_seen = 0;
     for (int64_t t = 0; t < N; t += blockDim.x) {
       const int64_t j = t + threadIdx.x;
       const bool valid = j < N;
       const float score = valid ? cum[j * p.cs1] : 0.0f;
-      const unsigned key = order_key(score);
-      int eq_total = 0, kept_total = 0;
-      const int eq_rank = block_exclusive_scan(valid && key == tau ? 1 : 0, scan, &eq_total);
-      const bool kept = valid && (all || key > tau || (key == tau && eq_base + eq_rank < take));
-      const int pos = block_exclusive_scan(kept ? 1 : 0, scan, &kept_total);
-      if (kept) {
-        const int64_t n = pos_base + pos;
+      long long n = 0;  // the kept candidate's output position
+      if (keep_in_order(valid && all, valid, order_key(score), tau, take, &eq_seen, &kept_seen, &n, scan)) {
         p.cum_out[cand_out + n] = score;
         p.index_out[cand_out + n] = index_map[j * p.is1];
         p.source[out + first + n] = image + (row + first + j) * p.hs1;
       }
-      eq_base += eq_total;
-      pos_base += kept_total;
     }
   }
   for (int64_t n = kept_n + threadIdx.x; n < K; n += blockDim.x) {  // more kept than candidates: invalid offsets

@@ -52,24 +52,19 @@ __global__ void topk_select_kernel(TopkParams p) {
     radix_select(len, K, key_at, &radix, &tau, &take);
   }
 
-  long long eq_base = 0, kept_base = 0;
+  long long eq_seen = 0, kept_seen = 0;
   for (int64_t t0 = 0; t0 < len; t0 += blockDim.x) {
     const int64_t j = t0 + threadIdx.x;
     const bool valid = j < len;
     const bool prot = valid && !is_free(j);
     const bool cand = valid && !prot && K > 0;
     const Key key = cand ? key_of(scores[(row + j) * p.ss]) : Key(0);
-    int eq_total = 0, kept_total = 0;
-    const int eq_rank = block_exclusive_scan(cand && key == tau ? 1 : 0, scan, &eq_total);
-    const bool kept = prot || (cand && (key > tau || (key == tau && eq_base + eq_rank < take)));
-    const int pos = block_exclusive_scan(kept ? 1 : 0, scan, &kept_total);
+    long long before = 0;  // kept rows of this image before row j
+    const bool kept = keep_in_order(prot, cand, key, tau, take, &eq_seen, &kept_seen, &before, scan);
     if (valid) {
-      const long long before = kept_base + pos;  // kept rows of this image before row j
       if (kept) p.kept[p.kept_cu[b] + before] = row + j;
       else p.dropped[p.dropped_cu[b] + (j - before)] = row + j;
     }
-    eq_base += eq_total;
-    kept_base += kept_total;
   }
 }
 
