@@ -299,6 +299,18 @@ def _slot_owner(cu_ptr, B, slot, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _program_chunk(cu_ptr, B, S, VARLEN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The (image, chunk) of this program of a split launch — grid (B, chunks) for a dense batch, (chunk slots,)
+    for a packed one — and the image's first packed row and length; the chunk may lie past the image's end."""
+    if VARLEN:
+        b, c = _slot_owner(cu_ptr, B, tl.program_id(0).to(tl.int64), BLOCK_S, BLOCK_B)
+    else:
+        b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    start, length = segment(cu_ptr, b, S, VARLEN)
+    return b, c, start, length
+
+
+@triton.jit
 def _flow_scores_split(
     q_ptr, k_ptr, v_ptr, cu_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr,
     B, S, T, H, D, scale,
@@ -308,11 +320,7 @@ def _flow_scores_split(
 ):
     """Phase 1 with one program per (image, chunk), for long images: grid (B, chunks) for a dense batch,
     (chunk slots,) for a packed one."""
-    if VARLEN:
-        b, c = _slot_owner(cu_ptr, B, tl.program_id(0).to(tl.int64), BLOCK_S, BLOCK_B)
-    else:
-        b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    start, length = segment(cu_ptr, b, S, VARLEN)
+    b, c, start, length = _program_chunk(cu_ptr, B, S, VARLEN, BLOCK_S, BLOCK_B)
     if c * BLOCK_S < length:
         _chunk_phase(
             q_ptr, k_ptr, v_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, b, c, start, length, T, H, D, scale,
@@ -354,11 +362,7 @@ def _flow_scores_finish(
     """Phase 2 with one program per (image, chunk), the grid of :func:`_flow_scores_split`: no program streams a
     whole image."""
     FIRST: tl.constexpr = 1 if HAS_CLS else 0
-    if VARLEN:
-        b, c = _slot_owner(cu_ptr, B, tl.program_id(0).to(tl.int64), BLOCK_S, BLOCK_B)
-    else:
-        b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    start, length = segment(cu_ptr, b, S, VARLEN)
+    b, c, start, length = _program_chunk(cu_ptr, B, S, VARLEN, BLOCK_S, BLOCK_B)
     if c * BLOCK_S < length:
         offs_h = tl.arange(0, BLOCK_H)
         heads = head_ptr + b * 5 * BLOCK_H + offs_h
