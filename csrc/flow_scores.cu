@@ -331,7 +331,7 @@ __global__ void __launch_bounds__(kStatThreads) finish_kernel(Params p) {
     a /= float(H);
     const int64_t x = im.cand + n;
     p.attn[x] = a;
-    const float term = pa > 0.0f ? -pa * logf(pa) : 0.0f;
+    const float term = pa == 0.0f ? 0.0f : -pa * logf(pa);  // 0 ln 0 = 0; a NaN p stays NaN
     if (pa > 0.5f) {
       ent_big += term, large += pa, n_big += 1.0f;
     } else {

@@ -263,6 +263,50 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
   cudaFree(const_cast<int64_t*>(a.cu_seqlens));
 }
 
+// A NaN in one key of image 1 (dense B = 2): image 1's softmaxes, and so all its outputs, are NaN; image 0's are
+// untouched (bitwise those of a run without the NaN).
+void test_flow_scores_nan(std::mt19937& rng) {
+  const int64_t B = 2, H = 16, S = 300, D = 64, N = S - 1;
+  std::normal_distribution<float> normal;
+  std::vector<float> q(B * H * D), k(B * H * S * D), v(B * H * S * D);
+  for (auto& x : q) x = normal(rng);
+  for (auto& x : k) x = normal(rng);
+  for (auto& x : v) x = normal(rng);
+  flowcut::cuda::FlowScoresArgs a;
+  a.B = B, a.H = H, a.S = S, a.D = D;
+  a.q = to_device(q.data(), q.size()), a.q_stride[0] = H * D, a.q_stride[1] = D, a.q_stride[2] = 1;
+  a.v = to_device(v.data(), v.size()), a.kv_dtype = DType::kFloat32;
+  const int64_t st[4] = {H * S * D, S * D, D, 1};
+  for (int i = 0; i < 4; ++i) a.k_stride[i] = a.v_stride[i] = st[i];
+  a.scale = 0.125f;
+  std::vector<float> poison(B * N, 7.0f);
+  a.cum = to_device(poison.data(), poison.size()), a.attn = to_device(poison.data(), poison.size());
+  a.entropy = to_device(poison.data(), B);
+  const size_t bytes = flowcut::cuda::flow_scores_workspace_bytes(a);
+  void* ws = nullptr;
+  cuda_ok(cudaMalloc(&ws, bytes), "cudaMalloc workspace");
+  std::vector<std::vector<float>> runs;
+  std::string err;
+  for (int nan = 0; nan < 2; ++nan) {
+    if (nan) k[st[0] + 3 * st[1] + 17 * st[2] + 5] = NAN;  // image 1, head 3, token 17
+    a.k = to_device(k.data(), k.size());
+    err += flowcut::cuda::launch_flow_scores(a, ws, bytes, nullptr);
+    cuda_ok(cudaDeviceSynchronize(), "flow_scores, NaN key");
+    std::vector<float> out = to_host(a.cum, B * N), attn = to_host(a.attn, B * N), ent = to_host(a.entropy, B);
+    out.insert(out.end(), attn.begin(), attn.end());
+    out.insert(out.end(), ent.begin(), ent.end());
+    runs.push_back(out);
+    cudaFree(const_cast<void*>(a.k));
+  }
+  bool ok = err.empty() && std::memcmp(runs[0].data(), runs[1].data(), N * 4) == 0;  // image 0's cum
+  ok = ok && std::memcmp(runs[0].data() + B * N, runs[1].data() + B * N, N * 4) == 0;  // its attn
+  ok = ok && runs[0][2 * B * N] == runs[1][2 * B * N] && std::isnan(runs[1][2 * B * N + 1]);  // entropies
+  for (int64_t n = 0; n < N; ++n) ok = ok && std::isnan(runs[1][N + n]) && std::isnan(runs[1][B * N + N + n]);
+  expect(ok, "flow_scores with a NaN key in image 1: image 1 all NaN, image 0 untouched " + err);
+  cudaFree(ws), cudaFree(const_cast<void*>(a.q)), cudaFree(const_cast<void*>(a.v));
+  cudaFree(a.cum), cudaFree(a.attn), cudaFree(a.entropy);
+}
+
 // ---- select_gather ----------------------------------------------------------------------------------
 
 // Images of lengths lens keeping keeps rows each: a packed batch, or a dense one (equal lengths and keeps).
@@ -452,6 +496,7 @@ int main() {
       {1, 40, 50, 32, DType::kFloat16, true, true, true, true},
   };
   for (const ScoreCase& t : score_cases) test_flow_scores(t, rng);
+  test_flow_scores_nan(rng);
   for (bool cls : {true, false})
     for (int64_t keep : {1, 2, 17, 100}) {
       test_select_gather(3, 100, 40, keep, cls, 4, rng);  // 16-byte copies
