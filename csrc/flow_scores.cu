@@ -280,16 +280,18 @@ __global__ void __launch_bounds__(kStatThreads) head_stats_kernel(Params p) {
   }
 }
 
-// In place over H heads (one thread): d_h -> w_h = exp(d_h - max_h d_h) / sum_h exp(d_h - max_h d_h).
+// In place over H heads, by one whole warp (a lane per head): d_h -> w_h = exp(d_h - max_h d_h) / sum_h of the same.
 __device__ void head_weights(float* w, int64_t H) {
+  const int lane = threadIdx.x & 31;
   float top = -INFINITY, total = 0.0f;
-  for (int64_t h = 0; h < H; ++h) top = fmaxf(top, w[h]);
-  for (int64_t h = 0; h < H; ++h) {
+  for (int64_t h = lane; h < H; h += 32) top = fmaxf(top, w[h]);
+  top = warp_max(top);
+  for (int64_t h = lane; h < H; h += 32) {
     w[h] = expf(w[h] - top);
     total += w[h];
   }
-  const float inv = 1.0f / total;
-  for (int64_t h = 0; h < H; ++h) w[h] *= inv;
+  const float inv = 1.0f / warp_sum(total);
+  for (int64_t h = lane; h < H; h += 32) w[h] *= inv;
 }
 
 // Block per slot: its chunk's candidates' attention, layer and cumulative scores, and the entropy partial sums.
@@ -309,8 +311,8 @@ __global__ void __launch_bounds__(kStatThreads) finish_kernel(Params p) {
     lse_s[h] = s.z, w_s[h] = s.z - s.w;
   }
   __syncthreads();
-  if (threadIdx.x == 0) head_weights(w_a, H);
-  if (threadIdx.x == 32 && p.semantic) head_weights(w_s, H);
+  if (threadIdx.x < 32) head_weights(w_a, H);  // warp 0
+  else if (threadIdx.x < 64 && p.semantic) head_weights(w_s, H);  // warp 1
   __syncthreads();
 
   // Hn without cancellation: a p_j <= 1/2 adds -p_j ln p_j; a p_m > 1/2 (one-hot rows put 1 - 1e-10 there, which
