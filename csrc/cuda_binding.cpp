@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
 #include <string>
 #include <vector>
 
@@ -34,11 +33,12 @@ cuda::DType dtype_of(const at::Tensor& t) {
 
 void check_launch(const std::string& error) { TORCH_CHECK(error.empty(), "flowcut native CUDA kernel: ", error); }
 
-// The longest image of offsets cu.
-int64_t longest(const std::vector<int64_t>& cu) {
-  int64_t most = 0;
-  for (size_t b = 0; b + 1 < cu.size(); ++b) most = std::max(most, cu[b + 1] - cu[b]);
-  return most;
+// Host int64 values as a tensor on `device`: one asynchronous copy from pinned memory (the caching host allocator
+// keeps the buffer until the copy has run).
+at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& device) {
+  at::Tensor host = at::empty({int64_t(values.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(values.begin(), values.end(), host.data_ptr<int64_t>());
+  return host.to(device, /*non_blocking=*/true);
 }
 
 // flow_scores with a's shape, packing and k, v, prev strides set: fills in the rest, allocates the outputs
@@ -80,13 +80,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_varlen_cuda(
     const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& prev, double scale, bool has_cls, bool semantic) {
-  // The offsets are read on the host once (B + 1 integers, one copy): checked, and the longest image sizes the grid.
+  // No host read: the offsets stay on the device; the launch is sized by B and T (see flowcut_cuda.h).
   check_scale(scale);
-  const std::vector<int64_t> cu = check_flow_scores_varlen_inputs(q_relay, k, v, cu_seqlens, prev, has_cls);
+  check_flow_scores_varlen_inputs(q_relay, k, v, cu_seqlens, prev, has_cls);
   const c10::cuda::CUDAGuard guard(k.device());
   const at::Tensor offsets = cu_seqlens.to(at::kLong).contiguous();  // the kernel's, on the device
   cuda::FlowScoresArgs a;
-  a.B = int64_t(cu.size()) - 1, a.H = k.size(1), a.S = longest(cu), a.D = k.size(2);
+  a.B = cu_seqlens.numel() - 1, a.H = k.size(1), a.D = k.size(2);
   a.cu_seqlens = offsets.const_data_ptr<int64_t>(), a.rows = k.size(0);
   a.k_stride[1] = k.stride(1), a.k_stride[2] = k.stride(0), a.k_stride[3] = k.stride(2);  // image stride 0
   a.v_stride[1] = v.stride(1), a.v_stride[2] = v.stride(0), a.v_stride[3] = v.stride(2);
@@ -106,7 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_select_gather(
   at::Tensor index_out = at::empty({kept}, index_map.options());
   a.hidden_out = hidden_out.data_ptr(), a.cum_out = cum_out.data_ptr<float>();
   a.index_out = index_out.data_ptr<int64_t>();
-  check_launch(cuda::launch_select_gather(a, c10::cuda::getCurrentCUDAStream()));
+  const size_t bytes = cuda::select_gather_workspace_bytes(a);
+  at::Tensor workspace = at::empty({int64_t(std::max<size_t>(bytes, 16))}, hidden.options().dtype(at::kByte));
+  check_launch(cuda::launch_select_gather(a, workspace.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream()));
   return {hidden_out, cum_out, index_out};
 }
 
@@ -127,21 +129,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_gather_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_gather_varlen_cuda(
     const at::Tensor& hidden, const at::Tensor& cum, const at::Tensor& index_map, const at::Tensor& cu_seqlens,
     at::IntArrayRef keep, bool has_cls) {
-  // The offsets are read on the host once (B + 1 integers, one copy): checked against keep, and the longest image
-  // bounds the candidates per block; the keep counts arrive as host ints.
-  const std::vector<int64_t> cu = check_select_gather_varlen_inputs(hidden, cum, index_map, cu_seqlens, keep, has_cls);
+  // No host read: the input offsets stay on the device, the keep counts arrive as host ints (they give the output
+  // offsets and sizes); keep[b] <= S_b is left to the caller (flowcut_kernels.ops checks it; see flowcut_cuda.h).
+  check_select_gather_varlen_inputs(hidden, cum, index_map, cu_seqlens, keep, has_cls);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor offsets = cu_seqlens.to(at::kLong).contiguous();  // the kernel's, on the device
-  const at::Tensor out_offsets = keep_offsets(keep).to(hidden.device());
+  const std::vector<int64_t> out_cu = offsets_of(std::vector<int64_t>(keep.begin(), keep.end()));
+  const at::Tensor out_offsets = to_device(out_cu, hidden.device());
   cuda::SelectGatherArgs a;
-  a.B = int64_t(keep.size()), a.S = longest(cu), a.C = hidden.size(1), a.has_cls = has_cls;
-  a.keep = *std::max_element(keep.begin(), keep.end());
+  a.B = int64_t(keep.size()), a.C = hidden.size(1), a.has_cls = has_cls;
   a.cu_seqlens = offsets.const_data_ptr<int64_t>(), a.cu_seqlens_out = out_offsets.const_data_ptr<int64_t>();
+  a.rows = hidden.size(0), a.rows_out = out_cu.back();
   a.hidden_stride[1] = hidden.stride(0), a.hidden_stride[2] = hidden.stride(1);  // image stride 0
   a.cum_stride[1] = cum.stride(0), a.index_stride[1] = index_map.stride(0);
-  const int64_t rows_out = std::accumulate(keep.begin(), keep.end(), int64_t{0});
   auto [hidden_out, cum_out, index_out] =
-      run_select_gather(a, hidden, cum, index_map, rows_out, rows_out - a.B * (has_cls ? 1 : 0));
+      run_select_gather(a, hidden, cum, index_map, a.rows_out, a.rows_out - a.B * (has_cls ? 1 : 0));
   return {hidden_out, cum_out, index_out, out_offsets.to(cu_seqlens.scalar_type())};
 }
 
@@ -150,13 +152,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_gather_varlen_
 // A byte workspace of at least `bytes` (16-byte aligned, as every caching-allocator block is).
 at::Tensor workspace_of(size_t bytes, const at::Tensor& like) {
   return at::empty({int64_t(std::max<size_t>(bytes, 16))}, like.options().dtype(at::kByte));
-}
-
-// Host int64 values as a tensor on `device` (one host-to-device copy).
-at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& device) {
-  at::Tensor host = at::empty({int64_t(values.size())}, at::kLong);
-  std::copy(values.begin(), values.end(), host.data_ptr<int64_t>());
-  return host.to(device);
 }
 
 at::Tensor attention_scores_cuda(const at::Tensor& q, const at::Tensor& k, double scale,

@@ -1,11 +1,12 @@
-// Device helpers shared by the FlowCut CUDA kernels: dtype conversion, 16-byte vector loads,
-// warp and block reductions and scans, the launch-time device facts, and the addressing of packed rows.
+// Device helpers shared by the FlowCut CUDA kernels: dtype conversion, 16-byte vector loads, warp and block
+// reductions and scans, the launch-time device facts and launch errors, and the addressing of packed rows.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -92,23 +93,37 @@ struct Unit<__nv_bfloat16, true> {
   }
 };
 
-__device__ __forceinline__ float warp_sum(float x) {
+__device__ __forceinline__ float max_acc(float x, float y) { return fmaxf(x, y); }
+__device__ __forceinline__ double max_acc(double x, double y) { return fmax(x, y); }
+
+// Sum (or max) over the warp; with the xor butterfly every lane ends with the same bits (each step combines the
+// same two values, and the operation commutes), so decisions taken on the result are warp-uniform.
+template <typename X>
+__device__ __forceinline__ X warp_sum(X x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
   return x;
 }
 
-// Sum over the block, the same order every time (deterministic); every thread gets the result.
-// scratch: 33 floats of shared memory; blockDim.x a multiple of 32.
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
+template <typename X>
+__device__ __forceinline__ X warp_max(X x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = max_acc(x, __shfl_xor_sync(kFullMask, x, o));
+  return x;
+}
+
+// Sum (or max) over the block, in the same order every time (deterministic); every thread gets the result.
+// scratch: 33 X of shared memory; blockDim.x a multiple of 32.
+template <typename X, bool kMax>
+__device__ X block_reduce(X x, X* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  x = warp_sum(x);
+  x = kMax ? warp_max(x) : warp_sum(x);
   __syncthreads();  // scratch may still be read by a previous call
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
   if (warp == 0) {
-    float y = lane < warps ? scratch[lane] : 0.0f;
-    y = warp_sum(y);
+    X y = lane < warps ? scratch[lane] : (kMax ? X(-INFINITY) : X(0));
+    y = kMax ? warp_max(y) : warp_sum(y);
     if (lane == 0) scratch[32] = y;
   }
   __syncthreads();
@@ -156,6 +171,30 @@ inline std::string device_facts(DeviceFacts* facts) {
   if (err == cudaSuccess)
     err = cudaDeviceGetAttribute(&facts->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, facts->device);
   return err == cudaSuccess ? std::string() : std::string("querying the CUDA device: ") + cudaGetErrorString(err);
+}
+
+constexpr size_t kStaticSmem = 48 * 1024;  // what every block may use without an opt-in attribute
+
+// The last launch's error as a message ("" when it launched).
+inline std::string launch_error(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorString(err);
+}
+
+inline size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+// The last x in [0, n) with off[x] <= p, for offsets off (n + 1 values, not decreasing, p < off[n]): the segment
+// holding position p. With decreasing offsets (invalid input) it still returns some x in [0, n).
+__device__ __forceinline__ int64_t segment_of(const int64_t* off, int64_t n, int64_t p) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (off[mid] <= p) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

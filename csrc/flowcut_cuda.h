@@ -26,9 +26,11 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3
 // One layer's scores. Inputs may have any strides; outputs are contiguous float32. Computed in float32
 // (float64 inputs are converted as they are loaded).
 struct FlowScoresArgs {
-  int64_t B = 0, H = 0, S = 0, D = 0;  // packed: S is the longest image's length (it sizes the grid)
-  const int64_t* cu_seqlens = nullptr;  // packed: (B + 1,) row offsets on the device; nullptr: dense
-  int64_t rows = 0;                     // packed: T = cu_seqlens[B] (it sizes the workspace)
+  int64_t B = 0, H = 0, S = 0, D = 0;  // S: dense only (each image's tokens)
+  // Packed: (B + 1,) row offsets on the device, never read on the host; nullptr: dense. Offsets that are not
+  // increasing or overrun rows give unspecified scores but no out-of-bounds access.
+  const int64_t* cu_seqlens = nullptr;
+  int64_t rows = 0;  // packed: T = cu_seqlens[B], host-known (it sizes the launch and the workspace)
   const void* q = nullptr;  // (B, H, D) relay query, dtype q_dtype (float32/float16/bfloat16/float64)
   DType q_dtype = DType::kFloat32;
   int64_t q_stride[3] = {0, 0, 0};
@@ -50,7 +52,7 @@ struct FlowScoresArgs {
 // Device scratch, in bytes, that launch_flow_scores needs for these args on the current device.
 size_t flow_scores_workspace_bytes(const FlowScoresArgs& args);
 
-// One kernel launch (after a memset of the per-image block counters inside workspace) on stream.
+// Four kernel launches on stream (scores, head statistics, finish, entropy: csrc/flow_scores.cu).
 // workspace: at least flow_scores_workspace_bytes(args) bytes, 16-byte aligned.
 // Returns "" on success, else what went wrong.
 std::string launch_flow_scores(const FlowScoresArgs& args, void* workspace, size_t workspace_bytes,
@@ -58,11 +60,15 @@ std::string launch_flow_scores(const FlowScoresArgs& args, void* workspace, size
 
 // Keep the relay row and the K best candidates (ties: lower index), in ascending order, and gather.
 struct SelectGatherArgs {
-  int64_t B = 0, S = 0, C = 0, keep = 0;  // packed: S the longest image's length, keep the largest keep_b
+  int64_t B = 0;
+  int64_t S = 0, keep = 0;  // dense: each image's rows and kept rows
   // Packed: (B + 1,) offsets on the device of the input rows and of the output rows (0, keep_0, keep_0 + keep_1,
-  // ...: image b keeps keep_b = cu_seqlens_out[b + 1] - cu_seqlens_out[b] rows). Both nullptr: dense.
+  // ...: image b keeps keep_b = cu_seqlens_out[b + 1] - cu_seqlens_out[b] rows), never read on the host, and the
+  // host-known totals rows = T = cu_seqlens[B] and rows_out = cu_seqlens_out[B]. Both nullptr: dense.
   const int64_t* cu_seqlens = nullptr;
   const int64_t* cu_seqlens_out = nullptr;
+  int64_t rows = 0, rows_out = 0;
+  int64_t C = 0;
   bool has_cls = true;
   const void* hidden = nullptr;  // (B, S, C) or packed (T, C), any dtype of elem_size 2, 4 or 8 bytes
   size_t elem_size = 4;
@@ -71,15 +77,21 @@ struct SelectGatherArgs {
   int64_t cum_stride[2] = {0, 0};  // image, candidate; packed: {0, candidate}
   const int64_t* index_map = nullptr;  // (B, N) or packed (T_c,)
   int64_t index_stride[2] = {0, 0};
-  void* hidden_out = nullptr;    // out (B, keep, C) or packed (sum keep_b, C), contiguous
-  float* cum_out = nullptr;      // out (B, K) or packed (sum K_b,)
-  int64_t* index_out = nullptr;  // out (B, K) or packed (sum K_b,)
+  void* hidden_out = nullptr;    // out (B, keep, C) or packed (rows_out, C), contiguous
+  float* cum_out = nullptr;      // out (B, K) or packed (rows_out - B * has_cls,)
+  int64_t* index_out = nullptr;  // out (B, K) or packed (rows_out - B * has_cls,)
 };
 
-// One kernel launch on stream. Returns "" on success, else what went wrong.
-std::string launch_select_gather(const SelectGatherArgs& args, cudaStream_t stream);
+// Device scratch, in bytes, that launch_select_gather needs for these args (8 bytes per output row).
+size_t select_gather_workspace_bytes(const SelectGatherArgs& args);
 
-// --- Generic primitives (flowcut_kernels/ops/reference.py, "Generic primitives"; csrc/primitives.cu) ----------
+// Two launches on stream (after, for a packed batch, a memset of the workspace): the selection, a block per image,
+// then the gather over every output row. workspace: at least select_gather_workspace_bytes(args) bytes, 16-byte
+// aligned. Returns "" on success, else what went wrong.
+std::string launch_select_gather(const SelectGatherArgs& args, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream);
+
+// --- Generic primitives (flowcut_kernels/ops/reference.py, "Generic primitives"; csrc/<op>.cu) ----------
 // Each computes in float32, or in float64 where the reference does (attention_scores and text_guided_scores: k
 // float64; merge_nearest: hidden float64). Inputs may have any strides (in elements); outputs are contiguous.
 // Deterministic: no floating-point atomics, every sum in a fixed order. Each launcher returns "" on success, else

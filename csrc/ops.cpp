@@ -43,8 +43,8 @@ void check_cu_seqlens(const at::Tensor& cu_seqlens, const at::Device& device) {
               "), got ", cu_seqlens.device());
 }
 
-// cu_seqlens' values on the host (a copy of B + 1 integers from a GPU), checked: 0, then increasing by at least
-// min_len per image, ending at rows. The kernels index by them.
+}  // namespace
+
 std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu_seqlens, int64_t rows, int64_t min_len) {
   const at::Tensor host = cu_seqlens.to(at::Device(at::kCPU), at::kLong).contiguous();
   const int64_t* values = host.const_data_ptr<int64_t>();
@@ -59,8 +59,6 @@ std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu_seqlens, int64_t rows,
   TORCH_CHECK(cu.back() == rows, "cu_seqlens must end at the row count ", rows, ", got ", cu.back());
   return cu;
 }
-
-}  // namespace
 
 void check_scale(double scale) {
   TORCH_CHECK(std::isfinite(scale) && scale > 0.0,
@@ -109,9 +107,9 @@ void check_select_gather_inputs(const at::Tensor& hidden, const at::Tensor& cum,
               "hidden, cum and index_map must be on one device");
 }
 
-std::vector<int64_t> check_flow_scores_varlen_inputs(const at::Tensor& q_relay, const at::Tensor& k,
-                                                     const at::Tensor& v, const at::Tensor& cu_seqlens,
-                                                     const std::optional<at::Tensor>& prev, bool has_cls) {
+void check_flow_scores_varlen_inputs(const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& prev,
+                                     bool has_cls) {
   TORCH_CHECK(k.dim() == 3, "k must have shape (T, H, D), got ", k.sizes());
   TORCH_CHECK(k.size(1) >= 1, "k must hold at least one head (H >= 1: the scores are means over heads), got ",
               k.sizes());
@@ -133,12 +131,12 @@ std::vector<int64_t> check_flow_scores_varlen_inputs(const at::Tensor& q_relay, 
     TORCH_CHECK(prev->scalar_type() == at::kFloat, "prev must be float32, got ", prev->scalar_type());
     TORCH_CHECK(prev->device() == k.device(), "prev must be on the device of k");
   }
-  return read_cu_seqlens(cu_seqlens, k.size(0), first + 1);
+  TORCH_CHECK(k.size(0) >= B * (first + 1), "k has T=", k.size(0), " rows: too few for ", B, " images of at least ",
+              first + 1, " rows each");
 }
 
-std::vector<int64_t> check_select_gather_varlen_inputs(const at::Tensor& hidden, const at::Tensor& cum,
-                                                       const at::Tensor& index_map, const at::Tensor& cu_seqlens,
-                                                       at::IntArrayRef keep, bool has_cls) {
+void check_select_gather_varlen_inputs(const at::Tensor& hidden, const at::Tensor& cum, const at::Tensor& index_map,
+                                       const at::Tensor& cu_seqlens, at::IntArrayRef keep, bool has_cls) {
   TORCH_CHECK(hidden.dim() == 2, "hidden must have shape (T, C), got ", hidden.sizes());
   TORCH_CHECK(is_float(hidden), "hidden must be float32/float16/bfloat16/float64, got ", hidden.scalar_type());
   check_cu_seqlens(cu_seqlens, hidden.device());
@@ -151,11 +149,20 @@ std::vector<int64_t> check_select_gather_varlen_inputs(const at::Tensor& hidden,
   TORCH_CHECK(int64_t(keep.size()) == B, "keep must hold one count per image (", B, "), got ", keep.size());
   TORCH_CHECK(cum.device() == hidden.device() && index_map.device() == hidden.device(),
               "hidden, cum and index_map must be on one device");
-  std::vector<int64_t> cu = read_cu_seqlens(cu_seqlens, hidden.size(0), first + 1);
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(keep[b] >= 1 && keep[b] <= cu[b + 1] - cu[b], "keep[", b, "]=", keep[b], " is out of range [1, S=",
-                cu[b + 1] - cu[b], "]");
-  return cu;
+  TORCH_CHECK(n >= 0, "hidden has T=", hidden.size(0), " rows: too few for ", B, " images");
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(keep[b] >= 1, "keep[", b, "]=", keep[b], " is out of range [1, S]: an image keeps at least one row");
+    total += keep[b];
+  }
+  TORCH_CHECK(total <= hidden.size(0), "keep sums to ", total, " rows, more than the T=", hidden.size(0),
+              " rows of hidden");
+}
+
+void check_keep_fits(const std::vector<int64_t>& cu, at::IntArrayRef keep) {
+  for (size_t b = 0; b + 1 < cu.size(); ++b)
+    TORCH_CHECK(keep[b] <= cu[b + 1] - cu[b], "keep[", b, "]=", keep[b], " is out of range [1, S=", cu[b + 1] - cu[b],
+                "]");
 }
 
 void check_attention_scores_inputs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& key_mask,
@@ -282,14 +289,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_varlen_cpu_checked(
     const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& prev, double scale, bool has_cls, bool semantic) {
   check_scale(scale);
-  const std::vector<int64_t> cu = check_flow_scores_varlen_inputs(q_relay, k, v, cu_seqlens, prev, has_cls);
+  check_flow_scores_varlen_inputs(q_relay, k, v, cu_seqlens, prev, has_cls);
+  const std::vector<int64_t> cu = read_cu_seqlens(cu_seqlens, k.size(0), has_cls ? 2 : 1);
   return flow_scores_varlen_cpu(q_relay, k, v, cu, prev, scale, has_cls, semantic);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_gather_varlen_cpu_checked(
     const at::Tensor& hidden, const at::Tensor& cum, const at::Tensor& index_map, const at::Tensor& cu_seqlens,
     at::IntArrayRef keep, bool has_cls) {
-  const std::vector<int64_t> cu = check_select_gather_varlen_inputs(hidden, cum, index_map, cu_seqlens, keep, has_cls);
+  check_select_gather_varlen_inputs(hidden, cum, index_map, cu_seqlens, keep, has_cls);
+  const std::vector<int64_t> cu = read_cu_seqlens(cu_seqlens, hidden.size(0), has_cls ? 2 : 1);
+  check_keep_fits(cu, keep);
   auto [hidden_out, cum_out, index_out] = select_gather_varlen_cpu(hidden, cum, index_map, cu, keep, has_cls);
   return {hidden_out, cum_out, index_out, keep_offsets(keep).to(cu_seqlens.scalar_type())};
 }

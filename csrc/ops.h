@@ -22,17 +22,23 @@ void check_select_gather_inputs(const at::Tensor& hidden, const at::Tensor& cum,
                                 int64_t keep, bool has_cls);
 
 // The packed forms: q_relay (B, H, D), k and v (T, H, D), cu_seqlens (B + 1,) int32/int64, prev (T_c,) float32
-// or none (T_c = T - B * has_cls); one device. Returns cu_seqlens' values, read on the host (a copy of B + 1
-// integers from a GPU) and checked: 0, increasing, every image with a candidate, ending at T.
-std::vector<int64_t> check_flow_scores_varlen_inputs(const at::Tensor& q_relay, const at::Tensor& k,
-                                                     const at::Tensor& v, const at::Tensor& cu_seqlens,
-                                                     const std::optional<at::Tensor>& prev, bool has_cls);
+// or none (T_c = T - B * has_cls), T >= B * (has_cls + 1); one device. Structural: cu_seqlens' values are not read
+// (the CUDA kernels take them on the device; the CPU implementations read and check them with read_cu_seqlens).
+void check_flow_scores_varlen_inputs(const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& prev,
+                                     bool has_cls);
 
-// hidden (T, C), cum (T_c,) float32, index_map (T_c,) int64, cu_seqlens (B + 1,) int32/int64, keep B counts with
-// 1 <= keep[b] <= S_b; one device. Returns cu_seqlens' values, read and checked alike.
-std::vector<int64_t> check_select_gather_varlen_inputs(const at::Tensor& hidden, const at::Tensor& cum,
-                                                       const at::Tensor& index_map, const at::Tensor& cu_seqlens,
-                                                       at::IntArrayRef keep, bool has_cls);
+// hidden (T, C), cum (T_c,) float32, index_map (T_c,) int64, cu_seqlens (B + 1,) int32/int64, keep B counts >= 1
+// summing to at most T; one device. Structural, as above; keep[b] <= S_b needs the offsets: check_keep_fits.
+void check_select_gather_varlen_inputs(const at::Tensor& hidden, const at::Tensor& cum, const at::Tensor& index_map,
+                                       const at::Tensor& cu_seqlens, at::IntArrayRef keep, bool has_cls);
+
+// cu_seqlens' values on the host (a copy of B + 1 integers from a GPU), checked: 0, then increasing by at least
+// min_len per image, ending at rows. For the CPU implementations, which index by them.
+std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu_seqlens, int64_t rows, int64_t min_len);
+
+// keep[b] <= S_b for the offsets cu (read_cu_seqlens').
+void check_keep_fits(const std::vector<int64_t>& cu, at::IntArrayRef keep);
 
 // The output offsets of select_gather_varlen: 0, keep[0], keep[0] + keep[1], ..., as an int64 CPU tensor.
 at::Tensor keep_offsets(at::IntArrayRef keep);

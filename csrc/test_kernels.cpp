@@ -120,6 +120,7 @@ struct ScoreCase {
   float v_norm = 0.0f;    // > 0: every v row of this norm (the value logits then reach v_norm^2); else N(0, 1)
   double tol = 1e-4;      // relative error allowed
   std::vector<int64_t> lens = {};  // a packed batch of images of these lengths (B and S unused); empty: dense
+  bool tied = false;  // every k row of an image the same (all logits of a head tie: uniform attention)
 };
 
 double log_sum_exp(const std::vector<double>& x) {
@@ -161,6 +162,8 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
   std::vector<float> q(B * H * D), k(T * H * D), v(T * H * D), prev(Tc);
   for (auto& x : q) x = t.qk_sigma * normal(rng);
   for (auto& x : k) x = t.qk_sigma * normal(rng);
+  if (t.tied)  // every row (H D values, contiguous) a copy of row 0
+    for (size_t r = 0; r < k.size(); r += size_t(H * D)) std::copy(k.begin(), k.begin() + H * D, k.begin() + r);
   for (auto& x : v) x = normal(rng);
   if (t.v_norm > 0.0f)  // contiguous rows of D values: scale each to the norm
     for (size_t r = 0; r < v.size(); r += size_t(D)) {
@@ -234,8 +237,12 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
   void* ws = nullptr;
   cuda_ok(cudaMalloc(&ws, bytes), "cudaMalloc workspace");
   std::string err;
-  for (int rep = 0; rep < 2 && err.empty(); ++rep)  // twice: the block counters must be left reusable
+  std::vector<float> first_cum;
+  for (int rep = 0; rep < 2 && err.empty(); ++rep) {  // twice: the workspace is reusable, the result bitwise the same
     err = flowcut::cuda::launch_flow_scores(a, ws, bytes, nullptr);
+    cuda_ok(cudaDeviceSynchronize(), "flow_scores");
+    if (rep == 0) first_cum = to_host(a.cum, Tc);
+  }
   cuda_ok(cudaDeviceSynchronize(), "flow_scores");
   const auto got_cum = to_host(a.cum, Tc), got_attn = to_host(a.attn, Tc), got_ent = to_host(a.entropy, B);
   const double e1 = max_rel_error(got_cum, cum), e2 = max_rel_error(got_attn, attn), e3 = max_rel_error(got_ent, ent);
@@ -243,22 +250,68 @@ void test_flow_scores(const ScoreCase& t, std::mt19937& rng) {
   const std::string shape = packed ? "lens=" + list(lens) : "B=" + std::to_string(B) + " S=" + std::to_string(t.S);
   char name[400];
   std::snprintf(name, sizeof name,
-                "flow_scores %s H=%ld D=%ld dtype=%d %s cls=%d semantic=%d prev=%d qk_sigma=%g v_norm=%g: "
+                "flow_scores %s H=%ld D=%ld dtype=%d %s cls=%d semantic=%d prev=%d tied=%d qk_sigma=%g v_norm=%g: "
                 "rel err %.2e %.2e %.2e",
                 shape.c_str(), long(H), long(D), int(t.dtype), layout, int(t.has_cls), int(t.semantic),
-                int(t.with_prev), double(t.qk_sigma), double(t.v_norm), e1, e2, e3);
+                int(t.with_prev), int(t.tied), double(t.qk_sigma), double(t.v_norm), e1, e2, e3);
   // NaN errors fail the comparisons.
-  expect(err.empty() && e1 < t.tol && e2 < t.tol && e3 < t.tol, err.empty() ? name : name + (" " + err));
+  const bool same = std::memcmp(first_cum.data(), got_cum.data(), size_t(Tc) * 4) == 0;
+  expect(err.empty() && same && e1 < t.tol && e2 < t.tol && e3 < t.tol,
+         err.empty() ? name + std::string(same ? "" : " (not reproducible)") : name + (" " + err));
   cudaFree(const_cast<void*>(a.q)), cudaFree(const_cast<void*>(a.k)), cudaFree(const_cast<void*>(a.v));
   cudaFree(const_cast<float*>(a.prev)), cudaFree(a.cum), cudaFree(a.attn), cudaFree(a.entropy), cudaFree(ws);
   cudaFree(const_cast<int64_t*>(a.cu_seqlens));
+}
+
+// A NaN in one key of image 1 (dense B = 2): image 1's softmaxes, and so all its outputs, are NaN; image 0's are
+// untouched (bitwise those of a run without the NaN).
+void test_flow_scores_nan(std::mt19937& rng) {
+  const int64_t B = 2, H = 16, S = 300, D = 64, N = S - 1;
+  std::normal_distribution<float> normal;
+  std::vector<float> q(B * H * D), k(B * H * S * D), v(B * H * S * D);
+  for (auto& x : q) x = normal(rng);
+  for (auto& x : k) x = normal(rng);
+  for (auto& x : v) x = normal(rng);
+  flowcut::cuda::FlowScoresArgs a;
+  a.B = B, a.H = H, a.S = S, a.D = D;
+  a.q = to_device(q.data(), q.size()), a.q_stride[0] = H * D, a.q_stride[1] = D, a.q_stride[2] = 1;
+  a.v = to_device(v.data(), v.size()), a.kv_dtype = DType::kFloat32;
+  const int64_t st[4] = {H * S * D, S * D, D, 1};
+  for (int i = 0; i < 4; ++i) a.k_stride[i] = a.v_stride[i] = st[i];
+  a.scale = 0.125f;
+  std::vector<float> poison(B * N, 7.0f);
+  a.cum = to_device(poison.data(), poison.size()), a.attn = to_device(poison.data(), poison.size());
+  a.entropy = to_device(poison.data(), B);
+  const size_t bytes = flowcut::cuda::flow_scores_workspace_bytes(a);
+  void* ws = nullptr;
+  cuda_ok(cudaMalloc(&ws, bytes), "cudaMalloc workspace");
+  std::vector<std::vector<float>> runs;
+  std::string err;
+  for (int nan = 0; nan < 2; ++nan) {
+    if (nan) k[st[0] + 3 * st[1] + 17 * st[2] + 5] = NAN;  // image 1, head 3, token 17
+    a.k = to_device(k.data(), k.size());
+    err += flowcut::cuda::launch_flow_scores(a, ws, bytes, nullptr);
+    cuda_ok(cudaDeviceSynchronize(), "flow_scores, NaN key");
+    std::vector<float> out = to_host(a.cum, B * N), attn = to_host(a.attn, B * N), ent = to_host(a.entropy, B);
+    out.insert(out.end(), attn.begin(), attn.end());
+    out.insert(out.end(), ent.begin(), ent.end());
+    runs.push_back(out);
+    cudaFree(const_cast<void*>(a.k));
+  }
+  bool ok = err.empty() && std::memcmp(runs[0].data(), runs[1].data(), N * 4) == 0;  // image 0's cum
+  ok = ok && std::memcmp(runs[0].data() + B * N, runs[1].data() + B * N, N * 4) == 0;  // its attn
+  ok = ok && runs[0][2 * B * N] == runs[1][2 * B * N] && std::isnan(runs[1][2 * B * N + 1]);  // entropies
+  for (int64_t n = 0; n < N; ++n) ok = ok && std::isnan(runs[1][N + n]) && std::isnan(runs[1][B * N + N + n]);
+  expect(ok, "flow_scores with a NaN key in image 1: image 1 all NaN, image 0 untouched " + err);
+  cudaFree(ws), cudaFree(const_cast<void*>(a.q)), cudaFree(const_cast<void*>(a.v));
+  cudaFree(a.cum), cudaFree(a.attn), cudaFree(a.entropy);
 }
 
 // ---- select_gather ----------------------------------------------------------------------------------
 
 // Images of lengths lens keeping keeps rows each: a packed batch, or a dense one (equal lengths and keeps).
 void test_select_gather(const std::vector<int64_t>& lens, const std::vector<int64_t>& keeps, bool packed, int64_t C,
-                        bool has_cls, size_t elem, std::mt19937& rng) {
+                        bool has_cls, size_t elem, std::mt19937& rng, bool constant = false) {
   const std::vector<int64_t> cu = offsets(lens), cu_out = offsets(keeps);
   const int64_t B = int64_t(lens.size()), first = has_cls ? 1 : 0, T = cu[B], Tc = T - B * first;
   const int64_t rows_out = cu_out[B], kept_total = rows_out - B * first;
@@ -267,7 +320,7 @@ void test_select_gather(const std::vector<int64_t>& lens, const std::vector<int6
   std::uniform_int_distribution<int> level(0, 15);
   std::vector<float> cum(Tc);
   for (auto& x : cum) {
-    const int l = level(rng);
+    const int l = constant ? 8 : level(rng);  // constant: every score the same (all candidates tie)
     if (l < 6) std::memcpy(&x, &special_bits[l], 4);
     else x = float(l - 6) / 7.0f;
   }
@@ -299,15 +352,17 @@ void test_select_gather(const std::vector<int64_t>& lens, const std::vector<int6
   }
 
   flowcut::cuda::SelectGatherArgs a;
-  a.B = B, a.S = *std::max_element(lens.begin(), lens.end()), a.C = C, a.has_cls = has_cls, a.elem_size = elem;
-  a.keep = *std::max_element(keeps.begin(), keeps.end());
+  a.B = B, a.C = C, a.has_cls = has_cls, a.elem_size = elem;
   if (packed) {
     a.cu_seqlens = to_device(cu.data(), cu.size());
     a.cu_seqlens_out = to_device(cu_out.data(), cu_out.size());
+    a.rows = T, a.rows_out = rows_out;
+  } else {
+    a.S = lens[0], a.keep = keeps[0];
   }
   a.hidden = to_device(hidden.data(), hidden.size());
-  a.hidden_stride[0] = packed ? 0 : a.S * C, a.hidden_stride[1] = C, a.hidden_stride[2] = 1;
-  a.cum = to_device(cum.data(), cum.size()), a.cum_stride[0] = packed ? 0 : a.S - first, a.cum_stride[1] = 1;
+  a.hidden_stride[0] = packed ? 0 : lens[0] * C, a.hidden_stride[1] = C, a.hidden_stride[2] = 1;
+  a.cum = to_device(cum.data(), cum.size()), a.cum_stride[0] = packed ? 0 : lens[0] - first, a.cum_stride[1] = 1;
   a.index_map = to_device(index.data(), index.size());
   a.index_stride[0] = a.cum_stride[0], a.index_stride[1] = 1;
   std::vector<unsigned char> poison(size_t(rows_out * C) * elem, 0xff);
@@ -315,7 +370,10 @@ void test_select_gather(const std::vector<int64_t>& lens, const std::vector<int6
   std::vector<float> poison_f(kept_total, NAN);
   std::vector<int64_t> poison_i(kept_total, -1);
   a.cum_out = to_device(poison_f.data(), poison_f.size()), a.index_out = to_device(poison_i.data(), poison_i.size());
-  const std::string err = flowcut::cuda::launch_select_gather(a, nullptr);
+  const size_t bytes = flowcut::cuda::select_gather_workspace_bytes(a);
+  void* ws = nullptr;
+  cuda_ok(cudaMalloc(&ws, std::max<size_t>(bytes, 16)), "cudaMalloc workspace");
+  const std::string err = flowcut::cuda::launch_select_gather(a, ws, bytes, nullptr);
   cuda_ok(cudaDeviceSynchronize(), "select_gather");
   const auto got_hidden = to_host(static_cast<unsigned char*>(a.hidden_out), poison.size());
   const auto got_cum = to_host(a.cum_out, kept_total);
@@ -326,16 +384,75 @@ void test_select_gather(const std::vector<int64_t>& lens, const std::vector<int6
     ok = std::memcmp(got_hidden.data() + r * C * elem, hidden.data() + want_rows[r] * C * elem, C * elem) == 0;
   const std::string shape = (packed ? "lens=" : "dense lens=") + list(lens) + " keep=" + list(keeps);
   char name[400];
-  std::snprintf(name, sizeof name, "select_gather %s C=%ld cls=%d elem=%zu %s", shape.c_str(), long(C),
-                int(has_cls), elem, err.c_str());
+  std::snprintf(name, sizeof name, "select_gather %s C=%ld cls=%d elem=%zu%s %s", shape.c_str(), long(C),
+                int(has_cls), elem, constant ? " constant scores" : "", err.c_str());
   expect(ok, name);
   cudaFree(const_cast<void*>(a.hidden)), cudaFree(const_cast<float*>(a.cum));
   cudaFree(const_cast<int64_t*>(a.index_map)), cudaFree(a.hidden_out), cudaFree(a.cum_out), cudaFree(a.index_out);
-  cudaFree(const_cast<int64_t*>(a.cu_seqlens)), cudaFree(const_cast<int64_t*>(a.cu_seqlens_out));
+  cudaFree(const_cast<int64_t*>(a.cu_seqlens)), cudaFree(const_cast<int64_t*>(a.cu_seqlens_out)), cudaFree(ws);
 }
 
-void test_select_gather(int64_t B, int64_t S, int64_t C, int64_t keep, bool has_cls, size_t elem, std::mt19937& rng) {
-  test_select_gather(std::vector<int64_t>(B, S), std::vector<int64_t>(B, keep), false, C, has_cls, elem, rng);
+void test_select_gather(int64_t B, int64_t S, int64_t C, int64_t keep, bool has_cls, size_t elem, std::mt19937& rng,
+                        bool constant = false) {
+  test_select_gather(std::vector<int64_t>(B, S), std::vector<int64_t>(B, keep), false, C, has_cls, elem, rng, constant);
+}
+
+// ---- packed offsets the host never checked --------------------------------------------------------------
+
+// Offsets that decrease or overrun T (the CUDA ops never read them on the host): both launches must stay inside
+// their tensors (compute-sanitizer's memcheck is the judge) and report no error. select_gather's image 0 keeps more
+// rows than it has: the rows past its candidates are zeros, their scores NaN and indices -1.
+void test_bad_offsets() {
+  const int64_t H = 2, D = 8, T = 12, C = 4;
+  const std::vector<int64_t> cu = {0, 7, 3, 30};  // decreasing, then past T
+  std::vector<float> q(3 * H * D, 0.5f), kv(T * H * D, 0.25f), out(T, NAN);
+  flowcut::cuda::FlowScoresArgs f;
+  f.B = 3, f.H = H, f.D = D, f.cu_seqlens = to_device(cu.data(), cu.size()), f.rows = T;
+  f.q = to_device(q.data(), q.size()), f.q_stride[0] = H * D, f.q_stride[1] = D, f.q_stride[2] = 1;
+  f.k = f.v = to_device(kv.data(), kv.size()), f.kv_dtype = DType::kFloat32;
+  f.k_stride[1] = f.v_stride[1] = D, f.k_stride[2] = f.v_stride[2] = H * D, f.k_stride[3] = f.v_stride[3] = 1;
+  f.scale = 1.0f;
+  f.cum = to_device(out.data(), out.size()), f.attn = to_device(out.data(), out.size());
+  f.entropy = to_device(out.data(), 3);
+  const size_t bytes = flowcut::cuda::flow_scores_workspace_bytes(f);
+  void* ws = nullptr;
+  cuda_ok(cudaMalloc(&ws, bytes), "cudaMalloc workspace");
+  std::string err = flowcut::cuda::launch_flow_scores(f, ws, bytes, nullptr);
+  cuda_ok(cudaDeviceSynchronize(), "flow_scores, bad offsets");
+  expect(err.empty(), "flow_scores with offsets that decrease and overrun T " + err);
+  cudaFree(ws), cudaFree(const_cast<int64_t*>(f.cu_seqlens)), cudaFree(const_cast<void*>(f.q));
+  cudaFree(const_cast<void*>(f.k)), cudaFree(f.cum), cudaFree(f.attn), cudaFree(f.entropy);
+
+  // select_gather: lens {3, 4} (T = 7), keeps {5, 2}: image 0 has 2 candidates and keeps 4; image 1 keeps its best
+  // candidate, its third (index 4).
+  const std::vector<int64_t> in = {0, 3, 7}, kept = {0, 5, 7};
+  std::vector<float> hidden(7 * C, 1.0f), cum = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f};
+  std::vector<int64_t> index = {0, 1, 2, 3, 4};
+  flowcut::cuda::SelectGatherArgs a;
+  a.B = 2, a.C = C, a.has_cls = true, a.elem_size = 4, a.rows = 7, a.rows_out = 7;
+  a.cu_seqlens = to_device(in.data(), in.size()), a.cu_seqlens_out = to_device(kept.data(), kept.size());
+  a.hidden = to_device(hidden.data(), hidden.size()), a.hidden_stride[1] = C, a.hidden_stride[2] = 1;
+  a.cum = to_device(cum.data(), cum.size()), a.cum_stride[1] = 1;
+  a.index_map = to_device(index.data(), index.size()), a.index_stride[1] = 1;
+  std::vector<float> poison(7 * C, 7.0f);
+  a.hidden_out = to_device(poison.data(), poison.size());
+  a.cum_out = to_device(poison.data(), 5);
+  std::vector<int64_t> poison_i(5, 7);
+  a.index_out = to_device(poison_i.data(), 5);
+  const size_t sg_bytes = flowcut::cuda::select_gather_workspace_bytes(a);
+  cuda_ok(cudaMalloc(&ws, sg_bytes), "cudaMalloc workspace");
+  err = flowcut::cuda::launch_select_gather(a, ws, sg_bytes, nullptr);
+  cuda_ok(cudaDeviceSynchronize(), "select_gather, bad offsets");
+  const auto got = to_host(static_cast<float*>(a.hidden_out), 7 * C);
+  const auto got_cum = to_host(a.cum_out, 5);
+  const auto got_index = to_host(a.index_out, 5);
+  bool ok = err.empty() && got_index[0] == 0 && got_index[1] == 1 && got_index[2] == -1 && got_index[3] == -1;
+  ok = ok && std::isnan(got_cum[2]) && std::isnan(got_cum[3]) && got_index[4] == 4;
+  for (int64_t x = 0; x < 7 * C; ++x) ok = ok && got[x] == ((x / C == 3 || x / C == 4) ? 0.0f : 1.0f);
+  expect(ok, "select_gather keeping more rows than an image has: zero rows, NaN scores, index -1 " + err);
+  cudaFree(ws), cudaFree(const_cast<int64_t*>(a.cu_seqlens)), cudaFree(const_cast<int64_t*>(a.cu_seqlens_out));
+  cudaFree(const_cast<void*>(a.hidden)), cudaFree(const_cast<float*>(a.cum));
+  cudaFree(const_cast<int64_t*>(a.index_map)), cudaFree(a.hidden_out), cudaFree(a.cum_out), cudaFree(a.index_out);
 }
 
 }  // namespace
@@ -368,8 +485,18 @@ int main() {
       {0, 16, 0, 80, DType::kBFloat16, false, false, true, false, 2.0f, 0.0f, 1e-4, {1, 300, 17}},  // (H, T, D)
       {0, 3, 0, 5, DType::kFloat64, true, true, true, true, 2.0f, 0.0f, 1e-4, {29, 3}},
       {0, 16, 0, 64, DType::kBFloat16, true, true, true, true, 3.0f, 100.0f, 1e-3, {577, 2, 200}},
+      // 16k tokens (N = 16384: many chunks, the last one partial), dense and packed beside short images.
+      {1, 16, 16385, 64, DType::kFloat16, true, true, true, true},
+      {0, 16, 0, 64, DType::kBFloat16, true, true, true, false, 2.0f, 0.0f, 1e-4, {16385, 3, 700}},
+      // Ties: every k row of an image the same, so every head's logits tie (uniform attention, entropy 1).
+      {2, 16, 577, 64, DType::kFloat32, true, true, true, true, 2.0f, 0.0f, 1e-4, {}, true},
+      {0, 12, 0, 64, DType::kFloat16, true, false, true, false, 2.0f, 0.0f, 1e-4, {130, 2, 33}, true},
+      // H = 12 and H = 40: lanes per head 2 with idle lanes, and several passes of one lane per head.
+      {2, 12, 100, 64, DType::kFloat32, true, true, true, true},
+      {1, 40, 50, 32, DType::kFloat16, true, true, true, true},
   };
   for (const ScoreCase& t : score_cases) test_flow_scores(t, rng);
+  test_flow_scores_nan(rng);
   for (bool cls : {true, false})
     for (int64_t keep : {1, 2, 17, 100}) {
       test_select_gather(3, 100, 40, keep, cls, 4, rng);  // 16-byte copies
@@ -384,6 +511,11 @@ int main() {
   }
   test_select_gather({1, 7, 3}, {1, 5, 3}, true, 8, false, 8, rng);               // one-row images (mean)
   test_select_gather({16385, 10, 600}, {4000, 10, 2}, true, 64, true, 2, rng);    // one long image
+  // Constant scores (every candidate ties: keep the lowest indices), long and short, N not a multiple of the block.
+  test_select_gather(2, 16385, 64, 4000, true, 2, rng, true);
+  test_select_gather({16385, 1000, 3}, {300, 999, 2}, true, 32, false, 4, rng, true);
+  test_select_gather({2, 2}, {1, 2}, true, 16, true, 4, rng);  // N = 1: the relay alone, and everything kept
+  test_bad_offsets();
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }

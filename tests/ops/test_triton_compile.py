@@ -20,10 +20,11 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from flowcut_kernels.ops.triton import flow_scores as f, primitives as p, select_gather as g
+    from flowcut_kernels.ops.triton import attention_scores as pa, flow_scores as f, merge_nearest as pm
+    from flowcut_kernels.ops.triton import select_gather as g, text_guided_scores as pt, topk_select as pk
 
     DATA = {"q_ptr", "k_ptr", "v_ptr", "hidden_ptr", "out_ptr"}  # pointers of the input dtype
-    INDEX = {"idx_ptr", "idx_out_ptr"}                            # int64 pointers
+    INDEX = {"idx_ptr", "idx_out_ptr", "src_ptr"}                 # int64 pointers
     OFFSETS = {"cu_ptr", "cu_out_ptr"}                            # cu_seqlens' dtype; other pointers fp32
 
     def build(kernel, dtype, cu, **constexprs):
@@ -48,9 +49,11 @@ SCRIPT = textwrap.dedent(
         flags = dict(HAS_CLS=has_cls, SEMANTIC=semantic, VARLEN=varlen)
         build(f._flow_scores_fused, dtype, cu, **flags, HAS_PREV=prev, BLOCK_D=64, **blocks)
         build(f._flow_scores_split, dtype, cu, **flags, BLOCK_S=64, BLOCK_D=64, BLOCK_B=4)
-        build(f._flow_scores_finish, dtype, cu, **flags, HAS_PREV=prev, **blocks)
-        build(g._select_gather_kernel, dtype, cu, HAS_CLS=has_cls, VARLEN=varlen, BLOCK_SEARCH=1024, BLOCK_N=64,
-              BLOCK_C=128)
+        build(f._flow_scores_heads, dtype, cu, **flags, **blocks)
+        build(f._flow_scores_finish, dtype, cu, **flags, HAS_PREV=prev, BLOCK_S=64, BLOCK_H=16, BLOCK_B=4)
+        build(f._flow_scores_entropy, dtype, cu, HAS_CLS=has_cls, VARLEN=varlen, BLOCK_S=64, BLOCK_C=64)
+        build(g._select_rows_kernel, dtype, cu, HAS_CLS=has_cls, VARLEN=varlen, BLOCK_SEARCH=1024, BLOCK_N=64)
+        build(g._gather_rows_kernel, dtype, cu, BLOCK_R=64, BLOCK_C=128)
 
     # The generic primitives: pointer types by name (others fp32), dots in the input dtype or in fp32 (F32).
     def build_primitive(kernel, pointers, **constexprs):
@@ -72,17 +75,17 @@ SCRIPT = textwrap.dedent(
     ):
         data = dict.fromkeys(("q_ptr", "k_ptr", "vr_ptr", "v_ptr"), dtype)
         tiles = dict(F32=f32, BLOCK_M=16, BLOCK_S=64, BLOCK_D=128)
-        for kernel in (p._attn_lse_kernel, p._attn_mean_kernel):
+        for kernel in (pa._attn_lse_kernel, pa._attn_mean_kernel):
             build_primitive(kernel, {**data, "mask_ptr": "i1"}, HAS_MASK=flag, **tiles)
-        for kernel in (p._text_lse_kernel, p._text_score_kernel):
+        for kernel in (pt._text_lse_kernel, pt._text_score_kernel):
             build_primitive(kernel, {**data, "seg_ptr": "i64"}, **tiles)
         index = {"kept_ptr": "i64", "dropped_ptr": "i64", "kept_cu_ptr": cu, "dropped_cu_ptr": cu}
-        build_primitive(p._topk_select_kernel, {**index, "scores_ptr": dtype, "prot_ptr": "i1", "cu_ptr": cu,
+        build_primitive(pk._topk_select_kernel, {**index, "scores_ptr": dtype, "prot_ptr": "i1", "cu_ptr": cu,
                         "keep_ptr": "i64"}, HAS_PROTECT=flag, BLOCK_SEARCH=1024, BLOCK_N=256)
         index["target_ptr"] = "i64"
-        build_primitive(p._merge_assign_kernel, {**index, "keys_ptr": dtype}, F32=f32, BLOCK_J=32, BLOCK_K=32,
+        build_primitive(pm._merge_assign_kernel, {**index, "keys_ptr": dtype}, F32=f32, BLOCK_J=32, BLOCK_K=32,
                         BLOCK_CK=64)
-        build_primitive(p._merge_accumulate_kernel, {**index, "hidden_ptr": dtype, "out_ptr": dtype,
+        build_primitive(pm._merge_accumulate_kernel, {**index, "hidden_ptr": dtype, "out_ptr": dtype,
                         "sizes_ptr": "fp64" if flag else "fp32"}, HAS_SIZES=flag, BLOCK_J=32, BLOCK_C=128)
     print("compiled")
     """

@@ -18,7 +18,10 @@ triton = pytest.importorskip("triton", reason="the triton backend needs the trit
 if "triton" not in available_backends("cpu") + available_backends("cuda"):
     pytest.skip(f"triton backend unavailable: {available_backends('cpu', reasons=True)}", allow_module_level=True)
 
-from flowcut_kernels.ops.triton import primitives as tp
+from flowcut_kernels.ops.triton import attention_scores as t_attention
+from flowcut_kernels.ops.triton import merge_nearest as t_merge
+from flowcut_kernels.ops.triton import text_guided_scores as t_text
+from flowcut_kernels.ops.triton import topk_select as t_topk
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -144,13 +147,13 @@ def test_attention_scores(dtype, shape):
     mask[0, 1] = False  # a hole
     for key_mask in (None, mask):
         for start, end in ((0, s), (1, s - 1), (s // 2, s // 2 + 1)):
-            got = tp.attention_scores(q, k, d**-0.5, key_mask, start, end)
+            got = t_attention.attention_scores(q, k, d**-0.5, key_mask, start, end)
             assert got.dtype == torch.float32 and got.shape == (b, end - start) and got.is_contiguous()
             torch.testing.assert_close(got, reference.attention_scores(q, k, d**-0.5, key_mask, start, end),
                                        **SCORE_TOL)
             want = naive_attention_scores(q, k, d**-0.5, key_mask, start, end)
             torch.testing.assert_close(got.double().cpu(), want, **ORACLE_TOL)
-    full = tp.attention_scores(q, k, d**-0.5, mask, 0, s)
+    full = t_attention.attention_scores(q, k, d**-0.5, mask, 0, s)
     assert torch.equal(full[~mask], torch.zeros_like(full[~mask]))
     torch.testing.assert_close(full.sum(-1), torch.ones(b, device=DEVICE), rtol=1e-5, atol=1e-5)
 
@@ -161,10 +164,11 @@ def test_attention_scores_long_sequence_and_large_logits():
     q = torch.randn(1, 2, 2, 16, generator=g).to(DEVICE)
     k = heads(1, 200, 1, 16, torch.float32, g)
     k[:, :, 170] = 6 * q[0, 0, 0]  # one huge logit in the third chunk
-    got = tp.attention_scores(q, k, 0.25, None, 100, 200)
+    got = t_attention.attention_scores(q, k, 0.25, None, 100, 200)
     torch.testing.assert_close(got, reference.attention_scores(q, k, 0.25, None, 100, 200), **SCORE_TOL)
     torch.testing.assert_close(got.double().cpu(), naive_attention_scores(q, k, 0.25, None, 100, 200), **ORACLE_TOL)
-    mixed = tp.attention_scores(q.double(), k.half(), 0.25, None, 0, 200)  # q float64, k float16: computed in fp32
+    # q float64, k float16: computed in fp32
+    mixed = t_attention.attention_scores(q.double(), k.half(), 0.25, None, 0, 200)
     torch.testing.assert_close(mixed, reference.attention_scores(q.double(), k.half(), 0.25, None, 0, 200),
                                **SCORE_TOL)
 
@@ -190,7 +194,7 @@ def test_text_guided_scores(dtype, shape, segments):
     q_relay = heads(b, 1, hq, d, dtype, g, 2.0)[:, :, 0]  # (B, Hq, D), strided
     v_relay = heads(b, 1, hkv, d, dtype, g, 2.0)[:, :, 0]
     k, v = heads(b, s, hkv, d, dtype, g, 2.0), heads(b, s, hkv, d, dtype, g)
-    got = tp.text_guided_scores(q_relay, v_relay, k, v, segments, d**-0.5)
+    got = t_text.text_guided_scores(q_relay, v_relay, k, v, segments, d**-0.5)
     total = sum(segments[2::3]) - sum(segments[1::3])
     assert got.dtype == torch.float32 and got.shape == (total,)
     torch.testing.assert_close(got, reference.text_guided_scores(q_relay, v_relay, k, v, segments, d**-0.5),
@@ -201,7 +205,7 @@ def test_text_guided_scores(dtype, shape, segments):
 
 def test_text_guided_scores_no_segments():
     k = torch.randn(1, 1, 4, 8, device=DEVICE)
-    got = tp.text_guided_scores(k[:, :, 0], k[:, :, 0], k, k, [], 0.3)
+    got = t_text.text_guided_scores(k[:, :, 0], k[:, :, 0], k, k, [], 0.3)
     assert got.shape == (0,) and got.dtype == torch.float32
 
 
@@ -231,7 +235,7 @@ def tricky_scores(n, dtype, g):
 
 
 def check_topk(scores, cu, keep, protect):
-    got = tp.topk_select(scores, cu, keep, protect)
+    got = t_topk.topk_select(scores, cu, keep, protect)
     kept, dropped, kept_cu, dropped_cu = got
     assert kept.dtype == dropped.dtype == torch.int64 and kept_cu.dtype == dropped_cu.dtype == cu.dtype
     for x, y in zip(got, reference.topk_select(scores, cu, keep, protect)):
@@ -274,13 +278,13 @@ def test_topk_select_long_image():
 def test_topk_select_signed_zero_and_nan_order():
     """−0.0 ties +0.0 (lower index first); NaNs of any sign or payload rank above +inf, by index."""
     s = torch.tensor([0.0, -0.0, 1.0, -0.0, 0.0], device=DEVICE)
-    kept = tp.topk_select(s, cu_seqlens([5]), [3], None)[0]
+    kept = t_topk.topk_select(s, cu_seqlens([5]), [3], None)[0]
     assert kept.tolist() == [0, 1, 2]
     nans = nan_bits(torch.float32)
     s = torch.tensor([float("inf"), 0.0, 0.0, 0.0, 5.0, 0.0], device=DEVICE)
     s[[5, 1, 3]] = nans[:3].to(DEVICE)
     for keep, want in ((1, [1]), (2, [1, 3]), (3, [1, 3, 5]), (4, [0, 1, 3, 5])):
-        assert tp.topk_select(s, cu_seqlens([6]), [keep], None)[0].tolist() == want
+        assert t_topk.topk_select(s, cu_seqlens([6]), [keep], None)[0].tolist() == want
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +299,7 @@ def selection(lengths, keep, g, protect_rate=0.0):
 
 
 def check_merge(hidden, keys, sel, sizes):
-    merged, size_out = tp.merge_nearest(hidden, keys, *sel, sizes)
+    merged, size_out = t_merge.merge_nearest(hidden, keys, *sel, sizes)
     assert merged.dtype == hidden.dtype and size_out.dtype == torch.float32
     want = reference.merge_nearest(hidden, keys, *sel, sizes)
     torch.testing.assert_close(merged, want[0], **MERGED_TOL[hidden.dtype])
@@ -332,7 +336,7 @@ def test_merge_nearest_similarity_ties():
     cu_k, cu_d = torch.tensor([0, 3], device=DEVICE), torch.tensor([0, n - 3], device=DEVICE)
     keys[4] = 2 * keys[1]
     keys[7] = 0.5 * keys[1]
-    merged, size_out = tp.merge_nearest(hidden, keys, kept, dropped, cu_k, cu_d, None)
+    merged, size_out = t_merge.merge_nearest(hidden, keys, kept, dropped, cu_k, cu_d, None)
     assert size_out.tolist() == [n - 2, 1, 1]
     want = reference.merge_nearest(hidden, keys, kept, dropped, cu_k, cu_d, None)
     torch.testing.assert_close(merged, want[0], **MERGED_TOL[torch.float32])
@@ -351,7 +355,7 @@ def test_merge_nearest_similarity_ties():
     keys[40:45] = keys[2]
     keys[45:] = 0.25 * keys[37]
     cu_k, cu_d = torch.tensor([0, 40], device=DEVICE), torch.tensor([0, 10], device=DEVICE)
-    size_out = tp.merge_nearest(hidden, keys, kept, dropped, cu_k, cu_d, None)[1]
+    size_out = t_merge.merge_nearest(hidden, keys, kept, dropped, cu_k, cu_d, None)[1]
     assert size_out[2] == 11 and size_out[37] == 1
     check_merge(hidden, keys, (kept, dropped, cu_k, cu_d), None)
 
@@ -360,7 +364,7 @@ def test_merge_nearest_nothing_dropped():
     g = torch.Generator().manual_seed(6)
     hidden, keys = torch.randn(9, 4, generator=g).to(DEVICE), torch.randn(9, 5, generator=g).to(DEVICE)
     sel = selection([4, 5], [4, 5], g)
-    merged, size_out = tp.merge_nearest(hidden, keys, *sel, None)
+    merged, size_out = t_merge.merge_nearest(hidden, keys, *sel, None)
     assert torch.equal(merged, hidden) and torch.equal(size_out, torch.ones(9, device=DEVICE))
     check_merge(hidden, keys, sel, torch.rand(9, generator=g).to(DEVICE) + 1)
 

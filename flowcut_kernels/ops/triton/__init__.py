@@ -1,7 +1,9 @@
 """Backend "triton": the Triton kernels as torch ops ``flowcut::triton_flow_scores`` / ``triton_select_gather``,
 their packed-batch forms ``triton_flow_scores_varlen`` / ``triton_select_gather_varlen`` (the same kernels),
 and the generic primitives ``triton_attention_scores`` / ``triton_text_guided_scores`` / ``triton_topk_select``
-/ ``triton_merge_nearest`` (:mod:`.primitives`).
+/ ``triton_merge_nearest``: one module per kernel family (:mod:`.flow_scores`, :mod:`.select_gather`,
+:mod:`.attention_scores`, :mod:`.text_guided_scores`, :mod:`.topk_select`, :mod:`.merge_nearest`), with the pieces
+they share in :mod:`.dots` and :mod:`.select`.
 
 On a GPU they are ``torch.library.triton_op``s launching through ``wrap_triton``, so torch.compile
 sees the kernels. Under the CPU interpreter (``TRITON_INTERPRET=1`` set before import) triton_op
@@ -24,7 +26,7 @@ from torch import Tensor
 from .. import validate
 from ..backends import Backend, register_backend
 from ..library import register_fakes
-from . import primitives
+from . import attention_scores, merge_nearest, text_guided_scores, topk_select
 from .flow_scores import flow_scores_into, flow_scores_outputs
 from .select_gather import select_gather_into, select_gather_outputs
 
@@ -86,7 +88,7 @@ def triton_attention_scores(
     q: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor], span_start: int, span_end: int
 ) -> Tensor:
     validate.attention_scores(q, k, scale, key_mask, span_start, span_end)
-    return primitives.attention_scores(q, k, scale, key_mask, span_start, span_end, wrap=_wrap)
+    return attention_scores.attention_scores(q, k, scale, key_mask, span_start, span_end, wrap=_wrap)
 
 
 @_define("flowcut::triton_text_guided_scores", mutates_args=())
@@ -94,14 +96,14 @@ def triton_text_guided_scores(
     q_relay: Tensor, v_relay: Tensor, k: Tensor, v: Tensor, segments: list[int], scale: float
 ) -> Tensor:
     validate.text_guided_scores(q_relay, v_relay, k, v, segments, scale)
-    return primitives.text_guided_scores(q_relay, v_relay, k, v, segments, scale, wrap=_wrap)
+    return text_guided_scores.text_guided_scores(q_relay, v_relay, k, v, segments, scale, wrap=_wrap)
 
 
 @_define("flowcut::triton_topk_select", mutates_args=())
 def triton_topk_select(
     scores: Tensor, cu_seqlens: Tensor, keep: list[int], protect: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return primitives.topk_select(scores, cu_seqlens, keep, protect, wrap=_wrap)
+    return topk_select.topk_select(scores, cu_seqlens, keep, protect, wrap=_wrap)
 
 
 @_define("flowcut::triton_merge_nearest", mutates_args=())
@@ -109,7 +111,7 @@ def triton_merge_nearest(
     hidden: Tensor, keys: Tensor, kept: Tensor, dropped: Tensor, kept_cu: Tensor, dropped_cu: Tensor,
     sizes: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    return primitives.merge_nearest(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes, wrap=_wrap)
+    return merge_nearest.merge_nearest(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes, wrap=_wrap)
 
 
 if INTERPRET:

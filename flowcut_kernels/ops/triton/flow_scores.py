@@ -19,12 +19,16 @@ Per image the kernels read q_relay, k and v once, chunk by chunk of ``BLOCK_S`` 
           and A[j] = mean_h exp(l_h[j] − lse_all_h) (it may underflow to 0 when the relay takes
           almost all the mass: its true float32 value); the semantic term p_sem likewise. Then the
           layer score ((p + p_sem)·ρ in the CLS variant, A·ρ in the mean variant), the cumulative
-          update with ``prev`` and the normalised entropy Hn of p (without cancellation: a p_m > ½ takes
-          ln p_m = log1p(−Σ of the other p), see :func:`_finish_phase`).
+          update with ``prev``, chunk by chunk (:func:`_finish_chunk`), and the normalised entropy Hn of p
+          from the chunks' sums (without cancellation: a p_m > ½ takes ln p_m = log1p(−Σ of the other p),
+          see :func:`_entropy`).
 For short images (CLIP's 577 tokens) one program per image runs both phases: one launch. When the
-longest image has 2048 tokens or more and the batch at most 64 images, phase 1 is split over
-(image, chunk) programs and phase 2 is one small second launch that reads only the scratch (2·H + 1
-floats per token). A packed batch is never read on the host: its longest image is taken as
+longest image has 2048 tokens or more and the batch at most 64 images, no program streams a whole image:
+phase 1 runs over (image, chunk) programs, then a small launch per image merges its chunk statistics into
+the per-head weights (O(chunks · H)), phase 2 runs over (image, chunk) programs again (reading only the
+scratch, 2·H + 1 floats per token), and a last small launch per image sums the chunks' entropy terms. Both
+paths share the chunk code and the entropy's summation order, so they agree bit for bit. A packed batch is
+never read on the host: its longest image is taken as
 T − (B − 1)·(1 + has_cls), the most rows one image can have, and its split grid has one program per
 chunk slot of the packed axis (:func:`_slot_owner`). Everything accumulates in float32; every address
 is computed in int64 (inputs may span > 2^31 elements).
@@ -166,69 +170,89 @@ def _neg_log1p_neg(r):
 
 
 @triton.jit
-def _finish_phase(
-    logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
-    b, start, S, T, H, sp_b, sp_n,
-    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+def _image_weights(
+    logits, sems, stats, T, H, n_chunks, HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """Phase 2 for image b (int64 ids; S tokens from packed row start): p, A, p_sem, the layer score, S_cum
-    and Hn, in one pass over the tokens."""
-    FIRST: tl.constexpr = 1 if HAS_CLS else 0
-    N = S - FIRST
-    first_cand = start - b * FIRST  # the image's first candidate on the packed axis
-    prev = prev_ptr + b * sp_b + (first_cand if VARLEN else 0) * sp_n
-    n_chunks = tl.cdiv(S, BLOCK_S)
-    stats = stat_ptr + ((start // BLOCK_S + b) * H) * 4
-    logits, sems = logit_ptr + start, sem_ptr + start
+    """Per head (BLOCK_H,) of one image (logit rows from ``logits`` / ``sems``, chunk stats from ``stats``):
+    lse_cand, lse_all and the normalised w of the relay logits, then lse_cand and w of the semantic logits (the
+    relay ones again without SEMANTIC)."""
     lse_a, lse_all, w_a = _head_weights(logits, stats, T, H, n_chunks, 0, HAS_CLS, BLOCK_H, BLOCK_C)
+    lse_s, w_s = lse_a, w_a
     if SEMANTIC:
         lse_s, _, w_s = _head_weights(sems, stats, T, H, n_chunks, 2, HAS_CLS, BLOCK_H, BLOCK_C)
-    uniform = tl.where(tl.arange(0, BLOCK_H) < H, 1.0 / H, 0.0)
-    # Hn without cancellation: the p_j ≤ ½ add −p_j ln p_j; a p_m > ½ (one-hot rows put 1 − 1e-10 there, which
-    # rounds to 1) takes −ln p_m = −log1p(−r), r = Σ of the others (its exact complement).
-    ent_small = 0.0  # Σ −p ln p over p ≤ ½
-    ent_big = 0.0  # Σ −p ln p over p > ½ (used only if rounding leaves two of them)
-    rest = 0.0  # Σ p over p ≤ ½
-    large = 0.0  # Σ p over p > ½
-    n_big = 0
-    for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
-        cand = (offs_s >= FIRST) & (offs_s < S)
-        j = offs_s - FIRST
-        x = _logit_tile(logits, T, H, offs_s, cand, BLOCK_H)
-        p = _mix(x, lse_a, w_a)
-        if HAS_CLS:
-            a = _mix(x, lse_all, uniform)
-        else:
-            a = p  # lse_all = lse_cand and w_h = 1/H: the same sum
-        tl.store(attn_ptr + first_cand + j, a, mask=cand)
-        big = p > 0.5
-        plogp = p * tl.log(tl.where(p > 0.0, p, 1.0))  # 0·ln 0 = 0
-        ent_small -= tl.sum(tl.where(big, 0.0, plogp), axis=0)
-        ent_big -= tl.sum(tl.where(big, plogp, 0.0), axis=0)
-        rest += tl.sum(tl.where(big, 0.0, p), axis=0)
-        large += tl.sum(tl.where(big, p, 0.0), axis=0)
-        n_big += tl.sum(big.to(tl.int32), axis=0)
-        rho = tl.load(rho_ptr + start + offs_s, mask=cand, other=0.0)
-        if HAS_CLS:
-            score = p
-            if SEMANTIC:
-                score += _mix(_logit_tile(sems, T, H, offs_s, cand, BLOCK_H), lse_s, w_s)
-            score = score * rho
-        else:
-            score = a * rho
-        if HAS_PREV:
-            score = 0.5 * tl.load(prev + j * sp_n, mask=cand, other=0.0) + 0.5 * score
-        tl.store(cum_ptr + first_cand + j, score, mask=cand)
-    neg_plogp = ent_small + tl.where(n_big == 1, large * _neg_log1p_neg(tl.minimum(rest, 0.5)), ent_big)
+    return lse_a, lse_all, w_a, lse_s, w_s
+
+
+@triton.jit
+def _finish_chunk(
+    logits, sems, rho_ptr, prev, cum_ptr, attn_ptr, part_ptr, first_cand, start, s0, S, T, H, sp_n,
+    lse_a, lse_all, w_a, lse_s, w_s,
+    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Phase 2 for tokens s0 … s0 + BLOCK_S of one image (S tokens from packed row start, candidates from
+    first_cand): p, A, p_sem, the layer score and S_cum; the chunk's entropy sums go to part_ptr[0 … 4]:
+    Σ −p ln p over p ≤ ½, the same over p > ½, Σ p over p ≤ ½, Σ p over p > ½, and how many p > ½."""
+    FIRST: tl.constexpr = 1 if HAS_CLS else 0
+    offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+    cand = (offs_s >= FIRST) & (offs_s < S)
+    j = offs_s - FIRST
+    x = _logit_tile(logits, T, H, offs_s, cand, BLOCK_H)
+    p = _mix(x, lse_a, w_a)
+    if HAS_CLS:
+        a = _mix(x, lse_all, tl.where(tl.arange(0, BLOCK_H) < H, 1.0 / H, 0.0))
+    else:
+        a = p  # lse_all = lse_cand and w_h = 1/H: the same sum
+    tl.store(attn_ptr + first_cand + j, a, mask=cand)
+    big = p > 0.5
+    plogp = p * tl.log(tl.where(p > 0.0, p, 1.0))  # 0·ln 0 = 0
+    tl.store(part_ptr, -tl.sum(tl.where(big, 0.0, plogp), axis=0))
+    tl.store(part_ptr + 1, -tl.sum(tl.where(big, plogp, 0.0), axis=0))
+    tl.store(part_ptr + 2, tl.sum(tl.where(big, 0.0, p), axis=0))
+    tl.store(part_ptr + 3, tl.sum(tl.where(big, p, 0.0), axis=0))
+    tl.store(part_ptr + 4, tl.sum(big.to(tl.float32), axis=0))
+    rho = tl.load(rho_ptr + start + offs_s, mask=cand, other=0.0)
+    if HAS_CLS:
+        score = p
+        if SEMANTIC:
+            score += _mix(_logit_tile(sems, T, H, offs_s, cand, BLOCK_H), lse_s, w_s)
+        score = score * rho
+    else:
+        score = a * rho
+    if HAS_PREV:
+        score = 0.5 * tl.load(prev + j * sp_n, mask=cand, other=0.0) + 0.5 * score
+    tl.store(cum_ptr + first_cand + j, score, mask=cand)
+
+
+@triton.jit
+def _entropy(part_ptr, ent_ptr, b, N, n_chunks, BLOCK_C: tl.constexpr):
+    """Hn of image b from its n_chunks chunks' entropy sums at part_ptr (n_chunks, 8), in chunk order, without
+    cancellation: a p_m > ½ (one-hot rows put 1 − 1e-10 there, which rounds to 1) takes −ln p_m = −log1p(−r),
+    r = Σ of the others (its exact complement); if rounding leaves two values above ½, their own logs."""
+    ent_small = 0.0
+    ent_big = 0.0
+    rest = 0.0
+    large = 0.0
+    n_big = 0.0
+    for c0 in range(0, n_chunks, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        at = part_ptr + offs * 8
+        mask = offs < n_chunks
+        ent_small += tl.sum(tl.load(at, mask=mask, other=0.0), axis=0)
+        ent_big += tl.sum(tl.load(at + 1, mask=mask, other=0.0), axis=0)
+        rest += tl.sum(tl.load(at + 2, mask=mask, other=0.0), axis=0)
+        large += tl.sum(tl.load(at + 3, mask=mask, other=0.0), axis=0)
+        n_big += tl.sum(tl.load(at + 4, mask=mask, other=0.0), axis=0)
+    neg_plogp = ent_small + tl.where(n_big == 1.0, large * _neg_log1p_neg(tl.minimum(rest, 0.5)), ent_big)
     log_n = tl.log(tl.maximum(N, 2).to(tl.float32))
     tl.store(ent_ptr + b, tl.where(N > 1, neg_plogp / log_n, 0.0))  # Hn = 0 for a single candidate
 
 
 @triton.jit
 def _flow_scores_fused(
-    q_ptr, k_ptr, v_ptr, cu_ptr, prev_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, cum_ptr, ent_ptr, attn_ptr,
+    q_ptr, k_ptr, v_ptr, cu_ptr, prev_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, part_ptr, cum_ptr, ent_ptr,
+    attn_ptr,
     S, T, H, D, scale,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sp_b, sp_n,
     HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
@@ -244,10 +268,23 @@ def _flow_scores_fused(
             HAS_CLS, SEMANTIC, VARLEN, BLOCK_S, BLOCK_D,
         )
     tl.debug_barrier()  # the scratch written above is read by other threads below
-    _finish_phase(
-        logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
-        b, start, length, T, H, sp_b, sp_n, HAS_CLS, SEMANTIC, HAS_PREV, VARLEN, BLOCK_S, BLOCK_H, BLOCK_C,
+    FIRST: tl.constexpr = 1 if HAS_CLS else 0
+    n_chunks = tl.cdiv(length, BLOCK_S)
+    slot0 = start // BLOCK_S + b  # the image's first chunk slot
+    logits, sems = logit_ptr + start, sem_ptr + start
+    lse_a, lse_all, w_a, lse_s, w_s = _image_weights(
+        logits, sems, stat_ptr + slot0 * H * 4, T, H, n_chunks, HAS_CLS, SEMANTIC, BLOCK_H, BLOCK_C,
     )
+    first_cand = start - b * FIRST
+    prev = prev_ptr + b * sp_b + (first_cand if VARLEN else 0) * sp_n
+    for c in range(n_chunks):
+        _finish_chunk(
+            logits, sems, rho_ptr, prev, cum_ptr, attn_ptr, part_ptr + (slot0 + c) * 8, first_cand, start,
+            c * BLOCK_S, length, T, H, sp_n, lse_a, lse_all, w_a, lse_s, w_s,
+            HAS_CLS, SEMANTIC, HAS_PREV, BLOCK_S, BLOCK_H,
+        )
+    tl.debug_barrier()  # the entropy sums written above are read by other threads below
+    _entropy(part_ptr + slot0 * 8, ent_ptr, b, length - FIRST, n_chunks, BLOCK_C)
 
 
 @triton.jit
@@ -262,6 +299,18 @@ def _slot_owner(cu_ptr, B, slot, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _program_chunk(cu_ptr, B, S, VARLEN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The (image, chunk) of this program of a split launch — grid (B, chunks) for a dense batch, (chunk slots,)
+    for a packed one — and the image's first packed row and length; the chunk may lie past the image's end."""
+    if VARLEN:
+        b, c = _slot_owner(cu_ptr, B, tl.program_id(0).to(tl.int64), BLOCK_S, BLOCK_B)
+    else:
+        b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    start, length = segment(cu_ptr, b, S, VARLEN)
+    return b, c, start, length
+
+
+@triton.jit
 def _flow_scores_split(
     q_ptr, k_ptr, v_ptr, cu_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr,
     B, S, T, H, D, scale,
@@ -271,11 +320,7 @@ def _flow_scores_split(
 ):
     """Phase 1 with one program per (image, chunk), for long images: grid (B, chunks) for a dense batch,
     (chunk slots,) for a packed one."""
-    if VARLEN:
-        b, c = _slot_owner(cu_ptr, B, tl.program_id(0).to(tl.int64), BLOCK_S, BLOCK_B)
-    else:
-        b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    start, length = segment(cu_ptr, b, S, VARLEN)
+    b, c, start, length = _program_chunk(cu_ptr, B, S, VARLEN, BLOCK_S, BLOCK_B)
     if c * BLOCK_S < length:
         _chunk_phase(
             q_ptr, k_ptr, v_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, b, c, start, length, T, H, D, scale,
@@ -285,19 +330,62 @@ def _flow_scores_split(
 
 
 @triton.jit
-def _flow_scores_finish(
-    cu_ptr, logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
-    S, T, H, sp_b, sp_n,
-    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+def _flow_scores_heads(
+    cu_ptr, logit_ptr, sem_ptr, stat_ptr, head_ptr, S, T, H,
+    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Phase 2 with one program per image, after :func:`_flow_scores_split`."""
+    """Program b, after :func:`_flow_scores_split`: image b's per-head statistics (:func:`_image_weights`, merged
+    from its chunk stats: O(chunks · H) work) to head_ptr (B, 5, BLOCK_H)."""
     b = tl.program_id(0).to(tl.int64)
     start, length = segment(cu_ptr, b, S, VARLEN)
-    _finish_phase(
-        logit_ptr, sem_ptr, rho_ptr, stat_ptr, prev_ptr, cum_ptr, ent_ptr, attn_ptr,
-        b, start, length, T, H, sp_b, sp_n, HAS_CLS, SEMANTIC, HAS_PREV, VARLEN, BLOCK_S, BLOCK_H, BLOCK_C,
+    stats = stat_ptr + (start // BLOCK_S + b) * H * 4
+    lse_a, lse_all, w_a, lse_s, w_s = _image_weights(
+        logit_ptr + start, sem_ptr + start, stats, T, H, tl.cdiv(length, BLOCK_S), HAS_CLS, SEMANTIC, BLOCK_H,
+        BLOCK_C,
     )
+    heads = head_ptr + b * 5 * BLOCK_H + tl.arange(0, BLOCK_H)
+    tl.store(heads, lse_a)
+    tl.store(heads + BLOCK_H, lse_all)
+    tl.store(heads + 2 * BLOCK_H, w_a)
+    tl.store(heads + 3 * BLOCK_H, lse_s)
+    tl.store(heads + 4 * BLOCK_H, w_s)
+
+
+@triton.jit
+def _flow_scores_finish(
+    cu_ptr, logit_ptr, sem_ptr, rho_ptr, head_ptr, part_ptr, prev_ptr, cum_ptr, attn_ptr,
+    B, S, T, H, sp_b, sp_n,
+    HAS_CLS: tl.constexpr, SEMANTIC: tl.constexpr, HAS_PREV: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Phase 2 with one program per (image, chunk), the grid of :func:`_flow_scores_split`: no program streams a
+    whole image."""
+    FIRST: tl.constexpr = 1 if HAS_CLS else 0
+    b, c, start, length = _program_chunk(cu_ptr, B, S, VARLEN, BLOCK_S, BLOCK_B)
+    if c * BLOCK_S < length:
+        offs_h = tl.arange(0, BLOCK_H)
+        heads = head_ptr + b * 5 * BLOCK_H + offs_h
+        first_cand = start - b * FIRST
+        _finish_chunk(
+            logit_ptr + start, sem_ptr + start, rho_ptr, prev_ptr + b * sp_b + (first_cand if VARLEN else 0) * sp_n,
+            cum_ptr, attn_ptr, part_ptr + (start // BLOCK_S + b + c) * 8, first_cand, start, c * BLOCK_S, length,
+            T, H, sp_n, tl.load(heads), tl.load(heads + BLOCK_H), tl.load(heads + 2 * BLOCK_H),
+            tl.load(heads + 3 * BLOCK_H), tl.load(heads + 4 * BLOCK_H),
+            HAS_CLS, SEMANTIC, HAS_PREV, BLOCK_S, BLOCK_H,
+        )
+
+
+@triton.jit
+def _flow_scores_entropy(
+    cu_ptr, part_ptr, ent_ptr, S, HAS_CLS: tl.constexpr, VARLEN: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Program b, after :func:`_flow_scores_finish`: image b's Hn from its chunks' entropy sums."""
+    b = tl.program_id(0).to(tl.int64)
+    start, length = segment(cu_ptr, b, S, VARLEN)
+    _entropy(part_ptr + (start // BLOCK_S + b) * 8, ent_ptr, b, length - (1 if HAS_CLS else 0),
+             tl.cdiv(length, BLOCK_S), BLOCK_C)
 
 
 BLOCK_S = 64
@@ -341,7 +429,9 @@ def flow_scores_into(
     logits = torch.empty((heads, rows), **f32)
     sem = torch.empty((heads, rows), **f32) if semantic else logits
     rho = torch.empty((rows,), **f32)
-    stats = torch.empty((rows // BLOCK_S + batch, heads, 4), **f32)  # chunk slots (see _slot_owner)
+    slots = rows // BLOCK_S + batch  # chunk slots (see _slot_owner)
+    stats = torch.empty((slots, heads, 4), **f32)
+    parts = torch.empty((slots, 8), **f32)  # each chunk's entropy sums
     cu_arg = cu_seqlens if packed else cum  # not read for a dense batch
     prev_arg = prev if prev is not None else cum
     strides = (*q_relay.stride(), *slabs[0], *slabs[1])
@@ -349,19 +439,27 @@ def flow_scores_into(
     block_d = triton.next_power_of_2(dim)
     flags = dict(HAS_CLS=has_cls, SEMANTIC=semantic, HAS_PREV=prev is not None, VARLEN=packed)
     if split:
-        grid = (rows // BLOCK_S + batch,) if packed else (batch, triton.cdiv(longest, BLOCK_S))
+        grid = (slots,) if packed else (batch, triton.cdiv(longest, BLOCK_S))
+        block_b = triton.next_power_of_2(batch)
         wrap(_flow_scores_split)[grid](
             q_relay, k, v, cu_arg, logits, sem, rho, stats, batch, longest, rows, heads, dim, scale, *strides,
-            HAS_CLS=has_cls, SEMANTIC=semantic, VARLEN=packed, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
-            BLOCK_B=triton.next_power_of_2(batch),
+            HAS_CLS=has_cls, SEMANTIC=semantic, VARLEN=packed, BLOCK_S=BLOCK_S, BLOCK_D=block_d, BLOCK_B=block_b,
         )
-        wrap(_flow_scores_finish)[(batch,)](
-            cu_arg, logits, sem, rho, stats, prev_arg, cum, entropy, attn, longest, rows, heads, *sp,
-            **flags, **blocks, BLOCK_C=BLOCK_C,
+        head_stats = torch.empty((batch, 5, blocks["BLOCK_H"]), **f32)
+        wrap(_flow_scores_heads)[(batch,)](
+            cu_arg, logits, sem, stats, head_stats, longest, rows, heads,
+            HAS_CLS=has_cls, SEMANTIC=semantic, VARLEN=packed, **blocks, BLOCK_C=BLOCK_C,
+        )
+        wrap(_flow_scores_finish)[grid](
+            cu_arg, logits, sem, rho, head_stats, parts, prev_arg, cum, attn, batch, longest, rows, heads, *sp,
+            **flags, **blocks, BLOCK_B=block_b,
+        )
+        wrap(_flow_scores_entropy)[(batch,)](
+            cu_arg, parts, entropy, longest, HAS_CLS=has_cls, VARLEN=packed, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C,
         )
     else:
         wrap(_flow_scores_fused)[(batch,)](
-            q_relay, k, v, cu_arg, prev_arg, logits, sem, rho, stats, cum, entropy, attn,
+            q_relay, k, v, cu_arg, prev_arg, logits, sem, rho, stats, parts, cum, entropy, attn,
             longest, rows, heads, dim, scale, *strides, *sp,
             **flags, **blocks, BLOCK_D=block_d, BLOCK_C=BLOCK_C,
         )

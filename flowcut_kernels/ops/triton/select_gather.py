@@ -1,18 +1,18 @@
-"""Triton select_gather: top-`keep` by cumulative score, ascending order, gather — one launch, dense or packed.
+"""Triton select_gather: top-`keep` by cumulative score, ascending order, gather — two launches, dense or packed.
 
-Grid (B, ⌈C / BLOCK_C⌉): each program selects for its image and copies one column block of the
-kept hidden rows (row-contiguous tiles, so loads and stores are wide and coalesced); the programs
-of column block 0 also write the gathered scores and index map. A dense batch has hidden (B, S, C)
-and one ``keep``; a packed (varlen) batch has hidden (T, C) with image b on rows cu_seqlens[b] …
-cu_seqlens[b+1], read as a batch sharing one slab (batch stride 0), and each image's kept rows given
-by cu_seqlens_out (built on the host from the keep counts): the same kernel, per-image starts and
+1. grid (B,): each program selects once for its image, writes the kept scores and index map, and records
+   each of the image's output rows' source (the element offset of its hidden row) in an int64 scratch;
+2. grid (⌈rows out / BLOCK_R⌉, ⌈C / BLOCK_C⌉): every output row of the batch copied from its source in
+   row-contiguous tiles (wide, coalesced loads and stores), however the rows fall into images.
+A dense batch has hidden (B, S, C) and one ``keep``; a packed (varlen) batch has hidden (T, C) with image b on
+rows cu_seqlens[b] … cu_seqlens[b+1], read as a batch sharing one slab (batch stride 0), and each image's kept
+rows given by cu_seqlens_out (built on the host from the keep counts): the same kernels, per-image starts and
 lengths from :func:`~.flow_scores.segment`.
 
-Selection without a sort: scores map to order-preserving 32-bit keys (+0.0 and −0.0 equal; every NaN,
-whatever its sign or payload, one key above +inf, as torch.sort ranks NaN), a bitwise binary search
-finds the key t of the n_keep-th largest score, and a compaction pass keeps every key > t plus the
-lowest-indexed keys == t that are still needed (ties → lower index), writing each kept token at its
-running count — which is its ascending original position. Addresses are computed in int64.
+Selection without a sort (:mod:`.select`, shared with topk_select): the key t of the n_keep-th largest score,
+then a compaction pass keeps every key > t plus the lowest-indexed keys == t that are still needed (ties →
+lower index), writing each kept token at its running count — which is its ascending original position.
+Addresses are computed in int64.
 """
 
 from itertools import accumulate
@@ -23,37 +23,18 @@ import triton.language as tl
 from torch import Tensor
 
 from .flow_scores import segment
+from .select import kth_key, row_keys
 
 
 @triton.jit
-def _keys(cum, offs, N, sc_n):
-    """Order-preserving keys in [0, 2^32) of an image's scores cum[offs] (int64 offs) as int64; −1 past N."""
-    x = tl.load(cum + offs * sc_n, mask=offs < N, other=0.0)
-    x = tl.where(x == 0.0, 0.0, x)  # −0.0 ties with +0.0, as in a float sort
-    bits = tl.where(x != x, 0x7FFFFFFF, x.to(tl.int32, bitcast=True))  # any NaN: the top key, 2^32 − 1
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
-    return tl.where(offs < N, ordered, -1)
-
-
-@triton.jit
-def _count_at_least(cum, N, sc_n, t, BLOCK: tl.constexpr):
-    """How many of the image's N keys are >= t."""
-    count = 0
-    for n0 in range(0, N, BLOCK):
-        offs = n0 + tl.arange(0, BLOCK).to(tl.int64)
-        count += tl.sum((_keys(cum, offs, N, sc_n) >= t).to(tl.int32), axis=0)
-    return count
-
-
-@triton.jit
-def _select_gather_kernel(
-    hidden_ptr, cum_ptr, idx_ptr, cu_ptr, cu_out_ptr, out_ptr, cum_out_ptr, idx_out_ptr,
-    S, C, keep,
-    sh_b, sh_s, sh_c, sc_b, sc_n, si_b, si_n,
+def _select_rows_kernel(
+    cum_ptr, idx_ptr, cu_ptr, cu_out_ptr, src_ptr, cum_out_ptr, idx_out_ptr,
+    S, keep,
+    sh_b, sh_s, sc_b, sc_n, si_b, si_n,
     HAS_CLS: tl.constexpr, VARLEN: tl.constexpr, BLOCK_SEARCH: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
 ):
-    """Program (b, column block): select image b's n_keep candidates, copy their rows' BLOCK_C channels.
+    """Program b: select image b's n_keep candidates once; write their scores and indices, and each of the image's
+    output rows' source (the element offset of its hidden row, relay row first) to src.
 
     Image b: S rows from cu[b] (VARLEN) or b·S, keep output rows from cu_out[b] (VARLEN) or b·keep."""
     FIRST: tl.constexpr = 1 if HAS_CLS else 0
@@ -64,32 +45,16 @@ def _select_gather_kernel(
     n_keep = rows_out - FIRST
     row0 = start if VARLEN else 0  # the image's row 0 and candidate 0 in its slab
     cand0 = start - b * FIRST if VARLEN else 0
-    hidden = hidden_ptr + b * sh_b + row0 * sh_s
+    image = b * sh_b + row0 * sh_s  # the image's row 0 in hidden, in elements
     cum = cum_ptr + b * sc_b + cand0 * sc_n
     idx = idx_ptr + b * si_b + cand0 * si_n
-    out = out_ptr + out_start * C
     out_cand = out_start - b * FIRST  # the image's first kept candidate in cum_out and idx_out
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    mask_c = offs_c < C
-    # t: the largest key with at least n_keep keys >= t (the n_keep-th largest key).
-    t = tl.zeros((), dtype=tl.int64)
-    if N <= BLOCK_SEARCH:  # every key fits one block: load them once
-        keys = _keys(cum, tl.arange(0, BLOCK_SEARCH).to(tl.int64), N, sc_n)
-        for bit in tl.static_range(31, -1, -1):
-            cand = t | (1 << bit)
-            t = tl.where(tl.sum((keys >= cand).to(tl.int32), axis=0) >= n_keep, cand, t)
-        ties_needed = n_keep - tl.sum((keys > t).to(tl.int32), axis=0)
-    else:
-        for bit in tl.static_range(31, -1, -1):
-            cand = t | (1 << bit)
-            t = tl.where(_count_at_least(cum, N, sc_n, cand, BLOCK_SEARCH) >= n_keep, cand, t)
-        ties_needed = n_keep - _count_at_least(cum, N, sc_n, t + 1, BLOCK_SEARCH)
+    t, ties_needed = kth_key(cum, cum, 0, N, sc_n, 0, n_keep, False, BLOCK_SEARCH)
     ties_seen = 0
     kept_seen = 0
-    column_block = tl.zeros((BLOCK_N,), dtype=tl.int32) + tl.program_id(1)
     for n0 in range(0, N, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        key = _keys(cum, offs, N, sc_n)
+        key, _ = row_keys(cum, cum, offs, N, sc_n, 0, False)
         tie = (key == t).to(tl.int32)
         tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie
         kept = (key > t) | ((tie == 1) & (tie_rank < ties_needed))  # none when n_keep = 0
@@ -97,17 +62,29 @@ def _select_gather_kernel(
         pos = kept_seen + tl.cumsum(kept_i, axis=0) - kept_i  # rank among kept = ascending position
         ties_seen += tl.sum(tie, axis=0)
         kept_seen += tl.sum(kept_i, axis=0)
-        tile_mask = kept[:, None] & mask_c[None, :]
-        rows = tl.load(hidden + (offs[:, None] + FIRST) * sh_s + offs_c[None, :] * sh_c, mask=tile_mask)
-        tl.store(out + (pos[:, None] + FIRST) * C + offs_c[None, :], rows, mask=tile_mask)
-        scores_mask = kept & (column_block == 0)  # one column block writes the scores
-        tl.store(cum_out_ptr + out_cand + pos, tl.load(cum + offs * sc_n, mask=scores_mask), mask=scores_mask)
-        tl.store(idx_out_ptr + out_cand + pos, tl.load(idx + offs * si_n, mask=scores_mask), mask=scores_mask)
+        tl.store(src_ptr + out_start + FIRST + pos, image + (offs + FIRST) * sh_s, mask=kept)
+        tl.store(cum_out_ptr + out_cand + pos, tl.load(cum + offs * sc_n, mask=kept), mask=kept)
+        tl.store(idx_out_ptr + out_cand + pos, tl.load(idx + offs * si_n, mask=kept), mask=kept)
     if HAS_CLS:  # the relay row stays first
-        tl.store(out + offs_c, tl.load(hidden + offs_c * sh_c, mask=mask_c), mask=mask_c)
+        tl.store(src_ptr + out_start, image)
 
 
-BLOCK_N = 64  # tokens per gather tile (a BLOCK_N x BLOCK_C tile of hidden rows)
+@triton.jit
+def _gather_rows_kernel(
+    hidden_ptr, src_ptr, out_ptr, R, C, sh_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (row block, column block): BLOCK_R output rows' BLOCK_C channels from their sources."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    mask_r = offs_r < R
+    mask = mask_r[:, None] & (offs_c < C)[None, :]
+    src = tl.load(src_ptr + offs_r, mask=mask_r, other=0)
+    rows = tl.load(hidden_ptr + src[:, None] + offs_c[None, :] * sh_c, mask=mask)
+    tl.store(out_ptr + offs_r[:, None] * C + offs_c[None, :], rows, mask=mask)
+
+
+BLOCK_N = 64  # candidates per compaction step
+BLOCK_R = 64  # output rows per gather tile (a BLOCK_R x BLOCK_C tile of hidden rows)
 BLOCK_C = 128
 MAX_BLOCK_SEARCH = 1024  # scores per step of the threshold search (all of them for N <= 1024)
 
@@ -129,20 +106,26 @@ def select_gather_into(
         batch = cu_seqlens.numel() - 1
         seq = keep = 0  # not read: each image's from cu_seqlens and cu_seqlens_out
         longest = cum.shape[0] - (batch - 1)  # the most candidates one image can have
-        strides = (0, *hidden.stride(), 0, *cum.stride(), 0, *index_map.stride())
+        strides = (0, hidden.stride(0), 0, *cum.stride(), 0, *index_map.stride())
     else:
         batch, seq, _ = hidden.shape
         keep = hidden_out.shape[1]
         longest = cum.shape[1]
-        strides = (*hidden.stride(), *cum.stride(), *index_map.stride())
+        strides = (*hidden.stride()[:2], *cum.stride(), *index_map.stride())
     channels = hidden.shape[-1]
-    grid = (batch, triton.cdiv(channels, BLOCK_C))
-    wrap(_select_gather_kernel)[grid](
-        hidden, cum, index_map, cu_seqlens if packed else cum, cu_seqlens_out if packed else cum,
-        hidden_out, cum_out, index_out, seq, channels, keep, *strides,
+    rows_out = hidden_out.shape[0] if packed else batch * keep
+    src = torch.empty((rows_out,), dtype=torch.int64, device=hidden.device)  # each output row's source
+    wrap(_select_rows_kernel)[(batch,)](
+        cum, index_map, cu_seqlens if packed else cum, cu_seqlens_out if packed else cum, src, cum_out, index_out,
+        seq, keep, *strides,
         HAS_CLS=has_cls, VARLEN=packed, BLOCK_SEARCH=min(triton.next_power_of_2(longest), MAX_BLOCK_SEARCH),
-        BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
+        BLOCK_N=BLOCK_N,
     )
+    if rows_out and channels:
+        grid = (triton.cdiv(rows_out, BLOCK_R), triton.cdiv(channels, BLOCK_C))
+        wrap(_gather_rows_kernel)[grid](
+            hidden, src, hidden_out, rows_out, channels, hidden.stride(-1), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        )
 
 
 def select_gather_outputs(
