@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace flowcut {
@@ -80,9 +81,35 @@ KV<T> kv_view(const at::Tensor& t, bool dense) {
   return {t.const_data_ptr<T>(), rows_of(t, dense ? 2 : 0, dense), t.stride(1), t.stride(t.dim() - 1)};
 }
 
+// Function clones for wider vector units, picked at load time by the CPU (GCC on x86-64 Linux; elsewhere the one
+// baseline body): the double-lane loops below then run 4 or 8 lanes per instruction instead of 2.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FLOWCUT_CPU_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define FLOWCUT_CPU_CLONES
+#endif
+
+// x[0..n) . y[0..n) of contiguous float32 x, accumulated in 8 double lanes (each product exact in double).
+FLOWCUT_CPU_CLONES double dot_f32(const float* x, const double* y, int64_t n) {
+  double lanes[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int u = 0; u < 8; ++u) lanes[u] += double(x[d + u]) * y[d + u];
+  for (; d < n; ++d) lanes[d % 8] += double(x[d]) * y[d];
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// acc[0..n) += x[0..n) of contiguous float32 x.
+FLOWCUT_CPU_CLONES void add_f32(const float* x, double* acc, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) acc[d] += double(x[d]);
+}
+
 // x[0..n) (stride `stride`, any dtype) . y[0..n), accumulated in 8 double lanes.
 template <typename T>
 double dot(const T* x, int64_t stride, const double* y, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) return dot_f32(x, y, n);
+  }
   double lanes[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   int64_t d = 0;
   if (stride == 1) {
@@ -93,24 +120,33 @@ double dot(const T* x, int64_t stride, const double* y, int64_t n) {
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-double logsumexp(const double* x, int64_t n) {
-  const double top = *std::max_element(x, x + n);
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += std::exp(x[i] - top);
-  return top + std::log(total);
+// acc[0..n) += x[0..n) (stride `stride`, any dtype).
+template <typename T>
+void add_row(const T* x, int64_t stride, double* acc, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) return add_f32(x, acc, n);
+  }
+  for (int64_t d = 0; d < n; ++d) acc[d] += double(x[d * stride]);
 }
 
 double logaddexp(double x, double y) { return std::max(x, y) + std::log1p(std::exp(-std::abs(x - y))); }
 
 // One head's softmax statistics of its S logits l (the relay row first when first = 1), for its N candidates:
-// all[n] = exp(l[n + first] - lse_all), cand[n] = exp(l[n + first] - lse_cand). Returns d = lse_cand - lse_all.
+// all[n] = exp(l[n + first] - lse_all), cand[n] = exp(l[n + first] - lse_cand), from one exp per candidate,
+// e[n] = exp(l[n + first] - top) with top the candidates' largest logit: cand[n] = e[n] / sum e and
+// all[n] = e[n] exp(top - lse_all) (which underflows only where exp(l - lse_all) does). Returns
+// d = lse_cand - lse_all.
 double head_softmax(const double* l, int64_t S, int64_t first, double* all, double* cand) {
   const int64_t N = S - first;
-  const double lse_cand = logsumexp(l + first, N);
+  const double top = *std::max_element(l + first, l + S);
+  double total = 0.0;
+  for (int64_t n = 0; n < N; ++n) total += (cand[n] = std::exp(l[n + first] - top));
+  const double lse_cand = top + std::log(total);
   const double lse_all = first ? logaddexp(lse_cand, l[0]) : lse_cand;
+  const double to_all = std::exp(top - lse_all), inv_total = 1.0 / total;
   for (int64_t n = 0; n < N; ++n) {
-    if (all) all[n] = std::exp(l[n + first] - lse_all);
-    cand[n] = std::exp(l[n + first] - lse_cand);
+    if (all) all[n] = cand[n] * to_all;
+    cand[n] *= inv_total;
   }
   return lse_cand - lse_all;
 }
@@ -181,8 +217,7 @@ void candidate_signals(const KV<T>& v, const HeadSignals& hs, const std::vector<
         a += hs.attn_all[o];
         pa += hs.w_attn[bh] * hs.attn_cand[o];
         if (want_semantic) ps += hs.w_sem[bh] * hs.sem_cand[o];
-        const T* vh = v.at(b, r, h);
-        for (int64_t d = 0; d < D; ++d) mean_v[d] += double(vh[d * v.elem]);
+        add_row(v.at(b, r, h), v.elem, mean_v.data(), D);
       }
       double l1 = 0.0;
       for (int64_t d = 0; d < D; ++d) l1 += std::abs(mean_v[d] / double(H));
