@@ -13,6 +13,8 @@
 // cancellation (normalised_entropy).
 #include "flowcut_cpu.h"
 
+#include "dot_cpu.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -25,6 +27,28 @@
 #include <vector>
 
 namespace flowcut {
+
+// Function clones for wider vector units, picked at load time by the CPU (GCC on x86-64 Linux; elsewhere the one
+// baseline body): the double-lane loops below then run 4 or 8 lanes per instruction instead of 2.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FLOWCUT_CPU_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define FLOWCUT_CPU_CLONES
+#endif
+
+FLOWCUT_CPU_CLONES double dot_f32(const float* x, const double* y, int64_t n) {
+  double lanes[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int u = 0; u < 8; ++u) lanes[u] += double(x[d + u]) * y[d + u];
+  for (; d < n; ++d) lanes[d % 8] += double(x[d]) * y[d];
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+FLOWCUT_CPU_CLONES void add_f32(const float* x, double* acc, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) acc[d] += double(x[d]);
+}
+
 namespace {
 
 // Image b of a batch: rows row .. row + len of the packed row axis, and its candidates at cand .. cand + len - first
@@ -79,29 +103,6 @@ struct KV {
 template <typename T>
 KV<T> kv_view(const at::Tensor& t, bool dense) {
   return {t.const_data_ptr<T>(), rows_of(t, dense ? 2 : 0, dense), t.stride(1), t.stride(t.dim() - 1)};
-}
-
-// Function clones for wider vector units, picked at load time by the CPU (GCC on x86-64 Linux; elsewhere the one
-// baseline body): the double-lane loops below then run 4 or 8 lanes per instruction instead of 2.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FLOWCUT_CPU_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define FLOWCUT_CPU_CLONES
-#endif
-
-// x[0..n) . y[0..n) of contiguous float32 x, accumulated in 8 double lanes (each product exact in double).
-FLOWCUT_CPU_CLONES double dot_f32(const float* x, const double* y, int64_t n) {
-  double lanes[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int u = 0; u < 8; ++u) lanes[u] += double(x[d + u]) * y[d + u];
-  for (; d < n; ++d) lanes[d % 8] += double(x[d]) * y[d];
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-
-// acc[0..n) += x[0..n) of contiguous float32 x.
-FLOWCUT_CPU_CLONES void add_f32(const float* x, double* acc, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) acc[d] += double(x[d]);
 }
 
 // x[0..n) (stride `stride`, any dtype) . y[0..n), accumulated in 8 double lanes.
