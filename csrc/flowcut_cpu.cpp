@@ -77,6 +77,13 @@ int64_t image_of(const std::vector<Image>& images, int64_t c) {
   return int64_t(after - images.begin()) - 1;
 }
 
+// The image holding packed row r.
+int64_t image_of_row(const std::vector<Image>& images, int64_t r) {
+  const auto after = std::upper_bound(images.begin(), images.end(), r,
+                                      [](int64_t x, const Image& img) { return x < img.row; });
+  return int64_t(after - images.begin()) - 1;
+}
+
 // Where packed row r of image b lies in a tensor: element offset b * skew + r * row. A packed tensor (T, ...) has
 // skew 0; a dense one (B, S, ...) skew = stride(0) - S * stride(row axis), so that packed row b S + j is row j of
 // image b.
@@ -179,20 +186,32 @@ void head_signals(const double* q, const KV<T>& k, const KV<T>& v, const std::ve
   const int64_t B = int64_t(images.size());
   out.attn_all.resize(H * Tc), out.attn_cand.resize(H * Tc), out.w_attn.resize(B * H);
   out.sem_cand.resize(want_semantic ? H * Tc : 0), out.w_sem.resize(want_semantic ? B * H : 0);
+  // The logits token by token (a token's heads are neighbours in a HF layout: k and v are read once, in order),
+  // image b's head h at H row_b + h len_b + j of the packed rows; then each head's softmax statistics.
+  const int64_t rows = images.back().row + images.back().len;
+  std::vector<double> v0(want_semantic ? B * H * D : 0), attn_logits(H * rows);
+  std::vector<double> sem_logits(want_semantic ? H * rows : 0);
+  for (int64_t b = 0; want_semantic && b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t d = 0; d < D; ++d) v0[(b * H + h) * D + d] = double(v.at(b, images[b].row, h)[d * v.elem]);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = image_of_row(images, r);
+      const Image& img = images[b];
+      const int64_t j = r - img.row, o = H * img.row + j;
+      for (int64_t h = 0; h < H; ++h) {
+        attn_logits[o + h * img.len] = scale * dot(k.at(b, r, h), k.elem, q + (b * H + h) * D, D);
+        if (want_semantic) sem_logits[o + h * img.len] = dot(v.at(b, r, h), v.elem, &v0[(b * H + h) * D], D);
+      }
+    }
+  });
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> logits, v0(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const Image& img = images[b];
-      const int64_t o = H * img.cand + h * (img.len - first);  // this head's candidates
-      const double* qh = q + bh * D;  // q is contiguous (B, H, D)
-      logits.resize(img.len);
-      for (int64_t j = 0; j < img.len; ++j) logits[j] = scale * dot(k.at(b, img.row + j, h), k.elem, qh, D);
-      out.w_attn[bh] = head_softmax(logits.data(), img.len, first, &out.attn_all[o], &out.attn_cand[o]);
-      if (!want_semantic) continue;
-      for (int64_t d = 0; d < D; ++d) v0[d] = double(v.at(b, img.row, h)[d * v.elem]);
-      for (int64_t j = 0; j < img.len; ++j) logits[j] = dot(v.at(b, img.row + j, h), v.elem, v0.data(), D);
-      out.w_sem[bh] = head_softmax(logits.data(), img.len, first, nullptr, &out.sem_cand[o]);
+      const int64_t o = H * img.cand + h * (img.len - first), l = H * img.row + h * img.len;
+      out.w_attn[bh] = head_softmax(&attn_logits[l], img.len, first, &out.attn_all[o], &out.attn_cand[o]);
+      if (want_semantic) out.w_sem[bh] = head_softmax(&sem_logits[l], img.len, first, nullptr, &out.sem_cand[o]);
     }
   });
   head_weights(out.w_attn, B, H);
