@@ -361,7 +361,8 @@ std::tuple<at::Tensor, at::Tensor> merge_nearest_cpu(const at::Tensor& hidden, c
   // The kept rows' unit keys (double, and rounded to float32), then each dropped row's target (a position in kept):
   // float32 GEMM similarities pick the candidates, within 2 E of the row's largest, E = (Ck + 4) 2^-23 bounding a
   // float32 similarity's error (unit vectors rounded to float32, then Ck products summed in float32); the double
-  // cosines of those candidates decide, exactly as over all of them (a row with a NaN similarity: all of them).
+  // cosines of those candidates decide, exactly as over all of them (a row with a NaN similarity: all of them); a
+  // single candidate is the argmax without them.
   std::vector<double> unit(static_cast<size_t>(K * Ck));
   at::Tensor unit_f = at::empty({K, Ck}, keys.options().dtype(at::kFloat));
   at::Tensor dropped_f = at::empty({M, Ck}, keys.options().dtype(at::kFloat));
@@ -400,6 +401,13 @@ std::tuple<at::Tensor, at::Tensor> merge_nearest_cpu(const at::Tensor& hidden, c
         }
         const double floor = nan ? -kInf : double(top) - margin;
         const int64_t p = d0 + r;
+        int64_t candidates = 0, only = 0;
+        for (int64_t i = 0; i < nk && !nan; ++i)
+          if (double(row[i]) >= floor) ++candidates, only = i;
+        if (candidates == 1) {  // the only one within the margin: the exact argmax
+          target[p] = k0 + only;
+          continue;
+        }
         keyr.row(dp[p * dst] * keys.stride(0), keys.stride(1), Ck, x.data());
         normalize(x.data(), Ck);
         int64_t best = -1;
