@@ -175,9 +175,10 @@ void head_weights(std::vector<double>& d, int64_t B, int64_t H) {
 
 // Per image and head, image b's block of H N_b values at H cand_b, head-major: attn_all (softmax over all the
 // image's tokens) and attn_cand (over its candidates) of the relay logits, sem_cand of the value logits when
-// wanted; and per (b, h) the weights of head_weights for the relay (w_attn) and value (w_sem) terms.
+// wanted; per (b, h) the weights of head_weights for the relay (w_attn) and value (w_sem) terms; and per packed
+// row rho, the L1 norm of its head-mean value.
 struct HeadSignals {
-  std::vector<double> attn_all, attn_cand, sem_cand, w_attn, w_sem;
+  std::vector<double> attn_all, attn_cand, sem_cand, w_attn, w_sem, rho;
 };
 
 template <typename T>
@@ -186,15 +187,17 @@ void head_signals(const double* q, const KV<T>& k, const KV<T>& v, const std::ve
   const int64_t B = int64_t(images.size());
   out.attn_all.resize(H * Tc), out.attn_cand.resize(H * Tc), out.w_attn.resize(B * H);
   out.sem_cand.resize(want_semantic ? H * Tc : 0), out.w_sem.resize(want_semantic ? B * H : 0);
-  // The logits token by token (a token's heads are neighbours in a HF layout: k and v are read once, in order),
-  // image b's head h at H row_b + h len_b + j of the packed rows; then each head's softmax statistics.
+  // The logits and rho token by token (a token's heads are neighbours in a HF layout: k and v are read once, in
+  // order), image b's head h at H row_b + h len_b + j of the packed rows; then each head's softmax statistics.
   const int64_t rows = images.back().row + images.back().len;
+  out.rho.resize(rows);
   std::vector<double> v0(want_semantic ? B * H * D : 0), attn_logits(H * rows);
   std::vector<double> sem_logits(want_semantic ? H * rows : 0);
   for (int64_t b = 0; want_semantic && b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t d = 0; d < D; ++d) v0[(b * H + h) * D + d] = double(v.at(b, images[b].row, h)[d * v.elem]);
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<double> mean_v(D);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = image_of_row(images, r);
       const Image& img = images[b];
@@ -203,6 +206,11 @@ void head_signals(const double* q, const KV<T>& k, const KV<T>& v, const std::ve
         attn_logits[o + h * img.len] = scale * dot(k.at(b, r, h), k.elem, q + (b * H + h) * D, D);
         if (want_semantic) sem_logits[o + h * img.len] = dot(v.at(b, r, h), v.elem, &v0[(b * H + h) * D], D);
       }
+      std::fill(mean_v.begin(), mean_v.end(), 0.0);
+      for (int64_t h = 0; h < H; ++h) add_row(v.at(b, r, h), v.elem, mean_v.data(), D);
+      double l1 = 0.0;
+      for (int64_t d = 0; d < D; ++d) l1 += std::abs(mean_v[d] / double(H));
+      out.rho[r] = l1;
     }
   });
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -220,31 +228,25 @@ void head_signals(const double* q, const KV<T>& k, const KV<T>& v, const std::ve
 
 // Per packed candidate: A (head mean over all the image's tokens), p = A / sum A and p_sem (the semantic term,
 // normalised over the candidates), and rho = L1 norm of the head-mean value.
-template <typename T>
-void candidate_signals(const KV<T>& v, const HeadSignals& hs, const std::vector<Image>& images, int64_t H,
-                       int64_t D, int64_t first, bool want_semantic, std::vector<double>& A, std::vector<double>& p,
+void candidate_signals(const HeadSignals& hs, const std::vector<Image>& images, int64_t H, int64_t first,
+                       bool want_semantic, std::vector<double>& A, std::vector<double>& p,
                        std::vector<double>& p_sem, std::vector<double>& rho) {
   at::parallel_for(0, int64_t(A.size()), 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> mean_v(D);
     for (int64_t c = begin; c < end; ++c) {
       const int64_t b = image_of(images, c);
       const Image& img = images[b];
       const int64_t N = img.len - first, n = c - img.cand, r = img.row + first + n;
       double a = 0.0, pa = 0.0, ps = 0.0;
-      std::fill(mean_v.begin(), mean_v.end(), 0.0);
       for (int64_t h = 0; h < H; ++h) {
         const int64_t bh = b * H + h, o = H * img.cand + h * N + n;
         a += hs.attn_all[o];
         pa += hs.w_attn[bh] * hs.attn_cand[o];
         if (want_semantic) ps += hs.w_sem[bh] * hs.sem_cand[o];
-        add_row(v.at(b, r, h), v.elem, mean_v.data(), D);
       }
-      double l1 = 0.0;
-      for (int64_t d = 0; d < D; ++d) l1 += std::abs(mean_v[d] / double(H));
       A[c] = a / double(H);
       p[c] = pa;
       p_sem[c] = ps;
-      rho[c] = l1;
+      rho[c] = hs.rho[r];
     }
   });
 }
@@ -286,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_images(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "flowcut_native_flow_scores", [&] {
     const auto kv = kv_view<scalar_t>(k, dense), vv = kv_view<scalar_t>(v, dense);
     head_signals(q.const_data_ptr<double>(), kv, vv, images, Tc, H, D, first, scale, want_semantic, hs);
-    candidate_signals(vv, hs, images, H, D, first, want_semantic, A, p, p_sem, rho);
+    candidate_signals(hs, images, H, first, want_semantic, A, p, p_sem, rho);
   });
 
   auto opts = k.options().dtype(at::kFloat);
