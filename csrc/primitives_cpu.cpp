@@ -218,6 +218,9 @@ at::Tensor text_guided_scores_cpu(const at::Tensor& q_relay, const at::Tensor& v
   if (total == 0) return out;
   std::vector<double> rel(static_cast<size_t>(Hkv * total)), sem(static_cast<size_t>(Hkv * total));
   const Reader qr(q_relay), vtr(v_relay), kr(k), vr(v);
+  // float32 rows with contiguous elements are read in place by the vectorised loops, others converted a row at a time
+  const float* kf = k.scalar_type() == at::kFloat && k.stride(3) == 1 ? k.const_data_ptr<float>() : nullptr;
+  const float* vf = v.scalar_type() == at::kFloat && v.stride(3) == 1 ? v.const_data_ptr<float>() : nullptr;
 
   at::parallel_for(0, G * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> qbuf(static_cast<size_t>(group * D)), vt(static_cast<size_t>(D)), row(static_cast<size_t>(D));
@@ -231,10 +234,20 @@ at::Tensor text_guided_scores_cpu(const at::Tensor& q_relay, const at::Tensor& v
       vtr.row(b * v_relay.stride(0) + kv * v_relay.stride(1), v_relay.stride(2), D, vt.data());
       logits.resize(static_cast<size_t>((group + 1) * n));  // the group's relevance logits, then the value logits
       for (int64_t j = 0; j < n; ++j) {
-        kr.row(b * k.stride(0) + kv * k.stride(1) + (start + j) * k.stride(2), k.stride(3), D, row.data());
-        for (int64_t i = 0; i < group; ++i) logits[i * n + j] = scale * dot(&qbuf[i * D], row.data(), D);
-        vr.row(b * v.stride(0) + kv * v.stride(1) + (start + j) * v.stride(2), v.stride(3), D, row.data());
-        logits[group * n + j] = scale * dot(vt.data(), row.data(), D);
+        const int64_t at_k = b * k.stride(0) + kv * k.stride(1) + (start + j) * k.stride(2);
+        const int64_t at_v = b * v.stride(0) + kv * v.stride(1) + (start + j) * v.stride(2);
+        if (kf) {
+          for (int64_t i = 0; i < group; ++i) logits[i * n + j] = scale * dot_f32(kf + at_k, &qbuf[i * D], D);
+        } else {
+          kr.row(at_k, k.stride(3), D, row.data());
+          for (int64_t i = 0; i < group; ++i) logits[i * n + j] = scale * dot(&qbuf[i * D], row.data(), D);
+        }
+        if (vf) {
+          logits[group * n + j] = scale * dot_f32(vf + at_v, vt.data(), D);
+        } else {
+          vr.row(at_v, v.stride(3), D, row.data());
+          logits[group * n + j] = scale * dot(vt.data(), row.data(), D);
+        }
       }
       for (int64_t i = 0; i <= group; ++i) softmax(&logits[i * n], n);
       double* rp = &rel[kv * total + off[g]];
@@ -258,8 +271,13 @@ at::Tensor text_guided_scores_cpu(const at::Tensor& q_relay, const at::Tensor& v
       for (int64_t kv = 0; kv < Hkv; ++kv) {
         r += rel[kv * total + p];
         sm += sem[kv * total + p];
-        vr.row(b * v.stride(0) + kv * v.stride(1) + j * v.stride(2), v.stride(3), D, row.data());
-        for (int64_t d = 0; d < D; ++d) mean[d] += row[d];
+        const int64_t at_v = b * v.stride(0) + kv * v.stride(1) + j * v.stride(2);
+        if (vf) {
+          add_f32(vf + at_v, mean.data(), D);
+        } else {
+          vr.row(at_v, v.stride(3), D, row.data());
+          for (int64_t d = 0; d < D; ++d) mean[d] += row[d];
+        }
       }
       double rho = 0.0;
       for (int64_t d = 0; d < D; ++d) rho += std::abs(mean[d] / double(Hkv));
