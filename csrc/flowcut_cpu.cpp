@@ -13,6 +13,8 @@
 // cancellation (normalised_entropy).
 #include "flowcut_cpu.h"
 
+#include "dot_cpu.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -21,9 +23,32 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace flowcut {
+
+// Function clones for wider vector units, picked at load time by the CPU (GCC on x86-64 Linux; elsewhere the one
+// baseline body): the double-lane loops below then run 4 or 8 lanes per instruction instead of 2.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FLOWCUT_CPU_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define FLOWCUT_CPU_CLONES
+#endif
+
+FLOWCUT_CPU_CLONES double dot_f32(const float* x, const double* y, int64_t n) {
+  double lanes[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int u = 0; u < 8; ++u) lanes[u] += double(x[d + u]) * y[d + u];
+  for (; d < n; ++d) lanes[d % 8] += double(x[d]) * y[d];
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+FLOWCUT_CPU_CLONES void add_f32(const float* x, double* acc, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) acc[d] += double(x[d]);
+}
+
 namespace {
 
 // Image b of a batch: rows row .. row + len of the packed row axis, and its candidates at cand .. cand + len - first
@@ -49,6 +74,13 @@ std::vector<int64_t> dense_offsets(int64_t B, int64_t S) {
 int64_t image_of(const std::vector<Image>& images, int64_t c) {
   const auto after = std::upper_bound(images.begin(), images.end(), c,
                                       [](int64_t x, const Image& img) { return x < img.cand; });
+  return int64_t(after - images.begin()) - 1;
+}
+
+// The image holding packed row r.
+int64_t image_of_row(const std::vector<Image>& images, int64_t r) {
+  const auto after = std::upper_bound(images.begin(), images.end(), r,
+                                      [](int64_t x, const Image& img) { return x < img.row; });
   return int64_t(after - images.begin()) - 1;
 }
 
@@ -83,6 +115,9 @@ KV<T> kv_view(const at::Tensor& t, bool dense) {
 // x[0..n) (stride `stride`, any dtype) . y[0..n), accumulated in 8 double lanes.
 template <typename T>
 double dot(const T* x, int64_t stride, const double* y, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) return dot_f32(x, y, n);
+  }
   double lanes[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   int64_t d = 0;
   if (stride == 1) {
@@ -93,24 +128,33 @@ double dot(const T* x, int64_t stride, const double* y, int64_t n) {
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-double logsumexp(const double* x, int64_t n) {
-  const double top = *std::max_element(x, x + n);
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += std::exp(x[i] - top);
-  return top + std::log(total);
+// acc[0..n) += x[0..n) (stride `stride`, any dtype).
+template <typename T>
+void add_row(const T* x, int64_t stride, double* acc, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) return add_f32(x, acc, n);
+  }
+  for (int64_t d = 0; d < n; ++d) acc[d] += double(x[d * stride]);
 }
 
 double logaddexp(double x, double y) { return std::max(x, y) + std::log1p(std::exp(-std::abs(x - y))); }
 
 // One head's softmax statistics of its S logits l (the relay row first when first = 1), for its N candidates:
-// all[n] = exp(l[n + first] - lse_all), cand[n] = exp(l[n + first] - lse_cand). Returns d = lse_cand - lse_all.
+// all[n] = exp(l[n + first] - lse_all), cand[n] = exp(l[n + first] - lse_cand), from one exp per candidate,
+// e[n] = exp(l[n + first] - top) with top the candidates' largest logit: cand[n] = e[n] / sum e and
+// all[n] = e[n] exp(top - lse_all) (which underflows only where exp(l - lse_all) does). Returns
+// d = lse_cand - lse_all.
 double head_softmax(const double* l, int64_t S, int64_t first, double* all, double* cand) {
   const int64_t N = S - first;
-  const double lse_cand = logsumexp(l + first, N);
+  const double top = *std::max_element(l + first, l + S);
+  double total = 0.0;
+  for (int64_t n = 0; n < N; ++n) total += (cand[n] = std::exp(l[n + first] - top));
+  const double lse_cand = top + std::log(total);
   const double lse_all = first ? logaddexp(lse_cand, l[0]) : lse_cand;
+  const double to_all = std::exp(top - lse_all), inv_total = 1.0 / total;
   for (int64_t n = 0; n < N; ++n) {
-    if (all) all[n] = std::exp(l[n + first] - lse_all);
-    cand[n] = std::exp(l[n + first] - lse_cand);
+    if (all) all[n] = cand[n] * to_all;
+    cand[n] *= inv_total;
   }
   return lse_cand - lse_all;
 }
@@ -131,9 +175,10 @@ void head_weights(std::vector<double>& d, int64_t B, int64_t H) {
 
 // Per image and head, image b's block of H N_b values at H cand_b, head-major: attn_all (softmax over all the
 // image's tokens) and attn_cand (over its candidates) of the relay logits, sem_cand of the value logits when
-// wanted; and per (b, h) the weights of head_weights for the relay (w_attn) and value (w_sem) terms.
+// wanted; per (b, h) the weights of head_weights for the relay (w_attn) and value (w_sem) terms; and per packed
+// row rho, the L1 norm of its head-mean value.
 struct HeadSignals {
-  std::vector<double> attn_all, attn_cand, sem_cand, w_attn, w_sem;
+  std::vector<double> attn_all, attn_cand, sem_cand, w_attn, w_sem, rho;
 };
 
 template <typename T>
@@ -142,20 +187,39 @@ void head_signals(const double* q, const KV<T>& k, const KV<T>& v, const std::ve
   const int64_t B = int64_t(images.size());
   out.attn_all.resize(H * Tc), out.attn_cand.resize(H * Tc), out.w_attn.resize(B * H);
   out.sem_cand.resize(want_semantic ? H * Tc : 0), out.w_sem.resize(want_semantic ? B * H : 0);
+  // The logits and rho token by token (a token's heads are neighbours in a HF layout: k and v are read once, in
+  // order), image b's head h at H row_b + h len_b + j of the packed rows; then each head's softmax statistics.
+  const int64_t rows = images.back().row + images.back().len;
+  out.rho.resize(rows);
+  std::vector<double> v0(want_semantic ? B * H * D : 0), attn_logits(H * rows);
+  std::vector<double> sem_logits(want_semantic ? H * rows : 0);
+  for (int64_t b = 0; want_semantic && b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t d = 0; d < D; ++d) v0[(b * H + h) * D + d] = double(v.at(b, images[b].row, h)[d * v.elem]);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<double> mean_v(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = image_of_row(images, r);
+      const Image& img = images[b];
+      const int64_t j = r - img.row, o = H * img.row + j;
+      for (int64_t h = 0; h < H; ++h) {
+        attn_logits[o + h * img.len] = scale * dot(k.at(b, r, h), k.elem, q + (b * H + h) * D, D);
+        if (want_semantic) sem_logits[o + h * img.len] = dot(v.at(b, r, h), v.elem, &v0[(b * H + h) * D], D);
+      }
+      std::fill(mean_v.begin(), mean_v.end(), 0.0);
+      for (int64_t h = 0; h < H; ++h) add_row(v.at(b, r, h), v.elem, mean_v.data(), D);
+      double l1 = 0.0;
+      for (int64_t d = 0; d < D; ++d) l1 += std::abs(mean_v[d] / double(H));
+      out.rho[r] = l1;
+    }
+  });
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> logits, v0(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const Image& img = images[b];
-      const int64_t o = H * img.cand + h * (img.len - first);  // this head's candidates
-      const double* qh = q + bh * D;  // q is contiguous (B, H, D)
-      logits.resize(img.len);
-      for (int64_t j = 0; j < img.len; ++j) logits[j] = scale * dot(k.at(b, img.row + j, h), k.elem, qh, D);
-      out.w_attn[bh] = head_softmax(logits.data(), img.len, first, &out.attn_all[o], &out.attn_cand[o]);
-      if (!want_semantic) continue;
-      for (int64_t d = 0; d < D; ++d) v0[d] = double(v.at(b, img.row, h)[d * v.elem]);
-      for (int64_t j = 0; j < img.len; ++j) logits[j] = dot(v.at(b, img.row + j, h), v.elem, v0.data(), D);
-      out.w_sem[bh] = head_softmax(logits.data(), img.len, first, nullptr, &out.sem_cand[o]);
+      const int64_t o = H * img.cand + h * (img.len - first), l = H * img.row + h * img.len;
+      out.w_attn[bh] = head_softmax(&attn_logits[l], img.len, first, &out.attn_all[o], &out.attn_cand[o]);
+      if (want_semantic) out.w_sem[bh] = head_softmax(&sem_logits[l], img.len, first, nullptr, &out.sem_cand[o]);
     }
   });
   head_weights(out.w_attn, B, H);
@@ -164,32 +228,25 @@ void head_signals(const double* q, const KV<T>& k, const KV<T>& v, const std::ve
 
 // Per packed candidate: A (head mean over all the image's tokens), p = A / sum A and p_sem (the semantic term,
 // normalised over the candidates), and rho = L1 norm of the head-mean value.
-template <typename T>
-void candidate_signals(const KV<T>& v, const HeadSignals& hs, const std::vector<Image>& images, int64_t H,
-                       int64_t D, int64_t first, bool want_semantic, std::vector<double>& A, std::vector<double>& p,
+void candidate_signals(const HeadSignals& hs, const std::vector<Image>& images, int64_t H, int64_t first,
+                       bool want_semantic, std::vector<double>& A, std::vector<double>& p,
                        std::vector<double>& p_sem, std::vector<double>& rho) {
   at::parallel_for(0, int64_t(A.size()), 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> mean_v(D);
     for (int64_t c = begin; c < end; ++c) {
       const int64_t b = image_of(images, c);
       const Image& img = images[b];
       const int64_t N = img.len - first, n = c - img.cand, r = img.row + first + n;
       double a = 0.0, pa = 0.0, ps = 0.0;
-      std::fill(mean_v.begin(), mean_v.end(), 0.0);
       for (int64_t h = 0; h < H; ++h) {
         const int64_t bh = b * H + h, o = H * img.cand + h * N + n;
         a += hs.attn_all[o];
         pa += hs.w_attn[bh] * hs.attn_cand[o];
         if (want_semantic) ps += hs.w_sem[bh] * hs.sem_cand[o];
-        const T* vh = v.at(b, r, h);
-        for (int64_t d = 0; d < D; ++d) mean_v[d] += double(vh[d * v.elem]);
       }
-      double l1 = 0.0;
-      for (int64_t d = 0; d < D; ++d) l1 += std::abs(mean_v[d] / double(H));
       A[c] = a / double(H);
       p[c] = pa;
       p_sem[c] = ps;
-      rho[c] = l1;
+      rho[c] = hs.rho[r];
     }
   });
 }
@@ -231,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_scores_images(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "flowcut_native_flow_scores", [&] {
     const auto kv = kv_view<scalar_t>(k, dense), vv = kv_view<scalar_t>(v, dense);
     head_signals(q.const_data_ptr<double>(), kv, vv, images, Tc, H, D, first, scale, want_semantic, hs);
-    candidate_signals(vv, hs, images, H, D, first, want_semantic, A, p, p_sem, rho);
+    candidate_signals(hs, images, H, first, want_semantic, A, p, p_sem, rho);
   });
 
   auto opts = k.options().dtype(at::kFloat);

@@ -8,6 +8,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/logical_not.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -18,13 +22,13 @@
 #include <numeric>
 #include <vector>
 
+#include "dot_cpu.h"
 #include "ops.h"
 
 namespace flowcut {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 template <typename T>
 void copy_row(const T* p, int64_t stride, int64_t n, double* out) {
@@ -70,17 +74,6 @@ double dot(const double* x, const double* y, int64_t n) {
   return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 }
 
-// One more logit l in a running softmax (max m, sum s of exp(l - m)). A -inf logit adds nothing; NaN propagates.
-void online_add(double& m, double& s, double l) {
-  if (l == -kInf) return;
-  if (l > m) {
-    s = s * std::exp(m - l) + 1.0;
-    m = l;
-  } else {
-    s += std::exp(l - m);
-  }
-}
-
 // In place: x[0..n) -> softmax(x), max-subtracted.
 void softmax(double* x, int64_t n) {
   const double top = *std::max_element(x, x + n);
@@ -114,72 +107,101 @@ at::Tensor offsets_tensor(const std::vector<int64_t>& offsets, at::ScalarType dt
   return t.to(dtype);
 }
 
-}  // namespace
-
-// One pass over the keys per (image, key head, tile of up to kTile query rows): every key row is converted once and
-// scored against the tile's rows (the query heads of the group, each with its Q rows), which keep a running softmax
-// (max, sum) and the logits of the span's columns; the tile then adds its rows' softmax over the span to its own
-// partial sum. The partials are summed image by image in a fixed order.
-at::Tensor attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, double scale,
-                                const std::optional<at::Tensor>& key_mask, int64_t span_start, int64_t span_end) {
-  constexpr int64_t kTile = 64;
+at::Tensor attention_scores_stream(const at::Tensor& q, const at::Tensor& k, double scale,
+                                   const std::optional<at::Tensor>& key_mask, int64_t span_start, int64_t span_end) {
   const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3);
   const int64_t Hq = q.size(1), Q = q.size(2), group = Hq / Hkv, R = group * Q, n = span_end - span_start;
-  at::Tensor out = at::empty({B, n}, k.options().dtype(at::kFloat));
-  if (B == 0 || n == 0) return out;
-  const int64_t tile = std::min(R, kTile), tiles = (R + tile - 1) / tile;
-  std::vector<double> partial(static_cast<size_t>(B * Hkv * tiles * n));
+  std::vector<double> partial(static_cast<size_t>(B * Hkv * n));
   const Reader qr(q), kr(k);
+  const bool in_place = k.scalar_type() == at::kFloat && k.stride(3) == 1;
+  const float* kf = in_place ? k.const_data_ptr<float>() : nullptr;
   const bool* mask = key_mask.has_value() ? key_mask->const_data_ptr<bool>() : nullptr;
   const int64_t ms0 = mask ? key_mask->stride(0) : 0, ms1 = mask ? key_mask->stride(1) : 0;
-
-  at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> qbuf(static_cast<size_t>(tile * D)), kbuf(static_cast<size_t>(D));
-    std::vector<double> m(static_cast<size_t>(tile)), s(static_cast<size_t>(tile));
-    std::vector<double> logits(static_cast<size_t>(tile * n));
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> qbuf(static_cast<size_t>(R * D)), kbuf(static_cast<size_t>(D));
+    std::vector<double> logits(static_cast<size_t>(R * S));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task % tiles, b = task / tiles / Hkv, g = task / tiles % Hkv;
-      const int64_t r0 = t * tile, rows = std::min(tile, R - r0);
-      for (int64_t r = 0; r < rows; ++r) {  // row r0 + r of the group: query head g * group + (r0 + r) / Q
-        const int64_t h = g * group + (r0 + r) / Q, qi = (r0 + r) % Q;
-        qr.row(b * q.stride(0) + h * q.stride(1) + qi * q.stride(2), q.stride(3), D, &qbuf[r * D]);
-      }
-      std::fill(m.begin(), m.end(), -kInf);
-      std::fill(s.begin(), s.end(), 0.0);
+      const int64_t b = task / Hkv, g = task % Hkv;
+      for (int64_t r = 0; r < R; ++r)  // row r: query head g * group + r / Q, query row r % Q
+        qr.row(b * q.stride(0) + (g * group + r / Q) * q.stride(1) + (r % Q) * q.stride(2), q.stride(3), D,
+               &qbuf[r * D]);
       for (int64_t j = 0; j < S; ++j) {
-        const bool in_span = j >= span_start && j < span_end;
+        const int64_t at_kj = b * k.stride(0) + g * k.stride(1) + j * k.stride(2);
         if (mask && !mask[b * ms0 + j * ms1]) {  // excluded: weight 0
-          if (in_span)
-            for (int64_t r = 0; r < rows; ++r) logits[r * n + j - span_start] = -kInf;
-          continue;
-        }
-        kr.row(b * k.stride(0) + g * k.stride(1) + j * k.stride(2), k.stride(3), D, kbuf.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          const double l = scale * dot(&qbuf[r * D], kbuf.data(), D);
-          online_add(m[r], s[r], l);
-          if (in_span) logits[r * n + j - span_start] = l;
+          for (int64_t r = 0; r < R; ++r) logits[r * S + j] = -kInf;
+        } else if (in_place) {
+          for (int64_t r = 0; r < R; ++r) logits[r * S + j] = scale * dot_f32(kf + at_kj, &qbuf[r * D], D);
+        } else {
+          kr.row(at_kj, k.stride(3), D, kbuf.data());
+          for (int64_t r = 0; r < R; ++r) logits[r * S + j] = scale * dot(&qbuf[r * D], kbuf.data(), D);
         }
       }
       double* acc = &partial[task * n];
       std::fill(acc, acc + n, 0.0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const double lse = s[r] > 0.0 ? m[r] + std::log(s[r]) : kNaN;  // NaN: no key to attend (as softmax gives)
-        for (int64_t c = 0; c < n; ++c) acc[c] += std::exp(logits[r * n + c] - lse);
+      for (int64_t r = 0; r < R; ++r) {
+        const double* l = &logits[r * S];
+        double top = -kInf, total = 0.0;
+        bool nan = false;
+        for (int64_t j = 0; j < S; ++j) nan = nan || std::isnan(l[j]), top = std::max(top, l[j]);
+        if (top > -kInf && top < kInf && !nan)
+          for (int64_t j = 0; j < S; ++j) total += std::exp(l[j] - top);
+        // NaN without a key to attend or with a NaN logit (as softmax gives); +inf when a logit is +inf
+        const double lse = nan || top == -kInf ? std::numeric_limits<double>::quiet_NaN()
+                                               : top == kInf ? kInf : top + std::log(total);
+        for (int64_t c = 0; c < n; ++c) acc[c] += std::exp(l[span_start + c] - lse);
       }
     }
   });
-
+  at::Tensor out = at::empty({B, n}, k.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const double rows_total = double(Hq * Q);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       for (int64_t c = 0; c < n; ++c) {
         double total = 0.0;
-        for (int64_t gt = 0; gt < Hkv * tiles; ++gt) total += partial[(b * Hkv * tiles + gt) * n + c];
+        for (int64_t g = 0; g < Hkv; ++g) total += partial[(b * Hkv + g) * n + c];
         o[b * n + c] = float(total / rows_total);
       }
   });
   return out;
+}
+
+}  // namespace
+
+// Few rows per key head (R = (Hq / Hkv) Q <= kStreamRows, a relay query): one pass over the keys per (image, key
+// head), each key row read once (float32 rows in place, other dtypes converted) and dotted in double with the R
+// query rows; then per row the log-sum-exp over the keys and the span's exp(l - lse) into the task's partial sum,
+// the partials summed image by image in a fixed order. More rows: the logits in double by GEMM (every product of
+// the inputs is exact in double): q viewed as (B, Hkv, R, D) (query head g (Hq / Hkv) + i, row qi at i Q + qi)
+// times k^T; masked keys set to -inf; per row the log-sum-exp (-inf without a key to attend, which makes its row
+// NaN, as softmax gives); the span's exp(l - lse) summed over the key heads and rows. Images are taken a chunk at a
+// time (one image's rows a tile at a time when its logits alone are large): the logits never exceed kChunk doubles.
+at::Tensor attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, double scale,
+                                const std::optional<at::Tensor>& key_mask, int64_t span_start, int64_t span_end) {
+  constexpr int64_t kChunk = int64_t(1) << 23, kStreamRows = 8;  // 64 MiB of double logits
+  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3);
+  const int64_t Hq = q.size(1), Q = q.size(2), group = Hq / Hkv, R = group * Q, n = span_end - span_start;
+  if (B == 0 || n == 0) return at::empty({B, n}, k.options().dtype(at::kFloat));
+  if (R <= kStreamRows) return attention_scores_stream(q, k, scale, key_mask, span_start, span_end);
+  const auto dbl = k.options().dtype(at::kDouble);
+  const at::Tensor qd = at::empty(q.sizes(), dbl).copy_(q).view({B, Hkv, R, D});
+  const at::Tensor kt = at::empty(k.sizes(), dbl).copy_(k).transpose(2, 3);  // (B, Hkv, D, S)
+  const at::Tensor excluded = key_mask.has_value() ? at::logical_not(*key_mask).view({B, 1, 1, S}) : at::Tensor();
+  const int64_t per_image = std::max<int64_t>(Hkv * R * S, 1);
+  const int64_t images = std::max<int64_t>(kChunk / per_image, 1), rows = images > 1 ? R : std::max<int64_t>(
+      kChunk / std::max<int64_t>(Hkv * S, 1), 1);
+  at::Tensor total = at::zeros({B, n}, dbl);
+  for (int64_t b0 = 0; b0 < B; b0 += images) {
+    const int64_t nb = std::min(images, B - b0);
+    for (int64_t r0 = 0; r0 < R; r0 += rows) {
+      const int64_t nr = std::min(rows, R - r0);
+      at::Tensor logits = at::matmul(qd.narrow(0, b0, nb).narrow(2, r0, nr), kt.narrow(0, b0, nb)).mul_(scale);
+      if (excluded.defined()) logits.masked_fill_(excluded.narrow(0, b0, nb), -kInf);
+      const at::Tensor lse = logits.logsumexp(-1, true);
+      total.narrow(0, b0, nb).add_(logits.narrow(3, span_start, n).sub_(lse).exp_().sum(at::IntArrayRef{1, 2}));
+    }
+  }
+  return total.div_(double(Hq * Q)).to(at::kFloat);
 }
 
 // Per (segment, key head): the logits of the group's query heads and of the value relevance over the segment's
@@ -196,6 +218,9 @@ at::Tensor text_guided_scores_cpu(const at::Tensor& q_relay, const at::Tensor& v
   if (total == 0) return out;
   std::vector<double> rel(static_cast<size_t>(Hkv * total)), sem(static_cast<size_t>(Hkv * total));
   const Reader qr(q_relay), vtr(v_relay), kr(k), vr(v);
+  // float32 rows with contiguous elements are read in place by the vectorised loops, others converted a row at a time
+  const float* kf = k.scalar_type() == at::kFloat && k.stride(3) == 1 ? k.const_data_ptr<float>() : nullptr;
+  const float* vf = v.scalar_type() == at::kFloat && v.stride(3) == 1 ? v.const_data_ptr<float>() : nullptr;
 
   at::parallel_for(0, G * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> qbuf(static_cast<size_t>(group * D)), vt(static_cast<size_t>(D)), row(static_cast<size_t>(D));
@@ -209,10 +234,20 @@ at::Tensor text_guided_scores_cpu(const at::Tensor& q_relay, const at::Tensor& v
       vtr.row(b * v_relay.stride(0) + kv * v_relay.stride(1), v_relay.stride(2), D, vt.data());
       logits.resize(static_cast<size_t>((group + 1) * n));  // the group's relevance logits, then the value logits
       for (int64_t j = 0; j < n; ++j) {
-        kr.row(b * k.stride(0) + kv * k.stride(1) + (start + j) * k.stride(2), k.stride(3), D, row.data());
-        for (int64_t i = 0; i < group; ++i) logits[i * n + j] = scale * dot(&qbuf[i * D], row.data(), D);
-        vr.row(b * v.stride(0) + kv * v.stride(1) + (start + j) * v.stride(2), v.stride(3), D, row.data());
-        logits[group * n + j] = scale * dot(vt.data(), row.data(), D);
+        const int64_t at_k = b * k.stride(0) + kv * k.stride(1) + (start + j) * k.stride(2);
+        const int64_t at_v = b * v.stride(0) + kv * v.stride(1) + (start + j) * v.stride(2);
+        if (kf) {
+          for (int64_t i = 0; i < group; ++i) logits[i * n + j] = scale * dot_f32(kf + at_k, &qbuf[i * D], D);
+        } else {
+          kr.row(at_k, k.stride(3), D, row.data());
+          for (int64_t i = 0; i < group; ++i) logits[i * n + j] = scale * dot(&qbuf[i * D], row.data(), D);
+        }
+        if (vf) {
+          logits[group * n + j] = scale * dot_f32(vf + at_v, vt.data(), D);
+        } else {
+          vr.row(at_v, v.stride(3), D, row.data());
+          logits[group * n + j] = scale * dot(vt.data(), row.data(), D);
+        }
       }
       for (int64_t i = 0; i <= group; ++i) softmax(&logits[i * n], n);
       double* rp = &rel[kv * total + off[g]];
@@ -236,8 +271,13 @@ at::Tensor text_guided_scores_cpu(const at::Tensor& q_relay, const at::Tensor& v
       for (int64_t kv = 0; kv < Hkv; ++kv) {
         r += rel[kv * total + p];
         sm += sem[kv * total + p];
-        vr.row(b * v.stride(0) + kv * v.stride(1) + j * v.stride(2), v.stride(3), D, row.data());
-        for (int64_t d = 0; d < D; ++d) mean[d] += row[d];
+        const int64_t at_v = b * v.stride(0) + kv * v.stride(1) + j * v.stride(2);
+        if (vf) {
+          add_f32(vf + at_v, mean.data(), D);
+        } else {
+          vr.row(at_v, v.stride(3), D, row.data());
+          for (int64_t d = 0; d < D; ++d) mean[d] += row[d];
+        }
       }
       double rho = 0.0;
       for (int64_t d = 0; d < D; ++d) rho += std::abs(mean[d] / double(Hkv));
@@ -336,32 +376,71 @@ std::tuple<at::Tensor, at::Tensor> merge_nearest_cpu(const at::Tensor& hidden, c
   const int64_t sst = sizes.has_value() ? sizes->stride(0) : 0;
   auto size_of = [&](int64_t r) { return sr ? sr->at(r * sst) : 1.0; };
 
-  // The kept rows' unit keys, then each dropped row's target (a position in kept).
+  // The kept rows' unit keys (double, and rounded to float32), then each dropped row's target (a position in kept):
+  // float32 GEMM similarities pick the candidates, within 2 E of the row's largest, E = (Ck + 4) 2^-23 bounding a
+  // float32 similarity's error (unit vectors rounded to float32, then Ck products summed in float32); the double
+  // cosines of those candidates decide, exactly as over all of them (a row with a NaN similarity: all of them); a
+  // single candidate is the argmax without them.
   std::vector<double> unit(static_cast<size_t>(K * Ck));
+  at::Tensor unit_f = at::empty({K, Ck}, keys.options().dtype(at::kFloat));
+  at::Tensor dropped_f = at::empty({M, Ck}, keys.options().dtype(at::kFloat));
+  float *uf = unit_f.data_ptr<float>(), *df = dropped_f.data_ptr<float>();
   at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       keyr.row(kp[i * kst] * keys.stride(0), keys.stride(1), Ck, &unit[i * Ck]);
       normalize(&unit[i * Ck], Ck);
+      for (int64_t c = 0; c < Ck; ++c) uf[i * Ck + c] = float(unit[i * Ck + c]);
     }
   });
-  std::vector<int64_t> target(static_cast<size_t>(M));
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     std::vector<double> x(static_cast<size_t>(Ck));
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t b = segment_of(dc, p);
       keyr.row(dp[p * dst] * keys.stride(0), keys.stride(1), Ck, x.data());
       normalize(x.data(), Ck);
-      int64_t best = -1;
-      double best_sim = 0.0;
-      for (int64_t i = kc[b]; i < kc[b + 1]; ++i) {
-        const double sim = dot(x.data(), &unit[i * Ck], Ck);
-        const bool better = best < 0 || (std::isnan(sim) ? !std::isnan(best_sim)
-                                                         : !std::isnan(best_sim) && sim > best_sim);
-        if (better) best = i, best_sim = sim;
-      }
-      target[p] = best;
+      for (int64_t c = 0; c < Ck; ++c) df[p * Ck + c] = float(x[c]);
     }
   });
+  const double margin = 2.0 * double(Ck + 4) * std::ldexp(1.0, -23);
+  std::vector<int64_t> target(static_cast<size_t>(M));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t k0 = kc[b], nk = kc[b + 1] - k0, d0 = dc[b], nd = dc[b + 1] - d0;
+    if (nd == 0) continue;
+    const at::Tensor sims = at::mm(dropped_f.narrow(0, d0, nd), unit_f.narrow(0, k0, nk).t()).contiguous();
+    const float* sp = sims.const_data_ptr<float>();
+    at::parallel_for(0, nd, 16, [&](int64_t begin, int64_t end) {
+      std::vector<double> x(static_cast<size_t>(Ck));
+      for (int64_t r = begin; r < end; ++r) {
+        const float* row = sp + r * nk;
+        float top = row[0];
+        bool nan = false;
+        for (int64_t i = 0; i < nk; ++i) {
+          nan = nan || std::isnan(row[i]);
+          top = std::max(top, row[i]);
+        }
+        const double floor = nan ? -kInf : double(top) - margin;
+        const int64_t p = d0 + r;
+        int64_t candidates = 0, only = 0;
+        for (int64_t i = 0; i < nk && !nan; ++i)
+          if (double(row[i]) >= floor) ++candidates, only = i;
+        if (candidates == 1) {  // the only one within the margin: the exact argmax
+          target[p] = k0 + only;
+          continue;
+        }
+        keyr.row(dp[p * dst] * keys.stride(0), keys.stride(1), Ck, x.data());
+        normalize(x.data(), Ck);
+        int64_t best = -1;
+        double best_sim = 0.0;
+        for (int64_t i = 0; i < nk; ++i) {
+          if (!nan && double(row[i]) < floor) continue;
+          const double sim = dot(x.data(), &unit[(k0 + i) * Ck], Ck);
+          const bool better = best < 0 || (std::isnan(sim) ? !std::isnan(best_sim)
+                                                           : !std::isnan(best_sim) && sim > best_sim);
+          if (better) best = k0 + i, best_sim = sim;
+        }
+        target[p] = best;
+      }
+    });
+  }
 
   // The dropped positions merged into each kept row, ascending: list[first[i] .. first[i + 1]].
   std::vector<int64_t> first(static_cast<size_t>(K + 1), 0), list(static_cast<size_t>(M));
