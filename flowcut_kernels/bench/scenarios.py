@@ -368,7 +368,7 @@ def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenari
             for name in backends:
                 def run(name=name):
                     backend = ops.resolve_backend(name, visual.device, visual.dtype, TOWER_OPS)
-                    hidden, keep = pruned_tower(visual, pixels, grid, [target] * batch, backend)
+                    hidden, keep, _ = pruned_tower(visual, pixels, grid, [target] * batch, backend)
                     merged = visual.merger(hidden)
                     return MethodResult(merged.view(batch, target, -1), torch.stack(keep), [], target)
 
