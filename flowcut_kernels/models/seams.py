@@ -305,3 +305,10 @@ def qwen_position_embedding(visual: nn.Module, grid: Tensor) -> Tensor:
         align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size,
     )
     return (visual.pos_embed(indices) * weights[:, :, None]).sum(1)
+
+
+def qwen3_5_classes() -> tuple[type, ...]:
+    """``(Qwen3_5ForConditionalGeneration, Qwen3_5Model)`` where the release has Qwen3.5 (5.2x; not 5.0), else ``()``:
+    no model of the release is one."""
+    names = ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model")
+    return tuple(getattr(transformers, n) for n in names) if all(hasattr(transformers, n) for n in names) else ()

@@ -10,6 +10,8 @@ With the stage, decoder layer 1's q/k/v choose K of each image's 2K tokens (orac
 layers run on the text and the kept tokens, each with its own DeepStack features. Nothing is shared with the
 `flowcut_kernels` package.
 """
+import copy
+
 import torch
 
 from oracle.lm_stage import PRUNE_LAYER, _top, stage_scores
@@ -92,3 +94,32 @@ def naive_qwen3_logits(model, input_ids, mask, pixel_values, grids, target_num, 
                 segments = []
         out.append(decoder.logits(x))
     return torch.stack(out), [groups for _, groups, _ in towers], [stacks for _, _, stacks in towers]
+
+
+@torch.no_grad()
+def naive_qwen3_5_logits(model, input_ids, mask, pixel_values, grids, target_num):
+    """Last-position logits (B, V) float64 of FlowCut on a Qwen3_5ForConditionalGeneration (tower stage only): the
+    oracle tower's min(target_num, G₀) merged tokens in the placeholders at their groups' M-RoPE positions
+    (oracle/qwen2_vl.py's naive_positions), the stock hybrid language model in float64, one prompt at a time on its
+    real tokens. Also returns each image's kept groups."""
+    from oracle.qwen2_vl import naive_positions
+
+    towers = [naive_tower(model.model.visual, p, g, target_num)[:2] for p, g in
+              zip(pixel_values.split([t * h * w for t, h, w in grids]), grids)]
+    reference = copy.deepcopy(model).double()
+    image_token = model.config.image_token_id
+    out, image = [], 0
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b][mask[b].bool()][None]
+        count = int((ids == image_token).sum())
+        mine = []
+        while count > 0:
+            mine.append(image)
+            count -= len(towers[image][1])
+            image += 1
+        embeds = reference.get_input_embeddings()(ids).clone()
+        embeds[ids == image_token] = torch.cat([towers[g][0] for g in mine])
+        positions = naive_positions(ids, torch.ones_like(ids), image_token, [grids[g] for g in mine],
+                                    [towers[g][1] for g in mine])
+        out.append(reference(inputs_embeds=embeds, position_ids=positions).logits[0, -1])
+    return torch.stack(out), [groups for _, groups in towers]
