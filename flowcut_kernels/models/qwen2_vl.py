@@ -325,7 +325,7 @@ def _rope_index(self: nn.Module, *args, **kwargs):
 def _refuse_video(video) -> None:
     require(
         video is None,
-        "FlowCut's Qwen2-VL patch prunes images only: videos are not supported; pass images, or call "
+        "FlowCut's Qwen-VL patches prune images only: videos are not supported; pass images, or call "
         "flowcut_kernels.remove_flowcut(model) to process videos",
     )
 
