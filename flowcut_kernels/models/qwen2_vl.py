@@ -119,6 +119,12 @@ def _check_grid(grid, merge: int) -> Tensor:
         f"image_grid_thw={grid.tolist()} has a height or width the merger cannot take: each must be a multiple of "
         f"spatial_merge_size = {merge}; resize the images with the model's image processor",
     )
+    require(  # the stock towers attend within each of the t frames; the group loop within each image
+        bool((grid[:, 0] == 1).all()),
+        f"image_grid_thw={grid.tolist()} has images of t > 1 frames: an image is one frame (t = 1, as the image "
+        f"processor writes it); pass several frames as a video (call flowcut_kernels.remove_flowcut(model) first: "
+        f"the patch prunes images only)",
+    )
     return grid
 
 

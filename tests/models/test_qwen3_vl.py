@@ -188,6 +188,8 @@ def test_bad_inputs_leave_model_unchanged():
     ids, _ = _prompts([[10, None, 11]], [(1, 8, 8)])
     with pytest.raises(FlowCutInputError, match="spatial_merge_size"):
         model(input_ids=ids, pixel_values=_pixels([(1, 6, 6)])[:45], image_grid_thw=torch.tensor([[1, 5, 9]]))
+    with pytest.raises(FlowCutInputError, match="t > 1 frames"):  # the tower would attend across its frames
+        model(input_ids=ids, pixel_values=_pixels([(2, 8, 8)]), image_grid_thw=torch.tensor([[2, 8, 8]]))
     wrong, _ = _prompts([[10, None, 11]], [(1, 8, 8)], target=16)
     with pytest.raises(FlowCutInputError, match="pass it when patching"):
         model(input_ids=wrong, pixel_values=_pixels([(1, 8, 8)]), image_grid_thw=torch.tensor([[1, 8, 8]]))
