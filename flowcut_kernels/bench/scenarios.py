@@ -18,6 +18,10 @@ shapes, 4 on the tiny ones).
 - ``qwen2-vl-tower`` (CPU or CUDA): the Qwen2-VL-7B vision tower (32 layers × 1280, 16 heads, 14-px patches, 2×2
   merge) on a 448×448 image (1024 patches, 256 merged tokens): the stock tower + merger against the FlowCut tower
   stage (whole merge groups, :func:`flowcut_kernels.models.qwen2_vl.pruned_tower`) + the merger.
+- ``qwen3-vl-tower`` (CPU or CUDA): the Qwen3-VL-8B vision tower (27 layers × 1152, 16 heads, 16-px patches, 2×2
+  merge, learned 48×48 position table, DeepStack after layers 8, 16, 24) on a 448×448 image (784 patches, 196 merged
+  tokens): the stock tower (merger and DeepStack mergers) against the FlowCut tower stage (the DeepStack features of
+  the kept groups included) + the merger.
 - ``qwen2-vl-7b`` (CUDA): ``Qwen2VLForConditionalGeneration`` at the 7B shapes (the tower above; LLM 28 layers ×
   3584, GQA 28/4, intermediate 18944, vocabulary 152064, M-RoPE 16/24/24) on a 1288×1288 image (92×92 patches,
   2116 merged tokens) in a 60-token prompt: the stock forward against ``flowcut(model, K)`` (tower stage).
@@ -54,6 +58,13 @@ QWEN_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944
                     rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
 QWEN_IDS_7B = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                    vision_end_token_id=151653)
+#: Qwen3-VL-8B's vision tower (out_hidden_size: its language model's width).
+QWEN3_VISION_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=4096,
+                       num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+QWEN3_VISION_TINY = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=2,
+                         spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=32,
+                         num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2])
 QWEN_VISION_TINY = dict(depth=4, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
                         spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
 QWEN_TEXT_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -72,7 +83,8 @@ QWEN_SHARPEN = 8.0
 class Scenario:
     """A LLaVA-NeXT or Qwen2-VL preset (module docstring).
 
-    kind: "next" (whole LLaVA-NeXT), "next-crops" (its tower on crops), "qwen" (whole Qwen2-VL), "qwen-tower".
+    kind: "next" (whole LLaVA-NeXT), "next-crops" (its tower on crops), "qwen" (whole Qwen2-VL), "qwen-tower",
+        "qwen3-tower" (Qwen3-VL's).
     tower: a CLIP shape of :data:`.random_models.PRESETS` (LLaVA-NeXT), or Qwen vision fields.
     lm: LlamaConfig / Qwen2-VL text fields (whole models). image: (H, W) pixels of each image (LLaVA-NeXT), or
     (h, w) patches (Qwen2-VL). num_patches: the token count targets are checked against (K < it).
@@ -130,6 +142,11 @@ SCENARIOS = {s.name: s for s in [
              "patches, 256 merged tokens): unpruned vs the FlowCut tower stage", QWEN_VISION_7B, (32, 32), 255,
              (64,), sharpen=QWEN_SHARPEN),
     Scenario("qwen2-vl-tower-tiny", "qwen-tower", "qwen2-vl-tower at tiny sizes, for tests", QWEN_VISION_TINY,
+             (16, 16), 63, (16,), sharpen=4.0),
+    Scenario("qwen3-vl-tower", "qwen3-tower", "Qwen3-VL-8B vision tower (27 layers x 1152, DeepStack) on a 448x448 "
+             "image (784 patches, 196 merged tokens): unpruned vs the FlowCut tower stage", QWEN3_VISION_8B, (28, 28),
+             195, (64,), sharpen=QWEN_SHARPEN),
+    Scenario("qwen3-vl-tower-tiny", "qwen3-tower", "qwen3-vl-tower at tiny sizes, for tests", QWEN3_VISION_TINY,
              (16, 16), 63, (16,), sharpen=4.0),
     Scenario("qwen2-vl-7b", "qwen", "Qwen2-VL-7B prefill (ViT 32x1280, LLM 28x3584, GQA 28/4) on a 1288x1288 image "
              "(2116 merged tokens) vs FlowCut's tower stage (CUDA only)", QWEN_VISION_7B, (92, 92), 2115,
@@ -328,13 +345,22 @@ def _tower_tokens(visual: nn.Module, fn: Callable[[], object]) -> list[int]:
     return seen
 
 
-def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+def _qwen_tower_model(s: Scenario) -> tuple[type, object]:
+    """The vision-tower class and config of a ``qwen-tower`` (Qwen2-VL) or ``qwen3-tower`` (Qwen3-VL) scenario."""
+    if s.kind == "qwen-tower":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
+        return Qwen2VisionTransformerPretrainedModel, qwen_config(s)
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    return Qwen3VLVisionModel, Qwen3VLVisionConfig(**s.tower)
+
+
+def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     from ..models.qwen2_vl import TOWER_OPS, pruned_tower
 
-    visual = random_models.seeded_model(Qwen2VisionTransformerPretrainedModel, qwen_config(s), seed, device,
-                                        dtype=dtype).eval()
+    visual = random_models.seeded_model(*_qwen_tower_model(s), seed, device, dtype=dtype).eval()
     random_models.sharpen_qwen_attention(visual, sharpen)
     m = visual.spatial_merge_size**2
     groups = s.image[0] * s.image[1] // m
@@ -353,7 +379,7 @@ def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenari
             for name in backends:
                 def run(name=name):
                     backend = ops.resolve_backend(name, visual.device, visual.dtype, TOWER_OPS)
-                    hidden, keep = pruned_tower(visual, pixels, grid, [target] * batch, backend)
+                    hidden, keep, _ = pruned_tower(visual, pixels, grid, [target] * batch, backend)
                     merged = visual.merger(hidden)
                     return MethodResult(merged.view(batch, target, -1), torch.stack(keep), [], target)
 
@@ -423,4 +449,5 @@ def _build_qwen(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     return BuiltScenario(s.name, weights_mb(model), make, model, dict(groups=groups))
 
 
-BUILDERS = {"next": _build_next, "next-crops": _build_next_crops, "qwen-tower": _build_qwen_tower, "qwen": _build_qwen}
+BUILDERS = {"next": _build_next, "next-crops": _build_next_crops, "qwen-tower": _build_qwen_tower,
+            "qwen3-tower": _build_qwen_tower, "qwen": _build_qwen}

@@ -137,6 +137,7 @@ def prefill(
     use_cache: bool | None = None,
     backend: str = "auto",
     output_hidden_states: bool | None = None,
+    deepstack: list[Tensor] | None = None,
     **kwargs,
 ):
     """Run ``text_model``'s decoder layers and final norm on one prompt batch with the stage (module docstring).
@@ -152,6 +153,10 @@ def prefill(
         cache: an empty ``Cache`` to fill to length L in every layer, or None: a new ``DynamicCache``
             when ``use_cache`` (default: the text model's ``config.use_cache``).
         output_hidden_states: default: the text model's config.
+        deepstack: Qwen3-VL's DeepStack features, one (Σ W_g, C) tensor per layer i = 0, 1, …, the images' rows in
+            the layout's segment order: added to decoder layer i's output at the images' tokens (its W_g long rows
+            through ``PRUNE_LAYER``, then the kept tokens' own rows at their placeholders), as the stock text model
+            adds them at its visual positions.
         kwargs: passed to every decoder layer, as the text model's own forward does.
 
     Returns:
@@ -173,15 +178,22 @@ def prefill(
     text_positions = long_positions if long_positions.dim() == 2 else None  # M-RoPE ones go to the rotary only
     long_mask = seams.causal_mask(config, hidden, layout.mask, text_positions)  # before capturing selects "flowcut"
     rotary = text_model.rotary_emb(hidden, long_positions)
+    deepstack = [layer.to(hidden.device, hidden.dtype) for layer in deepstack or []]
+    images = (  # (sequence, row) of every image token of the long layout
+        torch.cat([torch.full((end - start,), b) for b, start, end in layout.segments]).to(hidden.device),
+        torch.cat([torch.arange(start, end) for _, start, end in layout.segments]).to(hidden.device),
+    ) if deepstack else None
     states, seen = [hidden], []
     with capturing(config) as run:
-        for layer in text_model.layers[: PRUNE_LAYER + 1]:
+        for i, layer in enumerate(text_model.layers[: PRUNE_LAYER + 1]):
             run.watch = layer.self_attn
             hidden = seams.layer_hidden(layer(
                 hidden, attention_mask=long_mask, position_ids=text_positions, position_embeddings=rotary, **kwargs
             ))
             seen.append(run.seen)
             states.append(hidden)
+            if i < len(deepstack):
+                hidden = hidden.index_put(images, deepstack[i], accumulate=True)
 
     q, k, v, scale = seen[-1]
     scores = ops.text_guided_scores(q[:, :, -1], v[:, :, -1], k, v, layout.segments, scale=scale, backend=backend)
@@ -192,6 +204,9 @@ def prefill(
     starts = rows.new_tensor([start for _, start, _ in layout.segments]) - cu_seqlens[:-1]
     rows[layout.placeholders] = starts.repeat_interleave(torch.as_tensor(keep, device=rows.device)) + kept
     hidden = ops.gather_rows(hidden, rows)
+    if len(deepstack) > PRUNE_LAYER + 1:  # the kept tokens' own rows, at the placeholders (row-major: image order)
+        deepstack = [None] * (PRUNE_LAYER + 1) + [layer[kept] for layer in deepstack[PRUNE_LAYER + 1 :]]
+        images = layout.placeholders.nonzero(as_tuple=True)
     if cache is not None:
         for i, (_, key, value, _) in enumerate(seen):
             cache.update(_take(key, rows), _take(value, rows), i)
@@ -201,7 +216,7 @@ def prefill(
     text_positions = positions if positions.dim() == 2 else None
     short_mask = seams.causal_mask(config, hidden, mask, text_positions)
     rotary = text_model.rotary_emb(hidden, positions)
-    for layer in text_model.layers[PRUNE_LAYER + 1 :]:
+    for i, layer in enumerate(text_model.layers[PRUNE_LAYER + 1 :], start=PRUNE_LAYER + 1):
         hidden = seams.layer_hidden(layer(
             hidden,
             attention_mask=short_mask,
@@ -212,6 +227,8 @@ def prefill(
             **kwargs,
         ))
         states.append(hidden)
+        if i < len(deepstack):
+            hidden = hidden.index_put(images, deepstack[i], accumulate=True)
     hidden = text_model.norm(hidden)
     states[-1] = hidden
     if output_hidden_states is None:

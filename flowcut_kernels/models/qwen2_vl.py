@@ -43,9 +43,11 @@ The processor, when given, writes K_b placeholders per image (its ``replace_imag
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -72,10 +74,13 @@ class FlowCutQwenImageFeatures(seams.BaseModelOutputWithPooling):
     pooler_output: B tensors (K_b, C_text), the merged tokens of each image.
     keep_groups: B int64 tensors (K_b,), ascending: the merge groups kept (0 … G₀_b − 1, row-major over (t, h/2, w/2)).
     grid_thw: (B, 3) the images' patch grids (``generate`` may pass these features to the forward without them).
+    deepstack_features: Qwen3-VL: one entry per DeepStack tower layer, B tensors (K_b, C_text) each, the kept groups'
+        features merged from that layer (in the order of pooler_output); None for a tower without DeepStack.
     """
 
     keep_groups: tuple[Tensor, ...] | None = None
     grid_thw: Tensor | None = None
+    deepstack_features: tuple[tuple[Tensor, ...], ...] | None = None
 
 
 def classes() -> tuple[type, type]:
@@ -91,8 +96,10 @@ def classes_2_5() -> tuple[type, type]:
 
 
 def qwen_core(model: nn.Module) -> nn.Module:
-    """The ``Qwen2VLModel`` / ``Qwen2_5_VLModel`` of a ``…ForConditionalGeneration`` (or the model itself)."""
-    return model.model if isinstance(model, (classes()[0], classes_2_5()[0])) else model
+    """The core (``Qwen2VLModel``, ``Qwen2_5_VLModel``, ``Qwen3VLModel``, …: the module holding ``visual``) of a
+    ``…ForConditionalGeneration``, or the model itself."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, "visual") else model
 
 
 def token_counts(core: nn.Module, grid: Tensor, factor: int = 1) -> list[int]:
@@ -112,6 +119,12 @@ def _check_grid(grid, merge: int) -> Tensor:
         f"image_grid_thw={grid.tolist()} has a height or width the merger cannot take: each must be a multiple of "
         f"spatial_merge_size = {merge}; resize the images with the model's image processor",
     )
+    require(  # the stock towers attend within each of the t frames; the group loop within each image
+        bool((grid[:, 0] == 1).all()),
+        f"image_grid_thw={grid.tolist()} has images of t > 1 frames: an image is one frame (t = 1, as the image "
+        f"processor writes it); pass several frames as a video (call flowcut_kernels.remove_flowcut(model) first: "
+        f"the patch prunes images only)",
+    )
     return grid
 
 
@@ -130,19 +143,37 @@ def windows(visual: nn.Module, grid: Tensor) -> tuple[Tensor, Tensor]:
     return order.cpu(), torch.arange(len(lengths)).repeat_interleave(lengths)
 
 
-def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[int], backend: str):
+class PrunedTower(NamedTuple):
+    """What :func:`pruned_tower` returns.
+
+    hidden: (Σ m·T_g, C_vision) the last layer's output on the kept patches, packed, each image's groups in its own
+        (merge-block) order.
+    keep_groups: B (T_g,) int64, ascending.
+    deepstack: one entry per DeepStack layer of the tower (Qwen3-VL; none elsewhere): B tensors (T_g, C_text), the
+        kept groups' rows of that layer's DeepStack merger output, in the order of ``keep_groups``.
+    """
+
+    hidden: Tensor
+    keep_groups: tuple[Tensor, ...]
+    deepstack: list[tuple[Tensor, ...]]
+
+
+def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[int], backend: str) -> PrunedTower:
     """Run the tower with FlowCut in merge groups (module docstring).
 
     Args:
         pixels: (P, C_in·t·p·p) the processor's patches of all images; grid: (B, 3) their (t, h, w) patch grids.
         targets: B ints, the groups each image keeps (T_g ≤ G₀_b).
 
-    Returns:
-        hidden (Σ m·T_g, C_vision) the last layer's output on the kept patches, packed, each image's groups in its
-        own (merge-block) order; keep_groups: B (T_g,) int64.
+    Qwen3-VL's tower adds its learned position embedding (resampled to each grid) to the patch embeddings, and after
+    each of its ``deepstack_visual_indexes`` layers merges the groups present there with that layer's DeepStack
+    merger; a later prune keeps the rows of the groups it keeps, so each kept group ends with its own features of
+    every DeepStack layer.
     """
     m = visual.spatial_merge_size**2
     hidden = visual.patch_embed(pixels.type(visual.dtype))
+    if hasattr(visual, "pos_embed"):  # Qwen3-VL
+        hidden = hidden + seams.qwen_position_embedding(visual, grid).to(hidden.dtype)
     cos, sin = seams.qwen_rotary(visual, grid, hidden)
     number, window = windows(visual, grid)  # per group, in the tower's order
     rows = (number[:, None] * m + torch.arange(m)).flatten().to(hidden.device)
@@ -152,6 +183,8 @@ def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     layers = len(visual.blocks)
     full = getattr(visual, "fullatt_block_indexes", range(layers))
+    taps = list(getattr(visual, "deepstack_visual_indexes", ()))
+    stacks = []  # per DeepStack layer so far: (groups now, C_text), in the tower's current order
     with capturing(visual.config) as run:
         for layer, block in enumerate(visual.blocks):
             cu = _offsets([g * m for g in groups], hidden.device)
@@ -161,6 +194,8 @@ def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[
                 hidden, cu_seqlens=cu if layer in full else _offsets(lengths.tolist(), hidden.device),
                 position_embeddings=(cos, sin),
             )
+            if layer in taps:
+                stacks.append(visual.deepstack_merger_list[taps.index(layer)](hidden))
             if groups == targets:
                 continue
             q, k, v = (torch.cat([call[i] for call in run.calls], dim=2)[0].transpose(0, 1) for i in range(3))
@@ -178,13 +213,16 @@ def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[
             ).kept
             rows = (kept[:, None] * m + torch.arange(m, device=kept.device)).flatten()
             hidden, cum, cos, sin = (x[rows] for x in (hidden, cum, cos, sin))
+            stacks = [stack[kept] for stack in stacks]
             number, window = number[kept.cpu()], window[kept.cpu()]
             groups = keep
     number, order = number.sort()  # the image's order back: images stay in order, each a contiguous run
-    hidden = hidden.view(-1, m, hidden.shape[-1])[order.to(hidden.device)].flatten(0, 1)
+    order = order.to(hidden.device)
+    hidden = hidden.view(-1, m, hidden.shape[-1])[order].flatten(0, 1)
     first = (grid.prod(-1) // m).cpu().cumsum(0) - grid.prod(-1).cpu() // m  # each image's first global group
     starts = first.repeat_interleave(torch.tensor(groups))
-    return hidden, (number - starts).to(hidden.device).split(groups)
+    deepstack = [stack[order].split(groups) for stack in stacks]
+    return PrunedTower(hidden, (number - starts).to(hidden.device).split(groups), deepstack)
 
 
 def _pruned_image_features(self: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **kwargs):
@@ -201,13 +239,14 @@ def _pruned_image_features(self: nn.Module, pixel_values: Tensor, image_grid_thw
     require(pixel_values is not None, "pixel_values is required with image_grid_thw")
     backend = ops.resolve_backend(self.flowcut_config.backend, visual.device, visual.dtype, TOWER_OPS)
     targets = token_counts(self, grid, 2 if self.flowcut_config.llm_stage else 1)
-    hidden, keep_groups = pruned_tower(visual, pixel_values.to(visual.device), grid, targets, backend)
-    merged = visual.merger(hidden)
+    tower = pruned_tower(visual, pixel_values.to(visual.device), grid, targets, backend)
+    merged = visual.merger(tower.hidden)
     out = FlowCutQwenImageFeatures(
-        last_hidden_state=hidden,
-        pooler_output=merged.split([len(k) for k in keep_groups]),
-        keep_groups=keep_groups,
+        last_hidden_state=tower.hidden,
+        pooler_output=merged.split([len(k) for k in tower.keep_groups]),
+        keep_groups=tower.keep_groups,
         grid_thw=grid,
+        deepstack_features=tuple(tower.deepstack) or None,
     )
     return out if return_dict else out.to_tuple()
 
@@ -292,7 +331,7 @@ def _rope_index(self: nn.Module, *args, **kwargs):
 def _refuse_video(video) -> None:
     require(
         video is None,
-        "FlowCut's Qwen2-VL patch prunes images only: videos are not supported; pass images, or call "
+        "FlowCut's Qwen-VL patches prune images only: videos are not supported; pass images, or call "
         "flowcut_kernels.remove_flowcut(model) to process videos",
     )
 
@@ -344,11 +383,41 @@ def _forward(
         self, input_ids, attention_mask, encoded.grid_thw, encoded.keep_groups
     )
     kwargs.pop("mm_token_type_ids", None)
+    if encoded.deepstack_features is not None:
+        return _deepstack_forward(self, attention_mask, positions, inputs_embeds, placeholders, encoded, cache, kwargs)
     out = stock(
         attention_mask=attention_mask, position_ids=positions, inputs_embeds=inputs_embeds, **seams.cache_arg(cache),
         **kwargs,
     )
     return seams.with_image_outputs(out, encoded)
+
+
+#: Arguments of the core's forward that its language model does not take.
+_CORE_ONLY = ("cache_position", "mm_token_type_ids", "mm_encoder_outputs", "second_per_grid_ts", "rope_deltas")
+
+
+def deepstack_embeds(encoded: FlowCutQwenImageFeatures) -> list[Tensor]:
+    """Per DeepStack layer, (Σ K_b, C_text): the kept tokens' features, image after image (the placeholders'
+    order)."""
+    return [torch.cat(layer) for layer in encoded.deepstack_features]
+
+
+def _deepstack_forward(self: nn.Module, attention_mask, positions, inputs_embeds, placeholders, encoded, cache, kwargs):
+    """The prefill of a DeepStack model (Qwen3-VL) without the stage: its language model on the embeddings, each
+    DeepStack layer's features of the kept tokens added at their placeholders (the stock forward would take them
+    only from pixels it encodes itself)."""
+    return_dict = kwargs.pop("return_dict", None)
+    for name in _CORE_ONLY:
+        kwargs.pop(name, None)
+    out = self.language_model(
+        input_ids=None, attention_mask=attention_mask, position_ids=positions, inputs_embeds=inputs_embeds,
+        visual_pos_masks=placeholders, deepstack_visual_embeds=deepstack_embeds(encoded), **seams.cache_arg(cache),
+        **kwargs,
+    )
+    out = seams.vlm_output(self, out, encoded, rope_deltas=self.rope_deltas)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
 
 
 def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, encoded, counts, cache, kwargs):
@@ -378,11 +447,12 @@ def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, e
         self, input_ids, attention_mask, encoded.grid_thw, [k[:c] for k, c in zip(encoded.keep_groups, counts)]
     )
     return_dict = kwargs.pop("return_dict", None)
-    for name in ("cache_position", "mm_token_type_ids", "mm_encoder_outputs", "second_per_grid_ts", "rope_deltas"):
+    for name in _CORE_ONLY:
         kwargs.pop(name, None)
     out = lm_stage.prefill(
         self.language_model, layout, counts, positions=None, long_positions=long_positions.to(mask.device),
-        mask=attention_mask, cache=cache, backend=self.flowcut_config.backend, **kwargs,
+        mask=attention_mask, cache=cache, backend=self.flowcut_config.backend,
+        deepstack=deepstack_embeds(encoded) if encoded.deepstack_features is not None else None, **kwargs,
     )
     out = seams.vlm_output(self, out, encoded, rope_deltas=self.rope_deltas)
     if return_dict is None:
@@ -434,6 +504,9 @@ def _expand_by_prompt(self: nn.Module, expand_size=1, is_encoder_decoder=False, 
             pooler_output=tuple(encoded.pooler_output[g] for g in order),
             keep_groups=tuple(encoded.keep_groups[g] for g in order),
             grid_thw=encoded.grid_thw[index.to(encoded.grid_thw.device)],
+            deepstack_features=None if encoded.deepstack_features is None else tuple(
+                tuple(layer[g] for g in order) for layer in encoded.deepstack_features
+            ),
         )
     if images["image_grid_thw"] is not None:
         model_kwargs["image_grid_thw"] = images["image_grid_thw"][index.to(images["image_grid_thw"].device)]
@@ -453,12 +526,12 @@ def _replace_video_token(self, *args, **kwargs) -> str:
     _refuse_video(True)
 
 
-def check_processor(processor, core: nn.Module) -> None:
-    """``processor``: this model's Qwen2-VL (Qwen2.5-VL) processor, with the hook FlowCut sets, not patched for
-    another model."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+def check_processor(processor, core: nn.Module, processor_class: str) -> None:
+    """``processor``: this model's processor (a ``transformers.<processor_class>``), with the hook FlowCut sets, not
+    patched for another model."""
+    import transformers
 
-    expected = Qwen2_5_VLProcessor if isinstance(core, classes_2_5()[1]) else Qwen2VLProcessor
+    expected = getattr(transformers, processor_class)
     require(
         isinstance(processor, expected),
         f"processor is a {type(processor).__name__}; pass the model's {expected.__name__} (AutoProcessor."
@@ -474,13 +547,14 @@ def check_processor(processor, core: nn.Module) -> None:
     check_processor_owner(processor, core)
 
 
-def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None,
-                   llm_stage=None, schedule=None) -> None:
-    """Check every argument, then patch ``model`` (and ``processor``); see the module docstring."""
+def patch_qwen(model: nn.Module, target_num: int, *, name: str, processor_class: str, feature_layer=None,
+               backend="auto", processor=None, llm_stage=None, schedule=None) -> None:
+    """Check every argument, then patch ``model`` (and ``processor``, a ``transformers.<processor_class>``) of the
+    Qwen family ``name``; see the module docstring."""
     core = qwen_core(model)
-    refuse_schedule(schedule, "Qwen2-VL/2.5-VL")
+    refuse_schedule(schedule, name)
     target_num = check_int("target_num", target_num, 1)
-    require(feature_layer is None, "feature_layer does not apply to Qwen2-VL (the merger takes the last layer); "
+    require(feature_layer is None, f"feature_layer does not apply to {name} (the merger takes the last layer); "
                                    "leave it unset")
     require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
     llm_stage = llm_stage is not False  # the spec's default for Qwen: with the stage
@@ -489,7 +563,7 @@ def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, bac
         lm_stage.check_decoder(core.language_model)
         ops.resolve_backend(backend, core.language_model.device, core.language_model.dtype, lm_stage.STAGE_OPS)
     if processor is not None:
-        check_processor(processor, core)
+        check_processor(processor, core, processor_class)
     else:
         processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
     counting = seams.qwen_counts(processor, _replace_image_token, _replace_video_token) if processor is not None else {}
@@ -511,9 +585,15 @@ def patch_qwen2_vl(model: nn.Module, target_num: int, *, feature_layer=None, bac
 
 
 def unpatch_qwen2_vl(model: nn.Module) -> None:
-    """Undo :func:`patch_qwen2_vl`: the model's and the processor's attributes are restored exactly."""
+    """Undo :func:`patch_qwen`: the model's and the processor's attributes are restored exactly."""
     restore_patch(model, qwen_core(model))
 
 
-FAMILY = Family("qwen2_vl", classes, patch_qwen2_vl, unpatch_qwen2_vl)
-FAMILY_2_5 = Family("qwen2_5_vl", classes_2_5, patch_qwen2_vl, unpatch_qwen2_vl)
+FAMILY = Family(
+    "qwen2_vl", classes, functools.partial(patch_qwen, name="Qwen2-VL", processor_class="Qwen2VLProcessor"),
+    unpatch_qwen2_vl,
+)
+FAMILY_2_5 = Family(
+    "qwen2_5_vl", classes_2_5, functools.partial(patch_qwen, name="Qwen2.5-VL", processor_class="Qwen2_5_VLProcessor"),
+    unpatch_qwen2_vl,
+)

@@ -123,10 +123,15 @@ def text_output(hidden: Tensor, cache, states) -> BaseModelOutputWithPast:
 
 def _core_output_class(core: nn.Module) -> type:
     """The class a VLM core's stock forward returns: the model module's ``<Core>OutputWithPast`` where it has one
-    (LLaVA, LLaVA-NeXT: every 5.x; Qwen2-VL/2.5-VL: 5.0), else ``MultimodalBaseModelOutputWithPast`` (5.24+), else
-    the text model's ``BaseModelOutputWithPast`` (Qwen 5.1–5.23)."""
+    (LLaVA, LLaVA-NeXT: every 5.x; Qwen2-VL/2.5-VL, Qwen3-VL(-MoE): 5.0), or its ``<Prefix>BaseModelOutputWithPast``
+    for a core ``<Prefix>Model`` (Qwen3-VL-MoE 5.24+, with the router logits), else
+    ``MultimodalBaseModelOutputWithPast`` (5.24+), else the text model's ``BaseModelOutputWithPast`` (Qwen
+    5.1–5.23)."""
     module = inspect.getmodule(type(core))
-    own = getattr(module, type(core).__name__ + "OutputWithPast", None)
+    name = type(core).__name__
+    own = getattr(module, name + "OutputWithPast", None) or getattr(
+        module, name.removesuffix("Model") + "BaseModelOutputWithPast", None
+    )
     if own is not None:
         return own
     return getattr(transformers.modeling_outputs, "MultimodalBaseModelOutputWithPast", BaseModelOutputWithPast)
@@ -312,3 +317,25 @@ def rope_deltas_from_real_tokens(core: nn.Module) -> bool:
     """Whether the release's ``rope_deltas`` count the real tokens (5.1+: its ``get_rope_index`` takes
     ``mm_token_type_ids``) rather than the padded length (5.0)."""
     return "mm_token_type_ids" in inspect.signature(type(core).get_rope_index).parameters
+
+
+def qwen_position_embedding(visual: nn.Module, grid: Tensor) -> Tensor:
+    """Qwen3-VL's learned position embedding, (P, C), resampled to each image's grid, for the patches of ``grid`` in
+    the tower's order (5.0: the tower's ``fast_pos_embed_interpolate``; later:
+    ``vision_utils.get_vision_interpolation_indices_and_weights`` on its ``pos_embed`` table)."""
+    if hasattr(visual, "fast_pos_embed_interpolate"):
+        return visual.fast_pos_embed_interpolate(grid)
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    indices, weights = get_vision_interpolation_indices_and_weights(
+        grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size,
+    )
+    return (visual.pos_embed(indices) * weights[:, :, None]).sum(1)
+
+
+def qwen3_5_classes() -> tuple[type, ...]:
+    """``(Qwen3_5ForConditionalGeneration, Qwen3_5Model)`` where the release has Qwen3.5 (5.2x; not 5.0), else ``()``:
+    no model of the release is one."""
+    names = ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model")
+    return tuple(getattr(transformers, n) for n in names) if all(hasattr(transformers, n) for n in names) else ()

@@ -144,6 +144,7 @@ def test_kernel_rows_time_every_primitive_against_its_composition():
     ("llava-next-tiny", 5 * 64 + 16, 16, True),  # 5 crops of 64 patches; the stock packing adds 16 newlines
     ("llava-next-crops-tiny", 5 * 64, 5 * 8, False),  # ⌊K/2⌋ per crop
     ("qwen2-vl-tower-tiny", 64, 16, False),  # 16×16 patches, 2×2 merge
+    ("qwen3-vl-tower-tiny", 64, 16, False),
     ("qwen2-vl-tiny", 64, 16, True),
 ])
 def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, tmp_path):

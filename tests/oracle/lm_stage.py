@@ -70,6 +70,8 @@ class Decoder:
         q = _linear(h, attn.q_proj).view(length, self.heads, self.dim).transpose(0, 1)
         k = _linear(h, attn.k_proj).view(length, self.kv_heads, self.dim).transpose(0, 1)
         v = _linear(h, attn.v_proj).view(length, self.kv_heads, self.dim).transpose(0, 1)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's q and k, before the rotary embedding
+            q, k = _rms_norm(q, attn.q_norm, self.eps), _rms_norm(k, attn.k_norm, self.eps)
         q, k = self.rotate(q, positions), self.rotate(k, positions)
         keys = k if past is None else torch.cat([past[0], k], 1)
         values = v if past is None else torch.cat([past[1], v], 1)

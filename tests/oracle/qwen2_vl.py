@@ -96,12 +96,40 @@ def _top_groups(scores, keep):
     return sorted(order[:keep])
 
 
+def naive_position_embedding(table, t, h, w):
+    """Qwen3-VL's learned positions (t·h·w, C) in the processor's order: the (n, n) table (n² rows) read bilinearly
+    at patch (r, c) of an (h, w) grid at (r·(n − 1)/(h − 1), c·(n − 1)/(w − 1)) (corners aligned)."""
+    n = int(round(table.shape[0] ** 0.5))
+    grid = table.double().view(n, n, -1)
+    rows = []
+    for r, c in patch_coordinates(t, h, w).tolist():
+        y, x = r * (n - 1) / max(h - 1, 1), c * (n - 1) / max(w - 1, 1)
+        y0, x0 = int(y), int(x)
+        y1, x1 = min(y0 + 1, n - 1), min(x0 + 1, n - 1)
+        dy, dx = y - y0, x - x0
+        rows.append((1 - dy) * (1 - dx) * grid[y0, x0] + (1 - dy) * dx * grid[y0, x1]
+                    + dy * (1 - dx) * grid[y1, x0] + dy * dx * grid[y1, x1])
+    return torch.stack(rows)
+
+
 @torch.no_grad()
 def naive_image(visual, pixels, grid, target_groups):
     """One image (pixels (t·h·w, C_in·t·p·p), grid (t, h, w)) → merged tokens (K, C_text) float64, kept groups (K,)."""
+    merged, groups, _ = naive_tower(visual, pixels, grid, target_groups)
+    return merged, groups
+
+
+@torch.no_grad()
+def naive_tower(visual, pixels, grid, target_groups):
+    """:func:`naive_image`, and Qwen3-VL's DeepStack: one (K, C_text) float64 tensor per ``deepstack_visual_indexes``
+    layer ℓ, that layer's DeepStack merger on its output, the rows of the groups kept in the end (no DeepStack: [])."""
     t, h, w = grid
     m = 4
     x = copy.deepcopy(visual.patch_embed).double()(pixels.double())
+    if hasattr(visual, "pos_embed"):  # Qwen3-VL
+        x = x + naive_position_embedding(visual.pos_embed.weight, t, h, w)
+    taps = list(getattr(visual, "deepstack_visual_indexes", ()))
+    stacks = []
     head_dim = x.shape[1] // visual.blocks[0].attn.num_heads
     cos, sin = _rotary(patch_coordinates(t, h, w), head_dim)
     groups = list(range(t * h * w // m))
@@ -114,6 +142,8 @@ def naive_image(visual, pixels, grid, target_groups):
         if layer in getattr(visual, "fullatt_block_indexes", range(L)):
             patch_window = torch.zeros_like(patch_window)
         x, q, k, v, scale = _block(block, x, cos, sin, patch_window[:, None] == patch_window[None, :])
+        if layer in taps:
+            stacks.append(copy.deepcopy(visual.deepstack_merger_list[taps.index(layer)]).double()(x))
         if len(groups) <= target:
             continue
         cum, hn, _ = naive_flow_scores(q.mean(dim=2), k, v, cum, scale, has_cls=False)
@@ -126,9 +156,10 @@ def naive_image(visual, pixels, grid, target_groups):
         kept = _top_groups(scores, keep)
         rows = [g * m + j for g in kept for j in range(m)]
         x, cum, cos, sin = x[rows], cum[:, rows], cos[rows], sin[rows]
+        stacks = [stack[kept] for stack in stacks]
         groups = [groups[g] for g in kept]
     merged = copy.deepcopy(visual.merger).double()(x)
-    return merged, torch.tensor(groups)
+    return merged, torch.tensor(groups), stacks
 
 
 def naive_positions(input_ids, mask, image_token_id, grids, kept, merge=2):

@@ -30,7 +30,7 @@ _TEXT = dict(
 )
 
 
-def _model(cls, config, seed, sharpen, dtype, device, attn_implementation) -> nn.Module:
+def seeded_qwen(cls, config, seed, sharpen, dtype, device, attn_implementation) -> nn.Module:
     model = seeded_model(cls, config, seed, device, attn_implementation)
     sharpen_qwen_attention(model.model.visual, sharpen)
     return greedy(model, list(range(len(TINY_WORDS), len(QWEN_WORDS)))).to(dtype).eval()
@@ -55,7 +55,7 @@ def random_qwen2_vl(
         ),
         **_TEXT,
     )
-    return _model(Qwen2VLForConditionalGeneration, config, seed, sharpen, dtype, device, attn_implementation)
+    return seeded_qwen(Qwen2VLForConditionalGeneration, config, seed, sharpen, dtype, device, attn_implementation)
 
 
 def random_qwen2_5_vl(
@@ -86,7 +86,7 @@ def random_qwen2_5_vl(
         ),
         **_TEXT,
     )
-    return _model(Qwen2_5_VLForConditionalGeneration, config, seed, sharpen, dtype, device, attn_implementation)
+    return seeded_qwen(Qwen2_5_VLForConditionalGeneration, config, seed, sharpen, dtype, device, attn_implementation)
 
 
 def _image_only(processor_class):

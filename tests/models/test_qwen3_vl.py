@@ -1,0 +1,212 @@
+"""FlowCut on Qwen3-VL, tower stage alone and with the language-model stage (the default): the float64 oracle with
+DeepStack, exactly K tokens per image after the prune, whole 2×2 groups, generation, dtypes, reversibility, bad
+inputs."""
+import inspect
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from oracle.qwen2_vl import patch_coordinates
+from oracle.qwen3_vl import naive_qwen3_logits
+import test_qwen2_vl
+from test_qwen2_vl import END, IMAGE, START, TARGET, _pixels, _prompts
+from tiny.qwen3 import DEEPSTACK, random_qwen3_vl, tiny_qwen3_vl_processor
+
+from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
+
+CASES = {
+    "one image": ([[10, None, 11, 12]], [(1, 8, 12)]),
+    "two prompts, sizes differ": ([[10, None, 11, 12], [13, None, 14]], [(1, 8, 12), (1, 12, 6)]),
+    "two images in a prompt": ([[10, None, 11, None, 12], [13, None, 14]], [(1, 8, 8), (1, 6, 10), (1, 4, 4)]),
+    "small image kept whole": ([[10, None, 11, 12], [13, None, 14]], [(1, 8, 12), (1, 4, 4)]),
+}
+
+
+@pytest.mark.parametrize("stage", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prefill_matches_oracle(case, stage):
+    """Last-position logits within 1e-4 of the float64 oracle (DeepStack included), the tower's kept groups and each
+    kept token's DeepStack features exactly the oracle's."""
+    prompts, grids = CASES[case]
+    model = random_qwen3_vl()
+    ids, mask = _prompts(prompts, grids)
+    pixels = _pixels(grids)
+    expected, kept, stacks = naive_qwen3_logits(model, ids, mask, pixels, grids, TARGET, stage)
+    flowcut(model, TARGET, llm_stage=stage)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels, torch.tensor(grids))
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                       image_grid_thw=torch.tensor(grids)).logits
+    for got, want in zip(features.keep_groups, kept):
+        assert torch.equal(got, want)
+    assert len(features.deepstack_features) == len(DEEPSTACK)
+    for layer, per_image in enumerate(features.deepstack_features):
+        for got, want in zip(per_image, stacks):
+            assert torch.allclose(got.double(), want[layer], rtol=1e-4, atol=1e-5)
+    scale = expected.abs().max()
+    assert (logits[:, -1].double() - expected).abs().max() <= 1e-4 * scale
+
+
+def test_deepstack_reaches_kept_tokens():
+    """Without its DeepStack features the prefill differs from the oracle: the test above sees them."""
+    prompts, grids = CASES["one image"]
+    model = random_qwen3_vl()
+    ids, mask = _prompts(prompts, grids)
+    expected, _, _ = naive_qwen3_logits(model, ids, mask, _pixels(grids), grids, TARGET, False)
+    flowcut(model, TARGET, llm_stage=False)
+    model.model.language_model.config.output_hidden_states = False
+    with torch.no_grad():
+        features = model.model.get_image_features(_pixels(grids), torch.tensor(grids))
+        features.deepstack_features = tuple(tuple(torch.zeros_like(f) for f in layer)
+                                            for layer in features.deepstack_features)
+        logits = model(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": features}).logits \
+            if "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters else None
+    if logits is None:
+        pytest.skip("this transformers release takes no pre-encoded image features")
+    assert (logits[:, -1].double() - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+@pytest.mark.parametrize("stage", [False, True])
+def test_exactly_k_tokens_after_the_prune(stage):
+    """The decoder layers after the prune see each prompt's text and exactly K tokens per image."""
+    prompts, grids = CASES["two images in a prompt"]
+    model = flowcut(random_qwen3_vl(), TARGET, llm_stage=stage)
+    ids, mask = _prompts(prompts, grids)
+    seen = []
+    layers = model.model.language_model.layers
+    handle = layers[2].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=_pixels(grids), image_grid_thw=torch.tensor(grids))
+    handle.remove()
+    counts = [min(TARGET, t * h * w // 4) for t, h, w in grids]
+    assert int((ids == IMAGE).sum()) == sum(counts) and seen == [ids.shape[1]]
+
+
+def test_merged_tokens_are_whole_blocks():
+    grids = [(1, 8, 12), (1, 12, 6)]
+    model = flowcut(random_qwen3_vl(), TARGET, llm_stage=False)
+    with torch.no_grad():
+        features = model.model.get_image_features(_pixels(grids), torch.tensor(grids))
+    for (t, h, w), groups in zip(grids, features.keep_groups):
+        coords = patch_coordinates(t, h, w).long()
+        for g in groups.tolist():
+            block = {tuple(x) for x in coords[4 * g : 4 * g + 4].tolist()}
+            corner = (2 * (g // (w // 2)), 2 * (g % (w // 2)))
+            assert block == {(corner[0] + dy, corner[1] + dx) for dy in (0, 1) for dx in (0, 1)}
+        assert len(groups) == TARGET and bool((groups[1:] > groups[:-1]).all())
+
+
+def test_unpruned_tower_equals_stock():
+    """With every group kept the patched features (merged tokens and DeepStack) are the stock tower's exactly."""
+    grids = torch.tensor([(1, 8, 12), (1, 12, 6)])
+    model = random_qwen3_vl()
+    pixels = _pixels(grids.tolist())
+    with torch.no_grad():
+        stock = model.model.get_image_features(pixels, grids)
+        flowcut(model, 100, llm_stage=False)
+        mine = model.model.get_image_features(pixels, grids)
+    assert torch.equal(torch.cat(stock.pooler_output), torch.cat(mine.pooler_output))
+    for theirs, ours in zip(stock.deepstack_features, mine.deepstack_features):
+        theirs = theirs if isinstance(theirs, torch.Tensor) else torch.cat(theirs)  # 5.0: one tensor per layer
+        assert torch.equal(theirs, torch.cat(ours))
+
+
+@pytest.mark.parametrize("stage", [True, False])
+def test_bfloat16_finite(stage):
+    prompts, grids = CASES["two prompts, sizes differ"]
+    model = flowcut(random_qwen3_vl(dtype=torch.bfloat16), TARGET, llm_stage=stage)
+    ids, mask = _prompts(prompts, grids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=_pixels(grids).bfloat16(),
+                       image_grid_thw=torch.tensor(grids)).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.fixture
+def as_qwen2_case(monkeypatch):
+    """test_qwen2_vl's model-parametrised checks, run on the tiny Qwen3-VL under the name "qwen3_vl"."""
+    monkeypatch.setitem(test_qwen2_vl.MODELS, "qwen3_vl", (random_qwen3_vl, tiny_qwen3_vl_processor))
+
+
+@pytest.mark.parametrize("stage", [True, False])
+def test_generate_batched_equals_single_and_cache_off(as_qwen2_case, stage):
+    """Greedy batched (left-padded, different sizes) = each prompt alone; cache on = off (with the stage: the first
+    token)."""
+    test_qwen2_vl.test_generate_batched_equals_single_and_cache_off("qwen3_vl", stage)
+
+
+def test_remove_flowcut_restores_stock():
+    grids = CASES["one image"][1]
+    model = random_qwen3_vl()
+    ids_full = torch.tensor([[10, START] + [IMAGE] * 24 + [END, 11]])
+    stock_kwargs = dict(input_ids=ids_full, pixel_values=_pixels(grids), image_grid_thw=torch.tensor(grids))
+    if "mm_token_type_ids" in inspect.signature(type(model.model).forward).parameters:  # transformers > 5.0
+        stock_kwargs["mm_token_type_ids"] = (ids_full == IMAGE).long()
+    stock_dict = dict(vars(model.model))
+    with torch.no_grad():
+        stock = model(**stock_kwargs).logits
+    processor = tiny_qwen3_vl_processor()
+    processor_dict = dict(vars(processor))
+    flowcut(model, TARGET, processor=processor if hasattr(type(processor), "replace_image_token") else None)
+    with torch.no_grad():
+        model(input_ids=_prompts([[10, None, 11]], grids)[0], pixel_values=_pixels(grids),
+              image_grid_thw=torch.tensor(grids))
+    remove_flowcut(model)
+    assert vars(model.model).keys() == stock_dict.keys()
+    assert all(vars(model.model)[k] is v for k, v in stock_dict.items() if k != "rope_deltas")
+    assert vars(processor).keys() == processor_dict.keys()
+    with torch.no_grad():
+        again = model(**stock_kwargs).logits
+    assert torch.equal(stock, again)
+
+
+def test_processor_emits_target_placeholders(as_qwen2_case):
+    """The Qwen3VLProcessor writes min(K, G₀) placeholders per image, refuses videos, counts as stock after
+    remove_flowcut."""
+    test_qwen2_vl.test_processor_emits_target_placeholders("qwen3_vl")
+
+
+def test_bad_inputs_leave_model_unchanged():
+    from tiny.qwen import tiny_qwen2_vl_processor
+
+    model = random_qwen3_vl()
+    before = dict(vars(model.model))
+    for kwargs, match in [
+        (dict(target_num=0), "target_num"),
+        (dict(target_num=4, llm_stage="yes"), "llm_stage"),
+        (dict(target_num=4, feature_layer=-2), "feature_layer"),
+        (dict(target_num=4, processor=tiny_qwen2_vl_processor()), "Qwen3VLProcessor"),
+    ]:
+        with pytest.raises(FlowCutInputError, match=match):
+            flowcut(model, **kwargs)
+        assert vars(model.model) == before
+    flowcut(model, TARGET)
+    ids, _ = _prompts([[10, None, 11]], [(1, 8, 8)])
+    with pytest.raises(FlowCutInputError, match="spatial_merge_size"):
+        model(input_ids=ids, pixel_values=_pixels([(1, 6, 6)])[:45], image_grid_thw=torch.tensor([[1, 5, 9]]))
+    with pytest.raises(FlowCutInputError, match="t > 1 frames"):  # the tower would attend across its frames
+        model(input_ids=ids, pixel_values=_pixels([(2, 8, 8)]), image_grid_thw=torch.tensor([[2, 8, 8]]))
+    wrong, _ = _prompts([[10, None, 11]], [(1, 8, 8)], target=16)
+    with pytest.raises(FlowCutInputError, match="pass it when patching"):
+        model(input_ids=wrong, pixel_values=_pixels([(1, 8, 8)]), image_grid_thw=torch.tensor([[1, 8, 8]]))
+
+
+@pytest.mark.parametrize("stage", [True, False])
+def test_moe_generates_batched_as_single(monkeypatch, stage):
+    """Qwen3-VL-MoE (the same tower, an expert language model): with every group kept its tower is the stock one,
+    and greedy batched = single, cache on = off, as for the dense model."""
+    grids = torch.tensor([(1, 8, 12), (1, 12, 6)])
+    model = random_qwen3_vl(moe=True)
+    assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    with torch.no_grad():
+        stock = model.model.get_image_features(_pixels(grids.tolist()), grids)
+        flowcut(model, 100, llm_stage=False)
+        mine = model.model.get_image_features(_pixels(grids.tolist()), grids)
+    assert torch.equal(torch.cat(stock.pooler_output), torch.cat(mine.pooler_output))
+    remove_flowcut(model)
+    monkeypatch.setitem(test_qwen2_vl.MODELS, "qwen3_vl_moe", (lambda **kw: random_qwen3_vl(moe=True, **kw), None))
+    test_qwen2_vl.test_generate_batched_equals_single_and_cache_off("qwen3_vl_moe", stage)
