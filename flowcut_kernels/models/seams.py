@@ -245,6 +245,22 @@ def qwen_counts(processor, image_token, video_token) -> dict:
     }
 
 
+def gemma3_count(processor, count: int) -> dict:
+    """Attributes that make a ``Gemma3Processor`` write ``count`` soft tokens per image: every 5.x expands each image
+    to its ``full_image_sequence`` (built once from ``image_seq_length`` in ``__init__``: blank lines, the
+    begin-of-image token, the soft tokens, the end-of-image token, blank lines) and counts by ``image_seq_length``."""
+    require(
+        hasattr(processor, "full_image_sequence") and hasattr(processor, "image_seq_length"),
+        "Gemma3Processor.full_image_sequence / image_seq_length (how Gemma 3's processor writes image tokens)",
+    )
+    tokenizer = processor.tokenizer
+    soft = tokenizer.image_token * count
+    return {
+        "image_seq_length": count,
+        "full_image_sequence": f"\n\n{tokenizer.boi_token}{soft}{tokenizer.eoi_token}\n\n",
+    }
+
+
 # -- LLaVA-NeXT's anyres helpers (every 5.x). -------------------------------------------------------------------
 
 
