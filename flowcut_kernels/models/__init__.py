@@ -9,11 +9,11 @@
 - :mod:`.tower`, :mod:`.vision`, :mod:`.instance` — what a tower is, the bare-tower patch, and the
   per-instance attribute bookkeeping every patch uses.
 - one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.llava`, :mod:`.llava_next`, :mod:`.qwen2_vl`,
-  :mod:`.gemma3`. A new
+  :mod:`.gemma3`, :mod:`.llava_onevision`. A new
   family is a module that exports a ``FAMILY`` and one ``register`` line below.
 """
 
-from . import clip, gemma3, llava, llava_next, qwen2_vl, siglip
+from . import clip, gemma3, llava, llava_next, llava_onevision, qwen2_vl, siglip
 from .registry import register
 
 register(clip.FAMILY)
@@ -23,3 +23,4 @@ register(llava_next.FAMILY)
 register(qwen2_vl.FAMILY)
 register(qwen2_vl.FAMILY_2_5)
 register(gemma3.FAMILY)
+register(llava_onevision.FAMILY)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from oracle.flowcut import naive_flow_scores, naive_prune_count
 
 
-def _layer(layer, x):
+def siglip_layer(layer, x):
     """One SigLIP encoder layer on x (1, S, C) float64 → (out, q, k, v (1, H, S, D), scale)."""
     attn = layer.self_attn
     _, S, C = x.shape
@@ -67,7 +67,7 @@ def naive_image(model, pixels, target):
     cum = None
     for i in range(last):
         windows = window.unique()
-        x, q, k, v, scale = _layer(layers[i], x)
+        x, q, k, v, scale = siglip_layer(layers[i], x)
         if len(windows) <= target:
             continue
         cum, hn, _ = naive_flow_scores(q.mean(dim=2), k, v, cum, scale, has_cls=False)
@@ -80,7 +80,7 @@ def naive_image(model, pixels, target):
         best = sorted(score, key=lambda w: (-score[w], w))[:keep]
         rows = torch.tensor([j for j in range(len(window)) if int(window[j]) in best])
         x, cum, window = x[:, rows], cum[:, rows], window[rows]
-    x = _layer(layers[last], x)[0]
+    x = siglip_layer(layers[last], x)[0]
     post = tower.post_layernorm
     x = F.layer_norm(x, x.shape[-1:], post.weight.double(), post.bias.double(), post.eps)[0]
     kept = window.unique()
