@@ -117,8 +117,15 @@ def pruned_tower(tower: Tower, hidden: Tensor, group: int, target: int, backend:
         for i, layer in enumerate(layers[:feature]):
             tokens.append(list(ragged.lens))
             scored = groups != targets
+            # A pruning layer drops windows before its MLP, which acts on each row alone (as run_pruned does).
+            prunes = scored and (feature - i - 1) % 2 == 0
             run.watch, run.seen = (tower.attention(layer) if scored else None), None
-            hidden = layer(hidden, ragged.key_mask(hidden.dtype))
+            if prunes:
+                attended, _ = tower.attention(layer)(hidden_states=layer.layer_norm1(hidden),
+                                                     attention_mask=ragged.key_mask(hidden.dtype))
+                hidden = hidden + attended
+            else:
+                hidden = layer(hidden, ragged.key_mask(hidden.dtype))
             if not scored:
                 continue
             q, k, v, scale = run.seen
@@ -126,14 +133,15 @@ def pruned_tower(tower: Tower, hidden: Tensor, group: int, target: int, backend:
             view = LayerView(i, feature - i - 1, q, k, v, scale, False, ragged.lens, ragged.cu_seqlens, cum, backend)
             cum, entropy, _ = varlen(view.relay_query(), k, v, ragged.cu_seqlens, cum, float(scale), False, True)
             keep = scheduled_keep(entropy, groups, targets, view.steps_left, relay=0, rule_target=target + 1)
-            if keep is None or keep == groups:
-                continue
-            kept = ops.topk_select(cum.view(-1, group).sum(1), keep, cu_seqlens=_offsets(groups, cum.device),
-                                   backend=backend).kept
-            rows = (kept[:, None] * group + torch.arange(group, device=kept.device)).flatten()
-            packed, cum, number, groups = ragged.pack(hidden)[rows], cum[rows], number[kept], keep
-            ragged = Ragged([g * group for g in groups], hidden.device)
-            hidden = ragged.unpack(packed)
+            if keep is not None and keep != groups:
+                kept = ops.topk_select(cum.view(-1, group).sum(1), keep, cu_seqlens=_offsets(groups, cum.device),
+                                       backend=backend).kept
+                rows = (kept[:, None] * group + torch.arange(group, device=kept.device)).flatten()
+                packed, cum, number, groups = ragged.pack(hidden)[rows], cum[rows], number[kept], keep
+                ragged = Ragged([g * group for g in groups], hidden.device)
+                hidden = ragged.unpack(packed)
+            if prunes:
+                hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         run.watch = run.seen = None
     tokens.append(list(ragged.lens))
     hidden = layers[feature](hidden, None)
