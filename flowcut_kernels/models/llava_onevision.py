@@ -7,19 +7,23 @@ model's ``batch_num_images`` rule). Each crop is a SigLIP pass of N₀ = side² 
 with K = ``target_num``, the mean-query variant (relay = each crop's mean query; no CLS row):
 
 1. **Tower stage.** Every crop of an anyres image keeps k = ⌊K/2⌋ patches, the single crop of a multi-image prompt's
-   image keeps K; the crops of one image share one schedule (the batch rule over its crops), images are independent.
-   The crops with one count run in one padded pass (:func:`.encoder.run_pruned`; two passes where a batch has both
-   kinds); layers after the feature layer are not run.
+   image keeps K (2K with the language-model stage); the crops of one image share one schedule (the batch rule over
+   its crops), images are independent. The crops with one count run in one padded pass (:func:`.encoder.run_pruned`;
+   two passes where a batch has both kinds); layers after the feature layer are not run.
 2. **Layout** (LLaVA-NeXT's, :func:`.llava_next.arrange`): the base crop's kept patches first, then the grid crops'
-   in raster order of the stitched (gh·side) × (gw·side) grid; of them the K with the best S_cum stay, patches in the
-   margin stock ``unpad_image`` cuts only to make up K. No newline tokens (the stock ``image_newline`` after each
-   row, or after a single-crop image, is not emitted) and no ``anyres_max`` down-sampling (the kept patches are
-   sparse). A single-crop image gives its K kept patches in patch order.
+   in raster order of the stitched (gh·side) × (gw·side) grid; without the language-model stage the K with the best
+   S_cum stay, with it every unpadded one; patches in the margin stock ``unpad_image`` cuts only to make up K. No
+   newline tokens (the stock ``image_newline`` after each row, or after a single-crop image, is not emitted) and no
+   ``anyres_max`` down-sampling (the kept patches are sparse). A single-crop image gives its kept patches in patch
+   order.
+3. **Language-model stage** (``llm_stage=True``, the default, as for LLaVA-NeXT): decoder layer 1 keeps K of each
+   image's W ≥ K tokens (:mod:`.lm_stage`).
 
 The patch replaces, on the one ``LlavaOnevisionModel`` instance, ``get_image_features`` (steps 1–2, then the model's
-own projector), ``get_placeholder_mask`` (a count mismatch names the fix) and ``get_video_features`` (videos are
-refused). The processor, when given, writes K placeholders per image, in single- and multi-image prompts. The
-language-model stage is not offered for OneVision (``llm_stage=True`` is refused).
+own projector), ``get_placeholder_mask`` (a count mismatch names the fix), ``get_video_features`` (videos are
+refused) and, with the stage, ``forward`` (a prefill with images encodes them, then runs :func:`.vlm.staged_forward`;
+other calls are stock). The processor, when given, writes K placeholders per image, in single- and multi-image
+prompts.
 """
 
 from __future__ import annotations
@@ -32,21 +36,31 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import FlowCutInputError, require
-from . import seams
+from . import lm_stage, seams
 from .encoder import PACKED_OPS, check_pixels, run_pruned
 from .instance import restore_patch, set_attrs
 from .llava_next import CropPolicy, arrange
 from .registry import Family, FlowCutConfig
 from .schedule import refuse_schedule
-from .vlm import check_feature_layer, check_processor_owner, check_strategy, feature_layer_of, install, llava_tower
+from .vlm import (
+    check_feature_layer,
+    check_processor_owner,
+    check_strategy,
+    expand_by_prompt,
+    feature_layer_of,
+    install,
+    llava_tower,
+    staged_forward,
+)
 
 
 @dataclass
 class FlowCutOnevisionImageFeatures(seams.BaseModelOutputWithPooling):
     r"""What a patched LLaVA-OneVision's ``get_image_features`` returns (G images, K = target_num).
 
-    pooler_output: list of G tensors (K, C_text): each image's projected features in the language model's order.
-    keep_indices: list of G int64 tensors (K, 2): the (crop, patch) each row came from — crop 0 is the base image,
+    pooler_output: list of G tensors (W_g, C_text): each image's projected features in the language model's order;
+        W_g = K, or W_g ≥ K with the language-model stage (which keeps K).
+    keep_indices: list of G int64 tensors (W_g, 2): the (crop, patch) each row came from — crop 0 is the base image,
         crops 1 … gh·gw the grid in raster order; patch in the crop's raster numbering 0 … N₀ − 1.
     tokens_per_layer: one list per image: the tokens each of its crops processed in each run layer 0 … F.
     """
@@ -68,11 +82,13 @@ def onevision_core(model: nn.Module) -> nn.Module:
 
 def crop_counts(core: nn.Module, image_sizes, batch_num_images) -> list[int]:
     """The crops of each image: anyres (base + grid) for an image alone in its prompt, 1 in a multi-image prompt."""
-    alone = ([True] * len(image_sizes) if batch_num_images is None
-             else [int(n) == 1 for n in batch_num_images for _ in range(int(n))])
-    require(len(alone) == len(image_sizes), f"batch_num_images={list(map(int, batch_num_images))} counts "
-                                            f"{len(alone)} images, image_sizes {len(image_sizes)}: pass the "
-                                            f"processor's outputs together")
+    if batch_num_images is None:
+        alone = [True] * len(image_sizes)
+    else:
+        alone = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        require(len(alone) == len(image_sizes), f"batch_num_images={[int(n) for n in batch_num_images]} counts "
+                                                f"{len(alone)} images, image_sizes {len(image_sizes)}: pass the "
+                                                f"processor's outputs together")
     crop_count = seams.anyres()[1]
     side = core.config.vision_config.image_size
     return [crop_count(size, core.config.image_grid_pinpoints, side) if one else 1
@@ -121,9 +137,9 @@ def _pruned_image_features(
     per_side = side // self.config.vision_config.patch_size
     grid_shape = seams.anyres()[0]
     first = torch.tensor([0, *crops]).cumsum(0).tolist()
-    per_crop = [target // 2 if n > 1 else target for n in crops]
+    per_crop = [target // 2 if n > 1 else config.tower_target for n in crops]
     features, where, tokens = [None] * len(crops), [None] * len(crops), [None] * len(crops)
-    for count in sorted(set(per_crop)):  # one pass per crop count: anyres crops keep K // 2, single crops K
+    for count in sorted(set(per_crop)):  # one pass per crop count: anyres crops keep K // 2, single crops K (2K)
         images = [g for g, c in enumerate(per_crop) if c == count]
         rows = torch.cat([torch.arange(first[g], first[g + 1]) for g in images]).to(hidden.device)
         sizes = [crops[g] for g in images]
@@ -138,9 +154,9 @@ def _pruned_image_features(
             image_keep = keep.split(sizes)[i]
             if crops[g] > 1:
                 order = arrange(image_keep, cums[i], grid_shape(image_sizes[g], self.config.image_grid_pinpoints, side),
-                                image_sizes[g], per_side, target, exact=True)
+                                image_sizes[g], per_side, target, exact=not config.llm_stage)
             else:
-                order = torch.arange(target, device=keep.device)
+                order = torch.arange(count, device=keep.device)
             features[g] = projected[i].flatten(0, 1)[order]
             crop = torch.arange(crops[g], device=keep.device).repeat_interleave(count)
             where[g] = torch.stack([crop[order], image_keep.flatten()[order]], 1)
@@ -149,6 +165,34 @@ def _pruned_image_features(
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return out if return_dict else out.to_tuple()
+
+
+def _staged_forward(
+    self: nn.Module,
+    input_ids=None,
+    pixel_values=None,
+    image_sizes=None,
+    pixel_values_videos=None,
+    image_sizes_videos=None,
+    vision_feature_layer=None,
+    vision_feature_select_strategy=None,
+    vision_aspect_ratio=None,
+    batch_num_images=None,
+    mm_encoder_outputs=None,
+    **kwargs,
+):
+    """The patched forward with the language-model stage: the images are encoded here (their crops follow
+    ``batch_num_images``), then :func:`.vlm.staged_forward` prefills on their tower-stage features."""
+    if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
+        _refused_video_features(self)
+    if pixel_values is not None:
+        require(mm_encoder_outputs is None, "pass pixel_values or mm_encoder_outputs, not both")
+        mm_encoder_outputs = {"image": self.get_image_features(
+            pixel_values, image_sizes, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, batch_num_images=batch_num_images,
+            return_dict=True,
+        )}
+    return staged_forward(self, input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
 
 def _refused_video_features(self: nn.Module, *args, **kwargs):
@@ -194,9 +238,6 @@ def _check_onevision(model: nn.Module, target_num, feature_layer, backend: str, 
     tower = llava_tower(core)
     require(not tower.has_cls, f"LLaVA-OneVision is supported with its SigLIP vision tower; this model's is a "
                                f"{type(core.vision_tower).__name__}")
-    require(llm_stage in (None, False),
-            f"llm_stage={llm_stage!r}: the language-model stage is not available for LLaVA-OneVision; leave llm_stage "
-            f"unset or False")
     configured = check_feature_layer(core, tower, feature_layer, "LLaVA-OneVision")
     side = core.config.vision_config.image_size
     fewest = 1 + min((h // side) * (w // side) for h, w in core.config.image_grid_pinpoints)
@@ -213,6 +254,16 @@ def _check_onevision(model: nn.Module, target_num, feature_layer, backend: str, 
         f"{fewest * (target_num // 2)} in all; use an even target_num",
     )
     ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
+    if llm_stage:
+        require(
+            2 * target_num < tower.num_patches,
+            f"target_num={target_num} is too large for llm_stage=True: the single crop of a multi-image prompt's image "
+            f"keeps 2·target_num = {2 * target_num} of its {tower.num_patches} patches, which must be fewer; use "
+            f"target_num <= {(tower.num_patches - 1) // 2}, or llm_stage=False",
+        )
+        text_model = core.language_model
+        lm_stage.check_decoder(text_model)
+        ops.resolve_backend(backend, text_model.device, text_model.dtype, lm_stage.STAGE_OPS)
     if processor is not None:
         check_processor(processor, core)
     return configured
@@ -223,10 +274,12 @@ def patch_llava_onevision(
     schedule=None,
 ) -> None:
     """Check every argument, then patch the LLaVA-OneVision ``model`` (and ``processor``); see the module
-    docstring."""
+    docstring. ``llm_stage=None`` is the recipe's default for LLaVA-OneVision, as for LLaVA-NeXT: on."""
+    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
     refuse_schedule(schedule, "LLaVA-OneVision")
+    llm_stage = llm_stage is not False
     feature_layer = _check_onevision(model, target_num, feature_layer, backend, processor, llm_stage)
-    config = FlowCutConfig(target_num, feature_layer, backend)
+    config = FlowCutConfig(target_num, feature_layer, backend, llm_stage)
     core = onevision_core(model)
     if processor is None:
         processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
@@ -234,8 +287,10 @@ def patch_llava_onevision(
     unpatch_llava_onevision(model)  # a re-apply starts from the stock model (and restores a replaced processor)
     if processor is not None:
         set_attrs(processor, **counting)
-    install(model, core, config, processor, _pruned_image_features, None)
+    install(model, core, config, processor, _pruned_image_features, expand_by_prompt("pixel_values", "image_sizes"))
     set_attrs(core, get_video_features=types.MethodType(_refused_video_features, core))
+    if llm_stage:
+        set_attrs(core, forward=types.MethodType(_staged_forward, core))
 
 
 def unpatch_llava_onevision(model: nn.Module) -> None:

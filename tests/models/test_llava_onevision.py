@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from oracle.llava_next import naive_logits
+from oracle.lm_stage import naive_lm_stage
 from oracle.llava_onevision import naive_onevision_features
 from tiny.gemma3 import random_gemma3, tiny_gemma3_processor
 from tiny.llava_onevision import IMAGE, random_onevision, tiny_onevision_processor
@@ -42,10 +43,10 @@ def nested(prompts, sizes):
     return [[next(flat) for _ in range(p.count("<image>"))] for p in prompts]
 
 
-def patched(target=K, **kwargs):
+def patched(target=K, llm_stage=None, **kwargs):
     model = random_onevision(**kwargs)
     processor = tiny_onevision_processor(model)
-    flowcut(model, target, processor=processor)
+    flowcut(model, target, processor=processor, llm_stage=llm_stage)
     return model, processor
 
 
@@ -60,28 +61,36 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("llm_stage", [True, False], ids=["stage", "tower-only"])
 @pytest.mark.parametrize("case", CASES)
-def test_prefill_equals_oracle(case):
+def test_prefill_equals_oracle(case, llm_stage):
     prompts, sizes = CASES[case]
-    model, processor = patched(dtype=torch.float64)
+    model, processor = patched(dtype=torch.float64, llm_stage=llm_stage)
+    assert model.flowcut_config.llm_stage == llm_stage
     batch = processor(text=prompts, images=nested(prompts, sizes), padding=True, return_tensors="pt")
     batch["pixel_values"] = batch["pixel_values"].double()
     assert len(prompts) == 1 or (batch["attention_mask"] == 0).any()
     want, sources = naive_onevision_features(model, batch["pixel_values"], batch["image_sizes"],
-                                             batch["batch_num_images"].tolist(), K)
+                                             batch["batch_num_images"].tolist(), K, llm_stage)
     got = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"],
                                          batch_num_images=batch["batch_num_images"])
     for mine, theirs, where, source in zip(got.pooler_output, want, got.keep_indices, sources):
         assert [tuple(x) for x in where.tolist()] == source
-        assert mine.shape == (K, 32) and torch.allclose(mine, theirs, rtol=1e-9, atol=1e-12)
-    expected = naive_logits(model, batch["input_ids"], batch["attention_mask"], want, K)
+        assert torch.allclose(mine, theirs, rtol=1e-9, atol=1e-12)
+    widths = [len(w) for w in want]
+    if llm_stage:
+        assert all(w > K for w in widths)
+        expected = naive_lm_stage(model, batch["input_ids"], batch["attention_mask"], want, K)[0]
+    else:
+        assert widths == [K] * len(want)
+        expected = naive_logits(model, batch["input_ids"], batch["attention_mask"], want, K)
     positions = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
     logits = model(**batch, position_ids=positions).logits[:, -1]
     assert (logits - expected).abs().max() <= 1e-6 * expected.abs().max()  # the RMSNorms run in float32
 
 
 def test_float32_keeps_the_oracles_patches():
-    model, processor = patched()
+    model, processor = patched(llm_stage=False)
     prompts, sizes = CASES["two images in a prompt"]
     batch = processor(text=prompts, images=nested(prompts, sizes), padding=True, return_tensors="pt")
     _, sources = naive_onevision_features(model, batch["pixel_values"], batch["image_sizes"],
@@ -90,10 +99,14 @@ def test_float32_keeps_the_oracles_patches():
                                          batch_num_images=batch["batch_num_images"])
     assert [[tuple(x) for x in where.tolist()] for where in got.keep_indices] == sources
     assert bool(model(**batch).logits.isfinite().all())
+    alone = processor(text=SINGLE, images=images([(40, 70)]), return_tensors="pt")  # without batch_num_images:
+    features = model.model.get_image_features(alone["pixel_values"], alone["image_sizes"])  # each image anyres
+    assert features.keep_indices[0][:, 0].max() > 0 and features.pooler_output[0].shape == (K, 32)
 
 
-def test_generate_batched_equals_single_and_cache():
-    model, processor = patched()
+@pytest.mark.parametrize("llm_stage", [True, False], ids=["stage", "tower-only"])
+def test_generate_batched_equals_single_and_cache(llm_stage):
+    model, processor = patched(llm_stage=llm_stage)
     prompts, sizes = CASES["two images in a prompt"]
     batch = processor(text=prompts, images=nested(prompts, sizes), padding=True, return_tensors="pt")
     new = 5
@@ -102,7 +115,19 @@ def test_generate_batched_equals_single_and_cache():
     for i, prompt in enumerate(prompts):
         single = processor(text=[prompt], images=[per_prompt[i]], return_tensors="pt")
         assert torch.equal(model.generate(**single, max_new_tokens=new)[0, -new:], out[i, -new:])
-    assert torch.equal(model.generate(**batch, max_new_tokens=new, use_cache=False), out)
+    uncached = model.generate(**batch, max_new_tokens=new, use_cache=False)
+    if llm_stage:  # without cache the stage re-runs with the newest token as relay: only the first token is bound
+        assert torch.equal(uncached[:, -new], out[:, -new])
+    else:
+        assert torch.equal(uncached, out)
+
+
+def test_generate_beams_keep_each_prompts_images():
+    model, processor = patched()
+    prompts, sizes = CASES["two images in a prompt"]
+    batch = processor(text=prompts, images=nested(prompts, sizes), padding=True, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=3, num_beams=2, num_return_sequences=2)
+    assert out.shape == (4, batch["input_ids"].shape[1] + 3)
 
 
 def test_bfloat16_is_finite():
@@ -121,7 +146,7 @@ def test_processor_emits_target_placeholders(target):
     processor, other = tiny_onevision_processor(model), tiny_onevision_processor(model)
     sizes = [(30, 90), (64, 32), (40, 70)]
     stock = count(processor(text=TWO, images=nested(TWO, sizes), padding=True))
-    flowcut(model, target, processor=processor)
+    flowcut(model, target, processor=processor, llm_stage=target < 32)  # the stage needs 2·target below 64
     assert count(processor(text=TWO, images=nested(TWO, sizes), padding=True)) == [2 * target, target]
     assert count(other(text=TWO, images=nested(TWO, sizes), padding=True)) == stock
     remove_flowcut(model)
@@ -179,7 +204,9 @@ def test_bad_arguments_leave_model_unchanged():
     _refused(model, "target_num=1 is out of range", target_num=1)
     _refused(model, "feature_layer=-2 differs", target_num=K, feature_layer=-2)
     _refused(model, "backend='nope'", target_num=K, backend="nope")
-    _refused(model, "llm_stage=True: the language-model stage is not available", target_num=K, llm_stage=True)
+    _refused(model, "target_num=32 is too large for llm_stage=True", target_num=32)
+    _refused(model, "llm_stage must be True, False or None", target_num=K, llm_stage="yes")
+    assert flowcut(random_onevision(), 32, llm_stage=False).flowcut_config.target_num == 32
     _refused(model, "static schedule", target_num=K, schedule=object())
     two_crops = random_onevision(image_grid_pinpoints=[[32, 32], [32, 64]])
     _refused(two_crops, r"target_num=9 is more than the tower stage keeps from an image of 2 crops", target_num=9)

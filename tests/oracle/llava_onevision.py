@@ -9,7 +9,8 @@ Per image of size (H, W), K = target_num:
    mean query, the mean variant (target k); each kept patch keeps its last S_cum;
 2. layout: base patches first (patch order), then grid patches in raster order of the stitched grid; a grid patch is
    in the margin when stock `unpad_image` cuts its row or column;
-3. selection: exactly K by (margin last, S_cum descending, layout order), then in layout order.
+3. selection: by (margin last, S_cum descending, layout order): exactly K, or with the language-model stage every
+   unpadded patch and margin ones up to K (a single crop then keeps 2K); the chosen ones in layout order.
 """
 import copy
 
@@ -57,8 +58,9 @@ def _tower(tower, pixels, keep, feature_layer):
 
 
 @torch.no_grad()
-def naive_onevision_features(model, pixel_values, image_sizes, batch_num_images, target_num):
-    """The projected features (K, C_text) float64 each image gives the language model, and its (crop, patch) pairs.
+def naive_onevision_features(model, pixel_values, image_sizes, batch_num_images, target_num, llm_stage=False):
+    """The projected features (W, C_text) float64 each image gives the language model, and its (crop, patch) pairs.
+    With the language-model stage a single crop keeps 2K, an anyres image gives every unpadded patch (at least K).
 
     pixel_values (G, P_max, 3, S, S); image_sizes (G, 2); batch_num_images: images per prompt."""
     core = model.model
@@ -72,7 +74,7 @@ def naive_onevision_features(model, pixel_values, image_sizes, batch_num_images,
     features, sources = [], []
     for pixels, (height, width), single in zip(pixel_values, image_sizes.tolist(), alone):
         if not single:
-            feats, index, _ = _tower(tower, pixels[:1], target_num, feature_layer)
+            feats, index, _ = _tower(tower, pixels[:1], 2 * target_num if llm_stage else target_num, feature_layer)
             features.append(projector(feats[0]))
             sources.append([(0, int(p)) for p in index[0]])
             continue
@@ -93,7 +95,8 @@ def naive_onevision_features(model, pixel_values, image_sizes, batch_num_images,
                     x = (crop - 1) % grid_cols * per_side + patch % per_side
                     position, cut = (1, y, x), (y, x) in margin
                 tokens.append((cut, -float(cum[crop, slot]), position, crop, slot))
-        chosen = sorted(sorted(tokens)[:target_num], key=lambda t: t[2])
+        count = max(target_num, sum(not t[0] for t in tokens)) if llm_stage else target_num
+        chosen = sorted(sorted(tokens)[:count], key=lambda t: t[2])
         features.append(projector(torch.stack([feats[t[3], t[4]] for t in chosen])))
         sources.append([(t[3], int(index[t[3], t[4]])) for t in chosen])
     return features, sources
