@@ -136,6 +136,16 @@ def test_generate_batched_equals_single_and_cache():
     assert torch.equal(model.generate(**batch, max_new_tokens=new, use_cache=False), out)
 
 
+def test_generate_beams_and_several_sequences():
+    model, processor = patched()
+    batch = processor(text=PAIR, images=nested(PAIR), padding=True, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=3, num_beams=2, num_return_sequences=2)
+    assert out.shape == (4, batch["input_ids"].shape[1] + 3)
+    for i, prompt in enumerate(PAIR):  # each prompt's best beam is its own single-prompt one
+        single = processor(text=[prompt], images=[nested(PAIR)[i]], return_tensors="pt")
+        assert torch.equal(model.generate(**single, max_new_tokens=3, num_beams=2)[0, -3:], out[2 * i, -3:])
+
+
 def test_bfloat16_is_finite():
     model, processor = patched(dtype=torch.bfloat16)
     batch = processor(text=PAIR, images=nested(PAIR), padding=True, return_tensors="pt")
