@@ -106,7 +106,9 @@ def _pruned_image_features(
     **kwargs,
 ):
     """Patched ``LlavaOnevisionModel.get_image_features``: pixels (G, P_max, 3, S, S) padded, or (ΣP_g, 3, S, S),
-    with image_sizes (G, 2) → a :class:`FlowCutOnevisionImageFeatures` (a tuple with ``return_dict=False``)."""
+    with image_sizes (G, 2) and batch_num_images (images per prompt; None: each image alone) → a
+    :class:`FlowCutOnevisionImageFeatures` (a tuple with ``return_dict=False``). ``vision_aspect_ratio`` is taken
+    and unused: there is no ``anyres_max`` down-sampling (module docstring)."""
     config = self.flowcut_config
     tower = llava_tower(self)
     if vision_feature_layer is None:
