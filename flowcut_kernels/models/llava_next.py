@@ -78,10 +78,11 @@ def next_core(model: nn.Module) -> nn.Module:
 class CropPolicy(FlowCutPolicy):
     """FlowCut on crops: the loop's rows are crops, image by image; the crops of an image share one schedule (each
     prune keeps the fewest rows any of them would: the batch rule over its crops). Records ``kept_cum``: each kept
-    patch's S_cum at its crop's last prune, (ΣP_g · k,) packed crop by crop in ascending patch order."""
+    patch's S_cum at its crop's last prune, (ΣP_g · k,) packed crop by crop in ascending patch order. CLIP crops
+    (``has_cls``: the CLS variant, LLaVA-NeXT) or SigLIP crops (the mean-query variant, LLaVA-OneVision)."""
 
-    def __init__(self, per_crop: int, crops: list[int]):
-        super().__init__(per_crop, has_cls=True)
+    def __init__(self, per_crop: int, crops: list[int], has_cls: bool = True):
+        super().__init__(per_crop, has_cls=has_cls)
         self.crops = crops
         self.kept_cum = None
 
@@ -91,8 +92,10 @@ class CropPolicy(FlowCutPolicy):
             return cum, None
         keep = [int(group.min()) for group in torch.tensor(keep).split(self.crops) for _ in group]
         # The rows the loop keeps (the same rule as select_gather: best S_cum, ties to the lower index).
-        candidates = layer.cu_seqlens - torch.arange(len(keep) + 1, device=cum.device, dtype=layer.cu_seqlens.dtype)
-        kept = ops.topk_select(cum, [k - 1 for k in keep], cu_seqlens=candidates, backend=layer.backend).kept
+        relay = int(layer.has_cls)
+        candidates = layer.cu_seqlens - relay * torch.arange(len(keep) + 1, device=cum.device,
+                                                             dtype=layer.cu_seqlens.dtype)
+        kept = ops.topk_select(cum, [k - relay for k in keep], cu_seqlens=candidates, backend=layer.backend).kept
         self.kept_cum = cum[kept]
         return cum, keep
 

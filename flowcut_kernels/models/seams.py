@@ -263,6 +263,23 @@ def next_count(processor, count: int) -> dict:
     return {"_get_number_of_features": lambda *sizes: count + int(default)}
 
 
+def onevision_count(processor, count: int) -> dict:
+    """Attributes that make a ``LlavaOnevisionProcessor`` give ``count`` tokens per image (every 5.x: an image alone
+    in its prompt counts ``_get_number_of_features(...)``, one of a multi-image prompt ``num_image_tokens + 1``, each
+    − 1 with the "default" strategy). ``num_image_tokens`` also sizes the processor's video count, which the patched
+    model refuses anyway."""
+    require(
+        hasattr(type(processor), "_get_number_of_features") and hasattr(processor, "num_image_tokens"),
+        "LlavaOnevisionProcessor._get_number_of_features / num_image_tokens (how OneVision's processor counts image "
+        "tokens)",
+    )
+    default = processor.vision_feature_select_strategy == "default"
+    return {
+        "_get_number_of_features": lambda *sizes: count + int(default),
+        "num_image_tokens": count - 1 + int(default),
+    }
+
+
 def qwen_counts(processor, image_token, video_token) -> dict:
     """Attributes that make a Qwen2-VL/2.5-VL processor write ``image_token(processor, image_inputs, index)`` per
     image and call ``video_token`` per video (its ``replace_image_token`` / ``replace_video_token`` hooks, 5.1+;
@@ -274,6 +291,22 @@ def qwen_counts(processor, image_token, video_token) -> dict:
     return {
         "replace_image_token": image_token.__get__(processor, type(processor)),
         "replace_video_token": video_token.__get__(processor, type(processor)),
+    }
+
+
+def gemma3_count(processor, count: int) -> dict:
+    """Attributes that make a ``Gemma3Processor`` write ``count`` soft tokens per image: every 5.x expands each image
+    to its ``full_image_sequence`` (built once from ``image_seq_length`` in ``__init__``: blank lines, the
+    begin-of-image token, the soft tokens, the end-of-image token, blank lines) and counts by ``image_seq_length``."""
+    require(
+        hasattr(processor, "full_image_sequence") and hasattr(processor, "image_seq_length"),
+        "Gemma3Processor.full_image_sequence / image_seq_length (how Gemma 3's processor writes image tokens)",
+    )
+    tokenizer = processor.tokenizer
+    soft = tokenizer.image_token * count
+    return {
+        "image_seq_length": count,
+        "full_image_sequence": f"\n\n{tokenizer.boi_token}{soft}{tokenizer.eoi_token}\n\n",
     }
 
 

@@ -14,7 +14,7 @@ QWEN_WORDS = TINY_WORDS + ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
 IMAGE_TOKEN = len(TINY_WORDS)
 
 
-def _word_tokenizer(words: list[str], **special):
+def word_tokenizer(words: list[str], **special):
     """An in-memory word-level ``PreTrainedTokenizerFast`` over ``words`` (ids in order), split on whitespace,
     left padding, ``<pad>``/``<unk>``/``<s>``/``</s>`` as its special tokens plus ``special``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -30,12 +30,12 @@ def _word_tokenizer(words: list[str], **special):
 def tiny_tokenizer():
     """The LLaVA families' tokenizer: :data:`TINY_WORDS` and ``<image>`` (id 63), a special token, so repeated
     placeholders need no spaces."""
-    return _word_tokenizer(TINY_WORDS, extra_special_tokens={"image_token": "<image>"})
+    return word_tokenizer(TINY_WORDS, extra_special_tokens={"image_token": "<image>"})
 
 
 def tiny_qwen_tokenizer():
     """:func:`tiny_tokenizer`'s words with Qwen2-VL's vision tokens (``<|image_pad|>`` = 63) as special tokens."""
-    return _word_tokenizer(QWEN_WORDS, additional_special_tokens=QWEN_WORDS[-4:])
+    return word_tokenizer(QWEN_WORDS, additional_special_tokens=QWEN_WORDS[-4:])
 
 
 def tiny_llama(text: dict | None = None, max_position_embeddings: int = 512):

@@ -1,0 +1,309 @@
+"""FlowCut for HF LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration`` / ``LlavaOnevisionModel``, SigLIP tower,
+anyres) and its ``LlavaOnevisionProcessor``; images only.
+
+An image alone in its prompt is, as in LLaVA-NeXT, a base crop (the whole image) and the gh × gw grid of crops of its
+best ``image_grid_pinpoints`` resolution; an image of a prompt with several images is its base crop alone (the stock
+model's ``batch_num_images`` rule). Each crop is a SigLIP pass of N₀ = side² patches. The recipe (docs/semantics.md),
+with K = ``target_num``, the mean-query variant (relay = each crop's mean query; no CLS row):
+
+1. **Tower stage.** Every crop of an anyres image keeps k = ⌊K/2⌋ patches, the single crop of a multi-image prompt's
+   image keeps K (2K with the language-model stage); the crops of one image share one schedule (the batch rule over
+   its crops), images are independent. The crops with one count run in one padded pass (:func:`.encoder.run_pruned`;
+   two passes where a batch has both kinds); layers after the feature layer are not run.
+2. **Layout** (LLaVA-NeXT's, :func:`.llava_next.arrange`): the base crop's kept patches first, then the grid crops'
+   in raster order of the stitched (gh·side) × (gw·side) grid; without the language-model stage the K with the best
+   S_cum stay, with it every unpadded one; patches in the margin stock ``unpad_image`` cuts only to make up K. No
+   newline tokens (the stock ``image_newline`` after each row, or after a single-crop image, is not emitted) and no
+   ``anyres_max`` down-sampling (the kept patches are sparse). A single-crop image gives its kept patches in patch
+   order.
+3. **Language-model stage** (``llm_stage=True``, the default, as for LLaVA-NeXT): decoder layer 1 keeps K of each
+   image's W ≥ K tokens (:mod:`.lm_stage`).
+
+The patch replaces, on the one ``LlavaOnevisionModel`` instance, ``get_image_features`` (steps 1–2, then the model's
+own projector), ``get_placeholder_mask`` (a count mismatch names the fix), ``get_video_features`` (videos are
+refused) and, with the stage, ``forward`` (a prefill with images encodes them, then runs :func:`.vlm.staged_forward`;
+other calls are stock). The processor, when given, writes K placeholders per image, in single- and multi-image
+prompts.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..checks import FlowCutInputError, require
+from . import lm_stage, seams
+from .encoder import PACKED_OPS, check_pixels, run_pruned
+from .instance import restore_patch, set_attrs
+from .llava_next import CropPolicy, arrange
+from .registry import Family, FlowCutConfig
+from .schedule import refuse_schedule
+from .vlm import (
+    check_feature_layer,
+    check_processor_owner,
+    check_strategy,
+    expand_by_prompt,
+    feature_layer_of,
+    install,
+    llava_tower,
+    staged_forward,
+)
+
+
+@dataclass
+class FlowCutOnevisionImageFeatures(seams.BaseModelOutputWithPooling):
+    r"""What a patched LLaVA-OneVision's ``get_image_features`` returns (G images, K = target_num).
+
+    pooler_output: list of G tensors (W_g, C_text): each image's projected features in the language model's order;
+        W_g = K, or W_g ≥ K with the language-model stage (which keeps K).
+    keep_indices: list of G int64 tensors (W_g, 2): the (crop, patch) each row came from — crop 0 is the base image,
+        crops 1 … gh·gw the grid in raster order; patch in the crop's raster numbering 0 … N₀ − 1.
+    tokens_per_layer: one list per image: the tokens each of its crops processed in each run layer 0 … F.
+    """
+
+    keep_indices: list[Tensor] | None = None
+    tokens_per_layer: list[list[int]] | None = None
+
+
+def classes() -> tuple[type, type]:
+    from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+
+    return LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+
+
+def onevision_core(model: nn.Module) -> nn.Module:
+    """The ``LlavaOnevisionModel`` of a ``LlavaOnevisionForConditionalGeneration`` (or the model itself)."""
+    return model.model if isinstance(model, classes()[0]) else model
+
+
+def crop_counts(core: nn.Module, image_sizes, batch_num_images) -> list[int]:
+    """The crops of each image: anyres (base + grid) for an image alone in its prompt, 1 in a multi-image prompt."""
+    if batch_num_images is None:
+        alone = [True] * len(image_sizes)
+    else:
+        alone = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        require(len(alone) == len(image_sizes), f"batch_num_images={[int(n) for n in batch_num_images]} counts "
+                                                f"{len(alone)} images, image_sizes {len(image_sizes)}: pass the "
+                                                f"processor's outputs together")
+    crop_count = seams.anyres()[1]
+    side = core.config.vision_config.image_size
+    return [crop_count(size, core.config.image_grid_pinpoints, side) if one else 1
+            for size, one in zip(image_sizes, alone)]
+
+
+def _pruned_image_features(
+    self: nn.Module,
+    pixel_values: Tensor,
+    image_sizes: Tensor,
+    vision_feature_layer: int | list[int] | None = None,
+    vision_feature_select_strategy: str | None = None,
+    vision_aspect_ratio: str | None = None,
+    batch_num_images: Tensor | None = None,
+    **kwargs,
+):
+    """Patched ``LlavaOnevisionModel.get_image_features``: pixels (G, P_max, 3, S, S) padded, or (ΣP_g, 3, S, S),
+    with image_sizes (G, 2) and batch_num_images (images per prompt; None: each image alone) → a
+    :class:`FlowCutOnevisionImageFeatures` (a tuple with ``return_dict=False``). ``vision_aspect_ratio`` is taken
+    and unused: there is no ``anyres_max`` down-sampling (module docstring)."""
+    config = self.flowcut_config
+    tower = llava_tower(self)
+    if vision_feature_layer is None:
+        vision_feature_layer = self.config.vision_feature_layer
+    if vision_feature_select_strategy is None:
+        vision_feature_select_strategy = self.config.vision_feature_select_strategy
+    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
+    check_strategy(vision_feature_select_strategy, tower)
+    return_dict = kwargs.pop("return_dict", None)
+    for option in ("output_attentions", "output_hidden_states"):
+        require(not kwargs.pop(option, None), f"{option}=True is unavailable on a FlowCut-patched LLaVA-OneVision "
+                                               f"vision tower; call flowcut_kernels.remove_flowcut(model) first")
+    require(pixel_values is not None and image_sizes is not None,
+            "pixel_values and image_sizes are required: pass the LlavaOnevisionProcessor's outputs")
+    crops = crop_counts(self, image_sizes, batch_num_images)
+    if isinstance(pixel_values, Tensor):  # as the stock tower's forward would, under a device map
+        pixel_values = pixel_values.to(tower.device)
+        if pixel_values.dim() == 5:  # (G, P_max, 3, S, S) padded with empty crops
+            pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops)])
+    check_pixels(pixel_values, tower)
+    require(len(pixel_values) == sum(crops), f"pixel_values holds {len(pixel_values)} crops, but image_sizes "
+                                             f"gives {sum(crops)}: pass the processor's pixel_values and image_sizes "
+                                             f"together")
+    target = config.target_num
+    backend = ops.resolve_backend(config.backend, tower.device, tower.dtype, PACKED_OPS)
+    hidden = tower.embed(pixel_values)
+    side = self.config.vision_config.image_size
+    per_side = side // self.config.vision_config.patch_size
+    grid_shape = seams.anyres()[0]
+    first = torch.tensor([0, *crops]).cumsum(0).tolist()
+    per_crop = [target // 2 if n > 1 else config.tower_target for n in crops]
+    features, where, tokens = [None] * len(crops), [None] * len(crops), [None] * len(crops)
+    for count in sorted(set(per_crop)):  # one pass per crop count: anyres crops keep K // 2, single crops K (2K)
+        images = [g for g, c in enumerate(per_crop) if c == count]
+        rows = torch.cat([torch.arange(first[g], first[g + 1]) for g in images]).to(hidden.device)
+        sizes = [crops[g] for g in images]
+        policy = CropPolicy(count, sizes, has_cls=False)
+        last, keep, run_tokens = run_pruned(
+            tower, hidden[rows], policy, len(tower.layers) + feature_layer, backend, per_image=True, **kwargs
+        )
+        projected = self.multi_modal_projector(last).split(sizes)
+        cums = policy.kept_cum.view(-1, count).split(sizes)
+        offsets = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        for i, g in enumerate(images):
+            image_keep = keep.split(sizes)[i]
+            if crops[g] > 1:
+                order = arrange(image_keep, cums[i], grid_shape(image_sizes[g], self.config.image_grid_pinpoints, side),
+                                image_sizes[g], per_side, target, exact=not config.llm_stage)
+            else:
+                order = torch.arange(count, device=keep.device)
+            features[g] = projected[i].flatten(0, 1)[order]
+            crop = torch.arange(crops[g], device=keep.device).repeat_interleave(count)
+            where[g] = torch.stack([crop[order], image_keep.flatten()[order]], 1)
+            tokens[g] = run_tokens[offsets[i]]
+    out = FlowCutOnevisionImageFeatures(pooler_output=features, keep_indices=where, tokens_per_layer=tokens)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
+def _staged_forward(
+    self: nn.Module,
+    input_ids=None,
+    pixel_values=None,
+    image_sizes=None,
+    pixel_values_videos=None,
+    image_sizes_videos=None,
+    vision_feature_layer=None,
+    vision_feature_select_strategy=None,
+    vision_aspect_ratio=None,
+    batch_num_images=None,
+    mm_encoder_outputs=None,
+    **kwargs,
+):
+    """The patched forward with the language-model stage: the images are encoded here (their crops follow
+    ``batch_num_images``), then :func:`.vlm.staged_forward` prefills on their tower-stage features."""
+    if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
+        _refused_video_features(self)
+    if pixel_values is not None:
+        require(mm_encoder_outputs is None, "pass pixel_values or mm_encoder_outputs, not both")
+        mm_encoder_outputs = {"image": self.get_image_features(
+            pixel_values, image_sizes, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, batch_num_images=batch_num_images,
+            return_dict=True,
+        )}
+    return staged_forward(self, input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+
+
+def _refused_video_features(self: nn.Module, *args, **kwargs):
+    """Patched ``LlavaOnevisionModel.get_video_features``: videos are refused."""
+    raise FlowCutInputError(
+        "FlowCut's LLaVA-OneVision patch prunes images only: videos are not supported; pass images, or call "
+        "flowcut_kernels.remove_flowcut(model) to process videos"
+    )
+
+
+def check_processor(processor, core: nn.Module) -> None:
+    """``processor`` must be a ``LlavaOnevisionProcessor`` for this model (image token, crop size, grid resolutions),
+    not patched for another model."""
+    from transformers import LlavaOnevisionProcessor
+
+    require(
+        isinstance(processor, LlavaOnevisionProcessor),
+        f"processor is a {type(processor).__name__}; pass the model's LlavaOnevisionProcessor (e.g. "
+        f"AutoProcessor.from_pretrained of the same checkpoint), whose image-token count FlowCut adjusts",
+    )
+    check_processor_owner(processor, core)
+    image_processor = processor.image_processor
+    size = image_processor.size
+    size = (size.get("height"), size.get("width")) if isinstance(size, dict) else (size.height, size.width)
+    side = core.config.vision_config.image_size
+    mismatches = [
+        f"{name} {theirs!r} (the model's {ours!r})"
+        for name, theirs, ours in (
+            ("image token id", processor.image_token_id, core.config.image_token_id),
+            ("image_grid_pinpoints", [list(p) for p in image_processor.image_grid_pinpoints],
+             [list(p) for p in core.config.image_grid_pinpoints]),
+            ("crop size", size, (side, side)),
+        )
+        if theirs != ours
+    ]
+    require(not mismatches, f"processor does not match the model: its {', '.join(mismatches)}; pass the processor "
+                            f"of the model's checkpoint")
+
+
+def _check_onevision(model: nn.Module, target_num, feature_layer, backend: str, processor, llm_stage) -> int:
+    """Validate a LLaVA-OneVision patch before anything changes; returns the feature layer (negative)."""
+    core = onevision_core(model)
+    tower = llava_tower(core)
+    require(not tower.has_cls, f"LLaVA-OneVision is supported with its SigLIP vision tower; this model's is a "
+                               f"{type(core.vision_tower).__name__}")
+    configured = check_feature_layer(core, tower, feature_layer, "LLaVA-OneVision")
+    side = core.config.vision_config.image_size
+    fewest = 1 + min((h // side) * (w // side) for h, w in core.config.image_grid_pinpoints)
+    require(
+        isinstance(target_num, int) and not isinstance(target_num, bool) and 2 <= target_num < tower.num_patches,
+        f"target_num={target_num!r} is out of range for LLaVA-OneVision: each anyres crop keeps target_num // 2 "
+        f"patches, a multi-image prompt's image target_num of its {tower.num_patches}; use target_num in "
+        f"[2, {tower.num_patches - 1}]",
+    )
+    require(
+        fewest * (target_num // 2) >= target_num,
+        f"target_num={target_num} is more than the tower stage keeps from an image of {fewest} crops (the fewest the "
+        f"model's image_grid_pinpoints give): each crop keeps target_num // 2 = {target_num // 2}, "
+        f"{fewest * (target_num // 2)} in all; use an even target_num",
+    )
+    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
+    if llm_stage:
+        require(
+            2 * target_num < tower.num_patches,
+            f"target_num={target_num} is too large for llm_stage=True: the single crop of a multi-image prompt's image "
+            f"keeps 2·target_num = {2 * target_num} of its {tower.num_patches} patches, which must be fewer; use "
+            f"target_num <= {(tower.num_patches - 1) // 2}, or llm_stage=False",
+        )
+        text_model = core.language_model
+        lm_stage.check_decoder(text_model)
+        ops.resolve_backend(backend, text_model.device, text_model.dtype, lm_stage.STAGE_OPS)
+    if processor is not None:
+        check_processor(processor, core)
+    return configured
+
+
+def patch_llava_onevision(
+    model: nn.Module, target_num: int, *, feature_layer=None, backend="auto", processor=None, llm_stage=None,
+    schedule=None,
+) -> None:
+    """Check every argument, then patch the LLaVA-OneVision ``model`` (and ``processor``); see the module
+    docstring. ``llm_stage=None`` is the recipe's default for LLaVA-OneVision, as for LLaVA-NeXT: on."""
+    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
+    refuse_schedule(schedule, "LLaVA-OneVision")
+    llm_stage = llm_stage is not False
+    feature_layer = _check_onevision(model, target_num, feature_layer, backend, processor, llm_stage)
+    config = FlowCutConfig(target_num, feature_layer, backend, llm_stage)
+    core = onevision_core(model)
+    if processor is None:
+        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
+    counting = seams.onevision_count(processor, target_num) if processor is not None else {}
+    unpatch_llava_onevision(model)  # a re-apply starts from the stock model (and restores a replaced processor)
+    if processor is not None:
+        set_attrs(processor, **counting)
+    install(model, core, config, processor, _pruned_image_features, expand_by_prompt("pixel_values", "image_sizes"))
+    set_attrs(core, get_video_features=types.MethodType(_refused_video_features, core))
+    if llm_stage:
+        set_attrs(core, forward=types.MethodType(_staged_forward, core))
+
+
+def unpatch_llava_onevision(model: nn.Module) -> None:
+    """Undo :func:`patch_llava_onevision`: the model's and the processor's attributes are restored exactly."""
+    restore_patch(model, onevision_core(model))
+
+
+FAMILY = Family(
+    "llava_onevision",
+    classes,
+    patch_llava_onevision,
+    unpatch_llava_onevision,
+    label="LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel (with its SigLIP vision tower; images only)",
+)
