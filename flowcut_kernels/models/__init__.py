@@ -8,11 +8,12 @@
 - :mod:`.vlm` — the pieces every VLM family's patch shares (placeholders, counts, the stage's forward, install).
 - :mod:`.tower`, :mod:`.vision`, :mod:`.instance` — what a tower is, the bare-tower patch, and the
   per-instance attribute bookkeeping every patch uses.
-- one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.llava`, :mod:`.llava_next`, :mod:`.qwen2_vl`. A new
-  family is a module that exports a ``FAMILY`` and one ``register`` line below.
+- one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.vit` (ViT, DINOv2), :mod:`.llava`,
+  :mod:`.llava_next`, :mod:`.qwen2_vl`. A new family is a module that exports a ``FAMILY`` and one ``register``
+  line below.
 """
 
-from . import clip, llava, llava_next, qwen2_vl, siglip
+from . import clip, llava, llava_next, qwen2_vl, siglip, vit
 from .registry import register
 
 register(clip.FAMILY)
@@ -21,3 +22,5 @@ register(llava.FAMILY)
 register(llava_next.FAMILY)
 register(qwen2_vl.FAMILY)
 register(qwen2_vl.FAMILY_2_5)
+register(vit.FAMILY)
+register(vit.FAMILY_DINOV2)
