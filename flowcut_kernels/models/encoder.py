@@ -253,7 +253,8 @@ def encode(
     ``hidden_states[vision_feature_layer]``.
 
     Args:
-        vision_model: a HF ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` (CLS variant), or a
+        vision_model: a HF ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``ViTModel``, ``Dinov2Model`` or
+            ``Dinov2WithRegistersModel`` (CLS variant; registers are kept, never features), or a
             ``SiglipVisionModel`` (mean-query variant: no CLS row, the target_num kept tokens are the features).
         pixel_values: (B, 3, H, W) images at the model's resolution.
         target_num: patches to keep, 1 ≤ target_num < N₀ (576 for ViT-L/14-336).

@@ -111,7 +111,8 @@ def flowcut(
 
     Args:
         model: a HF ``LlavaForConditionalGeneration`` or ``LlavaModel`` with a CLIP or SigLIP vision tower, or
-            a vision model alone: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``.
+            a vision model alone: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``,
+            ``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``.
             This instance only is patched.
         target_num: patches kept per image, 1 ≤ target_num < N₀ (the tower's patch count; 2·target_num < N₀ with
             ``llm_stage``). A LLaVA language model's prompts hold exactly ``target_num`` image tokens per image.
