@@ -86,5 +86,9 @@ def dinov2_tower(model: nn.Module) -> Dinov2Tower:
     return Dinov2Tower(model, has_cls=True, num_registers=int(getattr(model.config, "num_register_tokens", 0)))
 
 
-FAMILY = Family("vit", vit_classes, patch_vision_model, unpatch_vision_model, tower=lambda model: ViTTower(model))
-FAMILY_DINOV2 = Family("dinov2", dinov2_classes, patch_vision_model, unpatch_vision_model, tower=dinov2_tower)
+# Bare towers only: a LLaVA model with one of these towers is refused (untested there; LLaVA's "default" strategy
+# would also take DINOv2's registers for patches).
+FAMILY = Family("vit", vit_classes, patch_vision_model, unpatch_vision_model, tower=lambda model: ViTTower(model),
+                in_llava=False)
+FAMILY_DINOV2 = Family("dinov2", dinov2_classes, patch_vision_model, unpatch_vision_model, tower=dinov2_tower,
+                       in_llava=False)
