@@ -8,12 +8,12 @@
 - :mod:`.vlm` — the pieces every VLM family's patch shares (placeholders, counts, the stage's forward, install).
 - :mod:`.tower`, :mod:`.vision`, :mod:`.instance` — what a tower is, the bare-tower patch, and the
   per-instance attribute bookkeeping every patch uses.
-- one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.llava`, :mod:`.llava_next`, :mod:`.qwen2_vl`,
-  :mod:`.qwen3_vl`, :mod:`.qwen3_5`, :mod:`.gemma3`, :mod:`.llava_onevision`. A new
-  family is a module that exports a ``FAMILY`` and one ``register`` line below.
+- one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.vit` (ViT, DINOv2), :mod:`.llava`,
+  :mod:`.llava_next`, :mod:`.qwen2_vl`, :mod:`.qwen3_vl`, :mod:`.qwen3_5`, :mod:`.gemma3`, :mod:`.llava_onevision`.
+  A new family is a module that exports a ``FAMILY`` and one ``register`` line below.
 """
 
-from . import clip, gemma3, llava, llava_next, llava_onevision, qwen2_vl, qwen3_5, qwen3_vl, siglip
+from . import clip, gemma3, llava, llava_next, llava_onevision, qwen2_vl, qwen3_5, qwen3_vl, siglip, vit
 from .registry import register
 
 register(clip.FAMILY)
@@ -27,3 +27,5 @@ register(qwen3_vl.FAMILY_MOE)
 register(qwen3_5.FAMILY)
 register(gemma3.FAMILY)
 register(llava_onevision.FAMILY)
+register(vit.FAMILY)
+register(vit.FAMILY_DINOV2)

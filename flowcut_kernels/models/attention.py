@@ -32,12 +32,15 @@ class Capture:
     calls: None (the default: not kept), or a list the user sets to collect every call of the watched module, in
         order, as ``seen`` (for a block that calls the attention once per image, as Qwen2-VL's vision tower does
         without flash attention).
+    key_mask: the loop's (B, 1, 1, S) padding mask of the layer now running, for blocks that pass the attention
+        no mask of their own (ViT/DINOv2 layers in transformers 5.0 take none); a block's own mask wins.
     """
 
     implementation: str
     watch: nn.Module | None = None
     seen: tuple[Tensor, Tensor, Tensor, float] | None = None
     calls: list[tuple[Tensor, Tensor, Tensor, float]] | None = None
+    key_mask: Tensor | None = None
 
 
 #: The config attribute that holds the run's :class:`Capture` while :func:`capturing` is active.
@@ -55,6 +58,8 @@ def flowcut_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         run.seen = (query, key, value, scaling)
         if run.calls is not None:
             run.calls.append(run.seen)
+    if attention_mask is None and run is not None:
+        attention_mask = run.key_mask
     return seams.attention_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
 

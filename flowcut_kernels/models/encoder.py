@@ -125,12 +125,16 @@ def run_pruned(
             key mask. Otherwise a dense batch with one count.
 
     Returns:
-        out (B, K, C) output of layer F (relay row first in the CLS variant), keep_indices (B, K − has_cls)
-        int64 ascending, tokens_per_layer: F + 1 ints (per image: B such lists).
+        out (B, K, C) output of layer F (relay row first in the CLS variant, then the tower's R registers),
+        keep_indices (B, K − has_cls − R) int64 ascending, tokens_per_layer: F + 1 ints, registers included (per
+        image: B such lists).
+
+    The registers (rows 1 … R) run through every layer and are kept, but the policy never sees them: its q/k/v,
+    lengths and the rows it selects from are the relay row and the patches.
     """
-    has_cls = tower.has_cls
+    has_cls, regs = tower.has_cls, tower.num_registers
     batch, seq, _ = hidden.shape
-    n = seq - 1 if has_cls else seq
+    n = seq - tower.prefix
     index_map = torch.arange(n, device=hidden.device).expand(batch, n)
     ragged = Ragged([seq] * batch, hidden.device) if per_image else None
     if per_image:
@@ -143,57 +147,80 @@ def run_pruned(
             lens = ragged.lens if per_image else [seq]
             tokens.append(list(lens) if per_image else seq)
             steps_left = feature_idx - i - 1
-            scored, prunes = policy.plan(i, steps_left, lens)
+            seen = [s - regs for s in lens]  # the rows the policy sees: relay and patches
+            scored, prunes = policy.plan(i, steps_left, seen)
             # A pruning step drops tokens before the layer's MLP: the scores need only q/k/v, and the
             # MLP acts on each row alone, so the kept rows come out exactly as from the whole layer.
-            # (Not when every layer's full output is asked for.)
-            prune_first = scored and prunes and layer_outputs is None
+            # (Not when every layer's full output is asked for, nor for a tower whose layers run whole.)
+            prune_first = tower.splits_layers and scored and prunes and layer_outputs is None
             mask = ragged.key_mask(hidden.dtype) if per_image else None
             attn = tower.attention(layer)
-            run.watch, run.seen = (attn if scored else None), None
+            run.watch, run.seen, run.key_mask = (attn if scored else None), None, mask
             if prune_first:
                 attended, _ = attn(hidden_states=layer.layer_norm1(hidden), attention_mask=mask, **layer_kwargs)
                 hidden = hidden + attended
             else:
-                hidden = layer(hidden, mask, **layer_kwargs)
+                hidden = tower.run_layer(layer, hidden, mask, **layer_kwargs)
             if layer_outputs is not None:
                 layer_outputs.append([h[:s] for h, s in zip(hidden, lens)] if per_image else hidden)
             if scored:
-                q, k, v, scale = run.seen  # (B, H, S, D) each, as the attention used them
+                # (B, H, S, D) each, as the attention used them, the registers' rows taken out
+                q, k, v = (_without_registers(x, regs, 2) for x in run.seen[:3])
+                scale = run.seen[3]
+                scoring = Ragged(seen, hidden.device) if per_image and regs else ragged
                 if per_image:
-                    k, v = (ragged.pack(x.transpose(1, 2)) for x in (k, v))  # (T, H, D)
-                view = LayerView(i, steps_left, q, k, v, scale, has_cls, list(lens),
-                                 ragged.cu_seqlens if per_image else None, scores, backend)
+                    k, v = (scoring.pack(x.transpose(1, 2)) for x in (k, v))  # (T, H, D)
+                view = LayerView(i, steps_left, q, k, v, scale, has_cls, seen,
+                                 scoring.cu_seqlens if per_image else None, scores, backend)
                 scores, keep = policy.step(view)
                 if keep is not None:
                     keep = [keep] if isinstance(keep, int) else list(keep)
-                    require(len(keep) == len(lens) and all(1 <= x <= s for x, s in zip(keep, lens)),
-                            f"the policy kept {keep} rows of images with {lens} rows after layer {i}")
-                if keep is not None and per_image and keep != lens:
+                    require(len(keep) == len(seen) and all(1 <= x <= s for x, s in zip(keep, seen)),
+                            f"the policy kept {keep} rows of images with {seen} rows after layer {i}")
+                if keep is not None and per_image and keep != seen:
                     kept, scores, index_map, _ = gather_varlen(
-                        ragged.pack(hidden), scores, index_map, ragged.cu_seqlens, keep, has_cls
+                        scoring.pack(_without_registers(hidden, regs, 1)), scores, index_map, scoring.cu_seqlens,
+                        keep, has_cls,
                     )
-                    ragged = Ragged(keep, hidden.device)
-                    hidden = ragged.unpack(kept)
-                elif keep is not None and not per_image and keep[0] < seq:
-                    hidden, scores, index_map = ops.select_gather(
-                        hidden, scores, index_map, keep[0], has_cls=has_cls, backend=backend
+                    hidden = _with_registers(Ragged(keep, hidden.device).unpack(kept), hidden, regs)
+                    ragged = Ragged([x + regs for x in keep], hidden.device)
+                elif keep is not None and not per_image and keep[0] < seen[0]:
+                    kept, scores, index_map = ops.select_gather(
+                        _without_registers(hidden, regs, 1), scores, index_map, keep[0], has_cls=has_cls,
+                        backend=backend,
                     )
-                    seq = keep[0]
+                    hidden = _with_registers(kept, hidden, regs)
+                    seq = keep[0] + regs
             if prune_first:
                 hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
-        run.watch = run.seen = None
+        run.watch = run.seen = run.key_mask = None
         if per_image:
             require(len(set(ragged.lens)) == 1, f"the policy left the images with different token counts "
                                                 f"{ragged.lens}; every image must end with the same count")
         tokens.append(list(ragged.lens) if per_image else seq)
-        hidden = tower.layers[feature_idx](hidden, None, **layer_kwargs)  # inside: no stock capture (seams)
+        # inside: no stock capture (seams)
+        hidden = tower.run_layer(tower.layers[feature_idx], hidden, None, **layer_kwargs)
     if layer_outputs is not None:
         layer_outputs.append(list(hidden) if per_image else hidden)
     if per_image:
         index_map = index_map.view(batch, -1)
         tokens = [[t[b] for t in tokens] for b in range(batch)]
     return hidden, index_map, tokens
+
+
+def _without_registers(x: Tensor, regs: int, dim: int) -> Tensor:
+    """``x`` without its rows 1 … ``regs`` along ``dim`` (the registers after the CLS row); ``x`` itself if none."""
+    if not regs:
+        return x
+    return torch.cat((x.narrow(dim, 0, 1), x.narrow(dim, 1 + regs, x.shape[dim] - 1 - regs)), dim)
+
+
+def _with_registers(kept: Tensor, hidden: Tensor, regs: int) -> Tensor:
+    """(B, K, C) kept rows (CLS first) with ``hidden``'s (B, ·, C) register rows 1 … ``regs`` put back after the CLS
+    row: (B, K + regs, C)."""
+    if not regs:
+        return kept
+    return torch.cat((kept[:, :1], hidden[:, 1:1 + regs], kept[:, 1:]), 1)
 
 
 def check_pixels(pixel_values: Tensor, tower: Tower) -> None:
@@ -227,7 +254,8 @@ def encode(
     ``hidden_states[vision_feature_layer]``.
 
     Args:
-        vision_model: a HF ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` (CLS variant), or a
+        vision_model: a HF ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``ViTModel``, ``Dinov2Model`` or
+            ``Dinov2WithRegistersModel`` (CLS variant; registers are kept, never features), or a
             ``SiglipVisionModel`` (mean-query variant: no CLS row, the target_num kept tokens are the features).
         pixel_values: (B, 3, H, W) images at the model's resolution.
         target_num: patches to keep, 1 ≤ target_num < N₀ (576 for ViT-L/14-336).
@@ -264,5 +292,5 @@ def encode(
     out, keep_indices, tokens = run_pruned(tower, hidden, policy, feature_idx, backend, per_image=per_image)
     require(keep_indices.shape[1] == target_num,
             f"the policy left {keep_indices.shape[1]} patches per image, not target_num={target_num}")
-    features = out[:, 1:] if tower.has_cls else out
+    features = out[:, tower.prefix:]
     return FlowCutOutput(features, keep_indices, tokens)

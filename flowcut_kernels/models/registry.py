@@ -49,6 +49,7 @@ class Family:
     unpatch: ``unpatch(model)`` restores the instance (and its processor) exactly.
     tower: for bare vision models, ``tower(model)`` → their :class:`Tower` (what ``encode`` runs).
     label: how error messages name the family's classes.
+    in_llava: whether LLaVA-like models (``llava.py``, ``llava_next.py``) accept this tower as their vision tower.
     """
 
     name: str
@@ -57,6 +58,7 @@ class Family:
     unpatch: Callable[[nn.Module], None]
     tower: Callable[[nn.Module], Tower] | None = None
     label: str | None = None
+    in_llava: bool = True
 
 
 FAMILIES: list[Family] = []
@@ -76,15 +78,16 @@ def _names(families) -> str:
     return ", ".join(f.label or ", ".join(c.__name__ for c in f.classes()) for f in families)
 
 
-def supported_towers() -> str:
-    """The vision-model classes :func:`find_tower` accepts, for messages."""
-    return _names(f for f in FAMILIES if f.tower is not None)
+def supported_towers(in_llava: bool = False) -> str:
+    """The vision-model classes :func:`find_tower` accepts (``in_llava``: those a LLaVA model accepts), for
+    messages."""
+    return _names(f for f in FAMILIES if f.tower is not None and (f.in_llava or not in_llava))
 
 
-def is_tower(model) -> bool:
-    """Whether ``model`` is a bare vision model of a registered family."""
+def is_tower(model, in_llava: bool = False) -> bool:
+    """Whether ``model`` is a bare vision model of a registered family (``in_llava``: one a LLaVA model accepts)."""
     family = family_of(model)
-    return family is not None and family.tower is not None
+    return family is not None and family.tower is not None and (family.in_llava or not in_llava)
 
 
 def find_tower(model: nn.Module, argument: str = "model") -> Tower:
@@ -111,7 +114,8 @@ def flowcut(
 
     Args:
         model: a HF ``LlavaForConditionalGeneration`` or ``LlavaModel`` with a CLIP or SigLIP vision tower, or
-            a vision model alone: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``.
+            a vision model alone: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``,
+            ``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``.
             This instance only is patched.
         target_num: patches kept per image, 1 ≤ target_num < N₀ (the tower's patch count; 2·target_num < N₀ with
             ``llm_stage``). A LLaVA language model's prompts hold exactly ``target_num`` image tokens per image.

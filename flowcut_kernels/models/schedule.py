@@ -169,7 +169,7 @@ def calibrate_schedule(
     check_int("target_num", target_num, 1)
     tower = find_tower(model, "tower_or_model")
     out = encode(model, pixel_values, target_num, feature_layer=feature_layer, schedule="per_image", backend=backend)
-    counts = torch.tensor(out.tokens_per_layer) - int(tower.has_cls)  # (B, F + 1)
+    counts = torch.tensor(out.tokens_per_layer) - tower.prefix  # (B, F + 1)
     counts = counts.median(dim=0).values.cummin(dim=0).values.clamp(min=target_num)
     counts[-1] = target_num
     return StaticSchedule(tuple(counts.tolist()), signature(tower), feature_layer, len(pixel_values))

@@ -372,3 +372,29 @@ def qwen3_5_classes() -> tuple[type, ...]:
     no model of the release is one."""
     names = ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model")
     return tuple(getattr(transformers, n) for n in names) if all(hasattr(transformers, n) for n in names) else ()
+
+
+# -- ViT / DINOv2 towers: where the layers sit, which block calls the attention, how a layer is called. ----------
+
+
+def vit_layers(core: nn.Module) -> nn.ModuleList:
+    """A ViT or DINOv2 model's layers: ``layers`` on the model itself (ViT in 5.25), else ``encoder.layer`` (ViT in
+    5.0; DINOv2 and DINOv2 with registers in every 5.x)."""
+    return core.layers if hasattr(core, "layers") else core.encoder.layer
+
+
+def vit_attention(layer: nn.Module) -> nn.Module:
+    """The block of a ViT/DINOv2 layer that calls the attention interface: ``layer.attention`` (5.25: q/k/v
+    projections and the output projection in one module), or its inner self-attention
+    ``layer.attention.attention`` (5.0: ``query``/``key``/``value``, the output projection beside it)."""
+    inner = getattr(layer.attention, "attention", None)
+    return inner if isinstance(inner, nn.Module) else layer.attention
+
+
+def run_vit_layer(layer: nn.Module, hidden: Tensor, mask: Tensor | None, **kwargs) -> Tensor:
+    """Call a ViT/DINOv2 layer: ``layer(hidden, mask, **kwargs)`` where it takes an ``attention_mask`` (5.25), else
+    ``layer(hidden)`` (5.0: its attention gets no mask; the pruned loop hands the mask to the ``"flowcut"``
+    attention function instead, :class:`~.attention.Capture`.key_mask)."""
+    if "attention_mask" in inspect.signature(type(layer).forward).parameters:
+        return layer(hidden, mask, **kwargs)
+    return layer(hidden)

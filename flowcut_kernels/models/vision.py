@@ -1,4 +1,4 @@
-"""The patch shared by bare vision towers (CLIP, SigLIP): a pruned ``forward`` on one instance.
+"""The patch shared by bare vision towers (CLIP, SigLIP, ViT, DINOv2): a pruned ``forward`` on one instance.
 
 The patch is an instance attribute ``forward`` plus ``model.flowcut_config``; the class and every
 other instance stay untouched, and :func:`unpatch_vision_model` restores the instance exactly.
@@ -23,12 +23,16 @@ from .seams import BaseModelOutputWithPooling, CLIPVisionModelOutput
 
 @dataclass
 class FlowCutVisionOutput(BaseModelOutputWithPooling):
-    r"""Output of a patched ``CLIPVisionModel`` or ``SiglipVisionModel``.
+    r"""Output of a patched ``CLIPVisionModel``, ``SiglipVisionModel``, ``ViTModel``, ``Dinov2Model`` or
+    ``Dinov2WithRegistersModel``.
 
     last_hidden_state: CLIP: (B, 1 + target_num, C) output of the feature layer on the kept tokens, CLS row
         first. SigLIP: (B, target_num, C) the same output after ``post_layernorm``, as the stock model's.
+        ViT, DINOv2: (B, 1 + R + target_num, C) after the final ``layernorm``: the CLS row, the R registers
+        (DINOv2 with registers; R = 0 otherwise), then the kept patches.
     pooler_output: CLIP: (B, C) post-layernorm CLS row. SigLIP: (B, C) the attention-pooling head on
-        ``last_hidden_state`` (None for a model without head).
+        ``last_hidden_state`` (None for a model without head). ViT: its pooler on the CLS row (None without
+        one); DINOv2: the CLS row of ``last_hidden_state``.
     hidden_states: (with output_hidden_states) the embeddings and each run layer's output, before that
         layer's pruning — token counts shrink along the tuple.
     keep_indices: (B, target_num) int64 ascending original patch indices of the kept patches.
@@ -68,7 +72,7 @@ def _pruned_forward(
             "matrix; call flowcut_kernels.remove_flowcut(model) first"
         )
     hidden = tower.embed(pixel_values, interpolate_pos_encoding)
-    target_num = check_target(config.target_num, hidden.shape[1] - int(tower.has_cls))
+    target_num = check_target(config.target_num, hidden.shape[1] - tower.prefix)
     feature_idx = len(tower.layers) + config.feature_layer
     backend = ops.resolve_backend(config.backend, tower.device, tower.dtype)
     if output_hidden_states is None:
@@ -82,12 +86,7 @@ def _pruned_forward(
         policy = FlowCutPolicy(target_num, tower.has_cls)
     last, keep_indices, tokens = run_pruned(tower, hidden, policy, feature_idx, backend, states, **kwargs)
 
-    core = tower.core
-    if tower.has_cls:
-        pooled = core.post_layernorm(last[:, 0])
-    else:  # SigLIP: the stock last_hidden_state is post-layernormed, and the head pools it
-        last = core.post_layernorm(last)
-        pooled = core.head(last) if getattr(core, "use_head", False) else None
+    last, pooled = tower.pool(last)
     fields = dict(
         last_hidden_state=last,
         hidden_states=tuple(states) if states else None,

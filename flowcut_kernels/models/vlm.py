@@ -24,10 +24,10 @@ from .tower import Tower
 def llava_tower(core: nn.Module) -> Tower:
     """The vision tower of a LLaVA-like core (``LlavaModel``, ``LlavaNextModel``), or a FlowCutInputError naming the
     supported towers."""
-    if not is_tower(core.vision_tower):
+    if not is_tower(core.vision_tower, in_llava=True):
         raise FlowCutInputError(
             f"model's vision tower is a {type(core.vision_tower).__name__}, which FlowCut does not support; "
-            f"a LLaVA model is supported with one of {supported_towers()} as its vision tower"
+            f"a LLaVA model is supported with one of {supported_towers(in_llava=True)} as its vision tower"
         )
     return find_tower(core.vision_tower)
 
