@@ -28,15 +28,16 @@ def _text() -> dict:
 def save_tiny_qwen(folder: str, arch: str = "qwen2_vl", *, seed: int = 0, sharpen: float = 8.0) -> str:
     """Write a random float32 ``arch`` ("qwen2_vl" or "qwen2_5_vl") checkpoint and its processor to ``folder``.
 
-    Vision: 4 blocks, width 64, 2 heads (Qwen2.5-VL: 112-pixel windows, full attention in block 2); its q and k (the
-    fused ``qkv``'s first two thirds) multiplied by ``sharpen`` so the tower prunes before its last layer. Text: 2
+    Vision: 4 blocks, width 160, 2 heads (head size 80, Qwen's; Qwen2.5-VL: 112-pixel windows, full attention in
+    block 2); its q and k (the fused ``qkv``'s first two thirds) multiplied by ``sharpen`` so the tower prunes before
+    its last layer. Text: 2
     layers, width 128, 2 query and 1 key/value heads. The vision tokens are suppressed in generation.
     """
     import transformers
     from transformers import Qwen2VLVideoProcessor
 
     torch.manual_seed(seed)
-    vision = dict(depth=4, embed_dim=64, num_heads=2, in_channels=3, patch_size=14, spatial_merge_size=2,
+    vision = dict(depth=4, embed_dim=160, num_heads=2, in_channels=3, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2)
     if arch == "qwen2_vl":
         vision.update(hidden_size=128, mlp_ratio=2)
@@ -44,7 +45,7 @@ def save_tiny_qwen(folder: str, arch: str = "qwen2_vl", *, seed: int = 0, sharpe
         model_cls, processor_cls = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor
     else:
         vision.pop("embed_dim")
-        vision.update(hidden_size=64, intermediate_size=128, out_hidden_size=128, window_size=112,
+        vision.update(hidden_size=160, intermediate_size=128, out_hidden_size=128, window_size=112,
                       fullatt_block_indexes=[2], hidden_act="silu")
         config = transformers.Qwen2_5_VLConfig(vision_config=vision, **_text())
         model_cls, processor_cls = transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLProcessor

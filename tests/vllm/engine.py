@@ -44,7 +44,16 @@ def main():
                                               "image_grid_thw": inputs["image_grid_thw"]})
             return [x.tolist() for x in out]
 
+        def unpruned(model):  # FlowCut's tower keeping every group against vLLM's own tower
+            from flowcut_kernels.vllm.tower import pruned_tower
+
+            grid = inputs["image_grid_thw"]
+            hidden, _ = pruned_tower(model.visual, inputs["pixel_values"], grid, (grid.prod(-1) // 4).tolist(), "auto")
+            stock = model.visual(inputs["pixel_values"], grid_thw=grid)
+            return float((model.visual.merger(hidden) - stock).abs().max())
+
         result["tower"] = llm.apply_model(tower)[0]
+        result["unpruned_error"] = llm.apply_model(unpruned)[0]
     print("RESULT " + json.dumps(result), flush=True)
 
 
