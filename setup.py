@@ -41,10 +41,12 @@ setup(
         "bench": ["matplotlib"],
         # lmms-eval 0.7.3 imports filelock._api (gone in filelock 4) and decord (its LLaVA / Qwen2-VL models)
         "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4", "decord"],
+        "vllm": ["vllm>=0.33,<0.34"],  # the tested releases (flowcut_kernels/vllm/seams.py, .ci/vllm)
     },
     entry_points={
         "console_scripts": ["flowcut-bench=flowcut_kernels.bench.cli:main"],
         "lmms_eval.models": ["flowcut=flowcut_lmms_eval:manifests"],  # lmms-eval's --model flowcut
+        "vllm.general_plugins": ["flowcut=flowcut_kernels.vllm:register"],  # FlowCut in vLLM (docs/vllm.md)
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,24 @@
+"""FlowCut in vLLM: an out-of-tree plug-in (vLLM's ``vllm.general_plugins`` entry point, ``flowcut-kernels[vllm]``).
+
+A served model prunes when its config carries ``{"flowcut": {"target_num": K}}``, e.g.
+``vllm serve Qwen/Qwen2-VL-2B-Instruct --hf-overrides '{"flowcut": {"target_num": 64}}'`` or
+``vllm.LLM(model=..., hf_overrides={"flowcut": {"target_num": 64}})``; without the key it runs as stock vLLM.
+Served: Qwen2-VL and Qwen2.5-VL (:mod:`.qwen2_vl`), the tower stage only (docs/vllm.md says why).
+"""
+
+from __future__ import annotations
+
+#: The architectures the plug-in serves, and their classes in :mod:`.qwen2_vl`.
+ARCHITECTURES = {
+    "Qwen2VLForConditionalGeneration": "FlowCutQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "FlowCutQwen2_5_VLForConditionalGeneration",
+}
+
+
+def register() -> None:
+    """vLLM's plug-in hook (called in every vLLM process): serve :data:`ARCHITECTURES` with the FlowCut classes.
+    They import lazily, and behave as vLLM's own unless the config has the ``flowcut`` key."""
+    from . import seams
+
+    for architecture, name in ARCHITECTURES.items():
+        seams.register_model(architecture, f"{__name__}.qwen2_vl:{name}")
