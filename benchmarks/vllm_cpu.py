@@ -26,9 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 def build(folder: str, depth: int) -> None:
     import torch
     import transformers
+    from tiny.text import tiny_qwen_tokenizer
     from tiny.vllm_qwen import MIN_PIXELS, _text
-
-    from flowcut_kernels.models.synthetic import tiny_qwen_tokenizer
 
     torch.manual_seed(0)
     text = _text()

@@ -1,11 +1,11 @@
 """Tiny seeded Qwen2-VL / Qwen2.5-VL checkpoints saved to disk, shaped for vLLM's CPU engine (head sizes 32 and 64,
-14-pixel patches, 2×2 merge), with the processor of :func:`flowcut_kernels.models.synthetic.tiny_qwen_tokenizer`."""
+14-pixel patches, 2×2 merge), with the processor of :func:`tiny.text.tiny_qwen_tokenizer`."""
 
 from __future__ import annotations
 
 import torch
 
-from flowcut_kernels.models.synthetic import QWEN_WORDS, TINY_WORDS, tiny_qwen_tokenizer
+from .text import QWEN_WORDS, TINY_WORDS, tiny_qwen_tokenizer
 
 #: Images are resized to 56² … 28²·64 pixels: at most 64 merge groups (256 patches).
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 64
