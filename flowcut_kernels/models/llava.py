@@ -206,9 +206,7 @@ def _check_llava(
             f"{2 * target_num} of its {tower.num_patches} patches per image, which must be fewer; use target_num <= "
             f"{(tower.num_patches - 1) // 2}, or leave llm_stage unset",
         )
-        text_model = core.language_model
-        lm_stage.check_decoder(text_model)
-        ops.resolve_backend(backend, text_model.device, text_model.dtype, lm_stage.STAGE_OPS)
+        lm_stage.check_decoder(core.language_model, backend)
     if processor is not None:
         check_processor(processor, model, core)
     return target_num, configured

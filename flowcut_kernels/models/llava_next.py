@@ -247,9 +247,7 @@ def _check_next(model: nn.Module, target_num: int, feature_layer, backend: str, 
     )
     ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
     if llm_stage:
-        text_model = core.language_model
-        lm_stage.check_decoder(text_model)
-        ops.resolve_backend(backend, text_model.device, text_model.dtype, lm_stage.STAGE_OPS)
+        lm_stage.check_decoder(core.language_model, backend)
     if processor is not None:
         check_processor(processor, core)
     return configured

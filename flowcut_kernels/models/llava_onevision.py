@@ -263,9 +263,7 @@ def _check_onevision(model: nn.Module, target_num, feature_layer, backend: str, 
             f"keeps 2·target_num = {2 * target_num} of its {tower.num_patches} patches, which must be fewer; use "
             f"target_num <= {(tower.num_patches - 1) // 2}, or llm_stage=False",
         )
-        text_model = core.language_model
-        lm_stage.check_decoder(text_model)
-        ops.resolve_backend(backend, text_model.device, text_model.dtype, lm_stage.STAGE_OPS)
+        lm_stage.check_decoder(core.language_model, backend)
     if processor is not None:
         check_processor(processor, core)
     return configured

@@ -37,9 +37,10 @@ PRUNE_LAYER = 1
 STAGE_OPS = ("text_guided_scores", "topk_select")
 
 
-def check_decoder(text_model: nn.Module) -> None:
+def check_decoder(text_model: nn.Module, backend: str) -> None:
     """``text_model`` must be a decoder the stage can run: Llama-family layers (a ``self_attn`` that calls the
-    attention interface, full attention), a ``rotary_emb`` and a final ``norm``, at least ``PRUNE_LAYER + 1`` layers."""
+    attention interface, full attention), a ``rotary_emb`` and a final ``norm``, at least ``PRUNE_LAYER + 1`` layers;
+    and ``backend`` must have the stage's ops (:data:`STAGE_OPS`) for its device and dtype."""
     config = getattr(text_model, "config", None)
     layers = getattr(text_model, "layers", None)
     supported = (
@@ -58,6 +59,7 @@ def check_decoder(text_model: nn.Module) -> None:
         f"transformers' attention interface, a rotary_emb, at least {PRUNE_LAYER + 1} layers); this model's is a "
         f"{type(text_model).__name__}: leave llm_stage unset (tower stage only)",
     )
+    ops.resolve_backend(backend, text_model.device, text_model.dtype, STAGE_OPS)
 
 
 def mask_positions(mask: Tensor) -> Tensor:

@@ -560,8 +560,7 @@ def patch_qwen(model: nn.Module, target_num: int, *, name: str, processor_class:
     llm_stage = llm_stage is not False  # the spec's default for Qwen: with the stage
     ops.resolve_backend(backend, core.visual.device, core.visual.dtype, TOWER_OPS)
     if llm_stage:
-        lm_stage.check_decoder(core.language_model)
-        ops.resolve_backend(backend, core.language_model.device, core.language_model.dtype, lm_stage.STAGE_OPS)
+        lm_stage.check_decoder(core.language_model, backend)
     if processor is not None:
         check_processor(processor, core, processor_class)
     else:

@@ -27,6 +27,7 @@ def test_available_backends():
 def test_unavailable_backend_error_gives_the_reason(monkeypatch):
     monkeypatch.setitem(ops.backends.UNAVAILABLE, "native", "flowcut_kernels._C is not built")
     monkeypatch.delitem(ops.backends.BACKENDS, "native", raising=False)
+    monkeypatch.setattr(ops.backends, "_RESOLVED", {})  # as mark_unavailable leaves it: nothing resolved before
     q, k, v = inputs()
     with pytest.raises(FlowCutInputError, match=r"backend='native' is not available on cpu \(flowcut_kernels._C is"):
         ops.flow_scores(q, k, v, scale=1.0, backend="native")
