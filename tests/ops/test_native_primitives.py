@@ -1,11 +1,14 @@
 """The "native" backend's generic primitives (torch.ops.flowcut.native_attention_scores / native_text_guided_scores /
 native_topk_select / native_merge_nearest: C++ CPU kernels, and the CUDA ones where a GPU is present) against the
-reference (flowcut_kernels.ops.reference) and against float64 loops written here, sharing nothing with either."""
-
-import math
+reference (flowcut_kernels.ops.reference) and against the float64 oracle (tests/oracle/primitives.py), which shares
+nothing with either."""
 
 import pytest
 import torch
+
+from oracle.primitives import (
+    naive_attention_scores, naive_merge_nearest, naive_text_guided_scores, naive_topk_select, nearest_kept,
+)
 
 from flowcut_kernels import available_backends, ops
 from flowcut_kernels.ops import reference
@@ -54,7 +57,7 @@ def close(got, want, rtol, atol, what=""):
 
 
 def score_tol(device, dtype):
-    """(rtol, atol) of the float32 scores against the float64 loops: the CPU kernels and float64 inputs accumulate in
+    """(rtol, atol) of the float32 scores against the float64 oracle: the CPU kernels and float64 inputs accumulate in
     double (only the float32 output rounds); the CUDA ones accumulate other dtypes in float32."""
     if device == "cpu" or dtype == torch.float64:
         return 2e-6, 1e-9
@@ -66,95 +69,26 @@ def ref_tol(dtype):
     return (2e-6, 1e-9) if dtype == torch.float64 else (1e-4, 1e-7)
 
 
-# --- float64 loops --------------------------------------------------------------------------------------------------
+# --- the float64 oracle ----------------------------------------------------------------------------------------------
 
 
-def softmax64(x):
-    """Stable softmax of a float64 vector; -inf entries get 0."""
-    if not x:
-        return torch.zeros(0, dtype=torch.float64)
-    top = max(float(v) for v in x if v != -math.inf)
-    e = torch.tensor([0.0 if v == -math.inf else math.exp(float(v) - top) for v in x], dtype=torch.float64)
-    return e / e.sum()
+def cpu(*tensors):
+    """The tensors on the CPU (None stays None), for the float64 oracle (tests/oracle/primitives.py)."""
+    return [None if t is None else t.cpu() for t in tensors]
 
 
-def loop_attention_scores(q, k, scale, key_mask, start, end):
-    q, k = q.double().cpu(), k.double().cpu()
-    B, Hq, Q, _ = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    out = torch.zeros(B, S, dtype=torch.float64)
-    for b in range(B):
-        for h in range(Hq):
-            kh = k[b, h // (Hq // Hkv)]
-            for r in range(Q):
-                logits = [scale * float(kh[j] @ q[b, h, r]) for j in range(S)]
-                if key_mask is not None:
-                    logits = [x if bool(key_mask[b, j]) else -math.inf for j, x in enumerate(logits)]
-                out[b] += softmax64(logits)
-    return out[:, start:end] / (Hq * Q)
+def oracle_attention_scores(q, k, scale, key_mask, start, end):
+    return naive_attention_scores(*cpu(q, k), scale, *cpu(key_mask), (start, end))
 
 
-def loop_text_guided_scores(q_relay, v_relay, k, v, segments, scale):
-    q_relay, v_relay, k, v = (x.double().cpu() for x in (q_relay, v_relay, k, v))
-    Hq, Hkv = q_relay.shape[1], k.shape[1]
-    out = []
-    for b, start, end in zip(segments[0::3], segments[1::3], segments[2::3]):
-        n = end - start
-        rel, sem, mean_v = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0.0
-        for h in range(Hq):
-            g = h // (Hq // Hkv)
-            rel += softmax64([scale * float(k[b, g, start + j] @ q_relay[b, h]) for j in range(n)])
-            sem += softmax64([scale * float(v[b, g, start + j] @ v_relay[b, g]) for j in range(n)])
-            mean_v = mean_v + v[b, g, start:end]
-        rho = (mean_v / Hq).abs().sum(-1)
-        out.append((rel / Hq + sem / Hq) * rho)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+def oracle_text_guided_scores(q_relay, v_relay, k, v, segments, scale):
+    return naive_text_guided_scores(*cpu(q_relay, v_relay, k, v), list(zip(*[iter(segments)] * 3)), scale)
 
 
-def loop_topk_select(scores, cu_seqlens, keep, protect):
-    values = scores.double().cpu().tolist()
-    cu = cu_seqlens.tolist()
-    prot = [False] * len(values) if protect is None else protect.cpu().tolist()
-    kept, dropped, kc, dc = [], [], [0], [0]
-    for b in range(len(cu) - 1):
-        rows = range(cu[b], cu[b + 1])
-        free = [j for j in rows if not prot[j]]
-        # NaN first, then the larger value, then the lower index (0.0 and -0.0 compare equal).
-        ranked = sorted(free, key=lambda j: (0, 0.0, j) if math.isnan(values[j]) else (1, -values[j], j))
-        chosen = set(ranked[: keep[b]])
-        kept += [j for j in rows if j in chosen or prot[j]]
-        dropped += [j for j in rows if not (j in chosen or prot[j])]
-        kc.append(len(kept))
-        dc.append(len(dropped))
-    return kept, dropped, kc, dc
-
-
-def loop_merge_nearest(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes):
-    """Returns merged (K, C) float64, sizes_out (K,) float64 and the targets (positions in kept) of the dropped rows."""
-    hidden, keys = hidden.double().cpu(), keys.double().cpu()
-    kept, dropped, kc, dc = kept.tolist(), dropped.tolist(), kept_cu.tolist(), dropped_cu.tolist()
-    size = [1.0] * hidden.shape[0] if sizes is None else sizes.double().cpu().tolist()
-
-    def unit(r):
-        x = keys[r]
-        return x / max(math.sqrt(float(x @ x)), 1e-12)
-
-    total = [hidden[r] * size[r] for r in kept]
-    weight = [size[r] for r in kept]
-    targets = []
-    for b in range(len(kc) - 1):
-        for p in range(dc[b], dc[b + 1]):
-            j = dropped[p]
-            best, best_sim = None, None
-            for i in range(kc[b], kc[b + 1]):
-                sim = float(unit(j) @ unit(kept[i]))
-                if best is None or (not math.isnan(best_sim) and (math.isnan(sim) or sim > best_sim)):
-                    best, best_sim = i, sim
-            targets.append(best)
-            total[best] = total[best] + hidden[j] * size[j]
-            weight[best] += size[j]
-    merged = torch.stack([t / w for t, w in zip(total, weight)]) if kept else hidden.new_zeros(0, hidden.shape[1])
-    return merged, torch.tensor(weight, dtype=torch.float64), targets
+def groups(rows, cu):
+    """Per image, the row indices of a packed selection's ``rows`` (offsets ``cu``)."""
+    rows, cu = rows.tolist(), cu.tolist()
+    return [rows[a:b] for a, b in zip(cu, cu[1:])]
 
 
 # --- attention_scores -----------------------------------------------------------------------------------------------
@@ -203,7 +137,7 @@ def test_attention_scores(shape, dtype, layout, device):
             assert got.dtype == torch.float32 and got.shape == (B, end - start) and got.is_contiguous()
             assert got.device.type == device
             what = f"mask={mask is not None} span={start, end}"
-            close(got, loop_attention_scores(q, k, scale, mask, start, end), *score_tol(device, dtype), what)
+            close(got, oracle_attention_scores(q, k, scale, mask, start, end), *score_tol(device, dtype), what)
             close(got, reference.attention_scores(q, k, scale, mask, start, end), *ref_tol(dtype), what)
 
 
@@ -216,7 +150,7 @@ def test_attention_scores_mixed_dtypes_and_sharp_logits(device):
     mask = torch.ones(2, 30, dtype=torch.bool, device=device)
     mask[1, 10] = False
     got = OPS.native_attention_scores(q, k, 0.25, mask, 5, 20)
-    close(got, loop_attention_scores(q, k, 0.25, mask, 5, 20), *score_tol(device, torch.bfloat16))
+    close(got, oracle_attention_scores(q, k, 0.25, mask, 5, 20), *score_tol(device, torch.bfloat16))
     close(got, reference.attention_scores(q, k, 0.25, mask, 5, 20), *ref_tol(torch.bfloat16))
     assert got[1, 5].item() == 0.0  # the padded key gets nothing
     # The columns of the full span sum to 1 per image (every row's softmax sums to 1).
@@ -231,7 +165,7 @@ def test_attention_scores_public_wrapper(device):
     got = ops.attention_scores(q, k, scale=0.25, key_mask=mask, span=(3, 19), backend="native")
     want = ops.attention_scores(q, k, scale=0.25, key_mask=mask, span=(3, 19), backend="torch")
     close(got, want, *ref_tol(torch.float32))
-    close(ops.attention_scores(q, k, scale=0.25, backend="native"), loop_attention_scores(q, k, 0.25, None, 0, 24),
+    close(ops.attention_scores(q, k, scale=0.25, backend="native"), oracle_attention_scores(q, k, 0.25, None, 0, 24),
           *score_tol(device, torch.float32))
 
 
@@ -268,7 +202,7 @@ def test_text_guided_scores(case, dtype, layout, device):
     got = OPS.native_text_guided_scores(q_relay, v_relay, k, v, segments, scale)
     n = sum(segments[2::3]) - sum(segments[1::3])
     assert got.dtype == torch.float32 and got.shape == (n,) and got.is_contiguous() and got.device.type == device
-    close(got, loop_text_guided_scores(q_relay, v_relay, k, v, segments, scale), *score_tol(device, dtype))
+    close(got, oracle_text_guided_scores(q_relay, v_relay, k, v, segments, scale), *score_tol(device, dtype))
     close(got, reference.text_guided_scores(q_relay, v_relay, k, v, segments, scale), *ref_tol(dtype))
 
 
@@ -279,12 +213,12 @@ def test_text_guided_scores_edges(device):
     assert OPS.native_text_guided_scores(q_relay, v_relay, k, v, [], 0.3).shape == (0,)
     segments = [0, 3, 3, 1, 2, 9, 0, 16, 16, 0, 0, 4]
     got = OPS.native_text_guided_scores(q_relay, v_relay, k, v, segments, 0.3)
-    close(got, loop_text_guided_scores(q_relay, v_relay, k, v, segments, 0.3), *score_tol(device, torch.float32))
+    close(got, oracle_text_guided_scores(q_relay, v_relay, k, v, segments, 0.3), *score_tol(device, torch.float32))
     close(got, reference.text_guided_scores(q_relay, v_relay, k, v, segments, 0.3), *ref_tol(torch.float32))
     # Mixed dtypes: each input read in its own.
     mixed = (q_relay.half(), v_relay.double(), k.bfloat16(), v)
     got = OPS.native_text_guided_scores(*mixed, segments, 0.3)
-    close(got, loop_text_guided_scores(*mixed, segments, 0.3), *score_tol(device, torch.bfloat16))
+    close(got, oracle_text_guided_scores(*mixed, segments, 0.3), *score_tol(device, torch.bfloat16))
     close(got, reference.text_guided_scores(*mixed, segments, 0.3), *ref_tol(torch.bfloat16))
 
 
@@ -317,11 +251,11 @@ def tricky_scores(n, seed, dtype):
 def check_topk(scores, cu, keep, protect):
     got = OPS.native_topk_select(scores, cu, keep, protect)
     want = reference.topk_select(scores, cu, keep, protect)
-    loops = loop_topk_select(scores, cu, keep, protect)
-    for name, x, y, z in zip(("kept", "dropped", "kept_cu", "dropped_cu"), got, want, loops):
+    kept, dropped = naive_topk_select(*cpu(scores), cu.diff().tolist(), keep, *cpu(protect))
+    for name, x, y in zip(("kept", "dropped", "kept_cu", "dropped_cu"), got, want):
         assert x.dtype == y.dtype and x.device == scores.device, name
         assert torch.equal(x.cpu(), y.cpu()), (name, keep)
-        assert x.tolist() == z, (name, keep)
+    assert (got[0].tolist(), got[1].tolist()) == (kept, dropped), keep
     assert got[2].dtype == cu.dtype and got[0].dtype == torch.int64
 
 
@@ -442,11 +376,12 @@ def check_merge(hidden, keys, sel, sizes, device, exact_targets=True):
     assert sizes_out.dtype == torch.float32 and sizes_out.shape == (kept.numel(),)
     assert merged.device == hidden.device and sizes_out.device == hidden.device
     want, want_sizes = reference.merge_nearest(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes)
-    loops, loop_sizes, _ = loop_merge_nearest(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes)
+    oracle, oracle_sizes = naive_merge_nearest(*cpu(hidden, keys), groups(*cpu(kept, kept_cu)),
+                                            groups(*cpu(dropped, dropped_cu)), *cpu(sizes))
     rtol, atol = merge_tol(hidden.dtype, device)
-    close(merged, loops, rtol, atol, "merged vs loops")
+    close(merged, oracle, rtol, atol, "merged vs the oracle")
     close(merged, want, 2 * rtol, 2 * atol, "merged vs reference")
-    close(sizes_out, loop_sizes, 1e-6, 1e-6, "sizes")
+    close(sizes_out, oracle_sizes, 1e-6, 1e-6, "sizes")
     close(sizes_out, want_sizes, 1e-6, 1e-6, "sizes vs reference")
 
 
@@ -478,9 +413,10 @@ def test_merge_nearest_ties(dtype, device):
     keys = tie_keys(65, 8, 4).to(device)
     hidden = randn(65, 16, seed=5, dtype=dtype, device=device)
     sizes = torch.arange(1, 66, dtype=torch.float64, device=device) / 8
-    _, _, targets = loop_merge_nearest(hidden, keys, *sel, None)
     kept = sel[0].tolist()
-    # The loops break the ties as stated, and there were ties to break: dropped rows with several kept rows at their
+    targets = [lo + t for kept_b, dropped_b, lo in zip(groups(sel[0], sel[2]), groups(sel[1], sel[3]), sel[2].tolist())
+               for t in nearest_kept(keys.cpu(), kept_b, dropped_b)]
+    # The oracle breaks the ties as stated, and there were ties to break: dropped rows with several kept rows at their
     # best similarity.
     unit = torch.nn.functional.normalize(keys.double().cpu(), dim=-1)
     n_ties = 0

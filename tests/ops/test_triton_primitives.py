@@ -1,5 +1,5 @@
 """The "triton" backend's generic primitives (attention_scores, text_guided_scores, topk_select,
-merge_nearest) against the reference and against float64 plain-PyTorch loops written here.
+merge_nearest) against the reference and against the float64 oracle (tests/oracle/primitives.py).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py), at small shapes; the torch.compile test
 needs CUDA and is skipped without it. Indices and offsets must be equal; floats within the tolerances below
@@ -7,10 +7,10 @@ needs CUDA and is skipped without it. Indices and offsets must be equal; floats 
 tolerance, except for merged rows stored back in fp16/bf16).
 """
 
-import math
-
 import pytest
 import torch
+
+from oracle.primitives import naive_attention_scores, naive_merge_nearest, naive_text_guided_scores, naive_topk_select
 
 from flowcut_kernels import FlowCutInputError, available_backends, ops, reference
 
@@ -45,86 +45,9 @@ def cu_seqlens(lengths, dtype=torch.int32):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype, device=DEVICE)
 
 
-# --------------------------------------------------------------------------------------------
-# float64 plain-PyTorch loops (independent of the reference)
-
-
-def softmax64(logits):
-    """Softmax of a float64 vector; -inf entries get 0."""
-    top = max(x for x in logits.tolist())
-    e = torch.tensor([math.exp(x - top) if x != -math.inf else 0.0 for x in logits.tolist()], dtype=torch.float64)
-    return e / e.sum()
-
-
-def naive_attention_scores(q, k, scale, key_mask, start, end):
-    q, k = q.double().cpu(), k.double().cpu()
-    batch, hq, rows, _ = q.shape
-    group = hq // k.shape[1]
-    out = torch.zeros(batch, k.shape[2], dtype=torch.float64)
-    for b in range(batch):
-        for h in range(hq):
-            for i in range(rows):
-                logits = scale * (k[b, h // group] @ q[b, h, i])
-                if key_mask is not None:
-                    logits[~key_mask[b].cpu()] = -math.inf
-                out[b] += softmax64(logits)
-    return out[:, start:end] / (hq * rows)
-
-
-def naive_text_guided_scores(q_relay, v_relay, k, v, segments, scale):
-    q_relay, v_relay, k, v = (t.double().cpu() for t in (q_relay, v_relay, k, v))
-    hq, hkv = q_relay.shape[1], k.shape[1]
-    group = hq // hkv
-    out = []
-    for g in range(0, len(segments), 3):
-        b, start, end = segments[g : g + 3]
-        rel = torch.zeros(end - start, dtype=torch.float64)
-        sem = torch.zeros(end - start, dtype=torch.float64)
-        v_mean = torch.zeros(end - start, k.shape[3], dtype=torch.float64)
-        for h in range(hq):
-            kh = h // group
-            rel += softmax64(scale * (k[b, kh, start:end] @ q_relay[b, h]))
-            sem += softmax64(scale * (v[b, kh, start:end] @ v_relay[b, kh]))
-            v_mean += v[b, kh, start:end]
-        out.append((rel / hq + sem / hq) * (v_mean / hq).abs().sum(-1))
-    return torch.cat(out)
-
-
-def naive_topk_select(scores, cu, keep, protect):
-    """Python sorting: NaN first (lower index first among NaNs), then larger values, then the lower index."""
-    values = scores.double().cpu().tolist()
-    cu = cu.tolist()
-    prot = [False] * len(values) if protect is None else protect.cpu().tolist()
-    kept, dropped, kept_cu, dropped_cu = [], [], [0], [0]
-    for b in range(len(cu) - 1):
-        rows = range(cu[b], cu[b + 1])
-        free = [r for r in rows if not prot[r]]
-        ranked = sorted(free, key=lambda r: (0, 0.0, r) if math.isnan(values[r]) else (1, -values[r], r))
-        chosen = set(ranked[: keep[b]]) | {r for r in rows if prot[r]}
-        kept += sorted(chosen)
-        dropped += [r for r in rows if r not in chosen]
-        kept_cu.append(len(kept))
-        dropped_cu.append(len(dropped))
-    return kept, dropped, kept_cu, dropped_cu
-
-
-def naive_merge_nearest(hidden, keys, kept, dropped, kept_cu, dropped_cu, sizes):
-    hidden, keys = hidden.double().cpu(), keys.double().cpu()
-    size = [1.0] * hidden.shape[0] if sizes is None else sizes.double().cpu().tolist()
-    kept, dropped, kept_cu, dropped_cu = (t.cpu().tolist() for t in (kept, dropped, kept_cu, dropped_cu))
-    merged, mass = [], []
-    for b in range(len(kept_cu) - 1):
-        ki, di = kept[kept_cu[b] : kept_cu[b + 1]], dropped[dropped_cu[b] : dropped_cu[b + 1]]
-        total = [hidden[i] * size[i] for i in ki]
-        weight = [size[i] for i in ki]
-        for j in di:
-            sims = [float(keys[j] @ keys[i]) / (max(keys[j].norm(), 1e-12) * max(keys[i].norm(), 1e-12)) for i in ki]
-            t = sims.index(max(sims))  # the first maximum
-            total[t] = total[t] + hidden[j] * size[j]
-            weight[t] += size[j]
-        merged += [x / w for x, w in zip(total, weight)]
-        mass += weight
-    return torch.stack(merged) if merged else torch.empty(0, hidden.shape[1]), torch.tensor(mass, dtype=torch.float64)
+def cpu(*tensors):
+    """The tensors on the CPU (None stays None), for the float64 oracle (tests/oracle/primitives.py)."""
+    return [None if t is None else t.cpu() for t in tensors]
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +74,7 @@ def test_attention_scores(dtype, shape):
             assert got.dtype == torch.float32 and got.shape == (b, end - start) and got.is_contiguous()
             torch.testing.assert_close(got, reference.attention_scores(q, k, d**-0.5, key_mask, start, end),
                                        **SCORE_TOL)
-            want = naive_attention_scores(q, k, d**-0.5, key_mask, start, end)
+            want = naive_attention_scores(*cpu(q, k), d**-0.5, *cpu(key_mask), (start, end))
             torch.testing.assert_close(got.double().cpu(), want, **ORACLE_TOL)
     full = t_attention.attention_scores(q, k, d**-0.5, mask, 0, s)
     assert torch.equal(full[~mask], torch.zeros_like(full[~mask]))
@@ -166,7 +89,8 @@ def test_attention_scores_long_sequence_and_large_logits():
     k[:, :, 170] = 6 * q[0, 0, 0]  # one huge logit in the third chunk
     got = t_attention.attention_scores(q, k, 0.25, None, 100, 200)
     torch.testing.assert_close(got, reference.attention_scores(q, k, 0.25, None, 100, 200), **SCORE_TOL)
-    torch.testing.assert_close(got.double().cpu(), naive_attention_scores(q, k, 0.25, None, 100, 200), **ORACLE_TOL)
+    want = naive_attention_scores(*cpu(q, k), 0.25, None, (100, 200))
+    torch.testing.assert_close(got.double().cpu(), want, **ORACLE_TOL)
     # q float64, k float16: computed in fp32
     mixed = t_attention.attention_scores(q.double(), k.half(), 0.25, None, 0, 200)
     torch.testing.assert_close(mixed, reference.attention_scores(q.double(), k.half(), 0.25, None, 0, 200),
@@ -199,7 +123,7 @@ def test_text_guided_scores(dtype, shape, segments):
     assert got.dtype == torch.float32 and got.shape == (total,)
     torch.testing.assert_close(got, reference.text_guided_scores(q_relay, v_relay, k, v, segments, d**-0.5),
                                **SCORE_TOL)
-    want = naive_text_guided_scores(q_relay, v_relay, k, v, segments, d**-0.5)
+    want = naive_text_guided_scores(*cpu(q_relay, v_relay, k, v), list(zip(*[iter(segments)] * 3)), d**-0.5)
     torch.testing.assert_close(got.double().cpu(), want, **ORACLE_TOL)
 
 
@@ -240,8 +164,8 @@ def check_topk(scores, cu, keep, protect):
     assert kept.dtype == dropped.dtype == torch.int64 and kept_cu.dtype == dropped_cu.dtype == cu.dtype
     for x, y in zip(got, reference.topk_select(scores, cu, keep, protect)):
         assert torch.equal(x, y), (keep, x, y)
-    want = naive_topk_select(scores, cu, keep, protect)
-    assert [t.cpu().tolist() for t in got] == list(want), keep
+    kept, dropped = naive_topk_select(*cpu(scores), (cu[1:] - cu[:-1]).tolist(), keep, *cpu(protect))
+    assert (got[0].tolist(), got[1].tolist()) == (kept, dropped), keep
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -304,7 +228,9 @@ def check_merge(hidden, keys, sel, sizes):
     want = reference.merge_nearest(hidden, keys, *sel, sizes)
     torch.testing.assert_close(merged, want[0], **MERGED_TOL[hidden.dtype])
     torch.testing.assert_close(size_out, want[1], rtol=1e-6, atol=1e-6)
-    oracle = naive_merge_nearest(hidden, keys, *sel, sizes)
+    kept, dropped, kept_cu, dropped_cu = (t.tolist() for t in cpu(*sel))
+    oracle = naive_merge_nearest(*cpu(hidden, keys), [kept[a:b] for a, b in zip(kept_cu, kept_cu[1:])],
+                                 [dropped[a:b] for a, b in zip(dropped_cu, dropped_cu[1:])], *cpu(sizes))
     torch.testing.assert_close(merged.double().cpu(), oracle[0].to(hidden.dtype).double(), **MERGED_TOL[hidden.dtype])
     torch.testing.assert_close(size_out.double().cpu(), oracle[1], rtol=1e-6, atol=1e-6)
 

@@ -44,7 +44,7 @@ def naive_text_guided_scores(q_relay, v_relay, k, v, segments, scale):
             sem += torch.softmax(scale * (v[b, kv, start:end] @ v_relay[b, kv]), dim=0) / Hq
             mean_v += v[b, kv, start:end] / Hq
         out.append((rel + sem) * mean_v.abs().sum(dim=1))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def naive_topk_select(scores, lengths, keep, protect=None):
@@ -66,19 +66,40 @@ def naive_topk_select(scores, lengths, keep, protect=None):
     return kept, dropped
 
 
+def nearest_kept(keys, kept, dropped):
+    """For each dropped row (in order), the position in ``kept`` of its most similar kept row: the largest cosine of
+    the keys (each normalised first, its norm taken as at least 1e-12), ties to the lower position; a NaN similarity
+    ranks above every number (the first NaN wins)."""
+    keys = keys.double()
+
+    def unit(r):
+        x = keys[r]
+        return x / max(math.sqrt(float(x @ x)), 1e-12)
+
+    targets = []
+    for j in dropped:
+        best, best_sim = None, None
+        for t, i in enumerate(kept):
+            sim = float(unit(j) @ unit(i))
+            if best is None or (not math.isnan(best_sim) and (math.isnan(sim) or sim > best_sim)):
+                best, best_sim = t, sim
+        targets.append(best)
+    return targets
+
+
 def naive_merge_nearest(hidden, keys, kept_groups, dropped_groups, sizes=None):
-    """kept_groups / dropped_groups: per image, lists of row indices. Returns merged (K, C), sizes (K,) float64."""
-    hidden, keys = hidden.double(), keys.double()
+    """kept_groups / dropped_groups: per image, lists of row indices. Returns merged (K, C), sizes (K,) float64:
+    each dropped row joins its :func:`nearest_kept` row, size-weighted."""
+    hidden = hidden.double()
     size = [1.0] * hidden.shape[0] if sizes is None else [float(s) for s in sizes]
     merged, mass = [], []
     for kept, dropped in zip(kept_groups, dropped_groups):
         totals = [hidden[i] * size[i] for i in kept]
         weights = [size[i] for i in kept]
-        for j in dropped:
-            sims = [float(keys[j] @ keys[i]) / (float(keys[j].norm()) * float(keys[i].norm())) for i in kept]
-            best = max(range(len(kept)), key=lambda t: (sims[t], -t))
+        for j, best in zip(dropped, nearest_kept(keys, kept, dropped)):
             totals[best] = totals[best] + hidden[j] * size[j]
             weights[best] += size[j]
         merged += [t / w for t, w in zip(totals, weights)]
         mass += weights
-    return torch.stack(merged), torch.tensor(mass, dtype=torch.float64)
+    merged = torch.stack(merged) if merged else hidden.new_zeros(0, hidden.shape[1])
+    return merged, torch.tensor(mass, dtype=torch.float64)
