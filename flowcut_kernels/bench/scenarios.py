@@ -287,7 +287,7 @@ def _tokens(model) -> int:
 
 def _build_next_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     from ..models.encoder import PACKED_OPS, run_pruned
-    from ..models.llava_next import CropPolicy
+    from ..models.anyres import CropPolicy
 
     tower_model = random_models.random_clip_vision(s.tower, seed=seed, sharpen=sharpen, dtype=dtype, device=device)
     tower = find_tower(tower_model)

@@ -5,7 +5,8 @@
 - :mod:`.policy`, :mod:`.schedule` — what the loop asks after each layer (FlowCut's adaptive schedule, or a static
   one with counts fixed in advance).
 - :mod:`.seams` — every seam with transformers internals, one function each.
-- :mod:`.vlm` — the pieces every VLM family's patch shares (placeholders, counts, the stage's forward, install).
+- :mod:`.vlm` — the pieces every VLM family's patch shares (placeholders, counts, the stage's forward, install);
+  :mod:`.anyres` — those of the anyres families (LLaVA-NeXT, LLaVA-OneVision): the crops' policy and layout.
 - :mod:`.tower`, :mod:`.vision`, :mod:`.instance` — what a tower is, the bare-tower patch, and the
   per-instance attribute bookkeeping every patch uses.
 - one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.vit` (ViT, DINOv2), :mod:`.llava`,

@@ -31,18 +31,15 @@ from torch import Tensor, nn
 from .. import ops
 from ..checks import require
 from . import lm_stage, seams
-from .encoder import PACKED_OPS, check_pixels, run_pruned
+from .encoder import PACKED_OPS, run_pruned
 from .instance import restore_patch, set_attrs
+from .anyres import CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs
 from .vlm import (
     check_feature_layer,
-    check_processor_owner,
-    check_strategy,
     expand_by_prompt,
-    feature_layer_of,
     install,
     llava_tower,
 )
-from .policy import FlowCutPolicy, LayerView
 from .schedule import refuse_schedule
 from .registry import Family, FlowCutConfig
 
@@ -75,59 +72,6 @@ def next_core(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, classes()[0]) else model
 
 
-class CropPolicy(FlowCutPolicy):
-    """FlowCut on crops: the loop's rows are crops, image by image; the crops of an image share one schedule (each
-    prune keeps the fewest rows any of them would: the batch rule over its crops). Records ``kept_cum``: each kept
-    patch's S_cum at its crop's last prune, (ΣP_g · k,) packed crop by crop in ascending patch order. CLIP crops
-    (``has_cls``: the CLS variant, LLaVA-NeXT) or SigLIP crops (the mean-query variant, LLaVA-OneVision)."""
-
-    def __init__(self, per_crop: int, crops: list[int], has_cls: bool = True):
-        super().__init__(per_crop, has_cls=has_cls)
-        self.crops = crops
-        self.kept_cum = None
-
-    def step(self, layer: LayerView) -> tuple[Tensor, list[int] | None]:
-        cum, keep = super().step(layer)
-        if keep is None:
-            return cum, None
-        keep = [int(group.min()) for group in torch.tensor(keep).split(self.crops) for _ in group]
-        # The rows the loop keeps (the same rule as select_gather: best S_cum, ties to the lower index).
-        relay = int(layer.has_cls)
-        candidates = layer.cu_seqlens - relay * torch.arange(len(keep) + 1, device=cum.device,
-                                                             dtype=layer.cu_seqlens.dtype)
-        kept = ops.topk_select(cum, [k - relay for k in keep], cu_seqlens=candidates, backend=layer.backend).kept
-        self.kept_cum = cum[kept]
-        return cum, keep
-
-
-def arrange(keep: Tensor, cum: Tensor, grid: tuple[int, int], image_size, side: int, count: int, exact: bool) -> Tensor:
-    """One image's kept tower patches in the language model's order (module docstring, step 2).
-
-    keep, cum: (P, k) each crop's kept patch numbers (ascending) and their S_cum; crop 0 is the base image, crops
-        1 … gh·gw the grid (gh, gw) in raster order. image_size: the image's (H, W); side: patches per crop side.
-    count: K. exact: keep exactly K, the best S_cum first among the unpadded patches; otherwise every unpadded patch,
-        or K if fewer survive.
-    Returns (W,) indices into keep.flatten(): the base crop's first, then the grid's in stitched raster order.
-    """
-    crops, k = keep.shape
-    rows, cols = grid[0] * side, grid[1] * side
-    crop = torch.arange(crops, device=keep.device).repeat_interleave(k)
-    patch, cum = keep.flatten(), cum.flatten()
-    tile = (crop - 1).clamp(min=0)
-    at = (tile // grid[1] * side + patch // side) * cols + tile % grid[1] * side + patch % side  # stitched raster
-    inside = torch.zeros(rows * cols, dtype=torch.bool, device=keep.device)
-    unpad_image = seams.anyres()[2]
-    inside[unpad_image(torch.arange(rows * cols, device=keep.device).view(1, rows, cols), image_size).flatten()] = True
-    base = crop == 0
-    order_key = torch.where(base, patch, side * side + at)  # the base crop first
-    margin = ~base & ~inside[at]
-    order = order_key.argsort()
-    order = order[cum[order].argsort(descending=True, stable=True)]  # ties: the earlier token
-    order = order[margin[order].int().argsort(stable=True)]  # unpadded patches before margin ones
-    chosen = order[: count if exact else max(count, int((~margin).sum()))]
-    return chosen[order_key[chosen].argsort()]
-
-
 def _pruned_image_features(
     self: nn.Module,
     pixel_values: Tensor,
@@ -141,30 +85,13 @@ def _pruned_image_features(
     one."""
     config = self.flowcut_config
     tower = llava_tower(self)
-    if vision_feature_layer is None:
-        vision_feature_layer = self.config.vision_feature_layer
-    if vision_feature_select_strategy is None:
-        vision_feature_select_strategy = self.config.vision_feature_select_strategy
-    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
-    check_strategy(vision_feature_select_strategy, tower)
-    return_dict = kwargs.pop("return_dict", None)
-    for option in ("output_attentions", "output_hidden_states"):
-        require(not kwargs.pop(option, None), f"{option}=True is unavailable on a FlowCut-patched LLaVA-NeXT vision "
-                                               f"tower; call flowcut_kernels.remove_flowcut(model) first")
-    require(pixel_values is not None and image_sizes is not None,
-            "pixel_values and image_sizes are required: pass the LlavaNextProcessor's outputs")
     side = tower.core.embeddings.image_size
     pinpoints = self.config.image_grid_pinpoints
     grid_shape, crop_count, _ = seams.anyres()
-    crops = [crop_count(size, pinpoints, side) for size in image_sizes]
-    if isinstance(pixel_values, Tensor):  # as the stock tower's forward would, under a device map
-        pixel_values = pixel_values.to(tower.device)
-        if pixel_values.dim() == 5:  # (G, P_max, 3, S, S) padded with empty crops
-            pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops)])
-    check_pixels(pixel_values, tower)
-    require(len(pixel_values) == sum(crops), f"pixel_values holds {len(pixel_values)} crops, but image_sizes "
-                                             f"gives {sum(crops)}: pass the processor's pixel_values and image_sizes "
-                                             f"together")
+    crops, pixel_values, feature_layer, return_dict = crop_inputs(
+        self, tower, pixel_values, image_sizes, lambda sizes: [crop_count(size, pinpoints, side) for size in sizes],
+        vision_feature_layer, vision_feature_select_strategy, kwargs, "LLaVA-NeXT",
+    )
 
     hidden = tower.embed(pixel_values)
     per_crop = config.target_num // 2
@@ -191,8 +118,6 @@ def _pruned_image_features(
         keep_indices=where,
         tokens_per_layer=[tokens[c] for c in first_crops],
     )
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
     return out if return_dict else out.to_tuple()
 
 
@@ -201,28 +126,8 @@ def check_processor(processor, core: nn.Module) -> None:
     patched for another model."""
     from transformers import LlavaNextProcessor
 
-    require(
-        isinstance(processor, LlavaNextProcessor),
-        f"processor is a {type(processor).__name__}; pass the model's LlavaNextProcessor (e.g. "
-        f"AutoProcessor.from_pretrained of the same checkpoint), whose image-token count FlowCut adjusts",
-    )
-    image_processor = processor.image_processor
-    crop = getattr(image_processor, "crop_size", None) or {}
-    crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop.height, crop.width)
-    side = core.config.vision_config.image_size
-    mismatches = [
-        f"{name} {theirs!r} (the model's {ours!r})"
-        for name, theirs, ours in (
-            ("image token id", processor.image_token_id, core.config.image_token_id),
-            ("image_grid_pinpoints", [list(p) for p in image_processor.image_grid_pinpoints],
-             [list(p) for p in core.config.image_grid_pinpoints]),
-            ("crop size", crop, (side, side)),
-        )
-        if theirs != ours
-    ]
-    require(not mismatches, f"processor does not match the model: its {', '.join(mismatches)}; pass the processor "
-                            f"of the model's checkpoint")
-    check_processor_owner(processor, core)
+    check_crop_processor(processor, core, LlavaNextProcessor, getattr(processor, "image_processor", None)
+                         and getattr(processor.image_processor, "crop_size", None))
 
 
 def _check_next(model: nn.Module, target_num: int, feature_layer, backend: str, processor, llm_stage: bool) -> int:
@@ -232,19 +137,12 @@ def _check_next(model: nn.Module, target_num: int, feature_layer, backend: str, 
     require(tower.has_cls, f"LLaVA-NeXT is supported with a CLIP vision tower; this model's is a "
                            f"{type(core.vision_tower).__name__}")
     configured = check_feature_layer(core, tower, feature_layer, "LLaVA-NeXT")
-    side = core.config.vision_config.image_size
-    fewest = 1 + min((h // side) * (w // side) for h, w in core.config.image_grid_pinpoints)
     require(
         isinstance(target_num, int) and not isinstance(target_num, bool) and 2 <= target_num < 2 * tower.num_patches,
         f"target_num={target_num!r} is out of range for LLaVA-NeXT: each crop keeps target_num // 2 patches, at least "
         f"1 and fewer than its {tower.num_patches}; use target_num in [2, {2 * tower.num_patches - 1}]",
     )
-    require(
-        fewest * (target_num // 2) >= target_num,
-        f"target_num={target_num} is more than the tower stage keeps from an image of {fewest} crops (the fewest the "
-        f"model's image_grid_pinpoints give): each crop keeps target_num // 2 = {target_num // 2}, "
-        f"{fewest * (target_num // 2)} in all; use an even target_num",
-    )
+    check_fewest_crops(core, target_num)
     ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
     if llm_stage:
         lm_stage.check_decoder(core.language_model, backend)

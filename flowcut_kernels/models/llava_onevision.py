@@ -10,7 +10,7 @@ with K = ``target_num``, the mean-query variant (relay = each crop's mean query;
    image keeps K (2K with the language-model stage); the crops of one image share one schedule (the batch rule over
    its crops), images are independent. The crops with one count run in one padded pass (:func:`.encoder.run_pruned`;
    two passes where a batch has both kinds); layers after the feature layer are not run.
-2. **Layout** (LLaVA-NeXT's, :func:`.llava_next.arrange`): the base crop's kept patches first, then the grid crops'
+2. **Layout** (LLaVA-NeXT's, :func:`.anyres.arrange`): the base crop's kept patches first, then the grid crops'
    in raster order of the stitched (gh·side) × (gw·side) grid; without the language-model stage the K with the best
    S_cum stay, with it every unpadded one; patches in the margin stock ``unpad_image`` cuts only to make up K. No
    newline tokens (the stock ``image_newline`` after each row, or after a single-crop image, is not emitted) and no
@@ -37,17 +37,14 @@ from torch import Tensor, nn
 from .. import ops
 from ..checks import FlowCutInputError, require
 from . import lm_stage, seams
-from .encoder import PACKED_OPS, check_pixels, run_pruned
+from .encoder import PACKED_OPS, run_pruned
 from .instance import restore_patch, set_attrs
-from .llava_next import CropPolicy, arrange
+from .anyres import CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs
 from .registry import Family, FlowCutConfig
 from .schedule import refuse_schedule
 from .vlm import (
     check_feature_layer,
-    check_processor_owner,
-    check_strategy,
     expand_by_prompt,
-    feature_layer_of,
     install,
     llava_tower,
     staged_forward,
@@ -111,27 +108,10 @@ def _pruned_image_features(
     and unused: there is no ``anyres_max`` down-sampling (module docstring)."""
     config = self.flowcut_config
     tower = llava_tower(self)
-    if vision_feature_layer is None:
-        vision_feature_layer = self.config.vision_feature_layer
-    if vision_feature_select_strategy is None:
-        vision_feature_select_strategy = self.config.vision_feature_select_strategy
-    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
-    check_strategy(vision_feature_select_strategy, tower)
-    return_dict = kwargs.pop("return_dict", None)
-    for option in ("output_attentions", "output_hidden_states"):
-        require(not kwargs.pop(option, None), f"{option}=True is unavailable on a FlowCut-patched LLaVA-OneVision "
-                                               f"vision tower; call flowcut_kernels.remove_flowcut(model) first")
-    require(pixel_values is not None and image_sizes is not None,
-            "pixel_values and image_sizes are required: pass the LlavaOnevisionProcessor's outputs")
-    crops = crop_counts(self, image_sizes, batch_num_images)
-    if isinstance(pixel_values, Tensor):  # as the stock tower's forward would, under a device map
-        pixel_values = pixel_values.to(tower.device)
-        if pixel_values.dim() == 5:  # (G, P_max, 3, S, S) padded with empty crops
-            pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops)])
-    check_pixels(pixel_values, tower)
-    require(len(pixel_values) == sum(crops), f"pixel_values holds {len(pixel_values)} crops, but image_sizes "
-                                             f"gives {sum(crops)}: pass the processor's pixel_values and image_sizes "
-                                             f"together")
+    crops, pixel_values, feature_layer, return_dict = crop_inputs(
+        self, tower, pixel_values, image_sizes, lambda sizes: crop_counts(self, sizes, batch_num_images),
+        vision_feature_layer, vision_feature_select_strategy, kwargs, "LLaVA-OneVision",
+    )
     target = config.target_num
     backend = ops.resolve_backend(config.backend, tower.device, tower.dtype, PACKED_OPS)
     hidden = tower.embed(pixel_values)
@@ -164,8 +144,6 @@ def _pruned_image_features(
             where[g] = torch.stack([crop[order], image_keep.flatten()[order]], 1)
             tokens[g] = run_tokens[offsets[i]]
     out = FlowCutOnevisionImageFeatures(pooler_output=features, keep_indices=where, tokens_per_layer=tokens)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
     return out if return_dict else out.to_tuple()
 
 
@@ -210,28 +188,8 @@ def check_processor(processor, core: nn.Module) -> None:
     not patched for another model."""
     from transformers import LlavaOnevisionProcessor
 
-    require(
-        isinstance(processor, LlavaOnevisionProcessor),
-        f"processor is a {type(processor).__name__}; pass the model's LlavaOnevisionProcessor (e.g. "
-        f"AutoProcessor.from_pretrained of the same checkpoint), whose image-token count FlowCut adjusts",
-    )
-    check_processor_owner(processor, core)
-    image_processor = processor.image_processor
-    size = image_processor.size
-    size = (size.get("height"), size.get("width")) if isinstance(size, dict) else (size.height, size.width)
-    side = core.config.vision_config.image_size
-    mismatches = [
-        f"{name} {theirs!r} (the model's {ours!r})"
-        for name, theirs, ours in (
-            ("image token id", processor.image_token_id, core.config.image_token_id),
-            ("image_grid_pinpoints", [list(p) for p in image_processor.image_grid_pinpoints],
-             [list(p) for p in core.config.image_grid_pinpoints]),
-            ("crop size", size, (side, side)),
-        )
-        if theirs != ours
-    ]
-    require(not mismatches, f"processor does not match the model: its {', '.join(mismatches)}; pass the processor "
-                            f"of the model's checkpoint")
+    check_crop_processor(processor, core, LlavaOnevisionProcessor, getattr(processor, "image_processor", None)
+                         and getattr(processor.image_processor, "size", None))
 
 
 def _check_onevision(model: nn.Module, target_num, feature_layer, backend: str, processor, llm_stage) -> int:
@@ -241,20 +199,13 @@ def _check_onevision(model: nn.Module, target_num, feature_layer, backend: str, 
     require(not tower.has_cls, f"LLaVA-OneVision is supported with its SigLIP vision tower; this model's is a "
                                f"{type(core.vision_tower).__name__}")
     configured = check_feature_layer(core, tower, feature_layer, "LLaVA-OneVision")
-    side = core.config.vision_config.image_size
-    fewest = 1 + min((h // side) * (w // side) for h, w in core.config.image_grid_pinpoints)
     require(
         isinstance(target_num, int) and not isinstance(target_num, bool) and 2 <= target_num < tower.num_patches,
         f"target_num={target_num!r} is out of range for LLaVA-OneVision: each anyres crop keeps target_num // 2 "
         f"patches, a multi-image prompt's image target_num of its {tower.num_patches}; use target_num in "
         f"[2, {tower.num_patches - 1}]",
     )
-    require(
-        fewest * (target_num // 2) >= target_num,
-        f"target_num={target_num} is more than the tower stage keeps from an image of {fewest} crops (the fewest the "
-        f"model's image_grid_pinpoints give): each crop keeps target_num // 2 = {target_num // 2}, "
-        f"{fewest * (target_num // 2)} in all; use an even target_num",
-    )
+    check_fewest_crops(core, target_num)
     ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
     if llm_stage:
         require(
