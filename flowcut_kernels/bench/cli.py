@@ -338,6 +338,11 @@ def _run_models(args, info: dict) -> list[dict]:
                 for base in ("unpruned", "original"):
                     ref = timings.get(base)
                     row[f"speedup_vs_{base}"] = ref.median_ms / row["median_ms"] if ref else None
+                flops = first[row["method"]].flops
+                if flops is not None:  # the scenario's FLOP model: the speed-up its arithmetic alone allows
+                    row["gflops"] = flops / 1e9
+                    if "unpruned" in first:
+                        row["flop_limit_vs_unpruned"] = first["unpruned"].flops / flops
                 if row["method"].startswith("per-image-"):  # one batched pass vs B serial passes, same backend
                     ref = timings.get("serial-" + row["method"].removeprefix("per-image-"))
                     row["speedup_vs_serial"] = ref.median_ms / row["median_ms"] if ref else None

@@ -182,6 +182,7 @@ class MethodResult:
     lm_tokens: int | None = None  # prefill length (prompt + visual tokens) for LLaVA presets
     first_step: Tensor | None = None  # LLaVA presets: the logits (B, 1, V) of the first decode step after the prefill
     settings: dict = field(default_factory=dict)  # the method's settings, for the JSON rows
+    flops: float | None = None  # the prefill's floating-point operations, where the scenario models them
 
 
 class LlavaPrefill(nn.Module):

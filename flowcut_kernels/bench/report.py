@@ -27,15 +27,20 @@ def _ratio(value) -> str:
 def model_table(rows: list[dict]) -> list[list[str]]:
     """Header + one line per row of a model preset."""
     serial = any("speedup_vs_serial" in r for r in rows)  # per-image rows: one pass vs B serial passes
+    flops = any("flop_limit_vs_unpruned" in r for r in rows)  # a scenario with a FLOP model
     time = "TTFT ms" if rows and rows[0].get("measured") == "ttft" else "median ms"
     lines = [["method", "batch", "target", "tokens", time, "p20 ms", "p80 ms", "images/s", "peak MiB",
-              "vs unpruned", "vs original"] + (["vs serial"] if serial else [])]
+              "vs unpruned", "vs original"] + (["vs serial"] if serial else [])
+             + (["GFLOP", "FLOP limit", "% of limit"] if flops else [])]
     for r in rows:
+        limit = r.get("flop_limit_vs_unpruned")
+        share = r["speedup_vs_unpruned"] / limit if limit and r.get("speedup_vs_unpruned") else None
         lines.append([
             r["method"], str(r["batch"]), str(r["target"]), str(r["tokens_out"]), f"{r['median_ms']:.1f}",
             f"{r['p20_ms']:.1f}", f"{r['p80_ms']:.1f}", f"{r['images_per_s']:.1f}", _fmt(r["peak_mem_mb"], ".0f"),
             _ratio(r.get("speedup_vs_unpruned")), _ratio(r.get("speedup_vs_original")),
-        ] + ([_ratio(r.get("speedup_vs_serial"))] if serial else []))
+        ] + ([_ratio(r.get("speedup_vs_serial"))] if serial else [])
+          + ([_fmt(r.get("gflops"), ".0f"), _ratio(limit), _fmt(share and 100 * share, ".0f")] if flops else []))
     return lines
 
 

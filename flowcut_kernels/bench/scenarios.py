@@ -25,6 +25,9 @@ shapes, 4 on the tiny ones).
 - ``qwen2-vl-7b`` (CUDA): ``Qwen2VLForConditionalGeneration`` at the 7B shapes (the tower above; LLM 28 layers ×
   3584, GQA 28/4, intermediate 18944, vocabulary 152064, M-RoPE 16/24/24) on a 1288×1288 image (92×92 patches,
   2116 merged tokens) in a 60-token prompt: the stock forward against ``flowcut(model, K)`` (tower stage).
+- ``qwen2-vl-2b-cpu`` (CPU or CUDA): the same at Qwen2-VL-2B's shapes (the tower above; LLM 28 layers × 1536, GQA
+  12/2, intermediate 8960, vocabulary 151936) on a 336×336 image (24×24 patches, 144 merged tokens), K = 64 and 128:
+  the end-to-end prefill a CPU runs in seconds. Its rows carry the FLOP-limit speed-up (:func:`qwen_prefill_flops`).
 - ``…-tiny`` variants: the same code at tiny sizes, for the tests (they run on a CPU).
 
 The FlowCut methods of the whole-model presets patch the model before each call and remove the patch after it
@@ -58,6 +61,12 @@ QWEN_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944
                     rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
 QWEN_IDS_7B = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                    vision_end_token_id=151653)
+#: Qwen2-VL-2B's vision tower and language model (its ids are the 7B's).
+QWEN_VISION_2B = dict(QWEN_VISION_7B, hidden_size=1536)
+QWEN_TEXT_2B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                    rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                    tie_word_embeddings=True)
 #: Qwen3-VL-8B's vision tower (out_hidden_size: its language model's width).
 QWEN3_VISION_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
                        spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=4096,
@@ -152,6 +161,10 @@ SCENARIOS = {s.name: s for s in [
              "(2116 merged tokens) vs FlowCut's tower stage (CUDA only)", QWEN_VISION_7B, (92, 92), 2115,
              (64, 128, 256, 512), (1, 8), lm=QWEN_TEXT_7B, ids=QWEN_IDS_7B, sharpen=QWEN_SHARPEN,
              cuda_only=COLD.format("Qwen2-VL-7B", 17, "qwen2-vl-tower")),
+    Scenario("qwen2-vl-2b-cpu", "qwen", "Qwen2-VL-2B prefill (ViT 32x1280, LLM 28x1536, GQA 12/2) on a 336x336 image "
+             "(576 patches, 144 merged tokens) vs FlowCut's tower stage at K=64/128: a whole real-shaped VLM a CPU "
+             "runs in seconds", QWEN_VISION_2B, (24, 24), 143, (64, 128), lm=QWEN_TEXT_2B, ids=QWEN_IDS_7B,
+             sharpen=QWEN_SHARPEN),
     Scenario("qwen2-vl-tiny", "qwen", "qwen2-vl-7b at tiny sizes, for tests", QWEN_VISION_TINY, (16, 16), 63, (16,),
              lm=QWEN_TEXT_TINY, ids=QWEN_IDS_TINY, prompt_tokens=12, image_position=7, sharpen=4.0),
 ]}
@@ -330,19 +343,28 @@ def _qwen_pixels(visual_config, s: Scenario, batch: int, device, dtype, seed) ->
     return pixels, grid
 
 
-def _tower_tokens(visual: nn.Module, fn: Callable[[], object]) -> list[int]:
-    """The patches each tower block processed during ``fn()`` (forward pre-hooks)."""
-    seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, args, kw: seen.append(int((args[0] if args else
-                                                                              kw["hidden_states"]).shape[0])),
-                                         with_kwargs=True) for b in visual.blocks]
+def _rows_seen(fn: Callable[[], object], *watched: tuple) -> list[list[int]]:
+    """For each (modules, dim) of ``watched``: the size along ``dim`` of each call's hidden states (the first
+    argument) during ``fn()``, module call by module call (forward pre-hooks)."""
+    seen = [[] for _ in watched]
+
+    def hook(out, dim):
+        return lambda m, args, kw: out.append(int((args[0] if args else kw["hidden_states"]).shape[dim]))
+
+    hooks = [module.register_forward_pre_hook(hook(out, dim), with_kwargs=True)
+             for out, (modules, dim) in zip(seen, watched) for module in modules]
     try:
         with torch.inference_mode():
             fn()
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in hooks:
+            handle.remove()
     return seen
+
+
+def _tower_tokens(visual: nn.Module, fn: Callable[[], object]) -> list[int]:
+    """The patches each tower block processed during ``fn()``."""
+    return _rows_seen(fn, (visual.blocks, 0))[0]
 
 
 def _qwen_tower_model(s: Scenario) -> tuple[type, object]:
@@ -390,13 +412,36 @@ def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenari
     return BuiltScenario(s.name, weights_mb(visual), make, visual, dict(groups=groups))
 
 
-def _with_tokens(fn, tokens):
+def _with_tokens(fn, tokens, flops=None):
     def run():
         result = fn()
         result.tokens_per_layer = tokens
+        result.flops = flops
         return result
 
     return run
+
+
+def qwen_prefill_flops(vision, text, tower_tokens: list[int], merged: int, lm_tokens: list[int]) -> float:
+    """Floating-point operations (multiply and add: 2 a product) of one Qwen2-VL prefill of one image.
+
+    vision, text: the tower's and the language model's configs. tower_tokens: the patches each tower block
+    processed; merged: the groups the merger made; lm_tokens: the tokens each decoder layer processed. Counted: the
+    patch embedding of the first block's patches; per block q/k/v/o and the MLP (2·n·(4d² + 2·d·d_mlp)) and
+    attention (2·2·n²·d, full); the merger; per decoder layer the projections and the gated MLP (2·L·(2h² + 2h·kv +
+    3h·I)) and causal attention (2·L²·h); the last position's logits. Left out: norms, rotary embeddings, softmax
+    (linear in the tokens) and FlowCut's own scoring (O(n·d) a scored layer).
+    """
+    d, merge = vision.embed_dim, vision.spatial_merge_size**2
+    mlp = int(d * vision.mlp_ratio)
+    patch_in = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    total = 2 * tower_tokens[0] * patch_in * d
+    total += sum(2 * n * (4 * d * d + 2 * d * mlp) + 4 * n * n * d for n in tower_tokens)
+    total += 2 * merged * (merge * d * merge * d + merge * d * vision.hidden_size)
+    h, inter = text.hidden_size, text.intermediate_size
+    kv = text.num_key_value_heads * h // text.num_attention_heads
+    total += sum(2 * n * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * n * n * h for n in lm_tokens)
+    return total + 2 * h * text.vocab_size
 
 
 def _build_qwen(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
@@ -411,6 +456,8 @@ def _build_qwen(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     groups = s.image[0] * s.image[1] // m
     ids = s.ids
     vocab = s.lm["vocab_size"]
+    text = model.config.text_config
+    layers = text.num_hidden_layers
 
     def image_ids(count):
         return [ids["vision_start_token_id"], *[ids["image_token_id"]] * count, ids["vision_end_token_id"]]
@@ -429,9 +476,11 @@ def _build_qwen(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
         if "unpruned" in include:
             prompt = _prompt(s, image_ids(groups), device, seed, vocab, batch)
 
-            def unpruned(prompt=prompt):
-                return MethodResult(call(prompt).logits, None, [s.image[0] * s.image[1]] * len(visual.blocks), groups,
-                                    prompt.shape[1])
+            patches = [s.image[0] * s.image[1]] * len(visual.blocks)
+            flops = batch * qwen_prefill_flops(visual.config, text, patches, groups, [prompt.shape[1]] * layers)
+
+            def unpruned(prompt=prompt, flops=flops):
+                return MethodResult(call(prompt).logits, None, patches, groups, prompt.shape[1], flops=flops)
 
             found["unpruned"] = unpruned
         if "flowcut" in include:
@@ -442,8 +491,11 @@ def _build_qwen(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
                         logits = call(prompt).logits
                     return MethodResult(logits, None, [], target, prompt.shape[1])
 
-                per_layer = [n // batch for n in _tower_tokens(visual, run)]
-                found[f"flowcut-{backend}"] = _with_tokens(run, per_layer)
+                blocks, merger, decoder = _rows_seen(run, (visual.blocks, 0), ([visual.merger], 0),
+                                                     (model.model.language_model.layers, 1))
+                per_layer = [n // batch for n in blocks]
+                flops = batch * qwen_prefill_flops(visual.config, text, per_layer, merger[0] // (m * batch), decoder)
+                found[f"flowcut-{backend}"] = _with_tokens(run, per_layer, flops)
         return found
 
     return BuiltScenario(s.name, weights_mb(model), make, model, dict(groups=groups))

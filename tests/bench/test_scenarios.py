@@ -166,6 +166,43 @@ def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, t
         assert row["tokens_per_layer"]
 
 
+def test_qwen_flop_model_counts_what_an_eager_prefill_multiplies():
+    """The FLOP model against torch's FLOP counter on the tiny whole Qwen2-VL with eager attention, which computes
+    the full L × L decoder scores where the model counts the causal half. Unpruned: equal but for that half;
+    FlowCut: its own scoring on top (a few per cent at these tiny widths)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    built = scenarios.SCENARIOS["qwen2-vl-tiny"].build("cpu", torch.float32, 0, 4.0)
+    built.model.set_attn_implementation("eager")
+    text = built.model.config.text_config
+    counted = {}
+    for name, fn in built.methods(1, 16, ["torch"], {"unpruned", "flowcut"}, 0).items():
+        decoder = scenarios._rows_seen(fn, (built.model.model.language_model.layers, 1))[0]
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            result = fn()
+        counted[name] = counter.get_total_flops() - sum(2 * n * n * text.hidden_size for n in decoder)
+        assert counted[name] >= result.flops, name
+        counted[name] /= result.flops
+    assert counted["unpruned"] == 1.0 and counted["flowcut-torch"] < 1.05
+    rows = bench.run(["--preset", "qwen2-vl-tiny", "--backends", "torch", *FAST])
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["unpruned"]["flop_limit_vs_unpruned"] == 1.0
+    flowcut = by_method["flowcut-torch"]
+    assert flowcut["flop_limit_vs_unpruned"] == pytest.approx(by_method["unpruned"]["gflops"] / flowcut["gflops"])
+    assert flowcut["flop_limit_vs_unpruned"] > 1
+
+
+def test_cpu_scenario_has_the_2b_shapes():
+    s = scenarios.SCENARIOS["qwen2-vl-2b-cpu"]
+    config = scenarios.qwen_config(s)
+    text = config.text_config
+    assert (config.vision_config.depth, config.vision_config.embed_dim, config.vision_config.hidden_size) == (
+        32, 1280, 1536)
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size) == (28, 1536, 12, 2, 8960)
+    assert s.image == (24, 24) and s.default_targets == (64, 128) and s.cuda_only is None
+
+
 def test_gpu_scenarios_have_the_7b_shapes():
     next7 = scenarios.SCENARIOS["llava-next-7b"]
     config = scenarios.next_config(next7)
