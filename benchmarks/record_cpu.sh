@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Record the CPU result files of benchmarks/results/ (one json + md + png set per run), each run short.
 # Usage: bash benchmarks/record_cpu.sh [DATE] [RUN ...]
-#   (RUN: main kernels ragged stage next qwen side side-llava; default all)
+#   (RUN: main kernels ragged stage next qwen qwen-2b side side-llava; default all)
 # Waits for a quiet minute first (1-minute load below 0.5): other work on the cores slows every method.
 set -euo pipefail
 D=${1:-$(date +%F)}; shift || true
-RUNS=${*:-main kernels ragged stage next qwen side side-llava}
+RUNS=${*:-main kernels ragged stage next qwen qwen-2b side side-llava}
 R=benchmarks/results
 while awk '{exit !($1 >= 0.5)}' /proc/loadavg; do sleep 10; done
 record() {  # name, then the bench arguments
@@ -21,6 +21,7 @@ for run in $RUNS; do
     stage) record llava-tiny-stage --preset llava-tiny --device cpu ;;
     next) record llava-next-crops --preset llava-next-crops --device cpu --repeats 4 ;;
     qwen) record qwen2-vl-tower --preset qwen2-vl-tower --device cpu --repeats 4 ;;
+    qwen-2b) record qwen2-vl-2b --preset qwen2-vl-2b-cpu --device cpu --repeats 4 ;;
     side) record side-clip-l-336 --preset clip-l-336 --device cpu --batch 1 4 --repeats 5 \
       --methods unpruned flowcut visionzip fastv downsample ;;
     side-llava) record side-llava-tiny --preset llava-tiny --device cpu --batch 1 4 \
