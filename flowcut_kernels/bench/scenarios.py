@@ -162,9 +162,9 @@ SCENARIOS = {s.name: s for s in [
              (64, 128, 256, 512), (1, 8), lm=QWEN_TEXT_7B, ids=QWEN_IDS_7B, sharpen=QWEN_SHARPEN,
              cuda_only=COLD.format("Qwen2-VL-7B", 17, "qwen2-vl-tower")),
     Scenario("qwen2-vl-2b-cpu", "qwen", "Qwen2-VL-2B prefill (ViT 32x1280, LLM 28x1536, GQA 12/2) on a 336x336 image "
-             "(576 patches, 144 merged tokens) vs FlowCut's tower stage at K=64/128: a whole real-shaped VLM a CPU "
-             "runs in seconds", QWEN_VISION_2B, (24, 24), 143, (64, 128), lm=QWEN_TEXT_2B, ids=QWEN_IDS_7B,
-             sharpen=QWEN_SHARPEN),
+             "(576 patches, 144 merged tokens) vs flowcut(model, K) (tower stage, then the LM stage) at K=64/128: a "
+             "whole real-shaped VLM a CPU runs in seconds", QWEN_VISION_2B, (24, 24), 143, (64, 128), lm=QWEN_TEXT_2B,
+             ids=QWEN_IDS_7B, sharpen=QWEN_SHARPEN),
     Scenario("qwen2-vl-tiny", "qwen", "qwen2-vl-7b at tiny sizes, for tests", QWEN_VISION_TINY, (16, 16), 63, (16,),
              lm=QWEN_TEXT_TINY, ids=QWEN_IDS_TINY, prompt_tokens=12, image_position=7, sharpen=4.0),
 ]}
