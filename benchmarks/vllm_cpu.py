@@ -3,7 +3,8 @@
     python benchmarks/vllm_cpu.py OUT.json [--depth 32] [--size 448] [--target 64] [--requests 8]
 
 Builds a random float32 Qwen2-VL checkpoint (vision: Qwen2-VL-2B's width 1280, 16 heads, 14-pixel patches, 2×2 merge,
-``--depth`` blocks; text: 2 layers of width 256, enough to time the tower and the prefill) in a temporary folder,
+``--depth`` blocks, q/k ×8 as the bench's Qwen presets; text: 2 layers of width 256, enough to time the tower and
+the prefill) in a temporary folder,
 then for stock and FlowCut-``--target``: time to first token of 1 request (max_tokens=1), and requests/s of 1 and
 of ``--requests`` concurrent requests (distinct random ``--size``² images, 16 new tokens each). Each engine runs in its
 own process (needs the vLLM environment of .ci/vllm).
@@ -29,6 +30,9 @@ def build(folder: str, depth: int) -> None:
     from tiny.text import tiny_qwen_tokenizer
     from tiny.vllm_qwen import MIN_PIXELS, _text
 
+    from flowcut_kernels.bench.random_models import sharpen_qwen_attention
+    from flowcut_kernels.bench.scenarios import QWEN_SHARPEN as SHARPEN
+
     torch.manual_seed(0)
     text = _text()
     text["text_config"].update(hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -37,6 +41,7 @@ def build(folder: str, depth: int) -> None:
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     model = transformers.Qwen2VLForConditionalGeneration._from_config(
         transformers.Qwen2VLConfig(vision_config=vision, **text), dtype=torch.float32)
+    sharpen_qwen_attention(model.model.visual, SHARPEN)  # as the bench's Qwen presets: pruning as on real weights
     model.save_pretrained(folder)
     size = {"shortest_edge": MIN_PIXELS, "longest_edge": 448 * 448}
     transformers.Qwen2VLProcessor(
