@@ -175,8 +175,8 @@ def resolve_backend(
 
 def op_for(name: str, backend: str, device: torch.device, dtype: torch.dtype) -> Callable:
     """The torch op ``name`` of the backend ``backend`` ("auto" or a name) resolves to on ``device`` for ``dtype``
-    inputs: :func:`resolve_backend` once per (backend, device type, dtype, op), then a dict lookup."""
-    key = (backend, device.type, dtype, name)
+    inputs: :func:`resolve_backend` once per (backend, device, dtype, op), then a dict lookup."""
+    key = (backend, device, dtype, name)
     try:
         return _RESOLVED[key]
     except (KeyError, TypeError):  # TypeError: an unhashable backend, refused by resolve_backend

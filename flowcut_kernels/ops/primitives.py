@@ -19,14 +19,40 @@ from . import validate
 from .backends import op_for
 
 
+_DENSE_OFFSETS: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
+def _dense_offsets(batch: int, n: int, device: torch.device) -> Tensor:
+    """(B + 1,) int64 offsets 0, N, 2N, … of a dense batch. Eager calls reuse one read-only tensor per (B, N,
+    device) (the ops never write it; it is only ever an op input, so an inference-mode one serves outside that
+    mode too); traced calls build it."""
+    if torch.compiler.is_compiling():
+        return torch.arange(0, (batch + 1) * n, n, device=device, dtype=torch.int64)
+    key = (batch, n, device)
+    cu = _DENSE_OFFSETS.get(key)
+    if cu is None:
+        cu = torch.arange(0, (batch + 1) * n, n, device=device, dtype=torch.int64)
+        if type(cu) is Tensor:  # not a fake or other subclass tensor
+            if len(_DENSE_OFFSETS) >= 64:
+                _DENSE_OFFSETS.clear()
+            _DENSE_OFFSETS[key] = cu
+    return cu
+
+
 def _packed(name: str, x: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor, list[int]]:
     """A dense (B, N, …) or packed (T, …) input as packed rows, offsets and per-image lengths (packed: one small
     host read of the offsets)."""
     if cu_seqlens is None:
         batch, n = x.shape[:2]
-        cu = torch.arange(0, (batch + 1) * n, n, device=x.device, dtype=torch.int64)
-        return x.flatten(0, 1), cu, [n] * batch
+        return x.flatten(0, 1), _dense_offsets(batch, n, x.device), [n] * batch
     return x, cu_seqlens, validate.cu_seqlens_lengths(cu_seqlens, x.shape[0], 0)
+
+
+def _keep_counts(keep, highs: list[int]) -> list[int]:
+    """topk_select's ``keep`` (an int for every image, B ints or a (B,) tensor) as B checked counts."""
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        keep = [keep] * len(highs)
+    return validate.counts("keep", keep, len(highs), 0, highs)
 
 
 @dataclass
@@ -80,46 +106,47 @@ def topk_select(
     """
     if not (isinstance(scores, Tensor) and scores.is_floating_point()):
         fail(f"scores must be a floating tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
-    dense = cu_seqlens is None
-    if scores.dim() != (2 if dense else 1):
-        fail(f"scores must have shape {'(B, N)' if dense else '(T,) with cu_seqlens'}, got {tuple(scores.shape)}")
-    device = check_same_device(scores=scores, protect=protect, cu_seqlens=cu_seqlens)
-    if span is not None:
-        require(dense, "span applies to dense (B, N) scores; for packed scores pass protect")
-        start, end = span
-        n = scores.shape[1]
-        require(0 <= start < end <= n, f"span={span} must satisfy 0 <= start < end <= N = {n}")
-        outside = torch.ones(n, dtype=torch.bool, device=device)
-        outside[start:end] = False
-        protect = outside.expand_as(scores) if protect is None else protect | outside
-    flat, cu, lengths = _packed("scores", scores, cu_seqlens)
-    if protect is not None:
-        check_tensor("protect", protect, scores.dim(), (torch.bool,), "like scores")
-        require(protect.shape == scores.shape, f"protect must have the shape of scores {tuple(scores.shape)}, "
-                                               f"got {tuple(protect.shape)}")
-        free = (~protect).flatten().split(lengths)
-        highs = [int(f.sum()) for f in free]  # one host read
-        protect = protect.flatten()
+    dense, shape = cu_seqlens is None, scores.shape
+    if len(shape) != (2 if dense else 1):
+        fail(f"scores must have shape {'(B, N)' if dense else '(T,) with cu_seqlens'}, got {tuple(shape)}")
+    if dense:
+        batch, n = shape
+    if dense and protect is None and span is None:  # the common call: one device, every row competes
+        device = scores.device
+        flat, cu, highs = scores.reshape(-1), _dense_offsets(batch, n, device), [n] * batch
+        keep = [keep] * batch if type(keep) is int and 0 <= keep <= n else _keep_counts(keep, highs)
     else:
-        highs = lengths
-    if isinstance(keep, int) and not isinstance(keep, bool):
-        keep = [keep] * len(lengths)
-    keep = validate.counts("keep", keep, len(lengths), 0, highs)
+        device = check_same_device(scores=scores, protect=protect, cu_seqlens=cu_seqlens)
+        if span is not None:
+            require(dense, "span applies to dense (B, N) scores; for packed scores pass protect")
+            start, end = span
+            require(0 <= start < end <= n, f"span={span} must satisfy 0 <= start < end <= N = {n}")
+            outside = torch.ones(n, dtype=torch.bool, device=device)
+            outside[start:end] = False
+            protect = outside.expand_as(scores) if protect is None else protect | outside
+        flat, cu, highs = _packed("scores", scores, cu_seqlens)
+        if protect is not None:
+            check_tensor("protect", protect, scores.dim(), (torch.bool,), "like scores")
+            require(protect.shape == scores.shape, f"protect must have the shape of scores {tuple(scores.shape)}, "
+                                                   f"got {tuple(protect.shape)}")
+            highs = [int(f.sum()) for f in (~protect).flatten().split(highs)]  # one host read
+            protect = protect.flatten()
+        keep = _keep_counts(keep, highs)
     op = op_for("topk_select", backend, device, scores.dtype)
     kept, dropped, kept_cu, dropped_cu = op(flat, cu, keep, protect)
     if dense:
-        batch, n = scores.shape
-        # without protected rows every image keeps its count: no need to read kept_cu back
-        totals = keep if protect is None else (kept_cu[1:] - kept_cu[:-1]).tolist()
-        require(len(set(totals)) == 1,
-                f"the images keep different numbers of rows {totals} (their protected counts differ): pass packed "
-                f"scores with cu_seqlens to get them")
-        kept, dropped = kept.view(batch, -1), dropped.view(batch, -1)
-        if batch > 1:  # packed row t of image b is row t − b·n of it
-            offsets = torch.arange(0, batch * n, n, device=device)[:, None]
-            kept, dropped = kept - offsets, dropped - offsets
+        if protect is not None:  # without protected rows every image keeps its count: nothing to read back
+            totals = (kept_cu[1:] - kept_cu[:-1]).tolist()
+            if len(set(totals)) != 1:
+                fail(f"the images keep different numbers of rows {totals} (their protected counts differ): pass "
+                     f"packed scores with cu_seqlens to get them")
+        if batch == 1:  # indexing is the cheapest view at the B = 1 a launch-bound caller runs
+            kept, dropped = kept[None], dropped[None]
+        else:  # packed row t of image b is row t − b·n of it
+            offsets = _dense_offsets(batch, n, device)[:-1, None]
+            kept, dropped = kept.view(batch, -1) - offsets, dropped.view(batch, -1) - offsets
         return Selection(kept, dropped, kept_cu, dropped_cu, (batch, n))
-    return Selection(kept, dropped, kept_cu, dropped_cu, tuple(scores.shape))
+    return Selection(kept, dropped, kept_cu, dropped_cu, tuple(shape))
 
 
 def gather_rows(hidden: Tensor, rows: Tensor) -> Tensor:

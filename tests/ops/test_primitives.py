@@ -152,7 +152,8 @@ def test_bad_input_is_named():
     _raises(r"segments\[0\] must be \(b, start, end\)", ops.text_guided_scores, q[:, :, 0], k[:, :, 0], k, k, [(0, 1)],
             scale=0.3)
     scores = randn(2, 10)
-    _raises(r"keep\[0\]=11 is out of range", ops.topk_select, scores, 11)
+    _raises(r"keep\[0\]=11 is out of range: it must be \[0, 10\]", ops.topk_select, scores, 11)
+    _raises(r"keep\[1\]=11 is out of range", ops.topk_select, scores, [2, 11])
     _raises(r"keep\[1\]=8 is out of range: it must be \[0, 7\]", ops.topk_select, scores, [2, 8], span=(0, 7))
     _raises("keep must hold one count per image", ops.topk_select, scores, [1, 2, 3])
     _raises("scores must be a floating tensor", ops.topk_select, scores.int(), 2)
