@@ -139,16 +139,17 @@ at::Tensor attention_scores_stream(const at::Tensor& q, const at::Tensor& k, dou
       double* acc = &partial[task * n];
       std::fill(acc, acc + n, 0.0);
       for (int64_t r = 0; r < R; ++r) {
-        const double* l = &logits[r * S];
+        double* l = &logits[r * S];
         double top = -kInf, total = 0.0;
         bool nan = false;
         for (int64_t j = 0; j < S; ++j) nan = nan || std::isnan(l[j]), top = std::max(top, l[j]);
-        if (top > -kInf && top < kInf && !nan)
-          for (int64_t j = 0; j < S; ++j) total += std::exp(l[j] - top);
-        // NaN without a key to attend or with a NaN logit (as softmax gives); +inf when a logit is +inf
-        const double lse = nan || top == -kInf ? std::numeric_limits<double>::quiet_NaN()
-                                               : top == kInf ? kInf : top + std::log(total);
-        for (int64_t c = 0; c < n; ++c) acc[c] += std::exp(l[span_start + c] - lse);
+        if (top > -kInf && top < kInf && !nan) {  // one exp per key: p_j = exp(l_j - top) / Σ exp(l - top)
+          for (int64_t j = 0; j < S; ++j) total += (l[j] = std::exp(l[j] - top));
+          for (int64_t c = 0; c < n; ++c) acc[c] += l[span_start + c] / total;
+          continue;
+        }
+        // a row without a key to attend, with a NaN or a +inf logit is NaN, as softmax gives
+        for (int64_t c = 0; c < n; ++c) acc[c] += std::numeric_limits<double>::quiet_NaN();
       }
     }
   });
@@ -170,12 +171,13 @@ at::Tensor attention_scores_stream(const at::Tensor& q, const at::Tensor& k, dou
 
 // Few rows per key head (R = (Hq / Hkv) Q <= kStreamRows, a relay query): one pass over the keys per (image, key
 // head), each key row read once (float32 rows in place, other dtypes converted) and dotted in double with the R
-// query rows; then per row the log-sum-exp over the keys and the span's exp(l - lse) into the task's partial sum,
-// the partials summed image by image in a fixed order. More rows: the logits in double by GEMM (every product of
-// the inputs is exact in double): q viewed as (B, Hkv, R, D) (query head g (Hq / Hkv) + i, row qi at i Q + qi)
-// times k^T; masked keys set to -inf; per row the log-sum-exp (-inf without a key to attend, which makes its row
-// NaN, as softmax gives); the span's exp(l - lse) summed over the key heads and rows. Images are taken a chunk at a
-// time (one image's rows a tile at a time when its logits alone are large): the logits never exceed kChunk doubles.
+// query rows; then per row p_j = exp(l_j - max l) / Σ_j exp(l_j - max l) (one exp per key) and the span's p into the
+// task's partial sum, the partials summed image by image in a fixed order. More rows: the logits in double by GEMM
+// (every product of the inputs is exact in double): q viewed as (B, Hkv, R, D) (query head g (Hq / Hkv) + i, row qi
+// at i Q + qi) times k^T; masked keys set to -inf; the same p per row; the span's p summed over the key heads and
+// rows. A row without a key to attend, with a NaN or a +inf logit is NaN, as softmax gives. Images are taken a
+// chunk at a time (one image's rows a tile at a time when its logits alone are large): the logits never exceed
+// kChunk doubles.
 at::Tensor attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, double scale,
                                 const std::optional<at::Tensor>& key_mask, int64_t span_start, int64_t span_end) {
   constexpr int64_t kChunk = int64_t(1) << 23, kStreamRows = 8;  // 64 MiB of double logits
@@ -197,8 +199,10 @@ at::Tensor attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, double
       const int64_t nr = std::min(rows, R - r0);
       at::Tensor logits = at::matmul(qd.narrow(0, b0, nb).narrow(2, r0, nr), kt.narrow(0, b0, nb)).mul_(scale);
       if (excluded.defined()) logits.masked_fill_(excluded.narrow(0, b0, nb), -kInf);
-      const at::Tensor lse = logits.logsumexp(-1, true);
-      total.narrow(0, b0, nb).add_(logits.narrow(3, span_start, n).sub_(lse).exp_().sum(at::IntArrayRef{1, 2}));
+      // one exp per logit: exp(l - max l) / Σ exp(l - max l) (NaN rows where max l is not finite)
+      logits.sub_(std::get<0>(logits.max(-1, true))).exp_();
+      total.narrow(0, b0, nb).add_(
+          logits.narrow(3, span_start, n).div(logits.sum(-1, true)).sum(at::IntArrayRef{1, 2}));
     }
   }
   return total.div_(double(Hq * Q)).to(at::kFloat);

@@ -39,6 +39,22 @@ def test_attention_scores(backend, heads, kv_heads, rows):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rows", [1, 12])  # 2 or 24 rows per key head: the native CPU kernel's two paths
+def test_attention_scores_rows_that_softmax_makes_nan(backend, rows):
+    """A query row with a NaN, or one whose logit is +inf, is NaN as softmax gives; so is every column of its image."""
+    q, k = randn(3, 4, rows, 8, seed=1, scale=2.0), randn(3, 2, 20, 8, seed=2, scale=2.0)
+    q[1, 0, 0, 3] = float("nan")
+    q[2, 1, 0, 0] = float("inf")
+    k[2, 0, 5, 0] = 1.0  # a +inf logit
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, 3:] = False
+    got = ops.attention_scores(q, k, scale=0.3, key_mask=mask, span=(2, 14), backend=backend)
+    want = naive_attention_scores(q, k, 0.3, mask, (2, 14))
+    assert want[1:].isnan().all() and not want[0].isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 def test_text_guided_scores(backend, heads, kv_heads):
     segments = [(0, 3, 12), (1, 0, 5), (1, 7, 20), (0, 12, 13)]  # two images in sequence 1; a one-token image

@@ -95,7 +95,8 @@ def _attn_mean_kernel(
             q = _query_rows(q_ptr, b, kh, rows, n_rows, Q, D, sq_b, sq_h, sq_q, sq_d, GROUP, BLOCK_D)
             lse = tl.load(lse_ptr + b * HKV * n_rows + kh * n_rows + rows, mask=rows < n_rows, other=float("inf"))
             p = tl.exp(dot_nt(q, k, F32) * scale - lse[:, None])  # 0 on the rows past n_rows
-            acc += tl.sum(tl.where(valid[None, :], p, 0.0), axis=0)
+            # masked keys add 0, except in a NaN row (a NaN logit: softmax makes the whole row NaN)
+            acc += tl.sum(tl.where(valid[None, :] | (lse != lse)[:, None], p, 0.0), axis=0)
     tl.store(out_ptr + b * (span_end - span_start) + cols - span_start, acc / (HKV * n_rows), mask=in_span)
 
 
