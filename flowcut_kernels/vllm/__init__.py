@@ -17,8 +17,23 @@ ARCHITECTURES = {
 
 def register() -> None:
     """vLLM's plug-in hook (called in every vLLM process): serve :data:`ARCHITECTURES` with the FlowCut classes.
-    They import lazily, and behave as vLLM's own unless the config has the ``flowcut`` key."""
+    They import lazily, and behave as vLLM's own unless the config has the ``flowcut`` key; a config with the key
+    is checked as vLLM builds it (:func:`check_served`)."""
     from . import seams
 
     for architecture, name in ARCHITECTURES.items():
         seams.register_model(architecture, f"{__name__}.qwen2_vl:{name}")
+    seams.on_model_config(check_served)
+
+
+def check_served(architecture: str, hf_config) -> None:
+    """At load: a config with the ``flowcut`` key must hold valid options (errors name ``flowcut.target_num``) and
+    be one of :data:`ARCHITECTURES`; otherwise vLLM would serve it unpruned, silently."""
+    from ..checks import require
+    from .config import options
+
+    if options(hf_config) is None:
+        return
+    require(architecture in ARCHITECTURES,
+            f"flowcut_kernels.vllm serves {', '.join(ARCHITECTURES)}; this model's architecture {architecture} is "
+            f"not one of them, so it cannot prune: serve one of those, or drop the 'flowcut' key from the config")

@@ -80,6 +80,25 @@ def placeholder_count(feature) -> int:
     return feature.mm_position.length
 
 
+def on_model_config(check) -> None:
+    """Call ``check(architecture, hf_config)`` each time vLLM resolves a served model's architecture while it builds
+    the model's config, before anything loads (0.33: ``ModelRegistry.inspect_model_cls(architectures,
+    model_config)``, called by ``ModelConfig.__post_init__``); hooked once per process."""
+    from vllm import ModelRegistry
+
+    stock = ModelRegistry.inspect_model_cls
+    if getattr(stock, "flowcut_check", None) is not None:
+        return
+
+    def inspect_model_cls(architectures, model_config):
+        info, architecture = stock(architectures, model_config)
+        check(architecture, model_config.hf_config)
+        return info, architecture
+
+    inspect_model_cls.flowcut_check = check
+    ModelRegistry.inspect_model_cls = inspect_model_cls
+
+
 def register_model(architecture: str, target: str) -> None:
     """Serve ``architecture`` with the class at ``target`` ("module:Class", imported lazily)."""
     from vllm import ModelRegistry

@@ -1,6 +1,7 @@
 """FlowCut in vLLM's engine on tiny Qwen2-VL / Qwen2.5-VL checkpoints: K placeholders per image, the served tower's
 kept groups and tokens equal the transformers patch's, the first greedy token equals the patched HF model's, a
-batch of images of different sizes equals each alone, stock without the key, bad configs fail at load."""
+batch of images of different sizes equals each alone, stock without the key, bad configs and architectures the
+plug-in does not serve fail at load."""
 
 import os
 import sys
@@ -98,3 +99,15 @@ def test_bad_target_num_fails_at_load_naming_the_key(tmp_path, target):
     code, output, result = run_engine(folder, {"flowcut": {"target_num": target}}, IMAGES[:1], timeout=200)
     assert code != 0 and result is None
     assert f"flowcut.target_num={target}" in output
+
+
+def test_an_architecture_not_served_fails_at_load_naming_it(tmp_path):
+    from tiny.llava import random_llava, tiny_llava_processor
+
+    folder = str(tmp_path / "llava")
+    model = random_llava()
+    model.save_pretrained(folder)
+    tiny_llava_processor(model).save_pretrained(folder)
+    code, output, result = run_engine(folder, {"flowcut": {"target_num": TARGET}}, IMAGES[:1], timeout=200)
+    assert code != 0 and result is None
+    assert "architecture LlavaForConditionalGeneration is not one of them" in output, output[-4000:]
