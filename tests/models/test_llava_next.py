@@ -5,7 +5,6 @@ resolutions 32×64, 64×32, 64×64, 32×96, 96×32 → 3 to 5 crops per image; L
 q/k and the decoder's q/k/v sharpened. The independent reference is tests/oracle/llava_next.py (float64).
 """
 
-import copy
 
 import numpy as np
 import pytest
@@ -17,6 +16,10 @@ from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
 from tiny.llava import random_llava, tiny_llava_processor
 from tiny.llava_next import random_llava_next, tiny_llava_next_processor
 from tiny.text import TINY_WORDS
+from vlm_cases import (
+    check_generate_batched, check_remove_gives_back,
+    check_shared_processor_refused, check_stock_placeholders_refused, refused,
+)
 from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 
@@ -130,16 +133,9 @@ def test_generate_batched_equals_single_and_cache(llm_stage):
     sizes = [(30, 90), (64, 64)]
     batch = processor(text=PAIR, images=images(sizes), padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any()  # left-padded
-    new = 6
-    out = model.generate(**batch, max_new_tokens=new)
-    for i, prompt in enumerate(PAIR):
-        single = processor(text=[prompt], images=images(sizes)[i : i + 1], return_tensors="pt")
-        assert torch.equal(model.generate(**single, max_new_tokens=new)[0, -new:], out[i, -new:])
-    uncached = model.generate(**batch, max_new_tokens=new, use_cache=False)
-    if llm_stage:  # without cache the stage re-runs with the newest token as relay: only the first token is bound
-        assert torch.equal(uncached[:, -new], out[:, -new])
-    else:
-        assert torch.equal(uncached, out)
+    singles = [processor(text=[prompt], images=images(sizes)[i : i + 1], return_tensors="pt")
+               for i, prompt in enumerate(PAIR)]
+    check_generate_batched(model, batch, singles, 6, llm_stage)
 
 
 def test_generate_beams_keep_each_prompts_images():
@@ -167,33 +163,13 @@ def test_processor_emits_target_placeholders(target):
     assert count(processor(text=SINGLE * len(SIZES), images=images(SIZES), padding=True)) == stock
 
 
-def _snapshot(*objects):
-    return [(obj, dict(vars(obj))) for obj in objects]
-
-
-def _assert_restored(snapshot):
-    for obj, attrs in snapshot:
-        assert vars(obj).keys() == attrs.keys(), set(vars(obj)) ^ set(attrs)
-        assert all(vars(obj)[k] is v for k, v in attrs.items())
-
-
 def test_remove_gives_back_the_stock_model_and_processor():
     model, plain = tiny_next(seed=3), tiny_next(seed=3)
     processor = tiny_llava_next_processor(model)
-    stock = processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt")
-    before = plain.generate(**stock, max_new_tokens=5)
-    snapshot = _snapshot(model, model.model, processor)
-    flowcut(model, K, processor=processor)
-    assert model.flowcut_config.llm_stage  # the recipe's default for LLaVA-NeXT
-    model.generate(**processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt"),
-                   max_new_tokens=2)
-    clone = copy.deepcopy(model)
-    assert remove_flowcut(model) is model
-    _assert_restored(snapshot)
-    again = processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt")
-    assert torch.equal(again["input_ids"], stock["input_ids"])
-    assert torch.equal(model.generate(**stock, max_new_tokens=5), before)
-    assert clone.flowcut_config.target_num == K  # a copy keeps its own patch
+    batch = lambda: processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True,
+                              return_tensors="pt")
+    clone = check_remove_gives_back(model, plain, processor, batch, K, new_tokens=5)
+    assert clone.flowcut_config.llm_stage  # the recipe's default for LLaVA-NeXT
 
 
 def test_llava_next_model_alone():
@@ -209,28 +185,21 @@ def test_llava_next_model_alone():
 # --- bad input ------------------------------------------------------------------------------------
 
 
-def _refused(model, match, *objects, **kwargs):
-    snapshot = _snapshot(model, model.model, *objects)
-    with pytest.raises(FlowCutInputError, match=match):
-        flowcut(model, **kwargs)
-    _assert_restored(snapshot)
-
-
 def test_bad_arguments_leave_model_unchanged():
     model = tiny_next()
-    _refused(model, "target_num=128 is out of range", target_num=128)
-    _refused(model, "target_num=1 is out of range", target_num=1)
-    _refused(model, "feature_layer=-1 differs", target_num=8, feature_layer=-1)
-    _refused(model, "backend='nope'", target_num=8, backend="nope")
-    _refused(model, "llm_stage must be True, False or None", target_num=8, llm_stage="yes")
+    refused(model, "target_num=128 is out of range", target_num=128)
+    refused(model, "target_num=1 is out of range", target_num=1)
+    refused(model, "feature_layer=-1 differs", target_num=8, feature_layer=-1)
+    refused(model, "backend='nope'", target_num=8, backend="nope")
+    refused(model, "llm_stage must be True, False or None", target_num=8, llm_stage="yes")
     two_crops = tiny_next(image_grid_pinpoints=[[32, 32], [32, 64]])
-    _refused(two_crops, r"target_num=9 is more than the tower stage keeps from an image of 2 crops.*even", target_num=9)
+    refused(two_crops, r"target_num=9 is more than the tower stage keeps from an image of 2 crops.*even", target_num=9)
     assert flowcut(two_crops, 10).flowcut_config.target_num == 10
 
 
 def test_unsupported_configurations_are_refused():
-    _refused(tiny_next(vision_feature_layer=[-2, -1]), r"selects several feature layers", target_num=8)
-    _refused(tiny_next(vision_feature_select_strategy="full"), "'full' is not supported", target_num=8)
+    refused(tiny_next(vision_feature_layer=[-2, -1]), r"selects several feature layers", target_num=8)
+    refused(tiny_next(vision_feature_select_strategy="full"), "'full' is not supported", target_num=8)
     model = flowcut(tiny_next(), 8)
     pixels = torch.zeros(1, 3, 3, 32, 32)
     with pytest.raises(FlowCutInputError, match="selects several feature layers"):
@@ -242,14 +211,12 @@ def test_unsupported_configurations_are_refused():
 def test_mismatched_processors_are_refused():
     model = tiny_next()
     llava_processor = tiny_llava_processor(random_llava())
-    _refused(model, r"processor is a LlavaProcessor; pass the model.s LlavaNextProcessor", llava_processor,
-             target_num=8, processor=llava_processor)
+    refused(model, r"processor is a LlavaProcessor; pass the model.s LlavaNextProcessor", llava_processor,
+            target_num=8, processor=llava_processor)
     other = tiny_llava_next_processor(tiny_next(image_grid_pinpoints=[[32, 64], [64, 32]]))
-    _refused(model, r"processor does not match the model: its image_grid_pinpoints", other, target_num=8,
-             processor=other)
-    shared = tiny_llava_next_processor(model)
-    flowcut(tiny_next(), 8, processor=shared)
-    _refused(model, r"already patched by flowcut\(\) for another model", shared, target_num=8, processor=shared)
+    refused(model, r"processor does not match the model: its image_grid_pinpoints", other, target_num=8,
+            processor=other)
+    check_shared_processor_refused(model, tiny_llava_next_processor(model), tiny_next(), 8)
 
 
 def test_mismatched_placeholders_name_the_processor():
@@ -257,6 +224,4 @@ def test_mismatched_placeholders_name_the_processor():
     processor = tiny_llava_next_processor(model)
     stock = processor(text=SINGLE, images=images([(32, 64)]), return_tensors="pt")
     for llm_stage in (True, False):
-        flowcut(model, K, llm_stage=llm_stage)
-        with pytest.raises(FlowCutInputError, match=r"image placeholder.*processor=processor"):
-            model(**stock)
+        check_stock_placeholders_refused(model, stock, K, llm_stage=llm_stage)
