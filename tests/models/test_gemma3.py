@@ -7,12 +7,12 @@ a 2-layer Gemma 3 decoder), the tower's q/k sharpened.
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from oracle.gemma3 import naive_logits
 from tiny.gemma3 import BOI, EOI, IMAGE, random_gemma3, tiny_gemma3_processor
 from vlm_cases import (
+    random_images,
     assert_bfloat16_finite, check_remove_gives_back,
     check_shared_processor_refused, check_stock_placeholders_refused, refused,
 )
@@ -36,8 +36,8 @@ def no_grad():
 
 
 def images(count, seed=0):
-    rng = np.random.RandomState(seed)
-    return [rng.randint(0, 256, (24 + 8 * i, 40, 3)).astype(np.uint8) for i in range(count)]
+    """``count`` random images, the i-th (24 + 8·i) × 40 pixels."""
+    return random_images([(24 + 8 * i, 40) for i in range(count)], seed)
 
 
 def nested(prompts, seed=0):

@@ -8,7 +8,6 @@ from docs/semantics.md in float64) fed to a stock, unpatched twin of the model t
 import copy
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 from transformers import LlavaModel
@@ -22,7 +21,7 @@ from flowcut_kernels import FlowCutImageFeatures
 from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 from oracle.llava import naive_llava_embeds, naive_llava_features
-from vlm_cases import assert_restored, check_shared_processor_refused, refused, snapshot_attributes
+from vlm_cases import assert_restored, check_shared_processor_refused, random_images, refused, snapshot_attributes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -55,8 +54,8 @@ def inputs(model, prompts, target, seed=0):
 
 
 def images(n, seed=0):
-    rng = np.random.RandomState(seed)
-    return [rng.randint(0, 256, (32, 32, 3)).astype(np.uint8) for _ in range(n)]
+    """``n`` random 32 × 32 images."""
+    return random_images([(32, 32)] * n, seed)
 
 
 def count(batch):

@@ -6,7 +6,6 @@ q/k and the decoder's q/k/v sharpened. The independent reference is tests/oracle
 """
 
 
-import numpy as np
 import pytest
 import torch
 from oracle.llava_next import naive_logits, naive_next_features
@@ -17,6 +16,7 @@ from tiny.llava import random_llava, tiny_llava_processor
 from tiny.llava_next import random_llava_next, tiny_llava_next_processor
 from tiny.text import TINY_WORDS
 from vlm_cases import (
+    random_images,
     check_generate_batched, check_remove_gives_back,
     check_shared_processor_refused, check_stock_placeholders_refused, refused,
 )
@@ -47,11 +47,6 @@ def tiny_next(seed=0, sharpen=8.0, **kwargs):
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             proj.weight.mul_(sharpen)
     return model
-
-
-def images(sizes, seed=0):
-    rng = np.random.RandomState(seed)
-    return [rng.randint(0, 256, (h, w, 3)).astype(np.uint8) for h, w in sizes]
 
 
 def patched(llm_stage=True, target=K, **kwargs):
@@ -89,7 +84,7 @@ CASES = {
 def test_prefill_equals_oracle(llm_stage, case):
     prompts, sizes, target = CASES[case]
     model, processor, twin = patched(llm_stage, target)
-    batch = processor(text=prompts, images=images(sizes), padding=True, return_tensors="pt")
+    batch = processor(text=prompts, images=random_images(sizes), padding=True, return_tensors="pt")
     assert count(batch) == [target] * len(prompts)
     logits = model(**batch).logits[:, -1]
 
@@ -110,7 +105,7 @@ def test_prefill_equals_oracle(llm_stage, case):
 
 def test_crops_of_an_image_share_one_schedule_and_images_are_independent():
     model, processor, _ = patched()
-    batch = processor(text=SINGLE * 3, images=images(SIZES[:3], seed=1), padding=True, return_tensors="pt")
+    batch = processor(text=SINGLE * 3, images=random_images(SIZES[:3], seed=1), padding=True, return_tensors="pt")
     calls = []
     first = find_tower(model.model.vision_tower).layers[0]
     first.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
@@ -131,9 +126,9 @@ def test_crops_of_an_image_share_one_schedule_and_images_are_independent():
 def test_generate_batched_equals_single_and_cache(llm_stage):
     model, processor, _ = patched(llm_stage)
     sizes = [(30, 90), (64, 64)]
-    batch = processor(text=PAIR, images=images(sizes), padding=True, return_tensors="pt")
+    batch = processor(text=PAIR, images=random_images(sizes), padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any()  # left-padded
-    singles = [processor(text=[prompt], images=images(sizes)[i : i + 1], return_tensors="pt")
+    singles = [processor(text=[prompt], images=random_images(sizes)[i : i + 1], return_tensors="pt")
                for i, prompt in enumerate(PAIR)]
     check_generate_batched(model, batch, singles, 6, llm_stage)
 
@@ -141,7 +136,7 @@ def test_generate_batched_equals_single_and_cache(llm_stage):
 def test_generate_beams_keep_each_prompts_images():
     model, processor, _ = patched()
     batch = processor(text=["USER: <image> w1 <image> ASSISTANT:", "USER: <image> w2 ASSISTANT:"],
-                      images=images(SIZES[:3]), padding=True, return_tensors="pt")
+                      images=random_images(SIZES[:3]), padding=True, return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=3, num_beams=2, num_return_sequences=2)
     assert out.shape == (4, batch["input_ids"].shape[1] + 3)
 
@@ -153,20 +148,21 @@ def test_generate_beams_keep_each_prompts_images():
 def test_processor_emits_target_placeholders(target):
     model = tiny_next()
     processor, other = tiny_llava_next_processor(model), tiny_llava_next_processor(model)
-    stock = count(processor(text=SINGLE * len(SIZES), images=images(SIZES), padding=True))
+    stock = count(processor(text=SINGLE * len(SIZES), images=random_images(SIZES), padding=True))
     assert len(set(stock)) > 1  # the stock count depends on the size
     flowcut(model, target, processor=processor)
-    assert count(processor(text=SINGLE * len(SIZES), images=images(SIZES), padding=True)) == [target] * len(SIZES)
-    assert count(processor(text="USER: <image> <image> w1", images=images(SIZES[:2]))) == [2 * target]
-    assert count(other(text=SINGLE * len(SIZES), images=images(SIZES), padding=True)) == stock
+    batch = processor(text=SINGLE * len(SIZES), images=random_images(SIZES), padding=True)
+    assert count(batch) == [target] * len(SIZES)
+    assert count(processor(text="USER: <image> <image> w1", images=random_images(SIZES[:2]))) == [2 * target]
+    assert count(other(text=SINGLE * len(SIZES), images=random_images(SIZES), padding=True)) == stock
     remove_flowcut(model)
-    assert count(processor(text=SINGLE * len(SIZES), images=images(SIZES), padding=True)) == stock
+    assert count(processor(text=SINGLE * len(SIZES), images=random_images(SIZES), padding=True)) == stock
 
 
 def test_remove_gives_back_the_stock_model_and_processor():
     model, plain = tiny_next(seed=3), tiny_next(seed=3)
     processor = tiny_llava_next_processor(model)
-    batch = lambda: processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True,
+    batch = lambda: processor(text=PAIR, images=random_images([(30, 90), (64, 64)]), padding=True,
                               return_tensors="pt")
     clone = check_remove_gives_back(model, plain, processor, batch, K, new_tokens=5)
     assert clone.flowcut_config.llm_stage  # the recipe's default for LLaVA-NeXT
@@ -176,7 +172,7 @@ def test_llava_next_model_alone():
     core = tiny_next().model
     processor = tiny_llava_next_processor(tiny_next())
     flowcut(core, K, processor=processor, llm_stage=False)
-    out = core(**processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt"))
+    out = core(**processor(text=PAIR, images=random_images([(30, 90), (64, 64)]), padding=True, return_tensors="pt"))
     assert seams.image_features(out).shape == (2 * K, 32)
     remove_flowcut(core)
     assert "get_image_features" not in vars(core)
@@ -222,6 +218,6 @@ def test_mismatched_processors_are_refused():
 def test_mismatched_placeholders_name_the_processor():
     model = tiny_next()
     processor = tiny_llava_next_processor(model)
-    stock = processor(text=SINGLE, images=images([(32, 64)]), return_tensors="pt")
+    stock = processor(text=SINGLE, images=random_images([(32, 64)]), return_tensors="pt")
     for llm_stage in (True, False):
         check_stock_placeholders_refused(model, stock, K, llm_stage=llm_stage)

@@ -6,7 +6,6 @@ Tiny random models (tests/tiny/llava_onevision.py: SigLIP 32 px crops of 8 × 8 
 """
 
 
-import numpy as np
 import pytest
 import torch
 from oracle.llava_next import naive_logits
@@ -15,6 +14,7 @@ from oracle.llava_onevision import naive_onevision_features
 from tiny.gemma3 import random_gemma3, tiny_gemma3_processor
 from tiny.llava_onevision import IMAGE, random_onevision, tiny_onevision_processor
 from vlm_cases import (
+    random_images,
     assert_bfloat16_finite, check_generate_batched, check_remove_gives_back,
     check_shared_processor_refused, check_stock_placeholders_refused, refused,
 )
@@ -36,13 +36,8 @@ def no_grad():
         yield
 
 
-def images(sizes, seed=0):
-    rng = np.random.RandomState(seed)
-    return [rng.randint(0, 256, (h, w, 3)).astype(np.uint8) for h, w in sizes]
-
-
 def nested(prompts, sizes):
-    flat = iter(images(sizes))
+    flat = iter(random_images(sizes))
     return [[next(flat) for _ in range(p.count("<image>"))] for p in prompts]
 
 
@@ -102,7 +97,7 @@ def test_float32_keeps_the_oracles_patches():
                                          batch_num_images=batch["batch_num_images"])
     assert [[tuple(x) for x in where.tolist()] for where in got.keep_indices] == sources
     assert bool(model(**batch).logits.isfinite().all())
-    alone = processor(text=SINGLE, images=images([(40, 70)]), return_tensors="pt")  # without batch_num_images:
+    alone = processor(text=SINGLE, images=random_images([(40, 70)]), return_tensors="pt")  # without batch_num_images:
     features = model.model.get_image_features(alone["pixel_values"], alone["image_sizes"])  # each image anyres
     assert features.keep_indices[0][:, 0].max() > 0 and features.pooler_output[0].shape == (K, 32)
 
@@ -191,5 +186,5 @@ def test_mismatched_processors_are_refused():
 
 def test_mismatched_placeholders_name_the_processor():
     model = random_onevision()
-    stock = tiny_onevision_processor(model)(text=SINGLE, images=images([(32, 64)]), return_tensors="pt")
+    stock = tiny_onevision_processor(model)(text=SINGLE, images=random_images([(32, 64)]), return_tensors="pt")
     check_stock_placeholders_refused(model, stock, K)

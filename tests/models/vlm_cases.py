@@ -1,13 +1,20 @@
-"""Checks shared by the LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3 and language-model-stage tests: objects'
-attributes saved and given back, a refused flowcut() that changes nothing, remove_flowcut() giving back the stock
-model and processor."""
+"""Checks shared by the LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3 and language-model-stage tests: random images,
+objects' attributes saved and given back, a refused flowcut() that changes nothing, remove_flowcut() giving back the
+stock model and processor, batched generation, refused processors and placeholders."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
+
+
+def random_images(sizes, seed=0):
+    """Random uint8 RGB images (H, W, 3), one per (H, W) in ``sizes``, drawn in order from one seeded generator."""
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, 256, (h, w, 3)).astype(np.uint8) for h, w in sizes]
 
 
 def snapshot_attributes(*objects):
