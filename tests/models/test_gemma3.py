@@ -7,13 +7,17 @@ a 2-layer Gemma 3 decoder), the tower's q/k sharpened.
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from oracle.gemma3 import naive_logits
 from tiny.gemma3 import BOI, EOI, IMAGE, random_gemma3, tiny_gemma3_processor
+from vlm_cases import (
+    random_images,
+    assert_bfloat16_finite, check_remove_gives_back,
+    check_shared_processor_refused, check_stock_placeholders_refused, refused,
+)
 
-from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
+from flowcut_kernels import flowcut, remove_flowcut
 from flowcut_kernels.models.registry import FlowCutConfig
 
 pytest.importorskip("PIL", reason="transformers' image processors need Pillow")
@@ -32,8 +36,8 @@ def no_grad():
 
 
 def images(count, seed=0):
-    rng = np.random.RandomState(seed)
-    return [rng.randint(0, 256, (24 + 8 * i, 40, 3)).astype(np.uint8) for i in range(count)]
+    """``count`` random images, the i-th (24 + 8·i) × 40 pixels."""
+    return random_images([(24 + 8 * i, 40) for i in range(count)], seed)
 
 
 def nested(prompts, seed=0):
@@ -149,8 +153,7 @@ def test_generate_beams_and_several_sequences():
 def test_bfloat16_is_finite():
     model, processor = patched(dtype=torch.bfloat16)
     batch = processor(text=PAIR, images=nested(PAIR), padding=True, return_tensors="pt")
-    logits = model(**batch).logits
-    assert logits.dtype == torch.bfloat16 and bool(logits.isfinite().all())
+    assert_bfloat16_finite(model, batch)
 
 
 # --- processor, per instance, reversible ---------------------------------------------------------
@@ -173,31 +176,11 @@ def test_processor_emits_target_tokens(target):
     assert count(processor(text=TWO, images=nested(TWO), padding=True)) == stock
 
 
-def _snapshot(*objects):
-    return [(obj, dict(vars(obj))) for obj in objects]
-
-
-def _assert_restored(snapshot):
-    for obj, attrs in snapshot:
-        assert vars(obj).keys() == attrs.keys(), set(vars(obj)) ^ set(attrs)
-        assert all(vars(obj)[k] is v for k, v in attrs.items())
-
-
 def test_remove_gives_back_the_stock_model_and_processor():
     model, plain = random_gemma3(seed=3), random_gemma3(seed=3)
     processor = tiny_gemma3_processor(model)
-    stock = processor(text=PAIR, images=nested(PAIR), padding=True, return_tensors="pt")
-    before = plain.generate(**stock, max_new_tokens=4)
-    snapshot = _snapshot(model, model.model, processor)
-    flowcut(model, K, processor=processor)
-    model.generate(**processor(text=PAIR, images=nested(PAIR), padding=True, return_tensors="pt"), max_new_tokens=2)
-    clone = copy.deepcopy(model)
-    assert remove_flowcut(model) is model
-    _assert_restored(snapshot)
-    again = processor(text=PAIR, images=nested(PAIR), padding=True, return_tensors="pt")
-    assert torch.equal(again["input_ids"], stock["input_ids"])
-    assert torch.equal(model.generate(**stock, max_new_tokens=4), before)
-    assert clone.flowcut_config.target_num == K  # a copy keeps its own patch
+    batch = lambda: processor(text=PAIR, images=nested(PAIR), padding=True, return_tensors="pt")
+    check_remove_gives_back(model, plain, processor, batch, K, new_tokens=4)
 
 
 def test_gemma3_model_alone():
@@ -213,37 +196,26 @@ def test_gemma3_model_alone():
 # --- bad input ------------------------------------------------------------------------------------
 
 
-def _refused(model, match, *objects, **kwargs):
-    snapshot = _snapshot(model, model.model, *objects)
-    with pytest.raises(FlowCutInputError, match=match):
-        flowcut(model, **kwargs)
-    _assert_restored(snapshot)
-
-
 def test_bad_arguments_leave_model_unchanged():
     model = random_gemma3()
-    _refused(model, r"target_num", target_num=16)
-    _refused(model, r"target_num", target_num=0)
-    _refused(model, r"llm_stage=True: the language-model stage is not available for Gemma 3", target_num=K,
-             llm_stage=True)
-    _refused(model, r"feature_layer=-2", target_num=K, feature_layer=-2)
-    _refused(model, "backend='nope'", target_num=K, backend="nope")
-    _refused(model, "static schedule", target_num=K, schedule=object())
+    refused(model, r"target_num", target_num=16)
+    refused(model, r"target_num", target_num=0)
+    refused(model, r"llm_stage=True: the language-model stage is not available for Gemma 3", target_num=K,
+            llm_stage=True)
+    refused(model, r"feature_layer=-2", target_num=K, feature_layer=-2)
+    refused(model, "backend='nope'", target_num=K, backend="nope")
+    refused(model, "static schedule", target_num=K, schedule=object())
 
 
 def test_mismatched_processors_are_refused():
     model = random_gemma3()
     other = tiny_gemma3_processor(random_gemma3(mm_tokens_per_image=4))
-    _refused(model, r"processor does not match the model: its image_seq_length 4", other, target_num=K,
-             processor=other)
-    shared = tiny_gemma3_processor(model)
-    flowcut(random_gemma3(), K, processor=shared)
-    _refused(model, r"already patched by flowcut\(\) for another model", shared, target_num=K, processor=shared)
+    refused(model, r"processor does not match the model: its image_seq_length 4", other, target_num=K,
+            processor=other)
+    check_shared_processor_refused(model, tiny_gemma3_processor(model), random_gemma3(), K)
 
 
 def test_mismatched_placeholders_name_the_processor():
     model = random_gemma3()
     stock = tiny_gemma3_processor(model)(text=SINGLE, images=nested(SINGLE), return_tensors="pt")
-    flowcut(model, K)
-    with pytest.raises(FlowCutInputError, match=r"image placeholder.*processor=processor"):
-        model(**stock)
+    check_stock_placeholders_refused(model, stock, K)

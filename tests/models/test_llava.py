@@ -8,7 +8,6 @@ from docs/semantics.md in float64) fed to a stock, unpatched twin of the model t
 import copy
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 from transformers import LlavaModel
@@ -22,6 +21,7 @@ from flowcut_kernels import FlowCutImageFeatures
 from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 from oracle.llava import naive_llava_embeds, naive_llava_features
+from vlm_cases import assert_restored, check_shared_processor_refused, random_images, refused, snapshot_attributes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -54,8 +54,8 @@ def inputs(model, prompts, target, seed=0):
 
 
 def images(n, seed=0):
-    rng = np.random.RandomState(seed)
-    return [rng.randint(0, 256, (32, 32, 3)).astype(np.uint8) for _ in range(n)]
+    """``n`` random 32 × 32 images."""
+    return random_images([(32, 32)] * n, seed)
 
 
 def count(batch):
@@ -306,21 +306,11 @@ def test_generate_encodes_the_images_once_with_cache():
 # --- per instance, reversible --------------------------------------------------------------------
 
 
-def _snapshot(*objects):
-    return [(obj, dict(vars(obj))) for obj in objects]
-
-
-def _assert_restored(snapshot):
-    for obj, attrs in snapshot:
-        assert vars(obj).keys() == attrs.keys(), set(vars(obj)) ^ set(attrs)
-        assert all(vars(obj)[k] is v for k, v in attrs.items())
-
-
 def test_patched_and_unpatched_side_by_side_and_remove():
     patched, plain = tiny_llava(seed=3), tiny_llava(seed=3)
     stock = inputs(plain, PROMPTS[:2], 64)
     before = plain(**stock).logits
-    snapshot = _snapshot(patched, patched.model)
+    snapshot = snapshot_attributes(patched, patched.model)
     weights = {k: v.clone() for k, v in patched.state_dict().items()}
     class_method = LlavaModel.get_image_features
 
@@ -331,7 +321,7 @@ def test_patched_and_unpatched_side_by_side_and_remove():
     assert patched.flowcut_config is patched.model.flowcut_config
 
     assert remove_flowcut(patched) is patched
-    _assert_restored(snapshot)
+    assert_restored(snapshot)
     assert all(torch.equal(v, weights[k]) for k, v in patched.state_dict().items())
     assert torch.equal(patched(**stock).logits, before)
     assert remove_flowcut(patched) is patched  # twice is a no-op
@@ -341,7 +331,7 @@ def test_patched_and_unpatched_side_by_side_and_remove():
 def test_reapply_deepcopy_and_processor_swap():
     model = tiny_llava()
     first, second = tiny_llava_processor(model), tiny_llava_processor(model)
-    snapshot = _snapshot(model, model.model, first, second)
+    snapshot = snapshot_attributes(model, model.model, first, second)
     flowcut(model, 8, processor=first)
     flowcut(model, 16)  # re-apply: the model keeps its processor, updated to the new target
     assert count(first(text=PROMPTS[:1], images=images(1))) == [16]
@@ -351,7 +341,7 @@ def test_reapply_deepcopy_and_processor_swap():
     assert count(first(text=PROMPTS[:1], images=images(1))) == [64]
     assert count(second(text=PROMPTS[:1], images=images(1))) == [20]
     remove_flowcut(model)
-    _assert_restored(snapshot)
+    assert_restored(snapshot)
     assert out.shape == (1, 1 + 16 + 5 + 2)  # USER: <image>×16 w1 … w4 ASSISTANT: and 2 new tokens
     # The copy keeps its patch, with its own copy of the processor.
     assert clone.flowcut_config.target_num == 16 and vars(clone.model)["_flowcut_processor"] is not first
@@ -361,30 +351,23 @@ def test_reapply_deepcopy_and_processor_swap():
 # --- bad input ------------------------------------------------------------------------------------
 
 
-def _refused(model, match, *objects, **kwargs):
-    snapshot = _snapshot(model, model.model, *objects)
-    with pytest.raises(FlowCutInputError, match=match):
-        flowcut(model, **kwargs)
-    _assert_restored(snapshot)
-
-
 def test_bad_arguments_leave_model_unchanged():
     model = tiny_llava()
-    _refused(model, "target_num=64 is out of range", target_num=64)
-    _refused(model, "target_num=0 is out of range", target_num=0)
-    _refused(model, "feature_layer=-1 differs from the model's config.vision_feature_layer", target_num=8,
-             feature_layer=-1)
-    _refused(model, "backend='nope'", target_num=8, backend="nope")
+    refused(model, "target_num=64 is out of range", target_num=64)
+    refused(model, "target_num=0 is out of range", target_num=0)
+    refused(model, "feature_layer=-1 differs from the model's config.vision_feature_layer", target_num=8,
+            feature_layer=-1)
+    refused(model, "backend='nope'", target_num=8, backend="nope")
     flowcut(model, 8, feature_layer=-2)  # the configured layer itself is fine
-    _refused(model, "target_num=64", target_num=64)
+    refused(model, "target_num=64", target_num=64)
     assert model.flowcut_config.target_num == 8
 
 
 def test_unsupported_configurations_are_refused():
     several = tiny_llava(vision_feature_layer=[-2, -1])
-    _refused(several, r"vision_feature_layer=\[-2, -1\] selects several feature layers", target_num=8)
+    refused(several, r"vision_feature_layer=\[-2, -1\] selects several feature layers", target_num=8)
     full = tiny_llava(vision_feature_select_strategy="full")
-    _refused(full, "vision_feature_select_strategy='full' is not supported", target_num=8)
+    refused(full, "vision_feature_select_strategy='full' is not supported", target_num=8)
     siglip = flowcut(tiny_llava("siglip", vision_feature_select_strategy="default"), 8)  # no CLS: either works
     assert seams.image_features(siglip.model(**inputs(siglip, PROMPTS[:1], 8))).shape == (8, 32)
     pixels = random_pixels(full.model.vision_tower, 1)
@@ -405,7 +388,7 @@ def test_unsupported_models_are_refused():
     vit = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     image_size=32, patch_size=4)
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vit, text_config=tiny_llava().config.text_config))
-    _refused(model, "vision tower is a ViTModel.*CLIPVisionModel.*SiglipVisionModel", target_num=8)
+    refused(model, "vision tower is a ViTModel.*CLIPVisionModel.*SiglipVisionModel", target_num=8)
     with pytest.raises(FlowCutInputError, match="model is a Linear.*LlavaForConditionalGeneration"):
         flowcut(torch.nn.Linear(2, 2), 8)
 
@@ -413,14 +396,12 @@ def test_unsupported_models_are_refused():
 def test_mismatched_processors_are_refused():
     model = tiny_llava()
     tokenizer = tiny_tokenizer()
-    _refused(model, r"processor is a \w+; pass the model.s LlavaProcessor", tokenizer, target_num=8,
-             processor=tokenizer)
+    refused(model, r"processor is a \w+; pass the model.s LlavaProcessor", tokenizer, target_num=8,
+            processor=tokenizer)
     if importlib.util.find_spec("PIL") is None:
         return
     other_token = tiny_llava_processor(model)
     other_token.image_token_id = 5
-    _refused(model, "processor does not match the model.*image_token_id is 63", other_token, target_num=8,
-             processor=other_token)
-    shared = tiny_llava_processor(model)
-    flowcut(tiny_llava(), 8, processor=shared)
-    _refused(model, "already patched by flowcut\\(\\) for another model", shared, target_num=8, processor=shared)
+    refused(model, "processor does not match the model.*image_token_id is 63", other_token, target_num=8,
+            processor=other_token)
+    check_shared_processor_refused(model, tiny_llava_processor(model), tiny_llava(), 8)

@@ -5,9 +5,7 @@ resolutions 32×64, 64×32, 64×64, 32×96, 96×32 → 3 to 5 crops per image; L
 q/k and the decoder's q/k/v sharpened. The independent reference is tests/oracle/llava_next.py (float64).
 """
 
-import copy
 
-import numpy as np
 import pytest
 import torch
 from oracle.llava_next import naive_logits, naive_next_features
@@ -17,6 +15,11 @@ from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
 from tiny.llava import random_llava, tiny_llava_processor
 from tiny.llava_next import random_llava_next, tiny_llava_next_processor
 from tiny.text import TINY_WORDS
+from vlm_cases import (
+    random_images,
+    check_generate_batched, check_remove_gives_back,
+    check_shared_processor_refused, check_stock_placeholders_refused, refused,
+)
 from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 
@@ -44,11 +47,6 @@ def tiny_next(seed=0, sharpen=8.0, **kwargs):
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             proj.weight.mul_(sharpen)
     return model
-
-
-def images(sizes, seed=0):
-    rng = np.random.RandomState(seed)
-    return [rng.randint(0, 256, (h, w, 3)).astype(np.uint8) for h, w in sizes]
 
 
 def patched(llm_stage=True, target=K, **kwargs):
@@ -86,7 +84,7 @@ CASES = {
 def test_prefill_equals_oracle(llm_stage, case):
     prompts, sizes, target = CASES[case]
     model, processor, twin = patched(llm_stage, target)
-    batch = processor(text=prompts, images=images(sizes), padding=True, return_tensors="pt")
+    batch = processor(text=prompts, images=random_images(sizes), padding=True, return_tensors="pt")
     assert count(batch) == [target] * len(prompts)
     logits = model(**batch).logits[:, -1]
 
@@ -107,7 +105,7 @@ def test_prefill_equals_oracle(llm_stage, case):
 
 def test_crops_of_an_image_share_one_schedule_and_images_are_independent():
     model, processor, _ = patched()
-    batch = processor(text=SINGLE * 3, images=images(SIZES[:3], seed=1), padding=True, return_tensors="pt")
+    batch = processor(text=SINGLE * 3, images=random_images(SIZES[:3], seed=1), padding=True, return_tensors="pt")
     calls = []
     first = find_tower(model.model.vision_tower).layers[0]
     first.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
@@ -128,24 +126,17 @@ def test_crops_of_an_image_share_one_schedule_and_images_are_independent():
 def test_generate_batched_equals_single_and_cache(llm_stage):
     model, processor, _ = patched(llm_stage)
     sizes = [(30, 90), (64, 64)]
-    batch = processor(text=PAIR, images=images(sizes), padding=True, return_tensors="pt")
+    batch = processor(text=PAIR, images=random_images(sizes), padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any()  # left-padded
-    new = 6
-    out = model.generate(**batch, max_new_tokens=new)
-    for i, prompt in enumerate(PAIR):
-        single = processor(text=[prompt], images=images(sizes)[i : i + 1], return_tensors="pt")
-        assert torch.equal(model.generate(**single, max_new_tokens=new)[0, -new:], out[i, -new:])
-    uncached = model.generate(**batch, max_new_tokens=new, use_cache=False)
-    if llm_stage:  # without cache the stage re-runs with the newest token as relay: only the first token is bound
-        assert torch.equal(uncached[:, -new], out[:, -new])
-    else:
-        assert torch.equal(uncached, out)
+    singles = [processor(text=[prompt], images=random_images(sizes)[i : i + 1], return_tensors="pt")
+               for i, prompt in enumerate(PAIR)]
+    check_generate_batched(model, batch, singles, 6, llm_stage)
 
 
 def test_generate_beams_keep_each_prompts_images():
     model, processor, _ = patched()
     batch = processor(text=["USER: <image> w1 <image> ASSISTANT:", "USER: <image> w2 ASSISTANT:"],
-                      images=images(SIZES[:3]), padding=True, return_tensors="pt")
+                      images=random_images(SIZES[:3]), padding=True, return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=3, num_beams=2, num_return_sequences=2)
     assert out.shape == (4, batch["input_ids"].shape[1] + 3)
 
@@ -157,50 +148,31 @@ def test_generate_beams_keep_each_prompts_images():
 def test_processor_emits_target_placeholders(target):
     model = tiny_next()
     processor, other = tiny_llava_next_processor(model), tiny_llava_next_processor(model)
-    stock = count(processor(text=SINGLE * len(SIZES), images=images(SIZES), padding=True))
+    stock = count(processor(text=SINGLE * len(SIZES), images=random_images(SIZES), padding=True))
     assert len(set(stock)) > 1  # the stock count depends on the size
     flowcut(model, target, processor=processor)
-    assert count(processor(text=SINGLE * len(SIZES), images=images(SIZES), padding=True)) == [target] * len(SIZES)
-    assert count(processor(text="USER: <image> <image> w1", images=images(SIZES[:2]))) == [2 * target]
-    assert count(other(text=SINGLE * len(SIZES), images=images(SIZES), padding=True)) == stock
+    batch = processor(text=SINGLE * len(SIZES), images=random_images(SIZES), padding=True)
+    assert count(batch) == [target] * len(SIZES)
+    assert count(processor(text="USER: <image> <image> w1", images=random_images(SIZES[:2]))) == [2 * target]
+    assert count(other(text=SINGLE * len(SIZES), images=random_images(SIZES), padding=True)) == stock
     remove_flowcut(model)
-    assert count(processor(text=SINGLE * len(SIZES), images=images(SIZES), padding=True)) == stock
-
-
-def _snapshot(*objects):
-    return [(obj, dict(vars(obj))) for obj in objects]
-
-
-def _assert_restored(snapshot):
-    for obj, attrs in snapshot:
-        assert vars(obj).keys() == attrs.keys(), set(vars(obj)) ^ set(attrs)
-        assert all(vars(obj)[k] is v for k, v in attrs.items())
+    assert count(processor(text=SINGLE * len(SIZES), images=random_images(SIZES), padding=True)) == stock
 
 
 def test_remove_gives_back_the_stock_model_and_processor():
     model, plain = tiny_next(seed=3), tiny_next(seed=3)
     processor = tiny_llava_next_processor(model)
-    stock = processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt")
-    before = plain.generate(**stock, max_new_tokens=5)
-    snapshot = _snapshot(model, model.model, processor)
-    flowcut(model, K, processor=processor)
-    assert model.flowcut_config.llm_stage  # the recipe's default for LLaVA-NeXT
-    model.generate(**processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt"),
-                   max_new_tokens=2)
-    clone = copy.deepcopy(model)
-    assert remove_flowcut(model) is model
-    _assert_restored(snapshot)
-    again = processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt")
-    assert torch.equal(again["input_ids"], stock["input_ids"])
-    assert torch.equal(model.generate(**stock, max_new_tokens=5), before)
-    assert clone.flowcut_config.target_num == K  # a copy keeps its own patch
+    batch = lambda: processor(text=PAIR, images=random_images([(30, 90), (64, 64)]), padding=True,
+                              return_tensors="pt")
+    clone = check_remove_gives_back(model, plain, processor, batch, K, new_tokens=5)
+    assert clone.flowcut_config.llm_stage  # the recipe's default for LLaVA-NeXT
 
 
 def test_llava_next_model_alone():
     core = tiny_next().model
     processor = tiny_llava_next_processor(tiny_next())
     flowcut(core, K, processor=processor, llm_stage=False)
-    out = core(**processor(text=PAIR, images=images([(30, 90), (64, 64)]), padding=True, return_tensors="pt"))
+    out = core(**processor(text=PAIR, images=random_images([(30, 90), (64, 64)]), padding=True, return_tensors="pt"))
     assert seams.image_features(out).shape == (2 * K, 32)
     remove_flowcut(core)
     assert "get_image_features" not in vars(core)
@@ -209,28 +181,21 @@ def test_llava_next_model_alone():
 # --- bad input ------------------------------------------------------------------------------------
 
 
-def _refused(model, match, *objects, **kwargs):
-    snapshot = _snapshot(model, model.model, *objects)
-    with pytest.raises(FlowCutInputError, match=match):
-        flowcut(model, **kwargs)
-    _assert_restored(snapshot)
-
-
 def test_bad_arguments_leave_model_unchanged():
     model = tiny_next()
-    _refused(model, "target_num=128 is out of range", target_num=128)
-    _refused(model, "target_num=1 is out of range", target_num=1)
-    _refused(model, "feature_layer=-1 differs", target_num=8, feature_layer=-1)
-    _refused(model, "backend='nope'", target_num=8, backend="nope")
-    _refused(model, "llm_stage must be True, False or None", target_num=8, llm_stage="yes")
+    refused(model, "target_num=128 is out of range", target_num=128)
+    refused(model, "target_num=1 is out of range", target_num=1)
+    refused(model, "feature_layer=-1 differs", target_num=8, feature_layer=-1)
+    refused(model, "backend='nope'", target_num=8, backend="nope")
+    refused(model, "llm_stage must be True, False or None", target_num=8, llm_stage="yes")
     two_crops = tiny_next(image_grid_pinpoints=[[32, 32], [32, 64]])
-    _refused(two_crops, r"target_num=9 is more than the tower stage keeps from an image of 2 crops.*even", target_num=9)
+    refused(two_crops, r"target_num=9 is more than the tower stage keeps from an image of 2 crops.*even", target_num=9)
     assert flowcut(two_crops, 10).flowcut_config.target_num == 10
 
 
 def test_unsupported_configurations_are_refused():
-    _refused(tiny_next(vision_feature_layer=[-2, -1]), r"selects several feature layers", target_num=8)
-    _refused(tiny_next(vision_feature_select_strategy="full"), "'full' is not supported", target_num=8)
+    refused(tiny_next(vision_feature_layer=[-2, -1]), r"selects several feature layers", target_num=8)
+    refused(tiny_next(vision_feature_select_strategy="full"), "'full' is not supported", target_num=8)
     model = flowcut(tiny_next(), 8)
     pixels = torch.zeros(1, 3, 3, 32, 32)
     with pytest.raises(FlowCutInputError, match="selects several feature layers"):
@@ -242,21 +207,17 @@ def test_unsupported_configurations_are_refused():
 def test_mismatched_processors_are_refused():
     model = tiny_next()
     llava_processor = tiny_llava_processor(random_llava())
-    _refused(model, r"processor is a LlavaProcessor; pass the model.s LlavaNextProcessor", llava_processor,
-             target_num=8, processor=llava_processor)
+    refused(model, r"processor is a LlavaProcessor; pass the model.s LlavaNextProcessor", llava_processor,
+            target_num=8, processor=llava_processor)
     other = tiny_llava_next_processor(tiny_next(image_grid_pinpoints=[[32, 64], [64, 32]]))
-    _refused(model, r"processor does not match the model: its image_grid_pinpoints", other, target_num=8,
-             processor=other)
-    shared = tiny_llava_next_processor(model)
-    flowcut(tiny_next(), 8, processor=shared)
-    _refused(model, r"already patched by flowcut\(\) for another model", shared, target_num=8, processor=shared)
+    refused(model, r"processor does not match the model: its image_grid_pinpoints", other, target_num=8,
+            processor=other)
+    check_shared_processor_refused(model, tiny_llava_next_processor(model), tiny_next(), 8)
 
 
 def test_mismatched_placeholders_name_the_processor():
     model = tiny_next()
     processor = tiny_llava_next_processor(model)
-    stock = processor(text=SINGLE, images=images([(32, 64)]), return_tensors="pt")
+    stock = processor(text=SINGLE, images=random_images([(32, 64)]), return_tensors="pt")
     for llm_stage in (True, False):
-        flowcut(model, K, llm_stage=llm_stage)
-        with pytest.raises(FlowCutInputError, match=r"image placeholder.*processor=processor"):
-            model(**stock)
+        check_stock_placeholders_refused(model, stock, K, llm_stage=llm_stage)

@@ -5,9 +5,7 @@ Tiny random models (tests/tiny/llava_onevision.py: SigLIP 32 px crops of 8 × 8 
 32×64, 64×32, 64×64, 32×96, 96×32 → 3 to 5 crops per image; a 2-layer Qwen2 decoder), the tower's q/k sharpened.
 """
 
-import copy
 
-import numpy as np
 import pytest
 import torch
 from oracle.llava_next import naive_logits
@@ -15,6 +13,11 @@ from oracle.lm_stage import naive_lm_stage
 from oracle.llava_onevision import naive_onevision_features
 from tiny.gemma3 import random_gemma3, tiny_gemma3_processor
 from tiny.llava_onevision import IMAGE, random_onevision, tiny_onevision_processor
+from vlm_cases import (
+    random_images,
+    assert_bfloat16_finite, check_generate_batched, check_remove_gives_back,
+    check_shared_processor_refused, check_stock_placeholders_refused, refused,
+)
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
 
@@ -33,13 +36,8 @@ def no_grad():
         yield
 
 
-def images(sizes, seed=0):
-    rng = np.random.RandomState(seed)
-    return [rng.randint(0, 256, (h, w, 3)).astype(np.uint8) for h, w in sizes]
-
-
 def nested(prompts, sizes):
-    flat = iter(images(sizes))
+    flat = iter(random_images(sizes))
     return [[next(flat) for _ in range(p.count("<image>"))] for p in prompts]
 
 
@@ -99,7 +97,7 @@ def test_float32_keeps_the_oracles_patches():
                                          batch_num_images=batch["batch_num_images"])
     assert [[tuple(x) for x in where.tolist()] for where in got.keep_indices] == sources
     assert bool(model(**batch).logits.isfinite().all())
-    alone = processor(text=SINGLE, images=images([(40, 70)]), return_tensors="pt")  # without batch_num_images:
+    alone = processor(text=SINGLE, images=random_images([(40, 70)]), return_tensors="pt")  # without batch_num_images:
     features = model.model.get_image_features(alone["pixel_values"], alone["image_sizes"])  # each image anyres
     assert features.keep_indices[0][:, 0].max() > 0 and features.pooler_output[0].shape == (K, 32)
 
@@ -109,17 +107,10 @@ def test_generate_batched_equals_single_and_cache(llm_stage):
     model, processor = patched(llm_stage=llm_stage)
     prompts, sizes = CASES["two images in a prompt"]
     batch = processor(text=prompts, images=nested(prompts, sizes), padding=True, return_tensors="pt")
-    new = 5
-    out = model.generate(**batch, max_new_tokens=new)
     per_prompt = nested(prompts, sizes)
-    for i, prompt in enumerate(prompts):
-        single = processor(text=[prompt], images=[per_prompt[i]], return_tensors="pt")
-        assert torch.equal(model.generate(**single, max_new_tokens=new)[0, -new:], out[i, -new:])
-    uncached = model.generate(**batch, max_new_tokens=new, use_cache=False)
-    if llm_stage:  # without cache the stage re-runs with the newest token as relay: only the first token is bound
-        assert torch.equal(uncached[:, -new], out[:, -new])
-    else:
-        assert torch.equal(uncached, out)
+    singles = [processor(text=[prompt], images=[per_prompt[i]], return_tensors="pt")
+               for i, prompt in enumerate(prompts)]
+    check_generate_batched(model, batch, singles, 5, llm_stage)
 
 
 def test_generate_beams_keep_each_prompts_images():
@@ -133,8 +124,7 @@ def test_generate_beams_keep_each_prompts_images():
 def test_bfloat16_is_finite():
     model, processor = patched(dtype=torch.bfloat16)
     batch = processor(text=PAIR, images=nested(PAIR, [(30, 90), (64, 64)]), padding=True, return_tensors="pt")
-    logits = model(**batch).logits
-    assert logits.dtype == torch.bfloat16 and bool(logits.isfinite().all())
+    assert_bfloat16_finite(model, batch)
 
 
 # --- processor, per instance, reversible ---------------------------------------------------------
@@ -153,33 +143,12 @@ def test_processor_emits_target_placeholders(target):
     assert count(processor(text=TWO, images=nested(TWO, sizes), padding=True)) == stock
 
 
-def _snapshot(*objects):
-    return [(obj, dict(vars(obj))) for obj in objects]
-
-
-def _assert_restored(snapshot):
-    for obj, attrs in snapshot:
-        assert vars(obj).keys() == attrs.keys(), set(vars(obj)) ^ set(attrs)
-        assert all(vars(obj)[k] is v for k, v in attrs.items())
-
-
 def test_remove_gives_back_the_stock_model_and_processor():
     model, plain = random_onevision(seed=3), random_onevision(seed=3)
     processor = tiny_onevision_processor(model)
     sizes = [(30, 90), (64, 64)]
-    stock = processor(text=PAIR, images=nested(PAIR, sizes), padding=True, return_tensors="pt")
-    before = plain.generate(**stock, max_new_tokens=4)
-    snapshot = _snapshot(model, model.model, processor)
-    flowcut(model, K, processor=processor)
-    model.generate(**processor(text=PAIR, images=nested(PAIR, sizes), padding=True, return_tensors="pt"),
-                   max_new_tokens=2)
-    clone = copy.deepcopy(model)
-    assert remove_flowcut(model) is model
-    _assert_restored(snapshot)
-    again = processor(text=PAIR, images=nested(PAIR, sizes), padding=True, return_tensors="pt")
-    assert torch.equal(again["input_ids"], stock["input_ids"])
-    assert torch.equal(model.generate(**stock, max_new_tokens=4), before)
-    assert clone.flowcut_config.target_num == K  # a copy keeps its own patch
+    batch = lambda: processor(text=PAIR, images=nested(PAIR, sizes), padding=True, return_tensors="pt")
+    check_remove_gives_back(model, plain, processor, batch, K, new_tokens=4)
 
 
 def test_videos_are_refused():
@@ -191,42 +160,31 @@ def test_videos_are_refused():
 # --- bad input ------------------------------------------------------------------------------------
 
 
-def _refused(model, match, *objects, **kwargs):
-    snapshot = _snapshot(model, model.model, *objects)
-    with pytest.raises(FlowCutInputError, match=match):
-        flowcut(model, **kwargs)
-    _assert_restored(snapshot)
-
-
 def test_bad_arguments_leave_model_unchanged():
     model = random_onevision()
-    _refused(model, "target_num=64 is out of range", target_num=64)
-    _refused(model, "target_num=1 is out of range", target_num=1)
-    _refused(model, "feature_layer=-2 differs", target_num=K, feature_layer=-2)
-    _refused(model, "backend='nope'", target_num=K, backend="nope")
-    _refused(model, "target_num=32 is too large for llm_stage=True", target_num=32)
-    _refused(model, "llm_stage must be True, False or None", target_num=K, llm_stage="yes")
+    refused(model, "target_num=64 is out of range", target_num=64)
+    refused(model, "target_num=1 is out of range", target_num=1)
+    refused(model, "feature_layer=-2 differs", target_num=K, feature_layer=-2)
+    refused(model, "backend='nope'", target_num=K, backend="nope")
+    refused(model, "target_num=32 is too large for llm_stage=True", target_num=32)
+    refused(model, "llm_stage must be True, False or None", target_num=K, llm_stage="yes")
     assert flowcut(random_onevision(), 32, llm_stage=False).flowcut_config.target_num == 32
-    _refused(model, "static schedule", target_num=K, schedule=object())
+    refused(model, "static schedule", target_num=K, schedule=object())
     two_crops = random_onevision(image_grid_pinpoints=[[32, 32], [32, 64]])
-    _refused(two_crops, r"target_num=9 is more than the tower stage keeps from an image of 2 crops", target_num=9)
+    refused(two_crops, r"target_num=9 is more than the tower stage keeps from an image of 2 crops", target_num=9)
 
 
 def test_mismatched_processors_are_refused():
     model = random_onevision()
     gemma = tiny_gemma3_processor(random_gemma3())
-    _refused(model, r"processor is a Gemma3Processor", gemma, target_num=K, processor=gemma)
+    refused(model, r"processor is a Gemma3Processor", gemma, target_num=K, processor=gemma)
     other = tiny_onevision_processor(random_onevision(image_grid_pinpoints=[[32, 64], [64, 32]]))
-    _refused(model, r"processor does not match the model: its image_grid_pinpoints", other, target_num=K,
-             processor=other)
-    shared = tiny_onevision_processor(model)
-    flowcut(random_onevision(), K, processor=shared)
-    _refused(model, r"already patched by flowcut\(\) for another model", shared, target_num=K, processor=shared)
+    refused(model, r"processor does not match the model: its image_grid_pinpoints", other, target_num=K,
+            processor=other)
+    check_shared_processor_refused(model, tiny_onevision_processor(model), random_onevision(), K)
 
 
 def test_mismatched_placeholders_name_the_processor():
     model = random_onevision()
-    stock = tiny_onevision_processor(model)(text=SINGLE, images=images([(32, 64)]), return_tensors="pt")
-    flowcut(model, K)
-    with pytest.raises(FlowCutInputError, match=r"image placeholder.*processor=processor"):
-        model(**stock)
+    stock = tiny_onevision_processor(model)(text=SINGLE, images=random_images([(32, 64)]), return_tensors="pt")
+    check_stock_placeholders_refused(model, stock, K)

@@ -19,6 +19,7 @@ from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
 from flowcut_kernels.bench.random_models import random_pixels
 from tiny.llava import random_llava, tiny_llava_processor
 from tiny.text import tiny_tokenizer
+from vlm_cases import assert_restored, refused, snapshot_attributes
 from flowcut_kernels.models import seams
 from flowcut_kernels.models.registry import find_tower
 
@@ -70,16 +71,6 @@ def assert_close(got, want, rtol=1e-4):
     """Each row within ``rtol`` of the reference, relative to its norm."""
     error = (got.double() - want).norm(dim=-1)
     assert bool((error <= rtol * want.norm(dim=-1)).all()), (error / want.norm(dim=-1)).tolist()
-
-
-def _snapshot(*objects):
-    return [(obj, dict(vars(obj))) for obj in objects]
-
-
-def _assert_restored(snapshot):
-    for obj, attrs in snapshot:
-        assert vars(obj).keys() == attrs.keys(), set(vars(obj)) ^ set(attrs)
-        assert all(vars(obj)[k] is v for k, v in attrs.items())
 
 
 # --- the recipe -----------------------------------------------------------------------------------
@@ -221,7 +212,7 @@ def test_processor_end_to_end():
 
 def test_default_is_tower_only_and_reapply_switches_the_stage():
     model = stage_llava()
-    snapshot = _snapshot(model, model.model)
+    snapshot = snapshot_attributes(model, model.model)
     flowcut(model, K)
     assert "forward" not in vars(model.model) and model.flowcut_config.tower_target == K
     flowcut(model, K, llm_stage=True)
@@ -229,14 +220,14 @@ def test_default_is_tower_only_and_reapply_switches_the_stage():
     flowcut(model, K, llm_stage=False)
     assert "forward" not in vars(model.model) and "_supports_mm_encoder_outputs" not in vars(model)
     remove_flowcut(model)
-    _assert_restored(snapshot)
+    assert_restored(snapshot)
 
 
 def test_remove_gives_back_the_stock_model():
     patched, plain, twin = stage_llava(seed=3), stage_llava(seed=3), stage_llava(seed=3)
     stock = inputs(plain, BATCH[:2], placeholders=64)  # what a stock processor emits
     before = plain.generate(**stock, max_new_tokens=6)
-    snapshot = _snapshot(patched, patched.model, patched.model.language_model)
+    snapshot = snapshot_attributes(patched, patched.model, patched.model.language_model)
 
     flowcut(patched, K, llm_stage=True)
     patched.generate(**inputs(patched, BATCH), max_new_tokens=3)
@@ -244,7 +235,7 @@ def test_remove_gives_back_the_stock_model():
     assert "forward" not in vars(plain.model) and "_supports_mm_encoder_outputs" not in vars(plain)
 
     remove_flowcut(patched)
-    _assert_restored(snapshot)
+    assert_restored(snapshot)
     assert patched.model.language_model.config._attn_implementation == "sdpa"
     assert torch.equal(patched.generate(**stock, max_new_tokens=6), before)
     assert torch.equal(twin.generate(**stock, max_new_tokens=6), before)
@@ -254,10 +245,8 @@ def test_remove_gives_back_the_stock_model():
 
 
 def _refused(model, match, **kwargs):
-    snapshot = _snapshot(model, model.model)
-    with pytest.raises(FlowCutInputError, match=match):
-        flowcut(model, llm_stage=True, **kwargs)
-    _assert_restored(snapshot)
+    """:func:`vlm_cases.refused` with the stage asked for."""
+    refused(model, match, llm_stage=True, **kwargs)
 
 
 def _with_text_model(text_config):
@@ -286,10 +275,10 @@ def test_bad_arguments_are_refused():
     _refused(model, r"target_num=32 is too large for llm_stage=True.*2·target_num = 64 of its 64.*target_num <= 31",
              target_num=32)
     _refused(model, "backend='nope'", target_num=8, backend="nope")
-    snapshot = _snapshot(model, model.model)
+    snapshot = snapshot_attributes(model, model.model)
     with pytest.raises(FlowCutInputError, match="llm_stage must be True, False or None"):
         flowcut(model, 8, llm_stage="yes")
-    _assert_restored(snapshot)
+    assert_restored(snapshot)
     assert flowcut(model, 31, llm_stage=True).flowcut_config.tower_target == 62
 
 

@@ -51,6 +51,25 @@ def _prompts(prompts, grids, target=TARGET, end=True):
     return ids, mask
 
 
+def check_prefill(model, prompts, grids, oracle, **patch):
+    """Patch ``model`` with ``flowcut(model, TARGET, **patch)`` and run the prompts: each image's kept groups are the
+    oracle's and the last-position logits within 1e-4 of its float64 ones. ``oracle(model, ids, mask, pixels, grids)``
+    (the stock model) gives (logits, kept groups, *more); returns the patched image features and ``more``."""
+    ids, mask = _prompts(prompts, grids)
+    pixels = _pixels(grids)
+    expected, kept, *more = oracle(model, ids, mask, pixels, grids)
+    flowcut(model, TARGET, **patch)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels, torch.tensor(grids))
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                       image_grid_thw=torch.tensor(grids)).logits
+    for got, want in zip(features.keep_groups, kept):
+        assert torch.equal(got, want)
+    scale = expected.abs().max()
+    assert (logits[:, -1].double() - expected).abs().max() <= 1e-4 * scale
+    return features, more
+
+
 CASES = {
     "one image": ([[10, None, 11, 12]], [(1, 8, 12)]),
     "two prompts, sizes differ": ([[10, None, 11, 12], [13, None, 14]], [(1, 8, 12), (1, 12, 6)]),
@@ -62,19 +81,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_prefill_matches_oracle(case, name):
     prompts, grids = CASES[case]
-    model = MODELS[name][0]()
-    ids, mask = _prompts(prompts, grids)
-    pixels = _pixels(grids)
-    expected, kept = naive_logits(model, ids, mask, pixels, grids, TARGET)
-    flowcut(model, TARGET, llm_stage=False)
-    with torch.no_grad():
-        features = model.model.get_image_features(pixels, torch.tensor(grids))
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                       image_grid_thw=torch.tensor(grids)).logits
-    for got, want in zip(features.keep_groups, kept):
-        assert torch.equal(got, want)
-    scale = expected.abs().max()
-    assert (logits[:, -1].double() - expected).abs().max() <= 1e-4 * scale
+    oracle = lambda *args: naive_logits(*args, TARGET)
+    check_prefill(MODELS[name][0](), prompts, grids, oracle, llm_stage=False)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -189,6 +197,9 @@ def test_remove_flowcut_restores_stock(name):
     processor = build_processor()
     processor_dict = dict(vars(processor))
     flowcut(model, TARGET, processor=processor if hasattr(type(processor), "replace_image_token") else None)
+    with torch.no_grad():
+        model(input_ids=_prompts([[10, None, 11]], grids)[0], pixel_values=_pixels(grids),
+              image_grid_thw=torch.tensor(grids))
     remove_flowcut(model)
     assert vars(model.model).keys() == stock_dict.keys()
     assert all(vars(model.model)[k] is v for k, v in stock_dict.items() if k != "rope_deltas")
@@ -267,16 +278,5 @@ def test_stage_prefill_matches_oracle(case, name):
     its original M-RoPE position; last-position logits within 1e-4 of the float64 oracle."""
     prompts, grids = STAGE_CASES[case]
     model = MODELS[name][0]()
-    ids, mask = _prompts(prompts, grids)
-    pixels = _pixels(grids)
-    expected, towers, _ = naive_stage_logits(model, ids, mask, pixels, grids, TARGET)
-    flowcut(model, TARGET)
+    check_prefill(model, prompts, grids, lambda *args: naive_stage_logits(*args, TARGET))
     assert model.flowcut_config.llm_stage
-    with torch.no_grad():
-        features = model.model.get_image_features(pixels, torch.tensor(grids))
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                       image_grid_thw=torch.tensor(grids)).logits
-    for got, want in zip(features.keep_groups, towers):
-        assert torch.equal(got, want)
-    scale = expected.abs().max()
-    assert (logits[:, -1].double() - expected).abs().max() <= 1e-4 * scale

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from oracle.qwen2_vl import patch_coordinates
 from oracle.qwen3_vl import naive_qwen3_logits
 import test_qwen2_vl
-from test_qwen2_vl import END, IMAGE, START, TARGET, _pixels, _prompts
+from test_qwen2_vl import IMAGE, TARGET, _pixels, _prompts, check_prefill
 from tiny.qwen3 import DEEPSTACK, random_qwen3_vl, tiny_qwen3_vl_processor
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
@@ -32,23 +32,12 @@ def test_prefill_matches_oracle(case, stage):
     """Last-position logits within 1e-4 of the float64 oracle (DeepStack included), the tower's kept groups and each
     kept token's DeepStack features exactly the oracle's."""
     prompts, grids = CASES[case]
-    model = random_qwen3_vl()
-    ids, mask = _prompts(prompts, grids)
-    pixels = _pixels(grids)
-    expected, kept, stacks = naive_qwen3_logits(model, ids, mask, pixels, grids, TARGET, stage)
-    flowcut(model, TARGET, llm_stage=stage)
-    with torch.no_grad():
-        features = model.model.get_image_features(pixels, torch.tensor(grids))
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                       image_grid_thw=torch.tensor(grids)).logits
-    for got, want in zip(features.keep_groups, kept):
-        assert torch.equal(got, want)
+    oracle = lambda *args: naive_qwen3_logits(*args, TARGET, stage)
+    features, (stacks,) = check_prefill(random_qwen3_vl(), prompts, grids, oracle, llm_stage=stage)
     assert len(features.deepstack_features) == len(DEEPSTACK)
     for layer, per_image in enumerate(features.deepstack_features):
         for got, want in zip(per_image, stacks):
             assert torch.allclose(got.double(), want[layer], rtol=1e-4, atol=1e-5)
-    scale = expected.abs().max()
-    assert (logits[:, -1].double() - expected).abs().max() <= 1e-4 * scale
 
 
 def test_deepstack_reaches_kept_tokens():
@@ -139,29 +128,8 @@ def test_generate_batched_equals_single_and_cache_off(as_qwen2_case, stage):
     test_qwen2_vl.test_generate_batched_equals_single_and_cache_off("qwen3_vl", stage)
 
 
-def test_remove_flowcut_restores_stock():
-    grids = CASES["one image"][1]
-    model = random_qwen3_vl()
-    ids_full = torch.tensor([[10, START] + [IMAGE] * 24 + [END, 11]])
-    stock_kwargs = dict(input_ids=ids_full, pixel_values=_pixels(grids), image_grid_thw=torch.tensor(grids))
-    if "mm_token_type_ids" in inspect.signature(type(model.model).forward).parameters:  # transformers > 5.0
-        stock_kwargs["mm_token_type_ids"] = (ids_full == IMAGE).long()
-    stock_dict = dict(vars(model.model))
-    with torch.no_grad():
-        stock = model(**stock_kwargs).logits
-    processor = tiny_qwen3_vl_processor()
-    processor_dict = dict(vars(processor))
-    flowcut(model, TARGET, processor=processor if hasattr(type(processor), "replace_image_token") else None)
-    with torch.no_grad():
-        model(input_ids=_prompts([[10, None, 11]], grids)[0], pixel_values=_pixels(grids),
-              image_grid_thw=torch.tensor(grids))
-    remove_flowcut(model)
-    assert vars(model.model).keys() == stock_dict.keys()
-    assert all(vars(model.model)[k] is v for k, v in stock_dict.items() if k != "rope_deltas")
-    assert vars(processor).keys() == processor_dict.keys()
-    with torch.no_grad():
-        again = model(**stock_kwargs).logits
-    assert torch.equal(stock, again)
+def test_remove_flowcut_restores_stock(as_qwen2_case):
+    test_qwen2_vl.test_remove_flowcut_restores_stock("qwen3_vl")
 
 
 def test_processor_emits_target_placeholders(as_qwen2_case):

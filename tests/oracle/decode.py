@@ -19,7 +19,7 @@ Logits of step 0 are the prefill's (the first generated token), of step i ≥ 1 
 import torch
 
 from oracle.lm_stage import PRUNE_LAYER, Decoder, _top, stage_scores
-from oracle.qwen2_vl import QwenDecoder, naive_image
+from oracle.qwen2_vl import QwenDecoder, long_layout, naive_image
 
 
 def _prefill(decoder, x, positions, segments, keeps, short_positions=None):
@@ -111,24 +111,10 @@ def naive_qwen_decode(model, input_ids, mask, pixel_values, grids, target_num, g
     steps, starts, image = [], [], 0
     for b in range(input_ids.shape[0]):
         ids = input_ids[b][mask[b].bool()].tolist()
-        rows, positions, segments, keeps, current, i = [], [], [], [], 0, 0
-        while i < len(ids):
-            if ids[i] != image_token:
-                rows.append(decoder.embed[ids[i]])
-                positions.append(torch.full((3,), current))
-                current, i = current + 1, i + 1
-                continue
-            tokens, groups = images[image]
-            t, h, w = grids[image][0], grids[image][1] // 2, grids[image][2] // 2
-            count = min(target_num, t * h * w)
-            assert ids[i:i + count] == [image_token] * count
-            if llm_stage:
-                segments.append((len(rows), len(tokens)))
-                keeps.append(count)
-            rows.extend(tokens)
-            positions.extend(torch.stack([groups // (h * w), groups // w % h, groups % w], 1) + current)
-            current, i, image = current + max(h, w), i + count, image + 1
-        x, positions = torch.stack(rows), torch.stack(positions, 1)
+        x, positions, images_here, current = long_layout(decoder, ids, image_token, images, grids, image, target_num)
+        image += len(images_here)
+        segments = [(first, width) for first, width, _, _ in images_here] if llm_stage else []
+        keeps = [count for _, _, _, count in images_here] if llm_stage else []
         logits, cache, _ = _prefill(decoder, x, positions, segments, keeps)
         later = _decode(decoder, cache, generated[b, :-1], lambda i, n=current: torch.full((3, 1), n + i))
         steps.append(torch.stack([logits, *later]))

@@ -127,6 +127,19 @@ def naive_prune_count(hn, n_candidates, target, steps_left):
     return max(0, round(best))  # Python round = round half to even
 
 
+def naive_group_prune(q, k, v, cum, scale, groups, target, steps_left):
+    """One layer of a tower that prunes whole groups (Gemma 3's pooling windows, Qwen's 2×2 merges; mean-query relay,
+    no CLS) with ``groups`` left of which it keeps ``target``: the S_cum after the layer (unscored once ``groups`` <=
+    ``target``) and how many groups it keeps, None where it does not prune (nothing to prune, odd ``steps_left``)."""
+    if groups <= target:
+        return cum, None
+    cum, hn, _ = naive_flow_scores(q.mean(dim=2), k, v, cum, scale, has_cls=False)
+    if steps_left % 2:
+        return cum, None
+    return cum, target if steps_left == 0 else max(groups - naive_prune_count(hn, groups, target + 1, steps_left),
+                                                   target)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. whole FlowCut encoder on an HF CLIP vision model (CLS variant)
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from oracle.flowcut import naive_flow_scores, naive_prune_count
+from oracle.flowcut import naive_group_prune
 
 
 def siglip_layer(layer, x):
@@ -68,14 +68,9 @@ def naive_image(model, pixels, target):
     for i in range(last):
         windows = window.unique()
         x, q, k, v, scale = siglip_layer(layers[i], x)
-        if len(windows) <= target:
+        cum, keep = naive_group_prune(q, k, v, cum, scale, len(windows), target, last - i - 1)
+        if keep is None:
             continue
-        cum, hn, _ = naive_flow_scores(q.mean(dim=2), k, v, cum, scale, has_cls=False)
-        rpl = last - i - 1
-        if rpl % 2:
-            continue
-        G = len(windows)
-        keep = target if rpl == 0 else max(G - naive_prune_count(hn, G, target + 1, rpl), target)
         score = {int(w): float(cum[0, window == w].sum()) for w in windows}
         best = sorted(score, key=lambda w: (-score[w], w))[:keep]
         rows = torch.tensor([j for j in range(len(window)) if int(window[j]) in best])

@@ -50,6 +50,34 @@ def _margin(height, width, rows, cols):
     return {(y, x) for y in range(rows) for x in range(cols) if x < pad or x >= cols - pad}
 
 
+def naive_anyres_image(tower_pass, pixels, size, pinpoints, side, per_side, target_num, llm_stage):
+    """Steps 1 to 3 for one image of ``size`` (H, W): its crops (``pixels``: the base image, then the grid of its best
+    ``pinpoints`` resolution; ``side`` pixels, ``per_side`` patches a side) through ``tower_pass(crops, k)``, which
+    returns features (P, k, C), patch numbers (P, k) and S_cum (P, k). Returns the chosen tokens' features (W, C) and
+    their (crop, patch) pairs, in layout order."""
+    height, width = size
+    best_height, best_width = select_best_resolution([height, width], pinpoints)
+    grid_rows, grid_cols = best_height // side, best_width // side
+    crops = 1 + grid_rows * grid_cols
+    k = target_num // 2
+    feats, index, cum = tower_pass(pixels[:crops], k)
+    margin = _margin(height, width, grid_rows * per_side, grid_cols * per_side)
+    tokens = []  # (margin, -S_cum, layout position, crop, slot)
+    for crop in range(crops):
+        for slot in range(k):
+            patch = int(index[crop, slot])
+            if crop == 0:
+                position, cut = (0, patch), False
+            else:
+                y = (crop - 1) // grid_cols * per_side + patch // per_side
+                x = (crop - 1) % grid_cols * per_side + patch % per_side
+                position, cut = (1, y, x), (y, x) in margin
+            tokens.append((cut, -float(cum[crop, slot]), position, crop, slot))
+    count = max(target_num, sum(not t[0] for t in tokens)) if llm_stage else target_num
+    chosen = sorted(sorted(tokens)[:count], key=lambda t: t[2])
+    return torch.stack([feats[t[3], t[4]] for t in chosen]), [(t[3], int(index[t[3], t[4]])) for t in chosen]
+
+
 @torch.no_grad()
 def naive_next_features(model, pixel_values, image_sizes, target_num, llm_stage):
     """The projected features each image gives the language model, float64.
@@ -64,30 +92,12 @@ def naive_next_features(model, pixel_values, image_sizes, target_num, llm_stage)
     layer = core.config.vision_feature_layer
     feature_layer = layer if layer < 0 else layer - (core.config.vision_config.num_hidden_layers + 1)
     projector = copy.deepcopy(core.multi_modal_projector).double()
-    k = target_num // 2
     features, sources = [], []
-    for pixels, (height, width) in zip(pixel_values, image_sizes.tolist()):
-        best_height, best_width = select_best_resolution([height, width], core.config.image_grid_pinpoints)
-        grid_rows, grid_cols = best_height // side, best_width // side
-        crops = 1 + grid_rows * grid_cols
-        feats, index, cum = _tower(tower, pixels[:crops], k, feature_layer)
-        margin = _margin(height, width, grid_rows * per_side, grid_cols * per_side)
-        tokens = []  # (margin, -S_cum, layout position, crop, slot)
-        for crop in range(crops):
-            for slot in range(k):
-                patch = int(index[crop, slot])
-                if crop == 0:
-                    position, cut = (0, patch), False
-                else:
-                    y = (crop - 1) // grid_cols * per_side + patch // per_side
-                    x = (crop - 1) % grid_cols * per_side + patch % per_side
-                    position, cut = (1, y, x), (y, x) in margin
-                tokens.append((cut, -float(cum[crop, slot]), position, crop, slot))
-        ranked = sorted(tokens)
-        count = target_num if not llm_stage else max(target_num, sum(not t[0] for t in tokens))
-        chosen = sorted(ranked[:count], key=lambda t: t[2])
-        features.append(projector(torch.stack([feats[t[3], t[4]] for t in chosen])))
-        sources.append([(t[3], int(index[t[3], t[4]])) for t in chosen])
+    for pixels, size in zip(pixel_values, image_sizes.tolist()):
+        feats, chosen = naive_anyres_image(lambda crops, k: _tower(tower, crops, k, feature_layer), pixels, size,
+                                           core.config.image_grid_pinpoints, side, per_side, target_num, llm_stage)
+        features.append(projector(feats))
+        sources.append(chosen)
     return features, sources
 
 

@@ -1,6 +1,6 @@
 """Naive, independent float64 oracle of FlowCut's LLaVA-OneVision recipe (docs/semantics.md), nothing shared with the
 `flowcut_kernels` package; built on oracle/flowcut.py (scores, prune count), oracle/gemma3.py (the SigLIP layer
-written out) and oracle/llava_next.py (the unpadding margin, the decoder run).
+written out) and oracle/llava_next.py (the anyres layout and selection, the decoder run).
 
 Per image of size (H, W), K = target_num:
 1. its crops: alone in its prompt, the base image then the gh × gw grid of its best `image_grid_pinpoints`
@@ -15,11 +15,10 @@ Per image of size (H, W), K = target_num:
 import copy
 
 import torch
-from transformers.image_processing_utils import select_best_resolution
 
 from oracle.flowcut import naive_flow_scores, naive_prune_count
 from oracle.gemma3 import siglip_layer
-from oracle.llava_next import _margin
+from oracle.llava_next import naive_anyres_image
 
 
 def _tower(tower, pixels, keep, feature_layer):
@@ -72,31 +71,14 @@ def naive_onevision_features(model, pixel_values, image_sizes, batch_num_images,
     projector = copy.deepcopy(core.multi_modal_projector).double()
     alone = [n == 1 for n in batch_num_images for _ in range(n)]
     features, sources = [], []
-    for pixels, (height, width), single in zip(pixel_values, image_sizes.tolist(), alone):
+    for pixels, size, single in zip(pixel_values, image_sizes.tolist(), alone):
         if not single:
             feats, index, _ = _tower(tower, pixels[:1], 2 * target_num if llm_stage else target_num, feature_layer)
             features.append(projector(feats[0]))
             sources.append([(0, int(p)) for p in index[0]])
             continue
-        best_height, best_width = select_best_resolution([height, width], core.config.image_grid_pinpoints)
-        grid_rows, grid_cols = best_height // side, best_width // side
-        crops = 1 + grid_rows * grid_cols
-        k = target_num // 2
-        feats, index, cum = _tower(tower, pixels[:crops], k, feature_layer)
-        margin = _margin(height, width, grid_rows * per_side, grid_cols * per_side)
-        tokens = []  # (margin, -S_cum, layout position, crop, slot)
-        for crop in range(crops):
-            for slot in range(k):
-                patch = int(index[crop, slot])
-                if crop == 0:
-                    position, cut = (0, patch), False
-                else:
-                    y = (crop - 1) // grid_cols * per_side + patch // per_side
-                    x = (crop - 1) % grid_cols * per_side + patch % per_side
-                    position, cut = (1, y, x), (y, x) in margin
-                tokens.append((cut, -float(cum[crop, slot]), position, crop, slot))
-        count = max(target_num, sum(not t[0] for t in tokens)) if llm_stage else target_num
-        chosen = sorted(sorted(tokens)[:count], key=lambda t: t[2])
-        features.append(projector(torch.stack([feats[t[3], t[4]] for t in chosen])))
-        sources.append([(t[3], int(index[t[3], t[4]])) for t in chosen])
+        feats, chosen = naive_anyres_image(lambda crops, k: _tower(tower, crops, k, feature_layer), pixels, size,
+                                           core.config.image_grid_pinpoints, side, per_side, target_num, llm_stage)
+        features.append(projector(feats))
+        sources.append(chosen)
     return features, sources

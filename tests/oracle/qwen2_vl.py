@@ -16,7 +16,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from oracle.flowcut import naive_flow_scores, naive_prune_count
+from oracle.flowcut import naive_group_prune
 from oracle.lm_stage import Decoder
 
 
@@ -144,15 +144,10 @@ def naive_tower(visual, pixels, grid, target_groups):
         x, q, k, v, scale = _block(block, x, cos, sin, patch_window[:, None] == patch_window[None, :])
         if layer in taps:
             stacks.append(copy.deepcopy(visual.deepstack_merger_list[taps.index(layer)]).double()(x))
-        if len(groups) <= target:
+        cum, keep = naive_group_prune(q, k, v, cum, scale, len(groups), target, L - layer - 1)
+        if keep is None:
             continue
-        cum, hn, _ = naive_flow_scores(q.mean(dim=2), k, v, cum, scale, has_cls=False)
-        rpl = L - layer - 1
-        if rpl % 2:
-            continue
-        G = len(groups)
-        keep = target if rpl == 0 else max(G - naive_prune_count(hn, G, target + 1, rpl), target)
-        scores = cum[0].view(G, m).sum(1)
+        scores = cum[0].view(len(groups), m).sum(1)
         kept = _top_groups(scores, keep)
         rows = [g * m + j for g in kept for j in range(m)]
         x, cum, cos, sin = x[rows], cum[:, rows], cos[rows], sin[rows]
@@ -233,6 +228,30 @@ class QwenDecoder(Decoder):
         return _mrope(x, positions, self.theta, self.sections)
 
 
+def long_layout(decoder, ids, image_token, images, grids, image, target_num):
+    """One prompt's long layout (``ids``: its real token ids): text embedded at consecutive positions on the three
+    axes; an image (the ``image``-th onward: kept tower tokens and groups in ``images``, (t, h, w) in ``grids``) in
+    place of its min(target_num, G₀) placeholders, a group (t, h, w) of an image starting at p at p + (t, h, w), text
+    after it from p + max(h', w'). Returns rows (L, C), positions (3, L), each image's (first row, width, image,
+    placeholders) and the position text after the prompt takes."""
+    rows, positions, segments, current, i = [], [], [], 0, 0
+    while i < len(ids):
+        if ids[i] != image_token:
+            rows.append(decoder.embed[ids[i]])
+            positions.append(torch.full((3,), current))
+            current, i = current + 1, i + 1
+            continue
+        tokens, groups = images[image]
+        t, h, w = grids[image][0], grids[image][1] // 2, grids[image][2] // 2
+        count = min(target_num, t * h * w)
+        assert ids[i:i + count] == [image_token] * count
+        segments.append((len(rows), len(tokens), image, count))
+        rows.extend(tokens)
+        positions.extend(torch.stack([groups // (h * w), groups // w % h, groups % w], 1) + current)
+        current, i, image = current + max(h, w), i + count, image + 1
+    return torch.stack(rows), torch.stack(positions, 1), segments, current
+
+
 @torch.no_grad()
 def naive_stage_logits(model, input_ids, mask, pixel_values, grids, target_num):
     """Last-position logits (B, V) float64 of FlowCut with the language-model stage on a Qwen2(.5)-VL: each image's
@@ -251,27 +270,13 @@ def naive_stage_logits(model, input_ids, mask, pixel_values, grids, target_num):
     out, towers, stages, image = [], [], [], 0
     for b in range(input_ids.shape[0]):
         ids = input_ids[b][mask[b].bool()].tolist()
-        rows, positions, segments, current, i = [], [], [], 0, 0
-        while i < len(ids):
-            if ids[i] != image_token:
-                rows.append(decoder.embed[ids[i]])
-                positions.append(torch.full((3,), current))
-                current, i = current + 1, i + 1
-                continue
-            tokens, groups = images[image]
-            _, h, w = (x // 2 for x in grids[image])
-            segments.append((len(rows), len(tokens), image))
-            rows.extend(tokens)
-            positions.extend(torch.stack([groups // (h * w), groups // w % h, groups % w], 1) + current)
-            current += max(h, w)
-            i += min(target_num, grids[image][0] * h * w)
-            towers.append(groups)
-            image += 1
-        x, positions = torch.stack(rows), torch.stack(positions, 1)
+        x, positions, segments, _ = long_layout(decoder, ids, image_token, images, grids, image, target_num)
+        towers += [images[n][1] for _, _, n, _ in segments]
+        image += len(segments)
         for layer in range(PRUNE_LAYER + 1):
             x, q, k, v = decoder.layer(layer, x, positions)
-        short = [j for j in range(len(rows)) if not any(s <= j < s + n for s, n, _ in segments)]
-        for first, width, _ in segments:
+        short = [j for j in range(len(x)) if not any(s <= j < s + n for s, n, _, _ in segments)]
+        for first, width, _, _ in segments:
             segment = slice(first, first + width)
             kept = _top(stage_scores(q[:, -1], v[:, -1], k[:, segment], v[:, segment]), min(target_num, width))
             stages.append(torch.tensor(kept))

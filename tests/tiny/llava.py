@@ -47,7 +47,13 @@ def random_llava(
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
     )
-    model = seeded_model(LlavaForConditionalGeneration, config, seed, device, attn_implementation)
+    return seeded_llava(LlavaForConditionalGeneration, config, seed, sharpen, dtype, device, attn_implementation)
+
+
+def seeded_llava(cls, config, seed, sharpen, dtype, device, attn_implementation) -> nn.Module:
+    """``cls(config)`` with seeded weights (``random_models.seeded_model``), its vision tower's q/k multiplied by
+    ``sharpen``, greedy (:func:`~tiny.text.greedy`, never emitting ``<image>``), in ``dtype`` and eval mode."""
+    model = seeded_model(cls, config, seed, device, attn_implementation)
     sharpen_attention(model.model.vision_tower, sharpen)
     return greedy(model, [config.image_token_id]).to(dtype).eval()
 
@@ -59,14 +65,22 @@ def tiny_llava_processor(model: nn.Module, tokenizer=None):
     """
     from transformers import LlavaProcessor
 
+    cls_token = int(model.config.vision_config.model_type == "clip_vision_model")
+    return llava_family_processor(LlavaProcessor, "CLIPImageProcessor", model, tokenizer, cls_token)
+
+
+def llava_family_processor(processor_class, image_processor, model, tokenizer, num_additional_image_tokens,
+                           **image_fields):
+    """A stock ``processor_class`` matching ``model``: ``tokenizer`` (default :func:`~tiny.text.tiny_tokenizer`) and
+    the Pillow-backed image processor class ``image_processor`` at the tower's crop size, ``image_fields`` added."""
     vision = model.config.vision_config
     size = vision.image_size
-    return LlavaProcessor(
-        image_processor=pil_image_processor("CLIPImageProcessor")(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    return processor_class(
+        image_processor=pil_image_processor(image_processor)(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **image_fields
         ),
         tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
         patch_size=vision.patch_size,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        num_additional_image_tokens=int(vision.model_type == "clip_vision_model"),
+        num_additional_image_tokens=num_additional_image_tokens,
     )

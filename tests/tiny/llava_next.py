@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowcut_kernels.bench.random_models import TINY_PINPOINTS, seeded_model, sharpen_attention, vision_fields
-from .text import IMAGE_TOKEN, greedy, pil_image_processor, tiny_llama, tiny_tokenizer
+from flowcut_kernels.bench.random_models import TINY_PINPOINTS, vision_fields
+from .llava import llava_family_processor, seeded_llava
+from .text import IMAGE_TOKEN, tiny_llama
 
 
 def random_llava_next(
@@ -47,9 +48,7 @@ def random_llava_next(
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
     )
-    model = seeded_model(LlavaNextForConditionalGeneration, config, seed, device, attn_implementation)
-    sharpen_attention(model.model.vision_tower, sharpen)
-    return greedy(model, [config.image_token_id]).to(dtype).eval()
+    return seeded_llava(LlavaNextForConditionalGeneration, config, seed, sharpen, dtype, device, attn_implementation)
 
 
 def tiny_llava_next_processor(model: nn.Module, tokenizer=None):
@@ -60,15 +59,5 @@ def tiny_llava_next_processor(model: nn.Module, tokenizer=None):
     """
     from transformers import LlavaNextProcessor
 
-    vision = model.config.vision_config
-    size = vision.image_size
-    return LlavaNextProcessor(
-        image_processor=pil_image_processor("LlavaNextImageProcessor")(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-            image_grid_pinpoints=model.config.image_grid_pinpoints,
-        ),
-        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-    )
+    return llava_family_processor(LlavaNextProcessor, "LlavaNextImageProcessor", model, tokenizer, 1,
+                                  image_grid_pinpoints=model.config.image_grid_pinpoints)

@@ -6,14 +6,12 @@ A SigLIP tower on 32 px crops of 4 px patches (8 × 8 = 64 patches, 6 layers), a
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
 from flowcut_kernels.bench.random_models import TINY_PINPOINTS, seeded_model, sharpen_attention
 
-from .text import TINY_WORDS, greedy, word_tokenizer
+from .text import TINY_WORDS, greedy, image_only, word_tokenizer
 
 #: :data:`TINY_WORDS` then OneVision's image and video tokens.
 OV_WORDS = TINY_WORDS + ["<image>", "<video>"]
@@ -55,21 +53,11 @@ def tiny_onevision_processor(model: nn.Module, tokenizer=None):
     import transformers
     from transformers import LlavaOnevisionProcessor
 
-    class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
-        attributes: ClassVar[list[str]] = ["image_processor", "tokenizer"]
-
-        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, **kwargs)
-
-        @classmethod
-        def get_attributes(cls):
-            return cls.attributes
-
     image_processor_class = (getattr(transformers, "LlavaOnevisionImageProcessorPil", None)
                              or transformers.LlavaOnevisionImageProcessor)
     vision = model.config.vision_config
     size = vision.image_size
-    return ImageOnlyOnevisionProcessor(
+    return image_only(LlavaOnevisionProcessor)(
         image_processor=image_processor_class(size={"height": size, "width": size},
                                               image_grid_pinpoints=model.config.image_grid_pinpoints),
         tokenizer=tokenizer if tokenizer is not None else tiny_onevision_tokenizer(),

@@ -7,14 +7,12 @@ by ``sharpen``. Greedy generation (:func:`~tiny.text.greedy`), never emitting a 
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
 from flowcut_kernels.bench.random_models import seeded_model, sharpen_qwen_attention
 
-from .text import QWEN_WORDS, TINY_WORDS, greedy, pil_image_processor, tiny_qwen_tokenizer
+from .text import QWEN_WORDS, TINY_WORDS, greedy, image_only, pil_image_processor, tiny_qwen_tokenizer
 
 #: The tiny text model and the token ids of :func:`~tiny.text.tiny_qwen_tokenizer`.
 _TEXT = dict(
@@ -89,30 +87,13 @@ def random_qwen2_5_vl(
     return seeded_qwen(Qwen2_5_VLForConditionalGeneration, config, seed, sharpen, dtype, device, attn_implementation)
 
 
-def _image_only(processor_class):
-    """``processor_class`` built without a video processor (whose class needs torchvision): images and text only."""
-
-    class ImageOnly(processor_class):
-        attributes: ClassVar[list[str]] = ["image_processor", "tokenizer"]
-
-        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, **kwargs)
-
-        @classmethod
-        def get_attributes(cls):
-            return cls.attributes
-
-    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_class.__name__}"
-    return ImageOnly
-
-
 def _processor(processor_class, tokenizer):
     """An image-only ``processor_class``: :func:`~tiny.text.tiny_qwen_tokenizer` and an image processor of 2-pixel
     patches, 2×2 merge, images resized to 16 … 4096 pixels. Needs Pillow."""
     image_processor = pil_image_processor("Qwen2VLImageProcessor")(
         patch_size=2, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16, "longest_edge": 4096}
     )
-    return _image_only(processor_class)(
+    return image_only(processor_class)(
         image_processor=image_processor, tokenizer=tokenizer if tokenizer is not None else tiny_qwen_tokenizer()
     )
 

@@ -1,10 +1,8 @@
 """Tiny seeded Qwen3-VL models and their processor, built offline from configs (tests only)."""
-from typing import ClassVar
-
 import torch
 
 from .qwen import seeded_qwen, tiny_qwen2_vl_processor
-from .text import QWEN_WORDS
+from .text import QWEN_WORDS, image_only
 
 #: The tower layers whose DeepStack features the tiny model adds to decoder layers 0, 1 and 2 (before and after both
 #: of its tower prunes, and after the stage's prune at decoder layer 1).
@@ -57,18 +55,8 @@ def tiny_qwen3_vl_processor(tokenizer=None):
     needs torchvision): images and text only. Needs Pillow."""
     from transformers import Qwen3VLProcessor
 
-    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-        attributes: ClassVar[list[str]] = ["image_processor", "tokenizer"]
-
-        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, **kwargs)
-
-        @classmethod
-        def get_attributes(cls):
-            return cls.attributes
-
     base = tiny_qwen2_vl_processor(tokenizer)
-    return ImageOnlyQwen3VLProcessor(image_processor=base.image_processor, tokenizer=base.tokenizer)
+    return image_only(Qwen3VLProcessor)(image_processor=base.image_processor, tokenizer=base.tokenizer)
 
 
 def random_qwen3_5(*, seed=0, sharpen=4.0, dtype=torch.float32, device="cpu", attn_implementation="sdpa", depth=4):

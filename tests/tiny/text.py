@@ -1,7 +1,10 @@
-"""The tiny models' text side: word-level tokenizers, the tiny Llama text config, greedy generation, and the
-Pillow-backed image processor classes (recent 5.x name them apart; the default ones want torchvision)."""
+"""The tiny models' text side: word-level tokenizers, the tiny Llama text config, greedy generation, the
+Pillow-backed image processor classes (recent 5.x name them apart; the default ones want torchvision) and processors
+built without their video processor."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import transformers
 from torch import nn
@@ -62,3 +65,20 @@ def greedy(model: nn.Module, suppress_tokens: list[int]) -> nn.Module:
 def pil_image_processor(name: str):
     """transformers' Pillow-backed image processor class ``name`` (``<name>Pil`` in recent 5.x)."""
     return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def image_only(processor_class):
+    """``processor_class`` built without a video processor (whose class needs torchvision): images and text only."""
+
+    class ImageOnly(processor_class):
+        attributes: ClassVar[list[str]] = ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, **kwargs)
+
+        @classmethod
+        def get_attributes(cls):
+            return cls.attributes
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_class.__name__}"
+    return ImageOnly
