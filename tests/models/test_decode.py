@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from oracle.decode import naive_llava_decode, naive_qwen_decode
 from oracle.llava import naive_llava_features
 from oracle.llava_next import naive_next_features
-from test_llava_next import images as next_images
+from vlm_cases import random_images as next_images
 from test_llava_next import tiny_next
 from test_lm_stage import (
     MIXED,
