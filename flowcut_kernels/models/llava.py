@@ -49,7 +49,7 @@ from .. import ops
 from ..checks import FlowCutInputError, require
 from . import lm_stage, seams
 from .encoder import PACKED_OPS, check_pixels, check_target, run_pruned
-from .instance import restore_patch, set_attrs
+from .instance import restore_patch
 from .policy import FlowCutPolicy
 from .registry import Family, FlowCutConfig
 from .schedule import StaticPolicy, check_schedule
@@ -222,14 +222,8 @@ def patch_llava(
     config = FlowCutConfig(target_num, feature_layer, backend, bool(llm_stage), schedule)
     tower = llava_tower(llava_core(model))
     check_schedule(schedule, tower, len(tower.layers) + feature_layer, config.tower_target)
-    core = llava_core(model)
-    if processor is None:
-        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
-    counting = seams.llava_count(processor, target_num) if processor is not None else {}
-    unpatch_llava(model)  # a re-apply starts from the stock model (and restores a replaced processor)
-    if processor is not None:
-        set_attrs(processor, **counting)
-    install(model, core, config, processor, _pruned_image_features, expand_by_prompt("pixel_values"))
+    install(model, llava_core(model), config, processor, seams.llava_count, unpatch_llava, _pruned_image_features,
+            expand_by_prompt("pixel_values"))
 
 
 def unpatch_llava(model: nn.Module) -> None:

@@ -32,7 +32,7 @@ from .. import ops
 from ..checks import require
 from . import lm_stage, seams
 from .encoder import PACKED_OPS, run_pruned
-from .instance import restore_patch, set_attrs
+from .instance import restore_patch
 from .anyres import CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs
 from .vlm import (
     check_feature_layer,
@@ -162,14 +162,8 @@ def patch_llava_next(
     llm_stage = llm_stage is not False
     feature_layer = _check_next(model, target_num, feature_layer, backend, processor, llm_stage)
     config = FlowCutConfig(target_num, feature_layer, backend, llm_stage)
-    core = next_core(model)
-    if processor is None:
-        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
-    counting = seams.next_count(processor, target_num) if processor is not None else {}
-    unpatch_llava_next(model)  # a re-apply starts from the stock model (and restores a replaced processor)
-    if processor is not None:
-        set_attrs(processor, **counting)
-    install(model, core, config, processor, _pruned_image_features, expand_by_prompt("pixel_values", "image_sizes"))
+    install(model, next_core(model), config, processor, seams.next_count, unpatch_llava_next, _pruned_image_features,
+            expand_by_prompt("pixel_values", "image_sizes"))
 
 
 def unpatch_llava_next(model: nn.Module) -> None:

@@ -232,13 +232,8 @@ def patch_llava_onevision(
     feature_layer = _check_onevision(model, target_num, feature_layer, backend, processor, llm_stage)
     config = FlowCutConfig(target_num, feature_layer, backend, llm_stage)
     core = onevision_core(model)
-    if processor is None:
-        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
-    counting = seams.onevision_count(processor, target_num) if processor is not None else {}
-    unpatch_llava_onevision(model)  # a re-apply starts from the stock model (and restores a replaced processor)
-    if processor is not None:
-        set_attrs(processor, **counting)
-    install(model, core, config, processor, _pruned_image_features, expand_by_prompt("pixel_values", "image_sizes"))
+    install(model, core, config, processor, seams.onevision_count, unpatch_llava_onevision, _pruned_image_features,
+            expand_by_prompt("pixel_values", "image_sizes"))
     set_attrs(core, get_video_features=types.MethodType(_refused_video_features, core))
     if llm_stage:
         set_attrs(core, forward=types.MethodType(_staged_forward, core))

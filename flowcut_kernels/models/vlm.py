@@ -212,10 +212,18 @@ def expand_by_prompt(*names: str):
     return expand
 
 
-def install(model, core, config, processor, image_features, expand) -> None:
-    """Set a LLaVA-like patch on its instances: ``core`` gets ``image_features`` as its ``get_image_features``, the
-    placeholder check, ``config`` and ``processor``; with the stage, :func:`staged_forward`, and the outer ``model``
-    pixels for the prefill and ``expand`` (:func:`expand_by_prompt`) for beams."""
+def install(model, core, config, processor, count, unpatch, image_features, expand) -> None:
+    """Set a LLaVA-like patch afresh on its instances. ``processor`` (None: the one a previous patch kept) gets
+    ``count(processor, config.target_num)``'s attributes, read before ``unpatch(model)`` restores the stock model
+    (and a replaced processor); ``core`` gets ``image_features`` as its ``get_image_features``, the placeholder check,
+    ``config`` and ``processor``; with the stage, :func:`staged_forward`, and the outer ``model`` pixels for the
+    prefill and ``expand`` (:func:`expand_by_prompt`) for beams."""
+    if processor is None:
+        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
+    counting = count(processor, config.target_num) if processor is not None else {}
+    unpatch(model)  # a re-apply starts from the stock model (and restores a replaced processor)
+    if processor is not None:
+        set_attrs(processor, **counting)
     set_attrs(
         core,
         get_image_features=types.MethodType(image_features, core),
