@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import FlowCutInputError, require
-from . import lm_stage, seams
+from . import seams
 from .encoder import PACKED_OPS, check_pixels, check_target, run_pruned
 from .instance import restore_patch
 from .policy import FlowCutPolicy
@@ -56,6 +56,7 @@ from .schedule import StaticPolicy, check_schedule
 from .vlm import (
     check_feature_layer,
     check_processor_owner,
+    check_rest,
     check_strategy,
     expand_by_prompt,
     feature_layer_of,
@@ -171,7 +172,7 @@ def _pruned_image_features(
     return out if return_dict else out.to_tuple()
 
 
-def check_processor(processor, model: nn.Module, core: nn.Module) -> None:
+def check_processor(processor, core: nn.Module) -> None:
     """``processor`` must be a ``LlavaProcessor`` with the model's image token, not patched for another model."""
     from transformers import LlavaProcessor
 
@@ -198,17 +199,8 @@ def _check_llava(
     tower = llava_tower(core)
     configured = check_feature_layer(core, tower, feature_layer, "LLaVA")
     target_num = check_target(target_num, tower.num_patches)
-    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
-    if llm_stage:
-        require(
-            2 * target_num < tower.num_patches,
-            f"target_num={target_num} is too large for llm_stage=True: the tower stage keeps 2·target_num = "
-            f"{2 * target_num} of its {tower.num_patches} patches per image, which must be fewer; use target_num <= "
-            f"{(tower.num_patches - 1) // 2}, or leave llm_stage unset",
-        )
-        lm_stage.check_decoder(core.language_model, backend)
-    if processor is not None:
-        check_processor(processor, model, core)
+    check_rest(core, tower, target_num, backend, llm_stage, processor, check_processor,
+               keeps="each image's tower stage", off="leave llm_stage unset")
     return target_num, configured
 
 

@@ -30,12 +30,13 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import require
-from . import lm_stage, seams
+from . import seams
 from .encoder import PACKED_OPS, run_pruned
 from .instance import restore_patch
 from .anyres import CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs
 from .vlm import (
     check_feature_layer,
+    check_rest,
     expand_by_prompt,
     install,
     llava_tower,
@@ -143,11 +144,7 @@ def _check_next(model: nn.Module, target_num: int, feature_layer, backend: str, 
         f"1 and fewer than its {tower.num_patches}; use target_num in [2, {2 * tower.num_patches - 1}]",
     )
     check_fewest_crops(core, target_num)
-    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
-    if llm_stage:
-        lm_stage.check_decoder(core.language_model, backend)
-    if processor is not None:
-        check_processor(processor, core)
+    check_rest(core, tower, target_num, backend, llm_stage, processor, check_processor)
     return configured
 
 

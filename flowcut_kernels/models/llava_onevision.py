@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import FlowCutInputError, require
-from . import lm_stage, seams
+from . import seams
 from .encoder import PACKED_OPS, run_pruned
 from .instance import restore_patch, set_attrs
 from .anyres import CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs
@@ -44,6 +44,7 @@ from .registry import Family, FlowCutConfig
 from .schedule import refuse_schedule
 from .vlm import (
     check_feature_layer,
+    check_rest,
     expand_by_prompt,
     install,
     llava_tower,
@@ -206,17 +207,8 @@ def _check_onevision(model: nn.Module, target_num, feature_layer, backend: str, 
         f"[2, {tower.num_patches - 1}]",
     )
     check_fewest_crops(core, target_num)
-    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
-    if llm_stage:
-        require(
-            2 * target_num < tower.num_patches,
-            f"target_num={target_num} is too large for llm_stage=True: the single crop of a multi-image prompt's image "
-            f"keeps 2·target_num = {2 * target_num} of its {tower.num_patches} patches, which must be fewer; use "
-            f"target_num <= {(tower.num_patches - 1) // 2}, or llm_stage=False",
-        )
-        lm_stage.check_decoder(core.language_model, backend)
-    if processor is not None:
-        check_processor(processor, core)
+    check_rest(core, tower, target_num, backend, llm_stage, processor, check_processor,
+               keeps="the single crop of a multi-image prompt's image", off="llm_stage=False")
     return configured
 
 

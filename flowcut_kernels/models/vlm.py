@@ -13,9 +13,10 @@ import types
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..checks import FlowCutInputError, require
 from . import lm_stage, seams
-from .encoder import feature_index
+from .encoder import PACKED_OPS, feature_index
 from .instance import is_patched, prior_attr, set_attrs
 from .registry import find_tower, is_tower, supported_towers
 from .tower import Tower
@@ -88,6 +89,26 @@ def check_feature_layer(core: nn.Module, tower: Tower, feature_layer, family: st
         )
     check_strategy(core.config.vision_feature_select_strategy, tower, "model.config.vision_feature_select_strategy")
     return configured
+
+
+def check_rest(core: nn.Module, tower: Tower, target_num: int, backend: str, llm_stage: bool, processor,
+               check_processor, keeps: str | None = None, off: str = "") -> None:
+    """The checks a LLaVA-like patch ends with, in this order: ``backend`` for the tower's device and dtype; with
+    ``llm_stage``, that 2·target_num is fewer than the tower's N₀ patches where a crop keeps that many (``keeps``:
+    which, in the message's words; None: none does; ``off``: how to do without the stage), then the decoder; a given
+    ``processor``, by the family's ``check_processor(processor, core)``."""
+    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
+    if llm_stage:
+        if keeps is not None:
+            require(
+                2 * target_num < tower.num_patches,
+                f"target_num={target_num} is too large for llm_stage=True: {keeps} keeps 2·target_num = "
+                f"{2 * target_num} of its {tower.num_patches} patches, which must be fewer; use target_num <= "
+                f"{(tower.num_patches - 1) // 2}, or {off}",
+            )
+        lm_stage.check_decoder(core.language_model, backend)
+    if processor is not None:
+        check_processor(processor, core)
 
 
 def placeholders(core: nn.Module, input_ids, inputs_embeds) -> Tensor:
