@@ -17,7 +17,7 @@ from . import seams
 from .encoder import check_pixels
 from .policy import FlowCutPolicy, LayerView
 from .tower import Tower
-from .vlm import check_processor_owner, check_strategy, feature_layer_of
+from .vlm import check_processor_owner, requested_layer
 
 
 class CropPolicy(FlowCutPolicy):
@@ -81,12 +81,7 @@ def crop_inputs(self: nn.Module, tower: Tower, pixel_values, image_sizes, crops_
     each image (``crops_of(image_sizes)``), the pixels (ΣP_g, 3, S, S) on the tower's device (from (G, P_max, 3,
     S, S) padded, or as given), the feature layer (negative) and ``return_dict``. Pops ``return_dict`` and refuses
     ``output_attentions`` / ``output_hidden_states`` from ``kwargs``."""
-    if vision_feature_layer is None:
-        vision_feature_layer = self.config.vision_feature_layer
-    if vision_feature_select_strategy is None:
-        vision_feature_select_strategy = self.config.vision_feature_select_strategy
-    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
-    check_strategy(vision_feature_select_strategy, tower)
+    feature_layer = requested_layer(self, tower, vision_feature_layer, vision_feature_select_strategy)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)

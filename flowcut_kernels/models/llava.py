@@ -57,11 +57,10 @@ from .vlm import (
     check_feature_layer,
     check_processor_owner,
     check_rest,
-    check_strategy,
     expand_by_prompt,
-    feature_layer_of,
     install,
     llava_tower,
+    requested_layer,
 )
 
 
@@ -116,12 +115,7 @@ def _pruned_image_features(
     """
     config = self.flowcut_config
     tower = llava_tower(self)
-    if vision_feature_layer is None:
-        vision_feature_layer = self.config.vision_feature_layer
-    if vision_feature_select_strategy is None:
-        vision_feature_select_strategy = self.config.vision_feature_select_strategy
-    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
-    check_strategy(vision_feature_select_strategy, tower)
+    feature_layer = requested_layer(self, tower, vision_feature_layer, vision_feature_select_strategy)
     require(
         image_sizes is None,
         "image_sizes is not supported by FlowCut's LLaVA patch (LLaVA-1.5 takes fixed-size images); leave it unset",

@@ -66,6 +66,18 @@ def check_strategy(strategy, tower: Tower, argument: str = "vision_feature_selec
     )
 
 
+def requested_layer(core: nn.Module, tower: Tower, vision_feature_layer, vision_feature_select_strategy) -> int:
+    """The feature layer (negative) a ``get_image_features`` call asks for, its arguments defaulting to the core's
+    config; the strategy must suit the tower (:func:`check_strategy`)."""
+    if vision_feature_layer is None:
+        vision_feature_layer = core.config.vision_feature_layer
+    if vision_feature_select_strategy is None:
+        vision_feature_select_strategy = core.config.vision_feature_select_strategy
+    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
+    check_strategy(vision_feature_select_strategy, tower)
+    return feature_layer
+
+
 def check_processor_owner(processor, core: nn.Module) -> None:
     """``processor`` is not patched by flowcut() for another model (this ``core``'s own is fine: a re-apply)."""
     owner = vars(core).get("_flowcut_processor")
