@@ -3,10 +3,13 @@
 An image of size (H, W) is a base crop (the whole image) and a gh × gw grid of crops (its best
 ``image_grid_pinpoints`` resolution), each a tower pass of side² patches. Here: the crops' FlowCut policy (one
 schedule per image), the layout of an image's kept patches in the language model's order, the inputs the patched
-``get_image_features`` checks, and the processor and ``target_num`` checks both families make.
+``get_image_features`` checks and its output's own fields, and the ``llm_stage``, processor and ``target_num`` checks
+both families make.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +19,30 @@ from ..checks import require
 from . import seams
 from .encoder import check_pixels
 from .policy import FlowCutPolicy, LayerView
+from .schedule import refuse_schedule
 from .tower import Tower
 from .vlm import check_processor_owner, requested_layer
+
+
+@dataclass
+class CropImageFeatures(seams.BaseModelOutputWithPooling):
+    r"""What a patched anyres ``get_image_features`` returns (G images), besides the stock fields (each family's
+    subclass says what those hold).
+
+    keep_indices: list of G int64 tensors (W_g, 2): the (crop, patch) each row of pooler_output came from — crop 0 is
+        the base image, crops 1 … gh·gw the grid in raster order; patch in the crop's raster numbering 0 … N₀ − 1.
+    tokens_per_layer: one list per image: the tokens each of its crops processed in each run layer 0 … F.
+    """
+
+    keep_indices: list[Tensor] | None = None
+    tokens_per_layer: list[list[int]] | None = None
+
+
+def stage_on(llm_stage, schedule, family: str) -> bool:
+    """An anyres family's ``llm_stage`` (True, False, or None: on, their default), with no ``schedule`` given."""
+    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
+    refuse_schedule(schedule, family)
+    return llm_stage is not False
 
 
 class CropPolicy(FlowCutPolicy):

@@ -39,32 +39,20 @@ from ..checks import FlowCutInputError, require
 from . import seams
 from .encoder import PACKED_OPS, run_pruned
 from .instance import restore_patch, set_attrs
-from .anyres import CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs
+from .anyres import (CropImageFeatures, CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs,
+                     stage_on)
 from .registry import Family, FlowCutConfig
-from .schedule import refuse_schedule
-from .vlm import (
-    check_feature_layer,
-    check_rest,
-    expand_by_prompt,
-    install,
-    llava_tower,
-    staged_forward,
-)
+from .vlm import check_feature_layer, check_rest, expand_by_prompt, install, llava_tower, staged_forward
 
 
 @dataclass
-class FlowCutOnevisionImageFeatures(seams.BaseModelOutputWithPooling):
-    r"""What a patched LLaVA-OneVision's ``get_image_features`` returns (G images, K = target_num).
+class FlowCutOnevisionImageFeatures(CropImageFeatures):
+    r"""What a patched LLaVA-OneVision's ``get_image_features`` returns (G images, K = target_num); keep_indices and
+    tokens_per_layer as :class:`.anyres.CropImageFeatures` says.
 
     pooler_output: list of G tensors (W_g, C_text): each image's projected features in the language model's order;
         W_g = K, or W_g ≥ K with the language-model stage (which keeps K).
-    keep_indices: list of G int64 tensors (W_g, 2): the (crop, patch) each row came from — crop 0 is the base image,
-        crops 1 … gh·gw the grid in raster order; patch in the crop's raster numbering 0 … N₀ − 1.
-    tokens_per_layer: one list per image: the tokens each of its crops processed in each run layer 0 … F.
     """
-
-    keep_indices: list[Tensor] | None = None
-    tokens_per_layer: list[list[int]] | None = None
 
 
 def classes() -> tuple[type, type]:
@@ -218,9 +206,7 @@ def patch_llava_onevision(
 ) -> None:
     """Check every argument, then patch the LLaVA-OneVision ``model`` (and ``processor``); see the module
     docstring. ``llm_stage=None`` is the recipe's default for LLaVA-OneVision, as for LLaVA-NeXT: on."""
-    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
-    refuse_schedule(schedule, "LLaVA-OneVision")
-    llm_stage = llm_stage is not False
+    llm_stage = stage_on(llm_stage, schedule, "LLaVA-OneVision")
     feature_layer = _check_onevision(model, target_num, feature_layer, backend, processor, llm_stage)
     config = FlowCutConfig(target_num, feature_layer, backend, llm_stage)
     core = onevision_core(model)
