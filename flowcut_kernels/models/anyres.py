@@ -104,12 +104,11 @@ def crop_inputs(self: nn.Module, tower: Tower, pixel_values, image_sizes, crops_
                 vision_feature_select_strategy, kwargs: dict, family: str):
     """The checked inputs of a patched anyres ``get_image_features`` (``self``: the model's core): the crops of
     each image (``crops_of(image_sizes)``), the pixels (ΣP_g, 3, S, S) on the tower's device (from (G, P_max, 3,
-    S, S) padded, or as given), the feature layer (negative) and ``return_dict``. Pops ``return_dict`` and refuses
-    ``output_attentions`` / ``output_hidden_states`` from ``kwargs``."""
+    S, S) padded, or as given), the feature layer (negative) and ``return_dict`` (None: the config's, for
+    :func:`.instance.returned`). Pops ``return_dict`` and refuses ``output_attentions`` / ``output_hidden_states`` from
+    ``kwargs``."""
     feature_layer = requested_layer(self, tower, vision_feature_layer, vision_feature_select_strategy)
     return_dict = kwargs.pop("return_dict", None)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
     for option in ("output_attentions", "output_hidden_states"):
         require(not kwargs.pop(option, None), f"{option}=True is unavailable on a FlowCut-patched {family} vision "
                                                f"tower; call flowcut_kernels.remove_flowcut(model) first")

@@ -37,7 +37,7 @@ from ..checks import check_int, require
 from . import seams
 from .attention import capturing
 from .encoder import Ragged, check_pixels
-from .instance import is_patched, restore_patch
+from .instance import is_patched, restore_patch, returned
 from .policy import LayerView, scheduled_keep
 from .registry import Family, FlowCutConfig, find_tower, is_tower
 from .schedule import refuse_schedule
@@ -181,9 +181,7 @@ def _pruned_image_features(self: nn.Module, pixel_values: Tensor, **kwargs):
         keep_indices=windows,
         tokens_per_layer=tokens,
     )
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def check_processor(processor, core: nn.Module) -> None:

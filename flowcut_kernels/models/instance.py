@@ -61,3 +61,11 @@ def restore_patch(model, core) -> None:
     restore_attrs(core)
     if model is not core:
         restore_attrs(model)
+
+
+def returned(obj, out, return_dict):
+    """What a patched method of ``obj`` returns, as the stock one does: the output ``out``, or ``out.to_tuple()``
+    with ``return_dict=False`` (None: ``obj.config.return_dict``, True where the config has none)."""
+    if return_dict is None:
+        return_dict = getattr(obj.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()

@@ -49,7 +49,7 @@ from .. import ops
 from ..checks import FlowCutInputError, require
 from . import seams
 from .encoder import PACKED_OPS, check_pixels, check_target, run_pruned
-from .instance import restore_patch
+from .instance import restore_patch, returned
 from .policy import FlowCutPolicy
 from .registry import Family, FlowCutConfig
 from .schedule import StaticPolicy, check_schedule
@@ -161,9 +161,7 @@ def _pruned_image_features(
         keep_indices=keep_indices,
         tokens_per_layer=tokens,
     )
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def check_processor(processor, core: nn.Module) -> None:

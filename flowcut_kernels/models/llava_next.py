@@ -32,7 +32,7 @@ from .. import ops
 from ..checks import require
 from . import seams
 from .encoder import PACKED_OPS, run_pruned
-from .instance import restore_patch
+from .instance import restore_patch, returned
 from .anyres import (CropImageFeatures, CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs,
                      stage_on)
 from .vlm import check_feature_layer, check_rest, expand_by_prompt, install, llava_tower
@@ -108,7 +108,7 @@ def _pruned_image_features(
         keep_indices=where,
         tokens_per_layer=[tokens[c] for c in first_crops],
     )
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def check_processor(processor, core: nn.Module) -> None:

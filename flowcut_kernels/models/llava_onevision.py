@@ -38,7 +38,7 @@ from .. import ops
 from ..checks import FlowCutInputError, require
 from . import seams
 from .encoder import PACKED_OPS, run_pruned
-from .instance import restore_patch, set_attrs
+from .instance import restore_patch, returned, set_attrs
 from .anyres import (CropImageFeatures, CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs,
                      stage_on)
 from .registry import Family, FlowCutConfig
@@ -133,7 +133,7 @@ def _pruned_image_features(
             where[g] = torch.stack([crop[order], image_keep.flatten()[order]], 1)
             tokens[g] = run_tokens[offsets[i]]
     out = FlowCutOnevisionImageFeatures(pooler_output=features, keep_indices=where, tokens_per_layer=tokens)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def _staged_forward(

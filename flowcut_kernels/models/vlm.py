@@ -17,7 +17,7 @@ from .. import ops
 from ..checks import FlowCutInputError, require
 from . import lm_stage, seams
 from .encoder import PACKED_OPS, feature_index
-from .instance import is_patched, prior_attr, set_attrs
+from .instance import is_patched, prior_attr, returned, set_attrs
 from .registry import find_tower, is_tower, supported_towers
 from .tower import Tower
 
@@ -218,9 +218,7 @@ def staged_forward(
         **kwargs,
     )
     out = seams.vlm_output(self, out, encoded)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def expand_by_prompt(*names: str):
