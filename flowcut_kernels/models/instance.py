@@ -4,7 +4,8 @@ A patch never touches a class: it sets attributes on one object (a bound ``forwa
 ``get_image_features``, a config, a processor's counts) and records, in the object's
 ``_flowcut_priors``, which names it set and the values they had before. :func:`restore_attrs`
 puts those values back (or deletes the names that did not exist), and removes the record, so the
-object's ``__dict__`` is what it was before the first patch.
+object's ``__dict__`` is what it was before the first patch. :func:`returned` is what a patched method returns, as
+the stock one would.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The pieces every VLM family's patch shares: placeholders and their count, the LLaVA-like tower checks, processor
-ownership, the language-model stage's forward for LLaVA-like cores, prompt-grouped beam expansion, and the install
-of a LLaVA-like patch on its instances.
+"""The pieces every VLM family's patch shares: placeholders and their count, the LLaVA-like tower checks and the
+checks a LLaVA-like patch ends with, the feature layer a call asks for, processor ownership, the language-model
+stage's forward for LLaVA-like cores, prompt-grouped beam expansion, and the install of a LLaVA-like patch (with its
+processor's re-apply) on its instances.
 
 A family module (``llava.py``, ``llava_next.py``, ``qwen2_vl.py``) holds what is its own — its image features, its
 layout, its processor's checks — and takes the rest from here.
