@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import FlowCutInputError
-from ..models.llava import feature_layer_of
+from ..models.vlm import feature_layer_of
 from . import presets
 
 #: model_type of a configuration -> (family, vision class loaded). Two-tower checkpoints give their vision tower.

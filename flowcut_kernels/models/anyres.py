@@ -3,10 +3,13 @@
 An image of size (H, W) is a base crop (the whole image) and a gh × gw grid of crops (its best
 ``image_grid_pinpoints`` resolution), each a tower pass of side² patches. Here: the crops' FlowCut policy (one
 schedule per image), the layout of an image's kept patches in the language model's order, the inputs the patched
-``get_image_features`` checks, and the processor and ``target_num`` checks both families make.
+``get_image_features`` checks and its output's own fields, and the ``llm_stage``, processor and ``target_num`` checks
+both families make.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +19,30 @@ from ..checks import require
 from . import seams
 from .encoder import check_pixels
 from .policy import FlowCutPolicy, LayerView
+from .schedule import refuse_schedule
 from .tower import Tower
-from .vlm import check_processor_owner, check_strategy, feature_layer_of
+from .vlm import check_processor_owner, requested_layer
+
+
+@dataclass
+class CropImageFeatures(seams.BaseModelOutputWithPooling):
+    r"""What a patched anyres ``get_image_features`` returns (G images), besides the stock fields (each family's
+    subclass says what those hold).
+
+    keep_indices: list of G int64 tensors (W_g, 2): the (crop, patch) each row of pooler_output came from — crop 0 is
+        the base image, crops 1 … gh·gw the grid in raster order; patch in the crop's raster numbering 0 … N₀ − 1.
+    tokens_per_layer: one list per image: the tokens each of its crops processed in each run layer 0 … F.
+    """
+
+    keep_indices: list[Tensor] | None = None
+    tokens_per_layer: list[list[int]] | None = None
+
+
+def stage_on(llm_stage, schedule, family: str) -> bool:
+    """An anyres family's ``llm_stage`` (True, False, or None: on, their default), with no ``schedule`` given."""
+    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
+    refuse_schedule(schedule, family)
+    return llm_stage is not False
 
 
 class CropPolicy(FlowCutPolicy):
@@ -79,17 +104,11 @@ def crop_inputs(self: nn.Module, tower: Tower, pixel_values, image_sizes, crops_
                 vision_feature_select_strategy, kwargs: dict, family: str):
     """The checked inputs of a patched anyres ``get_image_features`` (``self``: the model's core): the crops of
     each image (``crops_of(image_sizes)``), the pixels (ΣP_g, 3, S, S) on the tower's device (from (G, P_max, 3,
-    S, S) padded, or as given), the feature layer (negative) and ``return_dict``. Pops ``return_dict`` and refuses
-    ``output_attentions`` / ``output_hidden_states`` from ``kwargs``."""
-    if vision_feature_layer is None:
-        vision_feature_layer = self.config.vision_feature_layer
-    if vision_feature_select_strategy is None:
-        vision_feature_select_strategy = self.config.vision_feature_select_strategy
-    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
-    check_strategy(vision_feature_select_strategy, tower)
+    S, S) padded, or as given), the feature layer (negative) and ``return_dict`` (None: the config's, for
+    :func:`.instance.returned`). Pops ``return_dict`` and refuses ``output_attentions`` / ``output_hidden_states`` from
+    ``kwargs``."""
+    feature_layer = requested_layer(self, tower, vision_feature_layer, vision_feature_select_strategy)
     return_dict = kwargs.pop("return_dict", None)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
     for option in ("output_attentions", "output_hidden_states"):
         require(not kwargs.pop(option, None), f"{option}=True is unavailable on a FlowCut-patched {family} vision "
                                                f"tower; call flowcut_kernels.remove_flowcut(model) first")

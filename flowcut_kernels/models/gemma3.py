@@ -37,7 +37,7 @@ from ..checks import check_int, require
 from . import seams
 from .attention import capturing
 from .encoder import Ragged, check_pixels
-from .instance import is_patched, restore_patch, set_attrs
+from .instance import is_patched, restore_patch, returned
 from .policy import LayerView, scheduled_keep
 from .registry import Family, FlowCutConfig, find_tower, is_tower
 from .schedule import refuse_schedule
@@ -181,9 +181,7 @@ def _pruned_image_features(self: nn.Module, pixel_values: Tensor, **kwargs):
         keep_indices=windows,
         tokens_per_layer=tokens,
     )
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def check_processor(processor, core: nn.Module) -> None:
@@ -232,14 +230,8 @@ def patch_gemma3(
     refuse_schedule(schedule, "Gemma 3")
     target_num = _check_gemma3(model, target_num, feature_layer, backend, processor, llm_stage)
     config = FlowCutConfig(target_num, -1, backend)
-    core = gemma_core(model)
-    if processor is None:
-        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
-    counting = seams.gemma3_count(processor, target_num) if processor is not None else {}
-    unpatch_gemma3(model)  # a re-apply starts from the stock model (and restores a replaced processor)
-    if processor is not None:
-        set_attrs(processor, **counting)
-    install(model, core, config, processor, _pruned_image_features, None)
+    install(model, gemma_core(model), config, processor, seams.gemma3_count, unpatch_gemma3, _pruned_image_features,
+            None)
 
 
 def unpatch_gemma3(model: nn.Module) -> None:

@@ -4,7 +4,8 @@ A patch never touches a class: it sets attributes on one object (a bound ``forwa
 ``get_image_features``, a config, a processor's counts) and records, in the object's
 ``_flowcut_priors``, which names it set and the values they had before. :func:`restore_attrs`
 puts those values back (or deletes the names that did not exist), and removes the record, so the
-object's ``__dict__`` is what it was before the first patch.
+object's ``__dict__`` is what it was before the first patch. :func:`returned` is what a patched method returns, as
+the stock one would.
 """
 
 from __future__ import annotations
@@ -61,3 +62,11 @@ def restore_patch(model, core) -> None:
     restore_attrs(core)
     if model is not core:
         restore_attrs(model)
+
+
+def returned(obj, out, return_dict):
+    """What a patched method of ``obj`` returns, as the stock one does: the output ``out``, or ``out.to_tuple()``
+    with ``return_dict=False`` (None: ``obj.config.return_dict``, True where the config has none)."""
+    if return_dict is None:
+        return_dict = getattr(obj.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()

@@ -47,20 +47,20 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import FlowCutInputError, require
-from . import lm_stage, seams
+from . import seams
 from .encoder import PACKED_OPS, check_pixels, check_target, run_pruned
-from .instance import restore_patch, set_attrs
+from .instance import restore_patch, returned
 from .policy import FlowCutPolicy
 from .registry import Family, FlowCutConfig
 from .schedule import StaticPolicy, check_schedule
 from .vlm import (
     check_feature_layer,
     check_processor_owner,
-    check_strategy,
+    check_rest,
     expand_by_prompt,
-    feature_layer_of,
     install,
     llava_tower,
+    requested_layer,
 )
 
 
@@ -115,12 +115,7 @@ def _pruned_image_features(
     """
     config = self.flowcut_config
     tower = llava_tower(self)
-    if vision_feature_layer is None:
-        vision_feature_layer = self.config.vision_feature_layer
-    if vision_feature_select_strategy is None:
-        vision_feature_select_strategy = self.config.vision_feature_select_strategy
-    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
-    check_strategy(vision_feature_select_strategy, tower)
+    feature_layer = requested_layer(self, tower, vision_feature_layer, vision_feature_select_strategy)
     require(
         image_sizes is None,
         "image_sizes is not supported by FlowCut's LLaVA patch (LLaVA-1.5 takes fixed-size images); leave it unset",
@@ -166,12 +161,10 @@ def _pruned_image_features(
         keep_indices=keep_indices,
         tokens_per_layer=tokens,
     )
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
-def check_processor(processor, model: nn.Module, core: nn.Module) -> None:
+def check_processor(processor, core: nn.Module) -> None:
     """``processor`` must be a ``LlavaProcessor`` with the model's image token, not patched for another model."""
     from transformers import LlavaProcessor
 
@@ -198,17 +191,8 @@ def _check_llava(
     tower = llava_tower(core)
     configured = check_feature_layer(core, tower, feature_layer, "LLaVA")
     target_num = check_target(target_num, tower.num_patches)
-    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
-    if llm_stage:
-        require(
-            2 * target_num < tower.num_patches,
-            f"target_num={target_num} is too large for llm_stage=True: the tower stage keeps 2·target_num = "
-            f"{2 * target_num} of its {tower.num_patches} patches per image, which must be fewer; use target_num <= "
-            f"{(tower.num_patches - 1) // 2}, or leave llm_stage unset",
-        )
-        lm_stage.check_decoder(core.language_model, backend)
-    if processor is not None:
-        check_processor(processor, model, core)
+    check_rest(core, tower, target_num, backend, llm_stage, processor, check_processor,
+               keeps="each image's tower stage", off="leave llm_stage unset")
     return target_num, configured
 
 
@@ -222,14 +206,8 @@ def patch_llava(
     config = FlowCutConfig(target_num, feature_layer, backend, bool(llm_stage), schedule)
     tower = llava_tower(llava_core(model))
     check_schedule(schedule, tower, len(tower.layers) + feature_layer, config.tower_target)
-    core = llava_core(model)
-    if processor is None:
-        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
-    counting = seams.llava_count(processor, target_num) if processor is not None else {}
-    unpatch_llava(model)  # a re-apply starts from the stock model (and restores a replaced processor)
-    if processor is not None:
-        set_attrs(processor, **counting)
-    install(model, core, config, processor, _pruned_image_features, expand_by_prompt("pixel_values"))
+    install(model, llava_core(model), config, processor, seams.llava_count, unpatch_llava, _pruned_image_features,
+            expand_by_prompt("pixel_values"))
 
 
 def unpatch_llava(model: nn.Module) -> None:

@@ -30,35 +30,25 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import require
-from . import lm_stage, seams
+from . import seams
 from .encoder import PACKED_OPS, run_pruned
-from .instance import restore_patch, set_attrs
-from .anyres import CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs
-from .vlm import (
-    check_feature_layer,
-    expand_by_prompt,
-    install,
-    llava_tower,
-)
-from .schedule import refuse_schedule
+from .instance import restore_patch, returned
+from .anyres import (CropImageFeatures, CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs,
+                     stage_on)
+from .vlm import check_feature_layer, check_rest, expand_by_prompt, install, llava_tower
 from .registry import Family, FlowCutConfig
 
 
 @dataclass
-class FlowCutNextImageFeatures(seams.BaseModelOutputWithPooling):
-    r"""What a patched LLaVA-NeXT's ``get_image_features`` returns (G images, P_g crops each, k = ⌊target_num/2⌋).
+class FlowCutNextImageFeatures(CropImageFeatures):
+    r"""What a patched LLaVA-NeXT's ``get_image_features`` returns (G images, P_g crops each, k = ⌊target_num/2⌋);
+    keep_indices and tokens_per_layer as :class:`.anyres.CropImageFeatures` says.
 
     last_hidden_state: (ΣP_g, 1 + k, C_vision) the feature layer's output on each crop's kept tokens (CLS row first),
         crops image by image, each image's base crop first.
     pooler_output: list of G tensors (W_g, C_text): each image's projected features in the language model's order
         (module docstring); W_g ≥ target_num with ``llm_stage`` (the stage keeps target_num), W_g = target_num without.
-    keep_indices: list of G int64 tensors (W_g, 2): the (crop, patch) each row of pooler_output came from — crop 0 is
-        the base image, crops 1 … gh·gw the grid in raster order; patch in the crop's raster numbering 0 … N₀ − 1.
-    tokens_per_layer: one list per image: the tokens each of its crops processed in each run layer 0 … F.
     """
-
-    keep_indices: list[Tensor] | None = None
-    tokens_per_layer: list[list[int]] | None = None
 
 
 def classes() -> tuple[type, type]:
@@ -118,7 +108,7 @@ def _pruned_image_features(
         keep_indices=where,
         tokens_per_layer=[tokens[c] for c in first_crops],
     )
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def check_processor(processor, core: nn.Module) -> None:
@@ -143,11 +133,7 @@ def _check_next(model: nn.Module, target_num: int, feature_layer, backend: str, 
         f"1 and fewer than its {tower.num_patches}; use target_num in [2, {2 * tower.num_patches - 1}]",
     )
     check_fewest_crops(core, target_num)
-    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
-    if llm_stage:
-        lm_stage.check_decoder(core.language_model, backend)
-    if processor is not None:
-        check_processor(processor, core)
+    check_rest(core, tower, target_num, backend, llm_stage, processor, check_processor)
     return configured
 
 
@@ -157,19 +143,11 @@ def patch_llava_next(
 ) -> None:
     """Check every argument, then patch the LLaVA-NeXT ``model`` (and ``processor``); see the module docstring.
     ``llm_stage=None`` is the recipe's default for LLaVA-NeXT: on."""
-    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
-    refuse_schedule(schedule, "LLaVA-NeXT")
-    llm_stage = llm_stage is not False
+    llm_stage = stage_on(llm_stage, schedule, "LLaVA-NeXT")
     feature_layer = _check_next(model, target_num, feature_layer, backend, processor, llm_stage)
     config = FlowCutConfig(target_num, feature_layer, backend, llm_stage)
-    core = next_core(model)
-    if processor is None:
-        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
-    counting = seams.next_count(processor, target_num) if processor is not None else {}
-    unpatch_llava_next(model)  # a re-apply starts from the stock model (and restores a replaced processor)
-    if processor is not None:
-        set_attrs(processor, **counting)
-    install(model, core, config, processor, _pruned_image_features, expand_by_prompt("pixel_values", "image_sizes"))
+    install(model, next_core(model), config, processor, seams.next_count, unpatch_llava_next, _pruned_image_features,
+            expand_by_prompt("pixel_values", "image_sizes"))
 
 
 def unpatch_llava_next(model: nn.Module) -> None:

@@ -36,34 +36,23 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import FlowCutInputError, require
-from . import lm_stage, seams
+from . import seams
 from .encoder import PACKED_OPS, run_pruned
-from .instance import restore_patch, set_attrs
-from .anyres import CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs
+from .instance import restore_patch, returned, set_attrs
+from .anyres import (CropImageFeatures, CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs,
+                     stage_on)
 from .registry import Family, FlowCutConfig
-from .schedule import refuse_schedule
-from .vlm import (
-    check_feature_layer,
-    expand_by_prompt,
-    install,
-    llava_tower,
-    staged_forward,
-)
+from .vlm import check_feature_layer, check_rest, expand_by_prompt, install, llava_tower, staged_forward
 
 
 @dataclass
-class FlowCutOnevisionImageFeatures(seams.BaseModelOutputWithPooling):
-    r"""What a patched LLaVA-OneVision's ``get_image_features`` returns (G images, K = target_num).
+class FlowCutOnevisionImageFeatures(CropImageFeatures):
+    r"""What a patched LLaVA-OneVision's ``get_image_features`` returns (G images, K = target_num); keep_indices and
+    tokens_per_layer as :class:`.anyres.CropImageFeatures` says.
 
     pooler_output: list of G tensors (W_g, C_text): each image's projected features in the language model's order;
         W_g = K, or W_g ≥ K with the language-model stage (which keeps K).
-    keep_indices: list of G int64 tensors (W_g, 2): the (crop, patch) each row came from — crop 0 is the base image,
-        crops 1 … gh·gw the grid in raster order; patch in the crop's raster numbering 0 … N₀ − 1.
-    tokens_per_layer: one list per image: the tokens each of its crops processed in each run layer 0 … F.
     """
-
-    keep_indices: list[Tensor] | None = None
-    tokens_per_layer: list[list[int]] | None = None
 
 
 def classes() -> tuple[type, type]:
@@ -144,7 +133,7 @@ def _pruned_image_features(
             where[g] = torch.stack([crop[order], image_keep.flatten()[order]], 1)
             tokens[g] = run_tokens[offsets[i]]
     out = FlowCutOnevisionImageFeatures(pooler_output=features, keep_indices=where, tokens_per_layer=tokens)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def _staged_forward(
@@ -206,17 +195,8 @@ def _check_onevision(model: nn.Module, target_num, feature_layer, backend: str, 
         f"[2, {tower.num_patches - 1}]",
     )
     check_fewest_crops(core, target_num)
-    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
-    if llm_stage:
-        require(
-            2 * target_num < tower.num_patches,
-            f"target_num={target_num} is too large for llm_stage=True: the single crop of a multi-image prompt's image "
-            f"keeps 2·target_num = {2 * target_num} of its {tower.num_patches} patches, which must be fewer; use "
-            f"target_num <= {(tower.num_patches - 1) // 2}, or llm_stage=False",
-        )
-        lm_stage.check_decoder(core.language_model, backend)
-    if processor is not None:
-        check_processor(processor, core)
+    check_rest(core, tower, target_num, backend, llm_stage, processor, check_processor,
+               keeps="the single crop of a multi-image prompt's image", off="llm_stage=False")
     return configured
 
 
@@ -226,19 +206,12 @@ def patch_llava_onevision(
 ) -> None:
     """Check every argument, then patch the LLaVA-OneVision ``model`` (and ``processor``); see the module
     docstring. ``llm_stage=None`` is the recipe's default for LLaVA-OneVision, as for LLaVA-NeXT: on."""
-    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
-    refuse_schedule(schedule, "LLaVA-OneVision")
-    llm_stage = llm_stage is not False
+    llm_stage = stage_on(llm_stage, schedule, "LLaVA-OneVision")
     feature_layer = _check_onevision(model, target_num, feature_layer, backend, processor, llm_stage)
     config = FlowCutConfig(target_num, feature_layer, backend, llm_stage)
     core = onevision_core(model)
-    if processor is None:
-        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
-    counting = seams.onevision_count(processor, target_num) if processor is not None else {}
-    unpatch_llava_onevision(model)  # a re-apply starts from the stock model (and restores a replaced processor)
-    if processor is not None:
-        set_attrs(processor, **counting)
-    install(model, core, config, processor, _pruned_image_features, expand_by_prompt("pixel_values", "image_sizes"))
+    install(model, core, config, processor, seams.onevision_count, unpatch_llava_onevision, _pruned_image_features,
+            expand_by_prompt("pixel_values", "image_sizes"))
     set_attrs(core, get_video_features=types.MethodType(_refused_video_features, core))
     if llm_stage:
         set_attrs(core, forward=types.MethodType(_staged_forward, core))

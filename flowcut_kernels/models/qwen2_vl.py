@@ -56,7 +56,7 @@ from .. import ops
 from ..checks import check_int, require
 from . import lm_stage, seams
 from .attention import capturing
-from .instance import prior_attr, restore_patch, set_attrs
+from .instance import prior_attr, restore_patch, returned, set_attrs
 from .policy import scheduled_keep
 from .registry import Family, FlowCutConfig
 from .schedule import refuse_schedule
@@ -415,9 +415,7 @@ def _deepstack_forward(self: nn.Module, attention_mask, positions, inputs_embeds
         **kwargs,
     )
     out = seams.vlm_output(self, out, encoded, rope_deltas=self.rope_deltas)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, encoded, counts, cache, kwargs):
@@ -455,9 +453,7 @@ def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, e
         deepstack=deepstack_embeds(encoded) if encoded.deepstack_features is not None else None, **kwargs,
     )
     out = seams.vlm_output(self, out, encoded, rope_deltas=self.rope_deltas)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def _expand_by_prompt(self: nn.Module, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):

@@ -155,7 +155,8 @@ def calibrate_schedule(
         ending at target_num.
     """
     from .encoder import encode
-    from .llava import feature_layer_of, is_llava, llava_core, llava_tower
+    from .llava import is_llava, llava_core, llava_tower
+    from .vlm import feature_layer_of
 
     if is_llava(tower_or_model):
         core = llava_core(tower_or_model)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..checks import FlowCutInputError, require
 from .encoder import check_pixels, check_target, feature_index, run_pruned
-from .instance import restore_attrs, set_attrs
+from .instance import restore_attrs, returned, set_attrs
 from .policy import FlowCutPolicy
 from .schedule import StaticPolicy, check_schedule
 from .registry import FlowCutConfig, find_tower
@@ -97,9 +97,7 @@ def _pruned_forward(
         out = FlowCutVisionProjectionOutput(image_embeds=self.visual_projection(pooled), **fields)
     else:
         out = FlowCutVisionOutput(pooler_output=pooled, **fields)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def patch_vision_model(

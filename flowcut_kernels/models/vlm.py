@@ -1,6 +1,7 @@
-"""The pieces every VLM family's patch shares: placeholders and their count, the LLaVA-like tower checks, processor
-ownership, the language-model stage's forward for LLaVA-like cores, prompt-grouped beam expansion, and the install
-of a LLaVA-like patch on its instances.
+"""The pieces every VLM family's patch shares: placeholders and their count, the LLaVA-like tower checks and the
+checks a LLaVA-like patch ends with, the feature layer a call asks for, processor ownership, the language-model
+stage's forward for LLaVA-like cores, prompt-grouped beam expansion, and the install of a LLaVA-like patch (with its
+processor's re-apply) on its instances.
 
 A family module (``llava.py``, ``llava_next.py``, ``qwen2_vl.py``) holds what is its own — its image features, its
 layout, its processor's checks — and takes the rest from here.
@@ -13,10 +14,11 @@ import types
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..checks import FlowCutInputError, require
 from . import lm_stage, seams
-from .encoder import feature_index
-from .instance import is_patched, prior_attr, set_attrs
+from .encoder import PACKED_OPS, feature_index
+from .instance import is_patched, prior_attr, returned, set_attrs
 from .registry import find_tower, is_tower, supported_towers
 from .tower import Tower
 
@@ -65,6 +67,18 @@ def check_strategy(strategy, tower: Tower, argument: str = "vision_feature_selec
     )
 
 
+def requested_layer(core: nn.Module, tower: Tower, vision_feature_layer, vision_feature_select_strategy) -> int:
+    """The feature layer (negative) a ``get_image_features`` call asks for, its arguments defaulting to the core's
+    config; the strategy must suit the tower (:func:`check_strategy`)."""
+    if vision_feature_layer is None:
+        vision_feature_layer = core.config.vision_feature_layer
+    if vision_feature_select_strategy is None:
+        vision_feature_select_strategy = core.config.vision_feature_select_strategy
+    feature_layer = feature_layer_of(vision_feature_layer, len(tower.layers))
+    check_strategy(vision_feature_select_strategy, tower)
+    return feature_layer
+
+
 def check_processor_owner(processor, core: nn.Module) -> None:
     """``processor`` is not patched by flowcut() for another model (this ``core``'s own is fine: a re-apply)."""
     owner = vars(core).get("_flowcut_processor")
@@ -88,6 +102,26 @@ def check_feature_layer(core: nn.Module, tower: Tower, feature_layer, family: st
         )
     check_strategy(core.config.vision_feature_select_strategy, tower, "model.config.vision_feature_select_strategy")
     return configured
+
+
+def check_rest(core: nn.Module, tower: Tower, target_num: int, backend: str, llm_stage: bool, processor,
+               check_processor, keeps: str | None = None, off: str = "") -> None:
+    """The checks a LLaVA-like patch ends with, in this order: ``backend`` for the tower's device and dtype; with
+    ``llm_stage``, that 2·target_num is fewer than the tower's N₀ patches where a crop keeps that many (``keeps``:
+    which, in the message's words; None: none does; ``off``: how to do without the stage), then the decoder; a given
+    ``processor``, by the family's ``check_processor(processor, core)``."""
+    ops.resolve_backend(backend, tower.device, tower.dtype, PACKED_OPS)
+    if llm_stage:
+        if keeps is not None:
+            require(
+                2 * target_num < tower.num_patches,
+                f"target_num={target_num} is too large for llm_stage=True: {keeps} keeps 2·target_num = "
+                f"{2 * target_num} of its {tower.num_patches} patches, which must be fewer; use target_num <= "
+                f"{(tower.num_patches - 1) // 2}, or {off}",
+            )
+        lm_stage.check_decoder(core.language_model, backend)
+    if processor is not None:
+        check_processor(processor, core)
 
 
 def placeholders(core: nn.Module, input_ids, inputs_embeds) -> Tensor:
@@ -185,9 +219,7 @@ def staged_forward(
         **kwargs,
     )
     out = seams.vlm_output(self, out, encoded)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return returned(self, out, return_dict)
 
 
 def expand_by_prompt(*names: str):
@@ -212,10 +244,18 @@ def expand_by_prompt(*names: str):
     return expand
 
 
-def install(model, core, config, processor, image_features, expand) -> None:
-    """Set a LLaVA-like patch on its instances: ``core`` gets ``image_features`` as its ``get_image_features``, the
-    placeholder check, ``config`` and ``processor``; with the stage, :func:`staged_forward`, and the outer ``model``
-    pixels for the prefill and ``expand`` (:func:`expand_by_prompt`) for beams."""
+def install(model, core, config, processor, count, unpatch, image_features, expand) -> None:
+    """Set a LLaVA-like patch afresh on its instances. ``processor`` (None: the one a previous patch kept) gets
+    ``count(processor, config.target_num)``'s attributes, read before ``unpatch(model)`` restores the stock model
+    (and a replaced processor); ``core`` gets ``image_features`` as its ``get_image_features``, the placeholder check,
+    ``config`` and ``processor``; with the stage, :func:`staged_forward`, and the outer ``model`` pixels for the
+    prefill and ``expand`` (:func:`expand_by_prompt`) for beams."""
+    if processor is None:
+        processor = vars(core).get("_flowcut_processor")  # a re-apply keeps the model's processor
+    counting = count(processor, config.target_num) if processor is not None else {}
+    unpatch(model)  # a re-apply starts from the stock model (and restores a replaced processor)
+    if processor is not None:
+        set_attrs(processor, **counting)
     set_attrs(
         core,
         get_image_features=types.MethodType(image_features, core),
