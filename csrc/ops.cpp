@@ -65,15 +65,20 @@ void check_scale(double scale) {
               "scale must be a finite positive float (the attention scale, e.g. head_dim ** -0.5), got ", scale);
 }
 
-void check_flow_scores_inputs(const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v,
-                              const std::optional<at::Tensor>& prev, bool has_cls) {
-  TORCH_CHECK(k.dim() == 4, "k must have shape (B, H, S, D), got ", k.sizes());
+// k and v of flow_scores: `dims` dims (shape `shape`), at least one head (dim 1), one shape, one float dtype.
+static void check_kv(const at::Tensor& k, const at::Tensor& v, int64_t dims, const char* shape) {
+  TORCH_CHECK(k.dim() == dims, "k must have shape ", shape, ", got ", k.sizes());
   TORCH_CHECK(k.size(1) >= 1, "k must hold at least one head (H >= 1: the scores are means over heads), got ",
               k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(is_float(k) && v.scalar_type() == k.scalar_type(),
               "k and v must share one dtype of float32/float16/bfloat16/float64, got ", k.scalar_type(), " and ",
               v.scalar_type());
+}
+
+void check_flow_scores_inputs(const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& prev, bool has_cls) {
+  check_kv(k, v, 4, "(B, H, S, D)");
   TORCH_CHECK(q_relay.dim() == 3 && q_relay.size(0) == k.size(0) && q_relay.size(1) == k.size(1) &&
                   q_relay.size(2) == k.size(3),
               "q_relay must have shape (B, H, D) = (", k.size(0), ", ", k.size(1), ", ", k.size(3), "), got ",
@@ -110,13 +115,7 @@ void check_select_gather_inputs(const at::Tensor& hidden, const at::Tensor& cum,
 void check_flow_scores_varlen_inputs(const at::Tensor& q_relay, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& prev,
                                      bool has_cls) {
-  TORCH_CHECK(k.dim() == 3, "k must have shape (T, H, D), got ", k.sizes());
-  TORCH_CHECK(k.size(1) >= 1, "k must hold at least one head (H >= 1: the scores are means over heads), got ",
-              k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(is_float(k) && v.scalar_type() == k.scalar_type(),
-              "k and v must share one dtype of float32/float16/bfloat16/float64, got ", k.scalar_type(), " and ",
-              v.scalar_type());
+  check_kv(k, v, 3, "(T, H, D)");
   check_cu_seqlens(cu_seqlens, k.device());
   const int64_t B = cu_seqlens.numel() - 1, first = has_cls ? 1 : 0;
   TORCH_CHECK(q_relay.dim() == 3 && q_relay.size(0) == B && q_relay.size(1) == k.size(1) &&
