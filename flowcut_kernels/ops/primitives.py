@@ -24,17 +24,17 @@ _DENSE_OFFSETS: dict[tuple[int, int, torch.device], Tensor] = {}
 
 def _dense_offsets(batch: int, n: int, device: torch.device) -> Tensor:
     """(B + 1,) int64 offsets 0, N, 2N, … of a dense batch. Eager calls reuse one read-only tensor per (B, N,
-    device) (the ops never write it; it is only ever an op input, so an inference-mode one serves outside that
-    mode too); traced calls build it."""
+    device), the first 64 such shapes (the ops never write it; it is only ever an op input, so an inference-mode one
+    serves outside that mode too; kept for good, so no stream can still be reading a freed one); traced calls and
+    CUDA-graph captures (whose kernels have not run yet) build it afresh."""
     if torch.compiler.is_compiling():
         return torch.arange(0, (batch + 1) * n, n, device=device, dtype=torch.int64)
     key = (batch, n, device)
     cu = _DENSE_OFFSETS.get(key)
     if cu is None:
         cu = torch.arange(0, (batch + 1) * n, n, device=device, dtype=torch.int64)
-        if type(cu) is Tensor:  # not a fake or other subclass tensor
-            if len(_DENSE_OFFSETS) >= 64:
-                _DENSE_OFFSETS.clear()
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if type(cu) is Tensor and not capturing and len(_DENSE_OFFSETS) < 64:  # not a fake or subclass tensor
             _DENSE_OFFSETS[key] = cu
     return cu
 
