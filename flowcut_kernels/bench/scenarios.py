@@ -28,7 +28,7 @@ Qwen2-VL's (the fused ``qkv``'s q and k thirds, default 8 at the 7B shapes, 4 on
   post-layernorm and the projector (4×4 average pooling to 256 tokens, its norm and its projection to Gemma 3 4B's
   width 2560; the model around it a one-layer stand-in decoder, never run): the stock method against the method
   after ``flowcut(model, K)`` (whole pooling windows, K of the 256 tokens, :mod:`flowcut_kernels.models.gemma3`).
-  All 27 layers also on a CPU: there one stock forward takes about a minute.
+  All 27 layers also on a CPU: there one stock forward took about 30 s (2 shared cores).
 - ``llava-onevision-tower`` (CPU or CUDA): LLaVA-OneVision's tower part, as ``llava-next-crops`` for NeXT: the SigLIP
   So400m tower at 384×384 (27 layers × 1152, 14-px patches, 729 patches a crop, no CLS) on one 768×768 image's 5
   anyres crops (OneVision's default ``image_grid_pinpoints``: the base crop + a 2×2 grid, 5·729 = 3645 patches): the
