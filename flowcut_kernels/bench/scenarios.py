@@ -1,10 +1,11 @@
-"""LLaVA-NeXT and Qwen2-VL presets of :mod:`flowcut_kernels.bench`: whole HF models, or their vision towers.
+"""LLaVA-NeXT, Qwen2-VL, Gemma 3, LLaVA-OneVision, ViT and DINOv2 presets of :mod:`flowcut_kernels.bench`: whole HF
+models, or their vision towers.
 
 Each preset is a :class:`Scenario`; built, it gives the same zero-argument methods as :mod:`.presets` (each
 returning a :class:`~.presets.MethodResult`), timed, tabled and plotted by the same machinery. Random seeded
 weights built directly on the device in the target dtype; the CLIP towers' q/k are sharpened
-(``--sharpen``, default 16) and so are Qwen2-VL's (the fused ``qkv``'s q and k thirds, default 8 at the 7B
-shapes, 4 on the tiny ones).
+(``--sharpen``, default 16), and so are the SigLIP, ViT and DINOv2 towers' (default 16, 8 on the tiny SigLIP ones) and
+Qwen2-VL's (the fused ``qkv``'s q and k thirds, default 8 at the 7B shapes, 4 on the tiny ones).
 
 - ``llava-next-7b`` (CUDA): ``LlavaNextForConditionalGeneration`` — CLIP-L/336 tower, projector, Vicuna-7B-shaped
   decoder; LLaVA-NeXT's default ``image_grid_pinpoints``; each image 672×672 (a base crop + a 2×2 grid: 5 crops,
@@ -22,6 +23,22 @@ shapes, 4 on the tiny ones).
   merge, learned 48×48 position table, DeepStack after layers 8, 16, 24) on a 448×448 image (784 patches, 196 merged
   tokens): the stock tower (merger and DeepStack mergers) against the FlowCut tower stage (the DeepStack features of
   the kept groups included) + the merger.
+- ``gemma3-tower`` (CPU or CUDA): Gemma 3's vision path, ``Gemma3Model.get_image_features``: the SigLIP So400m tower
+  (27 layers × 1152, 16 heads, intermediate 4304, 14-px patches) on an 896×896 image (64×64 = 4096 patches), the
+  post-layernorm and the projector (4×4 average pooling to 256 tokens, its norm and its projection to Gemma 3 4B's
+  width 2560; the model around it a one-layer stand-in decoder, never run): the stock method against the method
+  after ``flowcut(model, K)`` (whole pooling windows, K of the 256 tokens, :mod:`flowcut_kernels.models.gemma3`).
+  All 27 layers also on a CPU: there one stock forward took about 30 s (2 shared cores).
+- ``llava-onevision-tower`` (CPU or CUDA): LLaVA-OneVision's tower part, as ``llava-next-crops`` for NeXT: the SigLIP
+  So400m tower at 384×384 (27 layers × 1152, 14-px patches, 729 patches a crop, no CLS) on one 768×768 image's 5
+  anyres crops (OneVision's default ``image_grid_pinpoints``: the base crop + a 2×2 grid, 5·729 = 3645 patches): the
+  stock tower (all layers, ``hidden_states[-1]``, every patch: OneVision's ``full`` strategy) against FlowCut's crop
+  pass (the crops of an image on one shared schedule, the mean-query variant, ⌊K/2⌋ patches each; no projector, no
+  layout).
+- ``vit-tower`` / ``dinov2-tower`` (CPU or CUDA): ``ViTModel`` at ViT-B/16 (12 layers × 768, 12 heads, 224×224: 196
+  patches + CLS) and ``Dinov2WithRegistersModel`` at DINOv2-L/14 with 4 registers (24 layers × 1024, 16 heads, 224×224:
+  256 patches + CLS + 4 registers, never pruned): the stock last layer's patches (``hidden_states[-1]``) against
+  ``encode(model, pixels, K)`` (:func:`flowcut_kernels.encode`, the CLS variant); their CLS and registers random.
 - ``qwen2-vl-7b`` (CUDA): ``Qwen2VLForConditionalGeneration`` at the 7B shapes (the tower above; LLM 28 layers ×
   3584, GQA 28/4, intermediate 18944, vocabulary 152064, M-RoPE 16/24/24) on a 1288×1288 image (92×92 patches,
   2116 merged tokens) in a 60-token prompt: the stock forward against ``flowcut(model, K)`` (tower stage).
@@ -44,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..checks import require
 from ..models.registry import find_tower
 from . import random_models
 from .presets import TINY_LM, VICUNA_7B, MethodResult, random_prompt, weights_mb
@@ -81,6 +99,24 @@ QWEN_TEXT_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_h
                       rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
 QWEN_IDS_TINY = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
 
+#: SigLIP So400m (Gemma 3's tower at 896 px, LLaVA-OneVision's at 384 px), and tiny SigLIP towers for tests.
+SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14,
+              vision_use_head=False)
+SIGLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, patch_size=4,
+                   vision_use_head=False)
+#: ViT-B/16 and DINOv2-L/14 (with registers) at 224 px, and tiny ones for tests (32 px, 4-px patches).
+VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+               patch_size=16)
+DINOV2_L14 = dict(hidden_size=1024, mlp_ratio=4, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+                  patch_size=14, num_register_tokens=4)
+VIT_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, image_size=32,
+                patch_size=4)
+DINOV2_TINY = dict(hidden_size=32, mlp_ratio=2, num_hidden_layers=6, num_attention_heads=4, image_size=32, patch_size=4,
+                   num_register_tokens=4)
+#: Gemma 3's image-token layout (4B's text width; the stand-in decoder's ids within its 64-word vocabulary).
+GEMMA3_4B = dict(mm_tokens_per_image=256, text_hidden=2560)
+GEMMA3_TINY = dict(mm_tokens_per_image=64, text_hidden=32)
+
 SCENARIO_FAMILIES = ("unpruned", "flowcut")
 #: q/k factor of the Qwen2-VL-7B-shaped random towers: at 448×448, target 64 the schedule then prunes
 #: progressively (1024 → 932 → 840 → … → 276 patches before the last prune to 256), as on a trained tower; 4 keeps
@@ -88,15 +124,23 @@ SCENARIO_FAMILIES = ("unpruned", "flowcut")
 QWEN_SHARPEN = 8.0
 
 
+#: What K counts, by scenario kind (default: merged tokens).
+TARGET_WORDS = {"next": "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)",
+                "next-crops": "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)",
+                "onevision-crops": "K (the LLaVA-OneVision target_num: ⌊K/2⌋ per crop)",
+                "gemma3-tower": "K (pooling windows kept per image)", "vit-tower": "K (patches kept per image)",
+                "dinov2-tower": "K (patches kept per image)"}
+
+
 @dataclass(frozen=True)
 class Scenario:
     """A LLaVA-NeXT or Qwen2-VL preset (module docstring).
 
     kind: "next" (whole LLaVA-NeXT), "next-crops" (its tower on crops), "qwen" (whole Qwen2-VL), "qwen-tower",
-        "qwen3-tower" (Qwen3-VL's).
-    tower: a CLIP shape of :data:`.random_models.PRESETS` (LLaVA-NeXT), or Qwen vision fields.
-    lm: LlamaConfig / Qwen2-VL text fields (whole models). image: (H, W) pixels of each image (LLaVA-NeXT), or
-    (h, w) patches (Qwen2-VL). num_patches: the token count targets are checked against (K < it).
+        "qwen3-tower" (Qwen3-VL's), "gemma3-tower", "onevision-crops", "vit-tower", "dinov2-tower".
+    tower: a CLIP shape of :data:`.random_models.PRESETS` (LLaVA-NeXT), or the tower's config fields.
+    lm: LlamaConfig / Qwen2-VL text fields (whole models; Gemma 3: its token layout). image: (H, W) pixels of each
+    image (LLaVA-NeXT, LLaVA-OneVision), or (h, w) patches (the others). max_target: the largest K.
     """
 
     name: str
@@ -123,8 +167,7 @@ class Scenario:
     def check_target(self, target: int) -> str | None:
         """Why ``target`` cannot be measured, or None."""
         if not self.min_target <= target <= self.max_target:
-            what = "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)" if self.kind.startswith("next") else \
-                "K (merged tokens kept per image)"
+            what = TARGET_WORDS.get(self.kind, "K (merged tokens kept per image)")
             return (f"--target {target} is out of range for --preset {self.name}: {what} must be in "
                     f"[{self.min_target}, {self.max_target}]")
         return None
@@ -157,6 +200,27 @@ SCENARIOS = {s.name: s for s in [
              195, (64,), sharpen=QWEN_SHARPEN),
     Scenario("qwen3-vl-tower-tiny", "qwen3-tower", "qwen3-vl-tower at tiny sizes, for tests", QWEN3_VISION_TINY,
              (16, 16), 63, (16,), sharpen=4.0),
+    Scenario("gemma3-tower", "gemma3-tower", "Gemma 3's SigLIP So400m tower (27 layers x 1152) on an 896x896 image "
+             "(4096 patches) + its projector (4x4 average pooling to 256 tokens): unpruned vs flowcut(model, K) (whole "
+             "pooling windows)", dict(SO400M, image_size=896), (64, 64), 255, (64,), lm=GEMMA3_4B),
+    Scenario("gemma3-tower-tiny", "gemma3-tower", "gemma3-tower at tiny sizes (16x16 patches pooled 2x2 into 64 "
+             "tokens), for tests", dict(SIGLIP_TINY, image_size=64), (16, 16), 63, (16,), lm=GEMMA3_TINY,
+             sharpen=8.0),
+    Scenario("llava-onevision-tower", "onevision-crops", "LLaVA-OneVision's SigLIP So400m tower (27 layers x 1152, 729 "
+             "patches a crop) on one 768x768 image's 5 anyres crops (3645 patches): unpruned vs FlowCut's per-image "
+             "shared-schedule crop pass (K/2 per crop)", dict(SO400M, image_size=384), (768, 768), 1457, (64,),
+             min_target=2),
+    Scenario("llava-onevision-tower-tiny", "onevision-crops", "llava-onevision-tower on a tiny SigLIP tower (5 crops "
+             "of 32 px), for tests", dict(SIGLIP_TINY, image_size=32), (64, 64), 127, (16,),
+             pinpoints=random_models.TINY_PINPOINTS, min_target=2, sharpen=8.0),
+    Scenario("vit-tower", "vit-tower", "ViT-B/16 (12 layers x 768) at 224x224 (196 patches + CLS): unpruned vs "
+             "encode(model, pixels, K)", VIT_B16, (14, 14), 195, (64,)),
+    Scenario("vit-tower-tiny", "vit-tower", "vit-tower at tiny sizes, for tests", VIT_TINY, (8, 8), 63, (16,)),
+    Scenario("dinov2-tower", "dinov2-tower", "DINOv2-L/14 with 4 registers (24 layers x 1024) at 224x224 (256 patches "
+             "+ CLS + 4 registers, never pruned): unpruned vs encode(model, pixels, K)", DINOV2_L14, (16, 16), 255,
+             (64,)),
+    Scenario("dinov2-tower-tiny", "dinov2-tower", "dinov2-tower at tiny sizes, for tests", DINOV2_TINY, (8, 8), 63,
+             (16,)),
     Scenario("qwen2-vl-7b", "qwen", "Qwen2-VL-7B prefill (ViT 32x1280, LLM 28x3584, GQA 28/4) on a 1288x1288 image "
              "(2116 merged tokens) vs FlowCut's tower stage (CUDA only)", QWEN_VISION_7B, (92, 92), 2115,
              (64, 128, 256, 512), (1, 8), lm=QWEN_TEXT_7B, ids=QWEN_IDS_7B, sharpen=QWEN_SHARPEN,
@@ -501,5 +565,184 @@ def _build_qwen(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     return BuiltScenario(s.name, weights_mb(model), make, model, dict(groups=groups))
 
 
+def _pixels(batch: int, side: int, device, dtype, seed: int) -> Tensor:
+    """(batch, 3, side, side) seeded normal pixels."""
+    return torch.randn(batch, 3, side, side, generator=_generator(device, seed), device=device, dtype=dtype)
+
+
+def _siglip(fields: dict, device, dtype, seed, sharpen) -> nn.Module:
+    """A seeded random ``SiglipVisionModel`` of ``fields``, q/k sharpened, in eval mode."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    model = random_models.seeded_model(SiglipVisionModel, SiglipVisionConfig(**fields), seed, device, dtype=dtype)
+    return random_models.sharpen_attention(model, sharpen).eval()
+
+
+def gemma3_config(s: Scenario):
+    """The ``Gemma3Config`` of a ``gemma3-tower`` scenario: its SigLIP tower and projector, around a one-layer stand-in
+    decoder of the text width (which the tower presets never run)."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(vocab_size=64, hidden_size=s.lm["text_hidden"], intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=1, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                            sliding_window=512, layer_types=["full_attention"], pad_token_id=0, bos_token_id=2,
+                            eos_token_id=3)
+    return Gemma3Config(vision_config=SiglipVisionConfig(**s.tower), text_config=text,
+                        mm_tokens_per_image=s.lm["mm_tokens_per_image"], boi_token_index=61, eoi_token_index=62,
+                        image_token_index=63)
+
+
+def _build_gemma3_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers import Gemma3Model
+
+    model = random_models.seeded_model(Gemma3Model, gemma3_config(s), seed, device, dtype=dtype).eval()
+    with torch.no_grad():  # the stock projection starts at zero: give it weights
+        model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
+    random_models.sharpen_attention(model.vision_tower, sharpen)
+    side = s.tower["image_size"]
+    tokens = s.lm["mm_tokens_per_image"]
+    layers = s.tower["num_hidden_layers"]
+
+    def make(batch, target, backends, include, seed):
+        pixels = _pixels(batch, side, device, dtype, seed)
+        found = {}
+        if "unpruned" in include:
+            def unpruned():
+                pooled = model.get_image_features(pixels, return_dict=True).pooler_output
+                return MethodResult(pooled, None, [s.image[0] * s.image[1]] * layers, tokens)
+
+            found["unpruned"] = unpruned
+        if "flowcut" in include:
+            for backend in backends:
+                def run(backend=backend):
+                    with _Patched(model, target, backend):
+                        out = model.get_image_features(pixels, return_dict=True)
+                    return MethodResult(out.pooler_output, out.keep_indices, out.tokens_per_layer[0], target)
+
+                found[f"flowcut-{backend}"] = run
+        return found
+
+    return BuiltScenario(s.name, weights_mb(model.vision_tower) + weights_mb(model.multi_modal_projector), make, model,
+                         dict(pixels=lambda batch, seed: _pixels(batch, side, device, dtype, seed)))
+
+
+def onevision_crops(s: Scenario) -> int:
+    """The crops of a ``onevision-crops`` scenario's image: the base crop and its anyres grid (OneVision's default
+    ``image_grid_pinpoints`` unless the scenario gives its own)."""
+    from transformers import LlavaOnevisionConfig
+
+    from ..models import seams
+
+    pinpoints = s.pinpoints or LlavaOnevisionConfig().image_grid_pinpoints
+    return int(seams.anyres()[1](list(s.image), pinpoints, s.tower["image_size"]))
+
+
+def _build_onevision_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from ..models.anyres import CropPolicy
+    from ..models.encoder import PACKED_OPS, run_pruned
+
+    tower_model = _siglip(s.tower, device, dtype, seed, sharpen)
+    tower = find_tower(tower_model)
+    side = s.tower["image_size"]
+    crops = onevision_crops(s)
+    layers = len(tower.layers)
+
+    def pixels_of(batch, seed):
+        return _pixels(batch * crops, side, device, dtype, seed)
+
+    def make(batch, target, backends, include, seed):
+        pixels = pixels_of(batch, seed)
+        found = {}
+        if "unpruned" in include:
+            def unpruned():
+                out = tower_model(pixel_values=pixels, output_hidden_states=True)
+                features = out.hidden_states[-1]  # OneVision's vision_feature_layer -1, "full": every patch
+                return MethodResult(features, None, [features.shape[1]] * layers, crops * features.shape[1])
+
+            found["unpruned"] = unpruned
+        if "flowcut" in include:
+            for name in backends:
+                def run(name=name):
+                    backend = ops.resolve_backend(name, tower.device, tower.dtype, PACKED_OPS)
+                    policy = CropPolicy(target // 2, [crops] * batch, has_cls=False)
+                    last, keep, tokens = run_pruned(tower, tower.embed(pixels), policy, layers - 1, backend,
+                                                    per_image=True)
+                    return MethodResult(last, keep, tokens[0], crops * (target // 2))
+
+                found[f"flowcut-{name}"] = run
+        return found
+
+    return BuiltScenario(s.name, weights_mb(tower_model), make, tower_model, dict(crops=crops, pixels=pixels_of))
+
+
+def sharpen_vit_attention(model: nn.Module, factor: float) -> nn.Module:
+    """:func:`.random_models.sharpen_attention` for ViT / DINOv2 towers, whose self-attention names its projections
+    ``q_proj`` / ``k_proj`` or (transformers 5.0) ``query`` / ``key``: both (weight and bias) times ``factor``."""
+    tower = find_tower(model)
+    with torch.no_grad():
+        for layer in tower.layers:
+            attention = tower.attention(layer)
+            attention = getattr(attention, "attention", attention)  # 5.0's ViTAttention → its ViTSelfAttention
+            projs = [getattr(attention, n) for n in ("q_proj", "k_proj", "query", "key") if hasattr(attention, n)]
+            require(len(projs) == 2, f"no q/k projections found in {type(attention).__name__}")
+            for proj in projs:
+                proj.weight.mul_(factor)
+                if proj.bias is not None:
+                    proj.bias.mul_(factor)
+    return model
+
+
+def vit_model(s: Scenario, device, dtype, seed, sharpen) -> nn.Module:
+    """The seeded random ``ViTModel`` (no pooler) or ``Dinov2WithRegistersModel`` of a ``vit-tower`` /
+    ``dinov2-tower`` scenario: q/k sharpened, CLS (and registers) random rather than DINOv2's zero start."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        if s.kind == "vit-tower":
+            model = ViTModel._from_config(ViTConfig(**s.tower), attn_implementation="sdpa", dtype=dtype,
+                                          add_pooling_layer=False)
+        else:
+            model = Dinov2WithRegistersModel._from_config(Dinov2WithRegistersConfig(**s.tower),
+                                                          attn_implementation="sdpa", dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.embeddings.named_parameters():
+            if name in ("cls_token", "register_tokens"):
+                param.normal_(0.0, 1.0)
+    return sharpen_vit_attention(model, sharpen).eval()
+
+
+def _build_vit_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from .. import encode
+
+    model = vit_model(s, device, dtype, seed, sharpen)
+    side = s.tower["image_size"]
+    first = 1 + s.tower.get("num_register_tokens", 0)  # CLS, registers
+    patches = s.image[0] * s.image[1]
+    layers = s.tower["num_hidden_layers"]
+
+    def make(batch, target, backends, include, seed):
+        pixels = _pixels(batch, side, device, dtype, seed)
+        found = {}
+        if "unpruned" in include:
+            def unpruned():
+                features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, first:]
+                return MethodResult(features, None, [first + patches] * layers, patches)
+
+            found["unpruned"] = unpruned
+        if "flowcut" in include:
+            for backend in backends:
+                def run(backend=backend):
+                    out = encode(model, pixels, target, backend=backend)
+                    return MethodResult(out.features, out.keep_indices, list(out.tokens_per_layer), target)
+
+                found[f"flowcut-{backend}"] = run
+        return found
+
+    return BuiltScenario(s.name, weights_mb(model), make, model,
+                         dict(pixels=lambda batch, seed: _pixels(batch, side, device, dtype, seed)))
+
+
 BUILDERS = {"next": _build_next, "next-crops": _build_next_crops, "qwen-tower": _build_qwen_tower,
-            "qwen3-tower": _build_qwen_tower, "qwen": _build_qwen}
+            "qwen3-tower": _build_qwen_tower, "qwen": _build_qwen, "gemma3-tower": _build_gemma3_tower,
+            "onevision-crops": _build_onevision_crops, "vit-tower": _build_vit_tower, "dinov2-tower": _build_vit_tower}

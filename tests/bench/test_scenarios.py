@@ -1,4 +1,5 @@
-"""The benchmark's ragged-batch, language-model-stage, primitive, LLaVA-NeXT and Qwen2-VL rows, at tiny sizes."""
+"""The benchmark's ragged-batch, language-model-stage, primitive, LLaVA-NeXT, Qwen2-VL, Gemma 3, LLaVA-OneVision,
+ViT and DINOv2 rows, at tiny sizes."""
 
 import pytest
 import torch
@@ -146,6 +147,10 @@ def test_kernel_rows_time_every_primitive_against_its_composition():
     ("qwen2-vl-tower-tiny", 64, 16, False),  # 16×16 patches, 2×2 merge
     ("qwen3-vl-tower-tiny", 64, 16, False),
     ("qwen2-vl-tiny", 64, 16, True),
+    ("gemma3-tower-tiny", 64, 16, False),  # 16×16 patches pooled 2×2: 64 tokens, K whole windows
+    ("llava-onevision-tower-tiny", 5 * 64, 5 * 8, False),  # 5 crops of 64 patches, ⌊K/2⌋ per crop
+    ("vit-tower-tiny", 64, 16, False),
+    ("dinov2-tower-tiny", 64, 16, False),  # CLS and 4 registers not counted
 ])
 def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, tmp_path):
     pytest.importorskip("matplotlib")
@@ -164,6 +169,51 @@ def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, t
         if lm:
             assert row["lm_tokens"] == 12 + row["tokens_out"] + (2 if preset.startswith("qwen") else 0)
         assert row["tokens_per_layer"]
+
+
+def _stock_output(name, built, pixels):
+    """The stock model's output that a tower preset's unpruned method reports, computed here from its public API."""
+    model = built.model
+    if name.startswith("gemma3"):
+        return model.get_image_features(pixels, return_dict=True).pooler_output
+    out = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    return out if name.startswith("llava-onevision") else out[:, 1 + model.config.to_dict().get(
+        "num_register_tokens", 0):]
+
+
+@pytest.mark.parametrize("name", ["gemma3-tower-tiny", "llava-onevision-tower-tiny", "vit-tower-tiny",
+                                  "dinov2-tower-tiny"])
+def test_family_tower_presets_keep_k_and_unpruned_is_the_stock_model(name):
+    s = scenarios.SCENARIOS[name]
+    built = s.build("cpu", torch.float32, 0, s.sharpen)
+    crops = built.extras.get("crops", 1)
+    fns = built.methods(2, 16, cpu_backends(), {"unpruned", "flowcut"}, 3)
+    with torch.inference_mode():
+        results = {method: fn() for method, fn in fns.items()}
+        stock = _stock_output(name, built, built.extras["pixels"](2, 3))
+    assert torch.equal(results.pop("unpruned").output, stock)
+    per_crop = 16 // 2 if crops > 1 else 16
+    for method, result in results.items():
+        assert result.output.shape[:2] == (2 * crops, per_crop) and torch.isfinite(result.output).all(), method
+        assert result.keep_indices.shape == (2 * crops, per_crop) and result.tokens_out == crops * per_crop
+        assert result.tokens_per_layer[0] > result.tokens_per_layer[-1]  # the schedule pruned
+    if name.startswith("dinov2"):  # CLS + 4 registers ride along in every layer
+        assert results["flowcut-torch"].tokens_per_layer[-1] == 16 + 5
+
+
+def test_family_tower_presets_have_the_real_shapes():
+    gemma = scenarios.gemma3_config(scenarios.SCENARIOS["gemma3-tower"])
+    vision = gemma.vision_config
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.num_attention_heads, vision.intermediate_size,
+            vision.patch_size, vision.image_size) == (27, 1152, 16, 4304, 14, 896)
+    assert gemma.mm_tokens_per_image == 256 and scenarios.SCENARIOS["gemma3-tower"].image == (64, 64)
+    onevision = scenarios.SCENARIOS["llava-onevision-tower"]
+    assert onevision.tower["image_size"] == 384 and onevision.tower["num_hidden_layers"] == 27
+    assert scenarios.onevision_crops(onevision) == 5  # 768×768: the base crop + a 2×2 grid
+    assert scenarios.SCENARIOS["vit-tower"].tower == scenarios.VIT_B16
+    assert scenarios.SCENARIOS["dinov2-tower"].tower["num_register_tokens"] == 4
+    for name in ("gemma3-tower", "llava-onevision-tower", "vit-tower", "dinov2-tower"):
+        assert scenarios.SCENARIOS[name].default_targets == (64,) and scenarios.SCENARIOS[name].cuda_only is None
 
 
 def test_qwen_flop_model_counts_what_an_eager_prefill_multiplies():
@@ -239,6 +289,8 @@ def test_help_lists_every_preset_with_a_line(capsys):
     (["--preset", "llava-next-crops-tiny", "--target", "128"], "target 128 is out of range"),
     (["--preset", "llava-next-tiny", "--target", "1"], "target 1 is out of range"),
     (["--preset", "qwen2-vl-tower-tiny", "--target", "64"], "target 64 is out of range"),
+    (["--preset", "gemma3-tower-tiny", "--target", "64"], "pooling windows kept per image"),
+    (["--preset", "vit-tower-tiny", "--feature-layer", "-2"], "--feature-layer does not apply"),
     (["--preset", "llava-tiny", "--target", "40"], "too large for the stage rows"),
     (["--preset", "ragged-tiny", "--batch", "0"], "--batch 0"),
     (["--preset", "kernels-tiny", "--methods", "serial"], "--methods does not apply"),
