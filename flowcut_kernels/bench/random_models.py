@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
+from ..checks import require
 from ..models.registry import find_tower
 
 #: CLIP vision shapes: ViT-L/14 at 336 px (LLaVA-1.5's tower: 577 tokens, 24 layers) and a tiny one for tests.
@@ -47,10 +48,19 @@ def vision_fields(preset: str, overrides: dict | None = None) -> dict:
 
 
 def sharpen_attention(model: nn.Module, factor: float) -> nn.Module:
-    """Multiply every layer's q_proj and k_proj (weight and bias) by ``factor``; logits scale by factor²."""
+    """Multiply every layer's query and key projections (weight and bias) by ``factor``; logits scale by factor².
+
+    The projections of the attention the tower's patch reads (``find_tower(model).attention(layer)``, or the
+    self-attention inside it): ``q_proj`` / ``k_proj`` (CLIP, SigLIP; ViT and DINOv2 on recent transformers) or
+    ``query`` / ``key`` (ViT and DINOv2 on transformers 5.0)."""
+    tower = find_tower(model)
     with torch.no_grad():
-        for layer in find_tower(model).layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+        for layer in tower.layers:
+            attention = tower.attention(layer)
+            attention = getattr(attention, "attention", attention)
+            projs = [getattr(attention, n) for n in ("q_proj", "k_proj", "query", "key") if hasattr(attention, n)]
+            require(len(projs) == 2, f"no query/key projections found in {type(attention).__name__}")
+            for proj in projs:
                 proj.weight.mul_(factor)
                 if proj.bias is not None:
                     proj.bias.mul_(factor)

@@ -61,7 +61,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..checks import require
 from ..models.registry import find_tower
 from . import random_models
 from .presets import TINY_LM, VICUNA_7B, MethodResult, random_prompt, weights_mb
@@ -675,23 +674,6 @@ def _build_onevision_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltSc
     return BuiltScenario(s.name, weights_mb(tower_model), make, tower_model, dict(crops=crops, pixels=pixels_of))
 
 
-def sharpen_vit_attention(model: nn.Module, factor: float) -> nn.Module:
-    """:func:`.random_models.sharpen_attention` for ViT / DINOv2 towers, whose self-attention names its projections
-    ``q_proj`` / ``k_proj`` or (transformers 5.0) ``query`` / ``key``: both (weight and bias) times ``factor``."""
-    tower = find_tower(model)
-    with torch.no_grad():
-        for layer in tower.layers:
-            attention = tower.attention(layer)
-            attention = getattr(attention, "attention", attention)  # 5.0's ViTAttention → its ViTSelfAttention
-            projs = [getattr(attention, n) for n in ("q_proj", "k_proj", "query", "key") if hasattr(attention, n)]
-            require(len(projs) == 2, f"no q/k projections found in {type(attention).__name__}")
-            for proj in projs:
-                proj.weight.mul_(factor)
-                if proj.bias is not None:
-                    proj.bias.mul_(factor)
-    return model
-
-
 def vit_model(s: Scenario, device, dtype, seed, sharpen) -> nn.Module:
     """The seeded random ``ViTModel`` (no pooler) or ``Dinov2WithRegistersModel`` of a ``vit-tower`` /
     ``dinov2-tower`` scenario: q/k sharpened, CLS (and registers) random rather than DINOv2's zero start."""
@@ -709,7 +691,7 @@ def vit_model(s: Scenario, device, dtype, seed, sharpen) -> nn.Module:
         for name, param in model.embeddings.named_parameters():
             if name in ("cls_token", "register_tokens"):
                 param.normal_(0.0, 1.0)
-    return sharpen_vit_attention(model, sharpen).eval()
+    return random_models.sharpen_attention(model, sharpen).eval()
 
 
 def _build_vit_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:

@@ -4,23 +4,10 @@ with sharpened attention, and pixels for them."""
 import torch
 from torch import nn
 
+from flowcut_kernels.bench.random_models import sharpen_attention
 from flowcut_kernels.models.registry import find_tower
 
 FIELDS = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=4, image_size=32, patch_size=4)
-
-
-def _sharpen(model: nn.Module, factor: float) -> nn.Module:
-    """Multiply each layer's query and key projections by ``factor`` (logits × factor²): progressive pruning."""
-    tower = find_tower(model)
-    with torch.no_grad():
-        for layer in tower.layers:
-            attn = tower.attention(layer)
-            for name in ("q_proj", "k_proj", "query", "key"):
-                proj = getattr(attn, name, None)
-                if proj is not None:
-                    proj.weight.mul_(factor)
-                    proj.bias.mul_(factor)
-    return model
 
 
 def _build(cls, config, seed, sharpen, dtype, attn_implementation, **init):
@@ -30,7 +17,7 @@ def _build(cls, config, seed, sharpen, dtype, attn_implementation, **init):
         for name, param in model.embeddings.named_parameters():
             if name in ("cls_token", "register_tokens"):
                 param.normal_(0.0, 1.0)
-    return _sharpen(model, sharpen).to(dtype).eval()
+    return sharpen_attention(model, sharpen).to(dtype).eval()
 
 
 def vit(seed=0, sharpen=16.0, dtype=torch.float32, attn_implementation="sdpa", pooler=True, **overrides):
