@@ -187,8 +187,9 @@ void head_signals(const double* q, const KV<T>& k, const KV<T>& v, const std::ve
   const int64_t B = int64_t(images.size());
   out.attn_all.resize(H * Tc), out.attn_cand.resize(H * Tc), out.w_attn.resize(B * H);
   out.sem_cand.resize(want_semantic ? H * Tc : 0), out.w_sem.resize(want_semantic ? B * H : 0);
-  // The logits and rho token by token (a token's heads are neighbours in a HF layout: k and v are read once, in
-  // order), image b's head h at H row_b + h len_b + j of the packed rows; then each head's softmax statistics.
+  // The relay logits token by token (a token's heads are neighbours in a HF layout: k is read once, in order), then
+  // the value logits and rho the same way over v (one tensor streamed at a time), image b's head h at
+  // H row_b + h len_b + j of the packed rows; then each head's softmax statistics.
   const int64_t rows = images.back().row + images.back().len;
   out.rho.resize(rows);
   std::vector<double> v0(want_semantic ? B * H * D : 0), attn_logits(H * rows);
@@ -197,15 +198,22 @@ void head_signals(const double* q, const KV<T>& k, const KV<T>& v, const std::ve
     for (int64_t h = 0; h < H; ++h)
       for (int64_t d = 0; d < D; ++d) v0[(b * H + h) * D + d] = double(v.at(b, images[b].row, h)[d * v.elem]);
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = image_of_row(images, r);
+      const Image& img = images[b];
+      const int64_t o = H * img.row + r - img.row;
+      for (int64_t h = 0; h < H; ++h)
+        attn_logits[o + h * img.len] = scale * dot(k.at(b, r, h), k.elem, q + (b * H + h) * D, D);
+    }
+  });
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<double> mean_v(D);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = image_of_row(images, r);
       const Image& img = images[b];
-      const int64_t j = r - img.row, o = H * img.row + j;
-      for (int64_t h = 0; h < H; ++h) {
-        attn_logits[o + h * img.len] = scale * dot(k.at(b, r, h), k.elem, q + (b * H + h) * D, D);
-        if (want_semantic) sem_logits[o + h * img.len] = dot(v.at(b, r, h), v.elem, &v0[(b * H + h) * D], D);
-      }
+      const int64_t o = H * img.row + r - img.row;
+      for (int64_t h = 0; want_semantic && h < H; ++h)
+        sem_logits[o + h * img.len] = dot(v.at(b, r, h), v.elem, &v0[(b * H + h) * D], D);
       std::fill(mean_v.begin(), mean_v.end(), 0.0);
       for (int64_t h = 0; h < H; ++h) add_row(v.at(b, r, h), v.elem, mean_v.data(), D);
       double l1 = 0.0;

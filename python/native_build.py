@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 EXTENSION = "flowcut_kernels._C"
@@ -159,6 +160,11 @@ def native_build(version: str) -> tuple[list, dict]:
         # kernels keep -lineinfo for profilers
         kwargs = {"include_dirs": [str(Path("csrc").resolve())], "extra_compile_args": {"cxx": ["-O3", "-g0"]},
                   "extra_link_args": ["-Wl,--strip-debug"]}
+        if sys.platform.startswith("linux"):
+            # at::parallel_for runs its body on one thread unless the caller is compiled with OpenMP (ATen's OpenMP
+            # backend inlines the parallel region); the soname libgomp.so.1 is the runtime torch already loaded
+            kwargs["extra_compile_args"]["cxx"].append("-fopenmp")
+            kwargs["extra_link_args"].append("-fopenmp")
         if not with_cuda:
             return CppExtension(EXTENSION, CPU_SOURCES, **kwargs)
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", *gencode]

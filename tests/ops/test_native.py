@@ -65,6 +65,15 @@ def test_build_info():
     assert ops.resolve_backend("auto", "cpu") == "native"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP flags are set for Linux builds")
+def test_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for runs its body on one thread in an extension compiled without OpenMP (ATen inlines the
+    parallel region): _C must call the OpenMP runtime (python/native_build.py adds -fopenmp)."""
+    from flowcut_kernels import _C
+
+    assert b"GOMP_parallel" in Path(_C.__file__).read_bytes()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["hf", "contiguous", "strided"])
 @pytest.mark.parametrize("has_cls,semantic", [(True, True), (True, False), (False, True)])
@@ -437,6 +446,40 @@ def test_opcheck_varlen():
         for keep in ([1, 1, 1], [3, 2, 9], [5, 1, 4]):
             torch.library.opcheck(op_select, (hidden, cum[:13], torch.arange(13), cu, keep, True))
         torch.library.opcheck(op_select, (hidden, cum, torch.arange(16), cu, [5, 1, 7], False))
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_outputs_do_not_depend_on_the_thread_count(has_cls):
+    """The CPU kernels' parallel tasks (64-row chunks, heads, images) combine in a fixed order: one thread and two
+    give the same bits, dense and packed."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = qkv(3, 4, 300, 16, torch.float32, "hf", seed=3)
+    n = 300 - has_cls
+    prev, hidden = torch.rand(3, n, generator=g), torch.randn(3, 300, 24, generator=g)
+    lens = (300, 130, 257)
+    qp, kp, vp = packed_qkv(lens, 4, 16, torch.float32, "contiguous", seed=6)
+    cu, tc = offsets(lens), sum(lens) - 3 * has_cls
+    prev_p, hidden_p = torch.rand(tc, generator=g), torch.randn(sum(lens), 24, generator=g)
+    flowcut_ops = torch.ops.flowcut
+
+    def run():
+        cum, entropy, attn = flowcut_ops.native_flow_scores(q, k, v, prev, 0.3, has_cls, True)
+        out = flowcut_ops.native_select_gather(hidden, cum, torch.arange(n).repeat(3, 1), 77, has_cls)
+        cum_p, entropy_p, attn_p = flowcut_ops.native_flow_scores_varlen(qp, kp, vp, cu, prev_p, 0.3, has_cls, True)
+        out_p = flowcut_ops.native_select_gather_varlen(hidden_p, cum_p, torch.arange(tc), cu, [200, 9, 130],
+                                                        has_cls)
+        return cum, entropy, attn, *out, cum_p, entropy_p, attn_p, *out_p
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(one, many):
+        assert torch.equal(x, y)
 
 
 def test_direct_varlen_op_calls_check_their_inputs():
