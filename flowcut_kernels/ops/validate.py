@@ -117,7 +117,9 @@ def counts(name: str, values, n: int, low: int, highs: list[int]) -> list[int]:
         values = values.tolist()
     if not isinstance(values, (list, tuple)) or len(values) != n:
         fail(f"{name} must hold one count per image ({n}), got {values!r}")
-    return [check_int(f"{name}[{b}]", x, low, high) for b, (x, high) in enumerate(zip(values, highs))]
+    # a plain int in range passes without building its name (hot path); anything else gets check_int's message
+    return [x if type(x) is int and low <= x <= high else check_int(f"{name}[{b}]", x, low, high)
+            for b, (x, high) in enumerate(zip(values, highs))]
 
 
 def flow_scores_varlen(
