@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Record the CPU result files of benchmarks/results/ (one json + md + png set per run), each run short.
 # Usage: bash benchmarks/record_cpu.sh [DATE] [RUN ...]
-#   (RUN: main kernels ragged stage next qwen qwen-2b side side-llava; default all)
+#   (RUN: main kernels static ragged stage next qwen qwen-2b side side-llava; default all)
 # Waits for a quiet minute first (1-minute load below 0.5): other work on the cores slows every method.
 set -euo pipefail
 D=${1:-$(date +%F)}; shift || true
-RUNS=${*:-main kernels ragged stage next qwen qwen-2b side side-llava}
+RUNS=${*:-main kernels static ragged stage next qwen qwen-2b side side-llava}
 R=benchmarks/results
 while awk '{exit !($1 >= 0.5)}' /proc/loadavg; do sleep 10; done
 record() {  # name, then the bench arguments
@@ -17,6 +17,8 @@ for run in $RUNS; do
   case $run in
     main) record bench-clip-l-336 --device cpu ;;
     kernels) record kernels --preset kernels --device cpu ;;
+    static) record static-clip-l-336 --preset clip-l-336 --device cpu --batch 1 4 --repeats 5 \
+      --methods unpruned flowcut static compiled ;;
     ragged) record ragged-clip-l-336 --preset ragged-clip-l-336 --device cpu --repeats 4 ;;
     stage) record llava-tiny-stage --preset llava-tiny --device cpu ;;
     next) record llava-next-crops --preset llava-next-crops --device cpu --repeats 4 ;;

@@ -517,10 +517,18 @@ METHOD_NOTES = [
 
 
 def _schedule_notes(rows: list[dict]) -> list[str]:
+    """The method notes, each pruning row's tokens per layer, and its kept-set agreement where measured (the share
+    of the kept patches that original / the adaptive schedule keeps too)."""
     notes = [*METHOD_NOTES, "Tokens per layer:", ""]
+    agree = []
     for r in rows:
         if r["method"] != "unpruned":
             notes.append(f"- B={r['batch']} T={r['target']} {r['method']}: "
                          + " ".join(map(str, r["tokens_per_layer"])))
-    return notes
+        shares = [f"{r[key]:.1%} of {what}'s" for key, what in (("agreement_with_original", "original"),
+                                                                 ("agreement_with_adaptive", "the adaptive schedule"))
+                  if r.get(key) is not None]
+        if shares:
+            agree.append(f"- B={r['batch']} T={r['target']} {r['method']}: keeps {' and '.join(shares)} patches")
+    return notes + (["", "Kept-set agreement:", "", *agree] if agree else [])
 
