@@ -47,3 +47,17 @@ def seeded():
     """Every test starts from the same global RNG state, so a failure reproduces (tests also seed their own
     generators where the values matter)."""
     torch.manual_seed(0)
+
+
+def assert_same_bits_on_one_and_two_threads(run):
+    """``run()`` (a tuple of tensors) gives the same bits on one thread and on two (or the usual count if more)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(one, many, strict=True):
+        assert torch.equal(x, y)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import flowcut_kernels
+from conftest import assert_same_bits_on_one_and_two_threads
 from flowcut_kernels import FlowCutInputError, available_backends, encode, ops, reference
 from flowcut_kernels.bench.random_models import random_clip_vision, random_pixels
 from flowcut_kernels.ops import backends
@@ -470,16 +471,7 @@ def test_outputs_do_not_depend_on_the_thread_count(has_cls):
                                                         has_cls)
         return cum, entropy, attn, *out, cum_p, entropy_p, attn_p, *out_p
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(2, threads))
-        many = run()
-    finally:
-        torch.set_num_threads(threads)
-    for x, y in zip(one, many):
-        assert torch.equal(x, y)
+    assert_same_bits_on_one_and_two_threads(run)
 
 
 def test_direct_varlen_op_calls_check_their_inputs():

@@ -10,6 +10,7 @@ from oracle.primitives import (
     naive_attention_scores, naive_merge_nearest, naive_text_guided_scores, naive_topk_select, nearest_kept,
 )
 
+from conftest import assert_same_bits_on_one_and_two_threads
 from flowcut_kernels import available_backends, ops
 from flowcut_kernels.ops import reference
 
@@ -543,13 +544,4 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
             *OPS.native_merge_nearest(hidden, keys, *sel, None),
         )
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(2, threads))
-        many = run()
-    finally:
-        torch.set_num_threads(threads)
-    for x, y in zip(one, many):
-        assert torch.equal(x, y)
+    assert_same_bits_on_one_and_two_threads(run)
