@@ -53,6 +53,7 @@ The FlowCut methods of the whole-model presets patch the model before each call 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -361,6 +362,16 @@ def _tokens(model) -> int:
     return tower.num_patches + 1
 
 
+def _methods(include: set[str], backends: list[str], unpruned: Callable[[], "MethodResult"],
+             pruned: Callable[[str], "MethodResult"]) -> dict:
+    """A tower scenario's methods, those named in ``include``: ``unpruned`` (a call) and ``flowcut-<backend>``
+    (``pruned(backend)``) for each of ``backends``."""
+    found = {"unpruned": unpruned} if "unpruned" in include else {}
+    if "flowcut" in include:
+        found.update({f"flowcut-{backend}": functools.partial(pruned, backend) for backend in backends})
+    return found
+
+
 def _build_next_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     from ..models.encoder import PACKED_OPS, run_pruned
     from ..models.anyres import CropPolicy
@@ -374,25 +385,19 @@ def _build_next_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenari
 
     def make(batch, target, backends, include, seed):
         pixels = random_models.random_pixels(tower_model, batch * crops, seed=seed)
-        found = {}
-        if "unpruned" in include:
-            def unpruned():
-                out = tower_model(pixel_values=pixels, output_hidden_states=True)
-                features = out.hidden_states[-2][:, 1:]
-                return MethodResult(features, None, [out.hidden_states[0].shape[1]] * layers, crops * features.shape[1])
 
-            found["unpruned"] = unpruned
-        if "flowcut" in include:
-            for name in backends:
-                def run(name=name):
-                    backend = ops.resolve_backend(name, tower.device, tower.dtype, PACKED_OPS)
-                    hidden = tower.embed(pixels)
-                    policy = CropPolicy(target // 2, [crops] * batch)
-                    last, keep, tokens = run_pruned(tower, hidden, policy, feature_idx, backend, per_image=True)
-                    return MethodResult(last[:, 1:], keep, tokens[0], crops * (target // 2))
+        def unpruned():
+            out = tower_model(pixel_values=pixels, output_hidden_states=True)
+            features = out.hidden_states[-2][:, 1:]
+            return MethodResult(features, None, [out.hidden_states[0].shape[1]] * layers, crops * features.shape[1])
 
-                found[f"flowcut-{name}"] = run
-        return found
+        def pruned(name):
+            backend = ops.resolve_backend(name, tower.device, tower.dtype, PACKED_OPS)
+            policy = CropPolicy(target // 2, [crops] * batch)
+            last, keep, tokens = run_pruned(tower, tower.embed(pixels), policy, feature_idx, backend, per_image=True)
+            return MethodResult(last[:, 1:], keep, tokens[0], crops * (target // 2))
+
+        return _methods(include, backends, unpruned, pruned)
 
     return BuiltScenario(s.name, weights_mb(tower_model), make, tower_model, dict(crops=crops))
 
@@ -452,24 +457,20 @@ def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenari
 
     def make(batch, target, backends, include, seed):
         pixels, grid = _qwen_pixels(visual.config, s, batch, device, dtype, seed)
-        found = {}
-        if "unpruned" in include:
-            def unpruned():
-                merged = visual(pixels, grid_thw=grid).pooler_output
-                tokens = [s.image[0] * s.image[1]] * len(visual.blocks)
-                return MethodResult(merged.view(batch, groups, -1), None, tokens, groups)
 
-            found["unpruned"] = unpruned
-        if "flowcut" in include:
-            for name in backends:
-                def run(name=name):
-                    backend = ops.resolve_backend(name, visual.device, visual.dtype, TOWER_OPS)
-                    hidden, keep, _ = pruned_tower(visual, pixels, grid, [target] * batch, backend)
-                    merged = visual.merger(hidden)
-                    return MethodResult(merged.view(batch, target, -1), torch.stack(keep), [], target)
+        def unpruned():
+            merged = visual(pixels, grid_thw=grid).pooler_output
+            tokens = [s.image[0] * s.image[1]] * len(visual.blocks)
+            return MethodResult(merged.view(batch, groups, -1), None, tokens, groups)
 
-                per_layer = [n // batch for n in _tower_tokens(visual, run)]  # every image alike: the same schedule
-                found[f"flowcut-{name}"] = _with_tokens(run, per_layer)
+        def pruned(name):
+            backend = ops.resolve_backend(name, visual.device, visual.dtype, TOWER_OPS)
+            hidden, keep, _ = pruned_tower(visual, pixels, grid, [target] * batch, backend)
+            return MethodResult(visual.merger(hidden).view(batch, target, -1), torch.stack(keep), [], target)
+
+        found = _methods(include, backends, unpruned, pruned)
+        for key in [key for key in found if key.startswith("flowcut-")]:  # every image alike: the same schedule
+            found[key] = _with_tokens(found[key], [n // batch for n in _tower_tokens(visual, found[key])])
         return found
 
     return BuiltScenario(s.name, weights_mb(visual), make, visual, dict(groups=groups))
@@ -604,22 +605,17 @@ def _build_gemma3_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScena
 
     def make(batch, target, backends, include, seed):
         pixels = _pixels(batch, side, device, dtype, seed)
-        found = {}
-        if "unpruned" in include:
-            def unpruned():
-                pooled = model.get_image_features(pixels, return_dict=True).pooler_output
-                return MethodResult(pooled, None, [s.image[0] * s.image[1]] * layers, tokens)
 
-            found["unpruned"] = unpruned
-        if "flowcut" in include:
-            for backend in backends:
-                def run(backend=backend):
-                    with _Patched(model, target, backend):
-                        out = model.get_image_features(pixels, return_dict=True)
-                    return MethodResult(out.pooler_output, out.keep_indices, out.tokens_per_layer[0], target)
+        def unpruned():
+            pooled = model.get_image_features(pixels, return_dict=True).pooler_output
+            return MethodResult(pooled, None, [s.image[0] * s.image[1]] * layers, tokens)
 
-                found[f"flowcut-{backend}"] = run
-        return found
+        def pruned(backend):
+            with _Patched(model, target, backend):
+                out = model.get_image_features(pixels, return_dict=True)
+            return MethodResult(out.pooler_output, out.keep_indices, out.tokens_per_layer[0], target)
+
+        return _methods(include, backends, unpruned, pruned)
 
     return BuiltScenario(s.name, weights_mb(model.vision_tower) + weights_mb(model.multi_modal_projector), make, model,
                          dict(pixels=lambda batch, seed: _pixels(batch, side, device, dtype, seed)))
@@ -651,25 +647,19 @@ def _build_onevision_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltSc
 
     def make(batch, target, backends, include, seed):
         pixels = pixels_of(batch, seed)
-        found = {}
-        if "unpruned" in include:
-            def unpruned():
-                out = tower_model(pixel_values=pixels, output_hidden_states=True)
-                features = out.hidden_states[-1]  # OneVision's vision_feature_layer -1, "full": every patch
-                return MethodResult(features, None, [features.shape[1]] * layers, crops * features.shape[1])
 
-            found["unpruned"] = unpruned
-        if "flowcut" in include:
-            for name in backends:
-                def run(name=name):
-                    backend = ops.resolve_backend(name, tower.device, tower.dtype, PACKED_OPS)
-                    policy = CropPolicy(target // 2, [crops] * batch, has_cls=False)
-                    last, keep, tokens = run_pruned(tower, tower.embed(pixels), policy, layers - 1, backend,
-                                                    per_image=True)
-                    return MethodResult(last, keep, tokens[0], crops * (target // 2))
+        def unpruned():
+            out = tower_model(pixel_values=pixels, output_hidden_states=True)
+            features = out.hidden_states[-1]  # OneVision's vision_feature_layer -1, "full": every patch
+            return MethodResult(features, None, [features.shape[1]] * layers, crops * features.shape[1])
 
-                found[f"flowcut-{name}"] = run
-        return found
+        def pruned(name):
+            backend = ops.resolve_backend(name, tower.device, tower.dtype, PACKED_OPS)
+            policy = CropPolicy(target // 2, [crops] * batch, has_cls=False)
+            last, keep, tokens = run_pruned(tower, tower.embed(pixels), policy, layers - 1, backend, per_image=True)
+            return MethodResult(last, keep, tokens[0], crops * (target // 2))
+
+        return _methods(include, backends, unpruned, pruned)
 
     return BuiltScenario(s.name, weights_mb(tower_model), make, tower_model, dict(crops=crops, pixels=pixels_of))
 
@@ -705,21 +695,16 @@ def _build_vit_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario
 
     def make(batch, target, backends, include, seed):
         pixels = _pixels(batch, side, device, dtype, seed)
-        found = {}
-        if "unpruned" in include:
-            def unpruned():
-                features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, first:]
-                return MethodResult(features, None, [first + patches] * layers, patches)
 
-            found["unpruned"] = unpruned
-        if "flowcut" in include:
-            for backend in backends:
-                def run(backend=backend):
-                    out = encode(model, pixels, target, backend=backend)
-                    return MethodResult(out.features, out.keep_indices, list(out.tokens_per_layer), target)
+        def unpruned():
+            features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, first:]
+            return MethodResult(features, None, [first + patches] * layers, patches)
 
-                found[f"flowcut-{backend}"] = run
-        return found
+        def pruned(backend):
+            out = encode(model, pixels, target, backend=backend)
+            return MethodResult(out.features, out.keep_indices, list(out.tokens_per_layer), target)
+
+        return _methods(include, backends, unpruned, pruned)
 
     return BuiltScenario(s.name, weights_mb(model), make, model,
                          dict(pixels=lambda batch, seed: _pixels(batch, side, device, dtype, seed)))
