@@ -19,6 +19,10 @@ Qwen2-VL's (the fused ``qkv``'s q and k thirds, default 8 at the 7B shapes, 4 on
 - ``qwen2-vl-tower`` (CPU or CUDA): the Qwen2-VL-7B vision tower (32 layers × 1280, 16 heads, 14-px patches, 2×2
   merge) on a 448×448 image (1024 patches, 256 merged tokens): the stock tower + merger against the FlowCut tower
   stage (whole merge groups, :func:`flowcut_kernels.models.qwen2_vl.pruned_tower`) + the merger.
+- ``qwen2-vl-video-tower`` (CUDA; a CPU takes minutes a call): the same tower on a 16-frame 448×448 video (t = 8
+  temporal patches of 1024 patches, 2048 merged tokens): the stock tower (attending within each frame) against
+  FlowCut's video rule, K per video spread evenly over its 8 frames, each frame pruned as an image, all frames in one
+  pass (:func:`flowcut_kernels.models.qwen2_vl.pruned_media`).
 - ``qwen3-vl-tower`` (CPU or CUDA): the Qwen3-VL-8B vision tower (27 layers × 1152, 16 heads, 16-px patches, 2×2
   merge, learned 48×48 position table, DeepStack after layers 8, 16, 24) on a 448×448 image (784 patches, 196 merged
   tokens): the stock tower (merger and DeepStack mergers) against the FlowCut tower stage (the DeepStack features of
@@ -128,7 +132,9 @@ QWEN_SHARPEN = 8.0
 TARGET_WORDS = {"next": "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)",
                 "next-crops": "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)",
                 "onevision-crops": "K (the LLaVA-OneVision target_num: ⌊K/2⌋ per crop)",
-                "gemma3-tower": "K (pooling windows kept per image)", "vit-tower": "K (patches kept per image)",
+                "gemma3-tower": "K (pooling windows kept per image)",
+                "qwen-tower": "K (merged tokens kept per image, or per video: at least 1 a frame)",
+                "vit-tower": "K (patches kept per image)",
                 "dinov2-tower": "K (patches kept per image)"}
 
 
@@ -140,7 +146,8 @@ class Scenario:
         "qwen3-tower" (Qwen3-VL's), "gemma3-tower", "onevision-crops", "vit-tower", "dinov2-tower".
     tower: a CLIP shape of :data:`.random_models.PRESETS` (LLaVA-NeXT), or the tower's config fields.
     lm: LlamaConfig / Qwen2-VL text fields (whole models; Gemma 3: its token layout). image: (H, W) pixels of each
-    image (LLaVA-NeXT, LLaVA-OneVision), or (h, w) patches (the others). max_target: the largest K.
+    image (LLaVA-NeXT, LLaVA-OneVision), or (h, w) patches (the others). max_target: the largest K. frames: the
+    temporal patches t of a Qwen tower's input (1: an image; more: a video of 2t frames, K tokens per video).
     """
 
     name: str
@@ -160,6 +167,7 @@ class Scenario:
     cuda_only: str | None = None
     families: tuple[str, ...] = SCENARIO_FAMILIES
     min_target: int = 1
+    frames: int = 1
 
     def default_methods(self, device: torch.device) -> list[str]:
         return list(self.families)
@@ -195,6 +203,12 @@ SCENARIOS = {s.name: s for s in [
              (64,), sharpen=QWEN_SHARPEN),
     Scenario("qwen2-vl-tower-tiny", "qwen-tower", "qwen2-vl-tower at tiny sizes, for tests", QWEN_VISION_TINY,
              (16, 16), 63, (16,), sharpen=4.0),
+    Scenario("qwen2-vl-video-tower", "qwen-tower", "Qwen2-VL-7B vision tower (32 layers x 1280) on a 16-frame 448x448 "
+             "video (8 temporal patches x 1024 patches, 2048 merged tokens): unpruned vs the FlowCut tower stage, K "
+             "per video spread over its frames (minutes per call on a CPU)", QWEN_VISION_7B, (32, 32), 2047, (256,),
+             sharpen=QWEN_SHARPEN, min_target=8, frames=8),
+    Scenario("qwen2-vl-video-tower-tiny", "qwen-tower", "qwen2-vl-video-tower at tiny sizes (8 frames), for tests",
+             QWEN_VISION_TINY, (16, 16), 255, (16,), sharpen=4.0, min_target=4, frames=4),
     Scenario("qwen3-vl-tower", "qwen3-tower", "Qwen3-VL-8B vision tower (27 layers x 1152, DeepStack) on a 448x448 "
              "image (784 patches, 196 merged tokens): unpruned vs the FlowCut tower stage", QWEN3_VISION_8B, (28, 28),
              195, (64,), sharpen=QWEN_SHARPEN),
@@ -404,10 +418,10 @@ def _build_next_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenari
 
 def _qwen_pixels(visual_config, s: Scenario, batch: int, device, dtype, seed) -> tuple[Tensor, Tensor]:
     h, w = s.image
-    t = visual_config.temporal_patch_size
-    width = visual_config.in_channels * t * visual_config.patch_size**2
-    pixels = torch.randn(batch * h * w, width, generator=_generator(device, seed), device=device, dtype=dtype)
-    grid = torch.tensor([[1, h, w]] * batch, device=device)
+    width = visual_config.in_channels * visual_config.temporal_patch_size * visual_config.patch_size**2
+    pixels = torch.randn(batch * s.frames * h * w, width, generator=_generator(device, seed), device=device,
+                         dtype=dtype)
+    grid = torch.tensor([[s.frames, h, w]] * batch, device=device)
     return pixels, grid
 
 
@@ -448,24 +462,24 @@ def _qwen_tower_model(s: Scenario) -> tuple[type, object]:
 
 
 def _build_qwen_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
-    from ..models.qwen2_vl import TOWER_OPS, pruned_tower
+    from ..models.qwen2_vl import TOWER_OPS, frame_split, pruned_media
 
     visual = random_models.seeded_model(*_qwen_tower_model(s), seed, device, dtype=dtype).eval()
     random_models.sharpen_qwen_attention(visual, sharpen)
     m = visual.spatial_merge_size**2
-    groups = s.image[0] * s.image[1] // m
+    patches = s.frames * s.image[0] * s.image[1]
+    groups = patches // m
 
     def make(batch, target, backends, include, seed):
         pixels, grid = _qwen_pixels(visual.config, s, batch, device, dtype, seed)
 
         def unpruned():
             merged = visual(pixels, grid_thw=grid).pooler_output
-            tokens = [s.image[0] * s.image[1]] * len(visual.blocks)
-            return MethodResult(merged.view(batch, groups, -1), None, tokens, groups)
+            return MethodResult(merged.view(batch, groups, -1), None, [patches] * len(visual.blocks), groups)
 
-        def pruned(name):
+        def pruned(name):  # a video: its frames' shares of K (models.qwen2_vl.frame_split), all in one pass
             backend = ops.resolve_backend(name, visual.device, visual.dtype, TOWER_OPS)
-            hidden, keep, _ = pruned_tower(visual, pixels, grid, [target] * batch, backend)
+            hidden, keep, _ = pruned_media(visual, pixels, grid, [frame_split(target, s.frames)] * batch, backend)
             return MethodResult(visual.merger(hidden).view(batch, target, -1), torch.stack(keep), [], target)
 
         found = _methods(include, backends, unpruned, pruned)

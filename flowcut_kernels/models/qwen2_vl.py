@@ -38,13 +38,22 @@ them (text-guided), and the later layers and the cache see the prompt's layout, 
 position; text and ``rope_deltas`` count on from the unpruned sequence, as without the stage. ``llm_stage=False``:
 the tower stage alone, K_b groups per image.
 
-The processor, when given, writes K_b placeholders per image (its ``replace_image_token``), and refuses videos.
+**Videos** (``pixel_values_videos``, ``video_grid_thw``; ``get_video_features`` patched too): a video of grid (t, h, w)
+keeps K_v = min(target_num, G₀) groups, frame f ⌊K_v/t⌋ of them and the first K_v mod t frames one more
+(:func:`frame_split`); the towers attend within each frame, so each frame is pruned as an image with its share, in
+the same tower pass. Images and video frames are **units** of the prompt (:func:`placeholder_units`); M-RoPE positions
+are the model's own ``get_rope_index`` on the unpruned prompt, taken at the text and the kept groups
+(:func:`mrope_positions`: Qwen2.5-VL's temporal scaling and Qwen3-VL's timestamps come with it).
+
+The processor, when given, writes K_b placeholders per image (its ``replace_image_token``) and each video's frames'
+shares of K_v in the stock video text (its ``replace_video_token``).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import re
 import types
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -102,28 +111,54 @@ def qwen_core(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) and hasattr(inner, "visual") else model
 
 
+def frame_split(total: int, frames: int) -> list[int]:
+    """How a video's ``total`` tokens spread over its ``frames`` (t) frames: evenly, the first total mod t frames
+    one more (an image: one frame, all of them)."""
+    return [total // frames + (f < total % frames) for f in range(frames)]
+
+
+def frame_counts(core: nn.Module, grid: Tensor, factor: int = 1) -> list[list[int]]:
+    """Per image or video (grid rows (t, h, w)), the tokens each of its t frames keeps: K_v = min(factor·target_num,
+    G₀), G₀ = t·h·w / m, by :func:`frame_split`."""
+    target, merge = factor * core.flowcut_config.target_num, core.visual.spatial_merge_size**2
+    return [frame_split(min(target, t * h * w // merge), t) for t, h, w in grid.tolist()]
+
+
 def token_counts(core: nn.Module, grid: Tensor, factor: int = 1) -> list[int]:
-    """The language-model tokens of each image: K_b = min(target_num, G₀_b), G₀_b = t·h·w / m (with ``factor``:
-    min(factor·target_num, G₀_b))."""
-    target = factor * core.flowcut_config.target_num
-    return [min(target, g) for g in (grid.prod(-1) // core.visual.spatial_merge_size**2).tolist()]
+    """The language-model tokens of each image or video: K_b = min(target_num, G₀_b), G₀_b = t·h·w / m (with
+    ``factor``: min(factor·target_num, G₀_b))."""
+    return [sum(counts) for counts in frame_counts(core, grid, factor)]
 
 
-def _check_grid(grid, merge: int) -> Tensor:
+def first_groups(core: nn.Module, grid: Tensor, factor: int = 1) -> list[Tensor]:
+    """Per image or video, groups in the counts of :func:`frame_counts`: the first K_f of each frame f (numbered in
+    the image or video, row-major over (t, h', w')); where placeholders stand before the tower has run."""
+    merge = core.visual.spatial_merge_size**2
+    return [torch.cat([torch.arange(k) + f * (h * w // merge) for f, k in enumerate(counts)])
+            for (_, h, w), counts in zip(grid.tolist(), frame_counts(core, grid, factor))]
+
+
+def _check_grid(grid, merge: int, kind: str, target: int) -> Tensor:
+    name, pixels = ("image_grid_thw", "pixel_values") if kind == "image" else ("video_grid_thw", "pixel_values_videos")
     require(
         isinstance(grid, Tensor) and grid.dim() == 2 and grid.shape[1] == 3,
-        "image_grid_thw is required: pass the (B, 3) grid the processor returns with pixel_values",
+        f"{name} is required: pass the (B, 3) grid the processor returns with {pixels}",
     )
     require(
         bool((grid[:, 1:] % merge == 0).all()) and bool((grid > 0).all()),
-        f"image_grid_thw={grid.tolist()} has a height or width the merger cannot take: each must be a multiple of "
-        f"spatial_merge_size = {merge}; resize the images with the model's image processor",
+        f"{name}={grid.tolist()} has a height or width the merger cannot take: each must be a multiple of "
+        f"spatial_merge_size = {merge}; resize the {kind}s with the model's {kind} processor",
     )
     require(  # the stock towers attend within each of the t frames; the group loop within each image
-        bool((grid[:, 0] == 1).all()),
+        kind == "video" or bool((grid[:, 0] == 1).all()),
         f"image_grid_thw={grid.tolist()} has images of t > 1 frames: an image is one frame (t = 1, as the image "
-        f"processor writes it); pass several frames as a video (call flowcut_kernels.remove_flowcut(model) first: "
-        f"the patch prunes images only)",
+        f"processor writes it); pass several frames as a video (pixel_values_videos, video_grid_thw)",
+    )
+    require(
+        bool((grid[:, 0] <= target).all()),
+        f"video_grid_thw={grid.tolist()} has a video of more frames than target_num = {target} tokens: FlowCut keeps "
+        f"at least one token of each frame (t = frames / temporal_patch_size); sample fewer frames, or patch with a "
+        f"larger target_num",
     )
     return grid
 
@@ -225,25 +260,48 @@ def pruned_tower(visual: nn.Module, pixels: Tensor, grid: Tensor, targets: list[
     return PrunedTower(hidden, (number - starts).to(hidden.device).split(groups), deepstack)
 
 
-def _pruned_image_features(self: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **kwargs):
-    """Patched ``Qwen2VLModel.get_image_features``: a :class:`FlowCutQwenImageFeatures` (a tuple with
-    ``return_dict=False``), like the stock method."""
+def pruned_media(visual: nn.Module, pixels: Tensor, grid: Tensor, counts: list[list[int]], backend: str
+                 ) -> PrunedTower:
+    """:func:`pruned_tower` on images and videos: each frame is pruned as an image of its own (the towers attend
+    within each frame), all in one pass.
+
+    Args:
+        pixels: (P, C_in·t·p·p) the patches of the images or videos, each frame after frame; grid: (B, 3) their
+            (t, h, w); counts: B lists, the groups each of the t frames keeps (:func:`frame_counts`).
+
+    Returns the :class:`PrunedTower` of the B images or videos: ``keep_groups`` (Σ_f counts[b][f],) numbered in the
+    image or video (frame f's group g is f·h'·w' + g), DeepStack rows per image or video.
+    """
+    merge = visual.spatial_merge_size**2
+    frames = grid.repeat_interleave(grid[:, 0], dim=0)
+    frames[:, 0] = 1
+    tower = pruned_tower(visual, pixels, frames, [k for per in counts for k in per], backend)
+    sizes = [sum(per) for per in counts]
+    offsets = [f * (h * w // merge) for t, h, w in grid.tolist() for f in range(t)]
+    keep = torch.cat([k + o for k, o in zip(tower.keep_groups, offsets)]).split(sizes)
+    return PrunedTower(tower.hidden, keep, [torch.cat(layer).split(sizes) for layer in tower.deepstack])
+
+
+def _encode(self: nn.Module, kind: str, pixels: Tensor, grid: Tensor, kwargs: dict):
+    """The patched ``get_image_features`` / ``get_video_features`` (``kind``): a :class:`FlowCutQwenImageFeatures`
+    (a tuple with ``return_dict=False``), like the stock methods. A video of grid (t, h, w) is its t frames, each
+    pruned as an image to its share of the video's tokens (:func:`frame_counts`), all in one tower pass; its
+    ``keep_groups`` are numbered in the video (frame f's group g is f·h'·w' + g)."""
     return_dict = kwargs.pop("return_dict", True)
     require(
         not kwargs.pop("output_attentions", None) and not kwargs.pop("output_hidden_states", None),
-        "output_attentions and output_hidden_states are unavailable on a FlowCut-patched Qwen2-VL vision tower; call "
+        "output_attentions and output_hidden_states are unavailable on a FlowCut-patched Qwen-VL vision tower; call "
         "flowcut_kernels.remove_flowcut(model) first",
     )
     visual = self.visual
-    grid = _check_grid(image_grid_thw, visual.spatial_merge_size)
-    require(pixel_values is not None, "pixel_values is required with image_grid_thw")
+    grid = _check_grid(grid, visual.spatial_merge_size, kind, self.flowcut_config.target_num)
+    require(pixels is not None, f"the {kind}s' pixels are required with their grid")
     backend = ops.resolve_backend(self.flowcut_config.backend, visual.device, visual.dtype, TOWER_OPS)
-    targets = token_counts(self, grid, 2 if self.flowcut_config.llm_stage else 1)
-    tower = pruned_tower(visual, pixel_values.to(visual.device), grid, targets, backend)
-    merged = visual.merger(tower.hidden)
+    counts = frame_counts(self, grid, 2 if self.flowcut_config.llm_stage else 1)
+    tower = pruned_media(visual, pixels.to(visual.device), grid, counts, backend)
     out = FlowCutQwenImageFeatures(
         last_hidden_state=tower.hidden,
-        pooler_output=merged.split([len(k) for k in tower.keep_groups]),
+        pooler_output=visual.merger(tower.hidden).split([len(k) for k in tower.keep_groups]),
         keep_groups=tower.keep_groups,
         grid_thw=grid,
         deepstack_features=tuple(tower.deepstack) or None,
@@ -251,48 +309,122 @@ def _pruned_image_features(self: nn.Module, pixel_values: Tensor, image_grid_thw
     return out if return_dict else out.to_tuple()
 
 
-def mrope_positions(
-    core: nn.Module, input_ids: Tensor, mask: Tensor | None, grid: Tensor | None, keep_groups=None, counts=None
-):
-    """M-RoPE positions of prompts holding K_b placeholders per image (docs/semantics.md).
+def _pruned_image_features(self: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **kwargs):
+    """Patched ``get_image_features``: :func:`_encode` of the images."""
+    return _encode(self, "image", pixel_values, image_grid_thw, kwargs)
+
+
+def _pruned_video_features(self: nn.Module, pixel_values_videos: Tensor, video_grid_thw: Tensor | None = None,
+                           **kwargs):
+    """Patched ``get_video_features``: :func:`_encode` of the videos."""
+    return _encode(self, "video", pixel_values_videos, video_grid_thw, kwargs)
+
+
+#: The visual inputs of a Qwen-VL prompt; units (an image, or one frame of a video) are numbered kind by kind.
+KINDS = ("image", "video")
+
+
+def _token(core: nn.Module, kind: str) -> int:
+    return core.config.image_token_id if kind == "image" else core.config.video_token_id
+
+
+class Unit(NamedTuple):
+    """An image, or one frame of a video: its ``kind``, ``count`` placeholders, and ``frame``: the groups of the
+    whole frame (h'·w', written out in the unpruned prompt)."""
+
+    kind: str
+    count: int
+    frame: int
+
+
+def _units(core: nn.Module, kept: dict) -> list[Unit]:
+    """The units of ``kept`` (:func:`mrope_positions`), kind by kind, each image or video's frames in order."""
+    merge = core.visual.spatial_merge_size**2
+    units = []
+    for kind, (grid, groups) in kept.items():
+        for (t, h, w), mine in zip(grid.tolist(), groups):
+            frame = h * w // merge
+            units += [Unit(kind, n, frame) for n in torch.bincount(mine.cpu() // frame, minlength=t).tolist()]
+    return units
+
+
+def placeholder_units(core: nn.Module, input_ids: Tensor, units: list[Unit]) -> tuple[Tensor, Tensor]:
+    """Which unit each placeholder belongs to.
 
     Args:
-        input_ids: (B, L); mask: (B, L) or None; grid: (G, 3) the images' patch grids, in prompt order, or None.
-        keep_groups: G (K_b,) int64 kept merge groups, or None for the first K_b of each image.
-        counts: the placeholders of each image in input_ids (default K_b).
+        input_ids: (B, L); units: images and video frames, kind by kind (:data:`KINDS` order), each kind's in order.
 
     Returns:
-        positions (3, B, L) int64: text tokens count on from the unpruned sequence (after an image of llm grid
-        (t, h', w') starting at p: p + max(h', w')), each kept token keeps its group's (p + t, p + h, p + w); padding 0.
-        deltas (B, 1): the installed release's ``rope_deltas`` for decoding.
+        marks (B, L) bool: the image and video placeholders; unit (N,) int64: each placeholder's unit (an index into
+        ``units``), row-major. The prompts must hold each kind's count and each unit's placeholders in one run.
     """
-    merge = core.visual.spatial_merge_size
-    if counts is None:
-        counts = token_counts(core, grid) if grid is not None else []
-    if keep_groups is None:
-        keep_groups = [torch.arange(k) for k in counts]
+    marks = (input_ids == core.config.image_token_id) | (input_ids == core.config.video_token_id)
+    tokens = input_ids[marks]
+    unit = torch.empty_like(tokens)
+    for kind in KINDS:
+        mine = [i for i, u in enumerate(units) if u.kind == kind]
+        here = tokens == _token(core, kind)
+        counts = [units[i].count for i in mine]
+        check_count(core, int(here.sum()), counts, kind)
+        unit[here] = torch.tensor(mine, dtype=torch.long, device=unit.device).repeat_interleave(
+            torch.tensor(counts, dtype=torch.long, device=unit.device))
+    require(
+        len(unit.unique_consecutive()) == len(units),
+        "each image's placeholder tokens, and each video frame's, must be consecutive, as the processor writes them",
+    )
+    return marks, unit
+
+
+def mrope_positions(core: nn.Module, input_ids: Tensor, mask: Tensor | None, kept: dict, time=None):
+    """M-RoPE positions of prompts whose placeholders stand for the merge groups ``kept`` (docs/semantics.md).
+
+    Args:
+        input_ids: (B, L); mask: (B, L) or None.
+        kept: kind ("image", "video") → (grid (n, 3), n int64 tensors): each image or video's groups whose
+            placeholders the prompts hold, ascending, numbered in the image or video (row-major over (t, h', w')),
+            in prompt order; a kind the prompts do not hold may be left out.
+        time: Qwen2.5-VL's ``second_per_grid_ts`` (the videos' seconds per temporal patch), or None.
+
+    Returns:
+        positions (3, B, L) int64: the stock positions of the unpruned prompts (each frame's placeholders written out
+        whole, h'·w' of them), taken at the text and at the kept groups: text counts on from the unpruned sequence;
+        padding 0. deltas (B, 1): the installed release's ``rope_deltas`` for decoding (the next token at the
+        unpruned prompt's highest position + 1).
+    """
+    units = _units(core, kept)
     mask = torch.ones_like(input_ids) if mask is None else mask
+    marks, unit = placeholder_units(core, input_ids, units)
+    # the unpruned prompts: a unit's first placeholder stands for its frame's h'·w' tokens, its others for none
+    first = torch.ones_like(unit, dtype=torch.bool)
+    first[1:] = unit[1:] != unit[:-1]
+    widths = torch.tensor([u.frame for u in units], device=unit.device)[unit]
+    repeats = mask.long() * ~marks
+    repeats[marks] = torch.where(first, widths, 0)
+    lengths = repeats.sum(1)
+    full = int(lengths.max())
+    long_ids = torch.zeros(len(input_ids), full, dtype=input_ids.dtype, device=input_ids.device)
+    long_mask = torch.zeros_like(long_ids)
+    for b, (row, n) in enumerate(zip(input_ids, lengths.tolist())):
+        long_ids[b, full - n:] = row.repeat_interleave(repeats[b])
+        long_mask[b, full - n:] = 1
+    grids = {kind: grid for kind, (grid, _) in kept.items()}
+    stock = seams.qwen_stock_positions(
+        prior_attr(core, "get_rope_index"), core.config, long_ids, long_mask, grids.get("image"), grids.get("video"),
+        time,
+    )
     positions = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
-    per_real_token = seams.rope_deltas_from_real_tokens(core)
-    deltas, image = [], 0
-    for b in range(len(input_ids)):
-        ids = input_ids[b][mask[b].bool()].tolist()
-        rows, current, i = [], 0, 0
-        while i < len(ids):
-            if ids[i] != core.config.image_token_id:
-                rows.append(torch.full((3, 1), current))
-                current, i = current + 1, i + 1
-                continue
-            require(image < len(counts), "the prompts hold more image placeholders than image_grid_thw has images")
-            _, h, w = (x // merge for x in grid[image].tolist())
-            groups = keep_groups[image].cpu()
-            rows.append(torch.stack([groups // (h * w), groups // w % h, groups % w]) + current)
-            current, i, image = current + max(h, w), i + counts[image], image + 1
-        row = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
-        positions[:, b, mask[b].bool()] = row.to(positions.device)
-        # the next token (generated text) continues as text would: after a trailing image at p + max(h', w')
-        deltas.append(current - (len(ids) if per_real_token else mask.shape[1]) if row.numel() else 0)
-    return positions, torch.tensor(deltas, device=input_ids.device)[:, None]
+    text = mask.bool() & ~marks
+    start = repeats.cumsum(1) - repeats + (full - lengths)[:, None]
+    rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(input_ids)
+    positions[:, text] = stock[:, rows[text], start[text]].long()
+    for kind, (grid, groups) in kept.items():
+        columns = stock[:, long_ids == _token(core, kind)]  # each image or video's groups, in order
+        sizes = (grid.prod(-1) // core.visual.spatial_merge_size**2).tolist()
+        index = torch.cat([g.to(columns.device) + sum(sizes[:n]) for n, g in enumerate(groups)])
+        positions[:, input_ids == _token(core, kind)] = columns[:, index].long()
+    end = stock.masked_fill(~long_mask.bool(), -1).amax(dim=(0, 2)) + 1
+    length = mask.sum(1) if seams.rope_deltas_from_real_tokens(core) else input_ids.shape[1]
+    return positions, (end - length)[:, None]
 
 
 def _decode_positions(core: nn.Module, position_ids, attention_mask, cache, input_ids, inputs_embeds):
@@ -319,21 +451,12 @@ def _decode_positions(core: nn.Module, position_ids, attention_mask, cache, inpu
 
 
 def _rope_index(self: nn.Module, *args, **kwargs):
-    """Patched ``get_rope_index`` (any release's signature): :func:`mrope_positions` of the prompt alone."""
+    """Patched ``get_rope_index`` (any release's signature): :func:`mrope_positions` of the prompt alone, each frame's
+    placeholders at its first groups."""
     bound = inspect.signature(prior_attr(self, "get_rope_index")).bind(*args, **kwargs).arguments
-    _refuse_video(bound.get("video_grid_thw"))
-    input_ids, grid = bound["input_ids"], bound.get("image_grid_thw")
-    if grid is not None:
-        check_count(self, int((input_ids == self.config.image_token_id).sum()), token_counts(self, grid))
-    return mrope_positions(self, input_ids, bound.get("attention_mask"), grid)
-
-
-def _refuse_video(video) -> None:
-    require(
-        video is None,
-        "FlowCut's Qwen-VL patches prune images only: videos are not supported; pass images, or call "
-        "flowcut_kernels.remove_flowcut(model) to process videos",
-    )
+    grids = {kind: bound.get(f"{kind}_grid_thw") for kind in KINDS}
+    kept = {kind: (grid, first_groups(self, grid)) for kind, grid in grids.items() if grid is not None}
+    return mrope_positions(self, bound["input_ids"], bound.get("attention_mask"), kept, bound.get("second_per_grid_ts"))
 
 
 def _forward(
@@ -349,78 +472,100 @@ def _forward(
     mm_encoder_outputs=None,
     **kwargs,
 ):
-    """Patched ``Qwen2VLModel.forward``: images are pruned and placed with their M-RoPE positions (module docstring),
-    then the stock forward runs on the embeddings; calls without images are the stock forward."""
-    _refuse_video(pixel_values_videos if video_grid_thw is None else video_grid_thw)
+    """Patched ``Qwen2VLModel.forward``: images and videos are pruned and placed with their M-RoPE positions (module
+    docstring), then the stock forward runs on the embeddings; calls without them are the stock forward."""
     stock = prior_attr(self, "forward")
     cache = seams.pop_cache(kwargs)
-    encoded = (mm_encoder_outputs or {}).get("image")
+    encoded = {kind: (mm_encoder_outputs or {}).get(kind) for kind in KINDS}
     if mm_encoder_outputs is not None:  # transformers > 5.0 only
-        kwargs["mm_encoder_outputs"] = {**mm_encoder_outputs, "image": None}
-    if pixel_values is None and encoded is None:
+        kwargs["mm_encoder_outputs"] = {**mm_encoder_outputs, "image": None, "video": None}
+    if pixel_values is None and pixel_values_videos is None and all(e is None for e in encoded.values()):
         position_ids = _decode_positions(self, position_ids, attention_mask, cache, input_ids, inputs_embeds)
         return stock(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
-            image_grid_thw=image_grid_thw, **seams.cache_arg(cache), **kwargs,
+            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, **seams.cache_arg(cache), **kwargs,
         )
-    require(input_ids is not None, "a Qwen2-VL prompt with images needs input_ids (for its M-RoPE positions)")
-    if encoded is None:
-        encoded = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    require(
-        isinstance(encoded, FlowCutQwenImageFeatures),
-        "mm_encoder_outputs['image'] must come from the FlowCut-patched get_image_features of this model",
-    )
-    placeholders = input_ids == self.config.image_token_id
-    counts = [min(len(k), self.flowcut_config.target_num) for k in encoded.keep_groups]
-    check_count(self, int(placeholders.sum()), counts)
+    require(input_ids is not None, "a Qwen-VL prompt with images or videos needs input_ids (for its M-RoPE positions)")
+    if encoded["image"] is None and pixel_values is not None:
+        encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    if encoded["video"] is None and pixel_values_videos is not None:
+        encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+    encoded = {kind: features for kind, features in encoded.items() if features is not None}
+    for kind, features in encoded.items():
+        require(
+            isinstance(features, FlowCutQwenImageFeatures),
+            f"mm_encoder_outputs['{kind}'] must come from the FlowCut-patched get_{kind}_features of this model",
+        )
     if inputs_embeds is None:
         inputs_embeds = self.get_input_embeddings()(input_ids)
+    time = kwargs.get("second_per_grid_ts")
     if self.flowcut_config.llm_stage:
-        return _staged_prefill(self, input_ids, attention_mask, inputs_embeds, encoded, counts, cache, kwargs)
-    features = torch.cat(encoded.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
-    inputs_embeds = inputs_embeds.masked_scatter(placeholders[..., None].to(inputs_embeds.device), features)
-    positions, self.rope_deltas = mrope_positions(
-        self, input_ids, attention_mask, encoded.grid_thw, encoded.keep_groups
-    )
+        return _staged_prefill(self, input_ids, attention_mask, inputs_embeds, encoded, time, cache, kwargs)
+    kept = {kind: (features.grid_thw, list(features.keep_groups)) for kind, features in encoded.items()}
+    positions, self.rope_deltas = mrope_positions(self, input_ids, attention_mask, kept, time)
+    marks, features = _joint(self, input_ids, {kind: torch.cat(f.pooler_output) for kind, f in encoded.items()})
+    inputs_embeds = inputs_embeds.masked_scatter(marks[..., None].to(inputs_embeds.device),
+                                                 features.to(inputs_embeds.device, inputs_embeds.dtype))
     kwargs.pop("mm_token_type_ids", None)
-    if encoded.deepstack_features is not None:
-        return _deepstack_forward(self, attention_mask, positions, inputs_embeds, placeholders, encoded, cache, kwargs)
+    if any(f.deepstack_features is not None for f in encoded.values()):
+        return _deepstack_forward(self, attention_mask, positions, inputs_embeds, marks, encoded, input_ids, cache,
+                                  kwargs)
     out = stock(
         attention_mask=attention_mask, position_ids=positions, inputs_embeds=inputs_embeds, **seams.cache_arg(cache),
         **kwargs,
     )
-    return seams.with_image_outputs(out, encoded)
+    return seams.with_image_outputs(out, encoded.get("image"), encoded.get("video"))
+
+
+def _joint(core: nn.Module, input_ids: Tensor, rows: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The image and video placeholders (B, L) bool, and (N, C) the ``rows`` of each kind (kind → its tokens' rows,
+    image after image or video after video) at its kind's placeholders, row-major."""
+    marks = (input_ids == core.config.image_token_id) | (input_ids == core.config.video_token_id)
+    tokens = input_ids[marks]
+    some = next(iter(rows.values()))
+    joint = some.new_empty(len(tokens), some.shape[-1])
+    for kind, x in rows.items():
+        joint[tokens == _token(core, kind)] = x.to(joint.device, joint.dtype)
+    return marks, joint
 
 
 #: Arguments of the core's forward that its language model does not take.
 _CORE_ONLY = ("cache_position", "mm_token_type_ids", "mm_encoder_outputs", "second_per_grid_ts", "rope_deltas")
 
 
-def deepstack_embeds(encoded: FlowCutQwenImageFeatures) -> list[Tensor]:
-    """Per DeepStack layer, (Σ K_b, C_text): the kept tokens' features, image after image (the placeholders'
-    order)."""
-    return [torch.cat(layer) for layer in encoded.deepstack_features]
-
-
-def _deepstack_forward(self: nn.Module, attention_mask, positions, inputs_embeds, placeholders, encoded, cache, kwargs):
+def _deepstack_forward(self: nn.Module, attention_mask, positions, inputs_embeds, marks, encoded, input_ids, cache,
+                       kwargs):
     """The prefill of a DeepStack model (Qwen3-VL) without the stage: its language model on the embeddings, each
     DeepStack layer's features of the kept tokens added at their placeholders (the stock forward would take them
     only from pixels it encodes itself)."""
     return_dict = kwargs.pop("return_dict", None)
     for name in _CORE_ONLY:
         kwargs.pop(name, None)
+    layers = len(next(f.deepstack_features for f in encoded.values()))
+    deepstack = [_joint(self, input_ids, {kind: torch.cat(f.deepstack_features[i]) for kind, f in encoded.items()})[1]
+                 for i in range(layers)]
     out = self.language_model(
         input_ids=None, attention_mask=attention_mask, position_ids=positions, inputs_embeds=inputs_embeds,
-        visual_pos_masks=placeholders, deepstack_visual_embeds=deepstack_embeds(encoded), **seams.cache_arg(cache),
-        **kwargs,
+        visual_pos_masks=marks, deepstack_visual_embeds=deepstack, **seams.cache_arg(cache), **kwargs,
     )
-    out = seams.vlm_output(self, out, encoded, rope_deltas=self.rope_deltas)
+    out = seams.vlm_output(self, out, encoded.get("image"), video_outputs=encoded.get("video"),
+                           rope_deltas=self.rope_deltas)
     return returned(self, out, return_dict)
 
 
-def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, encoded, counts, cache, kwargs):
-    """The prefill with the language-model stage: each image's W_b = min(2·target_num, G₀_b) tower-stage tokens at
-    their own M-RoPE positions in the long layout, K_b of them kept at layer ``PRUNE_LAYER`` with their positions."""
+def _frames_of(core: nn.Module, features: FlowCutQwenImageFeatures, rows) -> list:
+    """``rows`` (one tensor per image or video, a row per kept group, in ``keep_groups`` order) split frame by frame:
+    a list over the units (images, video frames) of ``features``."""
+    merge = core.visual.spatial_merge_size**2
+    out = []
+    for (t, h, w), groups, mine in zip(features.grid_thw.tolist(), features.keep_groups, rows):
+        out += mine.split(torch.bincount(groups.cpu() // (h * w // merge), minlength=t).tolist())
+    return out
+
+
+def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, encoded, time, cache, kwargs):
+    """The prefill with the language-model stage: each image's (each video frame's) W tower-stage tokens at their
+    own M-RoPE positions in the long layout, K of them kept at layer ``PRUNE_LAYER`` with their positions."""
     require(
         not kwargs.pop("output_attentions", None),
         "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention matrix; "
@@ -432,27 +577,39 @@ def _staged_prefill(self: nn.Module, input_ids, attention_mask, inputs_embeds, e
         "relay): set tokenizer.padding_side = 'left'",
     )
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in encoded.pooler_output]
-    placeholders = input_ids == self.config.image_token_id
-    layout = lm_stage.expand(inputs_embeds, mask, placeholders, features, counts)
-    long_ids = torch.full_like(layout.mask, self.config.image_token_id)  # the image rows; padding is masked
-    text = ~placeholders & mask.bool()
+    short = {kind: (f.grid_thw, first_groups(self, f.grid_thw)) for kind, f in encoded.items()}
+    units = _units(self, short)
+    marks, unit = placeholder_units(self, input_ids, units)
+    order = unit.unique_consecutive().tolist()  # the units in the placeholders' order
+    frames = [row for f in encoded.values() for row in _frames_of(self, f, f.pooler_output)]
+    features = [frames[u].to(inputs_embeds.device, inputs_embeds.dtype) for u in order]
+    counts = [units[u].count for u in order]
+    layout = lm_stage.expand(inputs_embeds, mask, marks, features, counts)
+    long_ids = torch.zeros_like(layout.mask)
+    for (b, first, last), u in zip(layout.segments, order):  # the units' rows; padding is masked
+        long_ids[b, first:last] = _token(self, units[u].kind)
+    text = ~marks & mask.bool()
     long_ids[text.nonzero()[:, 0], layout.rows[text]] = input_ids[text]
-    long_positions, _ = mrope_positions(
-        self, long_ids, layout.mask, encoded.grid_thw, encoded.keep_groups, [len(f) for f in features]
-    )
-    _, self.rope_deltas = mrope_positions(  # the text's positions and the end: the same with any kept tokens
-        self, input_ids, attention_mask, encoded.grid_thw, [k[:c] for k, c in zip(encoded.keep_groups, counts)]
-    )
+    kept = {kind: (f.grid_thw, list(f.keep_groups)) for kind, f in encoded.items()}
+    long_positions, _ = mrope_positions(self, long_ids, layout.mask, kept, time)
+    # the text's positions and the end: the same with any kept tokens
+    _, self.rope_deltas = mrope_positions(self, input_ids, attention_mask, short, time)
+    deepstack = None
+    if any(f.deepstack_features is not None for f in encoded.values()):
+        layers = len(next(f.deepstack_features for f in encoded.values()))
+        deepstack = []
+        for i in range(layers):
+            per_unit = [row for f in encoded.values() for row in _frames_of(self, f, f.deepstack_features[i])]
+            deepstack.append(torch.cat([per_unit[u] for u in order]))
     return_dict = kwargs.pop("return_dict", None)
     for name in _CORE_ONLY:
         kwargs.pop(name, None)
     out = lm_stage.prefill(
         self.language_model, layout, counts, positions=None, long_positions=long_positions.to(mask.device),
-        mask=attention_mask, cache=cache, backend=self.flowcut_config.backend,
-        deepstack=deepstack_embeds(encoded) if encoded.deepstack_features is not None else None, **kwargs,
+        mask=attention_mask, cache=cache, backend=self.flowcut_config.backend, deepstack=deepstack, **kwargs,
     )
-    out = seams.vlm_output(self, out, encoded, rope_deltas=self.rope_deltas)
+    out = seams.vlm_output(self, out, encoded.get("image"), video_outputs=encoded.get("video"),
+                           rope_deltas=self.rope_deltas)
     return returned(self, out, return_dict)
 
 
@@ -464,6 +621,12 @@ def _expand_by_prompt(self: nn.Module, expand_size=1, is_encoder_decoder=False, 
     stock = seams.stock_expand_inputs(self)
     if expand_size == 1:
         return stock(expand_size=1, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+    require(
+        model_kwargs.get("pixel_values_videos") is None and (model_kwargs.get("mm_encoder_outputs") or {}).get(
+            "video") is None,
+        "beam search and num_return_sequences > 1 are unavailable with videos on a FlowCut-patched Qwen-VL model: "
+        "generate with num_beams=1 and one sequence per prompt, or call flowcut_kernels.remove_flowcut(model) first",
+    )
     core = qwen_core(self)
     encoded_all = model_kwargs.get("mm_encoder_outputs") or {}
     encoded = encoded_all.get("image")
@@ -518,8 +681,24 @@ def _replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> 
     return self.image_token * min(self._flowcut_target, tokens)
 
 
-def _replace_video_token(self, *args, **kwargs) -> str:
-    _refuse_video(True)
+def _replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+    """The patched processor's text for one video: the stock text (Qwen3-VL: timestamps and a run per frame) with
+    min(target_num, merged tokens) placeholders, frame f's run holding its share (:func:`frame_split`)."""
+    t, h, w = video_inputs["video_grid_thw"][video_idx].tolist()
+    frame = h * w // self.video_processor.merge_size**2
+    require(
+        t <= self._flowcut_target,
+        f"a video of t = {t} frames (after temporal patching) is more than target_num = {self._flowcut_target} "
+        f"tokens: FlowCut keeps at least one token of each frame; sample fewer frames, or patch with a larger "
+        f"target_num",
+    )
+    shares = iter(frame_split(min(self._flowcut_target, t * frame), t))
+    token = self.video_token
+
+    def run(found) -> str:  # a run of whole frames' placeholders → their shares
+        return token * sum(next(shares) for _ in range(len(found.group(0)) // len(token) // frame))
+
+    return re.sub(f"(?:{re.escape(token)})+", run, seams.qwen_stock_video_text(self, video_inputs, video_idx, **kwargs))
 
 
 def check_processor(processor, core: nn.Module, processor_class: str) -> None:
@@ -569,6 +748,7 @@ def patch_qwen(model: nn.Module, target_num: int, *, name: str, processor_class:
     set_attrs(
         core,
         get_image_features=types.MethodType(_pruned_image_features, core),
+        get_video_features=types.MethodType(_pruned_video_features, core),
         get_rope_index=types.MethodType(_rope_index, core),
         forward=types.MethodType(_forward, core),
         flowcut_config=config,

@@ -18,7 +18,8 @@ positions (t, h, w) in the language model), so the patch is :mod:`.qwen2_vl`'s, 
   with its DeepStack features) and layer 1 keeps K by the text-guided score; DeepStack layers after layer 1 add the kept
   tokens' own features. ``llm_stage=False``: the tower keeps K groups.
 
-The processor, when given, writes K_b = min(target_num, G₀_b) placeholders per image and refuses videos.
+The processor, when given, writes K_b = min(target_num, G₀_b) placeholders per image, and per video its frames'
+shares of K_v = min(target_num, G₀) after their timestamps (videos: :mod:`.qwen2_vl`).
 """
 
 from __future__ import annotations

@@ -147,17 +147,20 @@ def vlm_output(core: nn.Module, text: BaseModelOutputWithPast, image_outputs: Ba
     values = {name: value for name, value in text.items() if name in fields}
     if "image_outputs" in fields:
         values["image_outputs"] = image_outputs
-    elif "image_hidden_states" in fields:
+    elif "image_hidden_states" in fields and image_outputs is not None:
         values["image_hidden_states"] = torch.cat(list(image_outputs.pooler_output))
     values.update({name: value for name, value in extra.items() if name in fields})
     return cls(**values)
 
 
-def with_image_outputs(output, image_outputs):
-    """The stock forward's own ``output``, given the images' encoder output where its class has the field (5.24+),
-    for a forward that encoded the images before calling the stock one."""
-    if "image_outputs" in getattr(output, "__dataclass_fields__", {}):
+def with_image_outputs(output, image_outputs, video_outputs=None):
+    """The stock forward's own ``output``, given the images' (and videos') encoder output where its class has the
+    field (5.24+), for a forward that encoded them before calling the stock one."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    if "image_outputs" in fields:
         output.image_outputs = image_outputs
+    if "video_outputs" in fields:
+        output.video_outputs = video_outputs
     return output
 
 
@@ -281,9 +284,9 @@ def onevision_count(processor, count: int) -> dict:
 
 
 def qwen_counts(processor, image_token, video_token) -> dict:
-    """Attributes that make a Qwen2-VL/2.5-VL processor write ``image_token(processor, image_inputs, index)`` per
-    image and call ``video_token`` per video (its ``replace_image_token`` / ``replace_video_token`` hooks, 5.1+;
-    5.0 counts inside ``__call__``)."""
+    """Attributes that make a Qwen-VL processor write ``image_token(processor, image_inputs, index)`` per image and
+    ``video_token(processor, video_inputs, index)`` per video (its ``replace_image_token`` / ``replace_video_token``
+    hooks, 5.1+; 5.0 counts inside ``__call__``)."""
     require(
         hasattr(type(processor), "replace_image_token"),
         f"{type(processor).__name__}.replace_image_token (the per-image token hook of Qwen processors, 5.1+)",
@@ -292,6 +295,13 @@ def qwen_counts(processor, image_token, video_token) -> dict:
         "replace_image_token": image_token.__get__(processor, type(processor)),
         "replace_video_token": video_token.__get__(processor, type(processor)),
     }
+
+
+def qwen_stock_video_text(processor, video_inputs: dict, index: int, **kwargs) -> str:
+    """The text the processor's class writes for video ``index`` (its ``replace_video_token``, 5.1+): Qwen2-VL's
+    and Qwen2.5-VL's one run of placeholders, Qwen3-VL's per frame its timestamp and its run between vision
+    start and end tokens."""
+    return type(processor).replace_video_token(processor, video_inputs, index, **kwargs)
 
 
 def gemma3_count(processor, count: int) -> dict:
@@ -350,6 +360,22 @@ def rope_deltas_from_real_tokens(core: nn.Module) -> bool:
     """Whether the release's ``rope_deltas`` count the real tokens (5.1+: its ``get_rope_index`` takes
     ``mm_token_type_ids``) rather than the padded length (5.0)."""
     return "mm_token_type_ids" in inspect.signature(type(core).get_rope_index).parameters
+
+
+def qwen_stock_positions(get_rope_index, config, input_ids: Tensor, mask: Tensor, image_grid: Tensor | None,
+                         video_grid: Tensor | None, second_per_grid_ts=None) -> Tensor:
+    """(3, B, L) the stock M-RoPE positions of unpruned prompts (input_ids, mask (B, L)), from the model's own
+    ``get_rope_index`` (its class's, passed in): 5.0 takes no ``mm_token_type_ids``, later releases need them (1 at
+    image, 2 at video placeholders, 0 elsewhere, as the processors write them); Qwen2.5-VL takes
+    ``second_per_grid_ts``."""
+    parameters = inspect.signature(get_rope_index).parameters
+    kwargs = dict(input_ids=input_ids, image_grid_thw=image_grid, video_grid_thw=video_grid, attention_mask=mask)
+    if "mm_token_type_ids" in parameters:
+        kwargs["mm_token_type_ids"] = ((input_ids == config.image_token_id).int()
+                                       + 2 * (input_ids == config.video_token_id).int())
+    if "second_per_grid_ts" in parameters:
+        kwargs["second_per_grid_ts"] = second_per_grid_ts
+    return get_rope_index(**kwargs)[0]
 
 
 def qwen_position_embedding(visual: nn.Module, grid: Tensor) -> Tensor:

@@ -133,15 +133,16 @@ def placeholders(core: nn.Module, input_ids, inputs_embeds) -> Tensor:
     return (inputs_embeds == embedded).all(-1)
 
 
-def check_count(core: nn.Module, n_tokens: int, counts: list[int]) -> None:
-    """The prompts must hold ``counts[g]`` placeholders for image g; else the fix is to pass the processor."""
+def check_count(core: nn.Module, n_tokens: int, counts: list[int], kind: str = "image") -> None:
+    """The prompts must hold ``counts[g]`` placeholders for image (or video, ``kind``) g; else the fix is to pass the
+    processor."""
     target = core.flowcut_config.target_num
     if n_tokens != sum(counts):
         raise FlowCutInputError(
-            f"the prompts hold {n_tokens} image placeholder tokens, but FlowCut gives the language model "
-            f"{sum(counts)} for {len(counts)} image(s) ({target} per image, or fewer for an image with fewer): the "
+            f"the prompts hold {n_tokens} {kind} placeholder tokens, but FlowCut gives the language model "
+            f"{sum(counts)} for {len(counts)} {kind}(s) ({target} per {kind}, or fewer for one with fewer): the "
             f"processor still writes the unpruned count; pass it when patching, flowcut(model, {target}, "
-            f"processor=processor), and process the prompts again (or write that many image tokens per image)"
+            f"processor=processor), and process the prompts again (or write that many {kind} tokens per {kind})"
         )
 
 

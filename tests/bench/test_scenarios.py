@@ -145,6 +145,7 @@ def test_kernel_rows_time_every_primitive_against_its_composition():
     ("llava-next-tiny", 5 * 64 + 16, 16, True),  # 5 crops of 64 patches; the stock packing adds 16 newlines
     ("llava-next-crops-tiny", 5 * 64, 5 * 8, False),  # ⌊K/2⌋ per crop
     ("qwen2-vl-tower-tiny", 64, 16, False),  # 16×16 patches, 2×2 merge
+    ("qwen2-vl-video-tower-tiny", 4 * 64, 16, False),  # 4 temporal patches of 16×16, K per video
     ("qwen3-vl-tower-tiny", 64, 16, False),
     ("qwen2-vl-tiny", 64, 16, True),
     ("gemma3-tower-tiny", 64, 16, False),  # 16×16 patches pooled 2×2: 64 tokens, K whole windows

@@ -16,7 +16,8 @@ from flowcut_kernels.models.qwen2_vl import windows
 from tiny.qwen import random_qwen2_5_vl, random_qwen2_vl, tiny_qwen2_5_vl_processor, tiny_qwen2_vl_processor
 from tiny.text import QWEN_WORDS
 
-IMAGE, START, END = (QWEN_WORDS.index(w) for w in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+IMAGE, VIDEO, START, END = (QWEN_WORDS.index(w) for w in
+                             ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
 TARGET = 5
 #: name → (model builder, processor builder)
 MODELS = {
@@ -31,17 +32,19 @@ def _pixels(grids, seed=0):
     return torch.randn(sum(t * h * w for t, h, w in grids), 24, generator=generator)
 
 
-def _prompts(prompts, grids, target=TARGET, end=True):
-    """Left-padded input_ids and mask: each prompt is a list of word ids and None (an image: <|vision_start|>,
-    min(target, G) placeholders and, with ``end``, <|vision_end|>; without it a prompt may end on its image)."""
-    images = iter(grids)
+def _prompts(prompts, grids, target=TARGET, end=True, videos=()):
+    """Left-padded input_ids and mask: each prompt is a list of word ids, None (an image: <|vision_start|>,
+    min(target, G) placeholders and, with ``end``, <|vision_end|>; without it a prompt may end on its image) and "v"
+    (a video of ``videos``, the same with video placeholders)."""
+    images, clips = iter(grids), iter(videos)
     rows = []
     for prompt in prompts:
         row = []
         for word in prompt:
-            if word is None:
-                t, h, w = next(images)
-                row += [START] + [IMAGE] * min(target, t * h * w // 4) + ([END] if end else [])
+            if word is None or word == "v":
+                t, h, w = next(images) if word is None else next(clips)
+                token = IMAGE if word is None else VIDEO
+                row += [START] + [token] * min(target, t * h * w // 4) + ([END] if end else [])
             else:
                 row.append(word)
         rows.append(row)
@@ -228,8 +231,6 @@ def test_processor_emits_target_placeholders(name):
     assert int((inputs["input_ids"] == IMAGE).sum()) == sum(counts)
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
-    with pytest.raises(FlowCutInputError, match="videos"):
-        processor.replace_video_token({}, 0)
     remove_flowcut(model)
     stock = processor(images=images, text=text, return_tensors="pt", padding=True)["input_ids"]
     assert int((stock == IMAGE).sum()) > sum(counts)
@@ -255,8 +256,12 @@ def test_bad_inputs_leave_model_unchanged():
     ids, _ = _prompts([[10, None, 11]], [(1, 8, 8)])
     with pytest.raises(FlowCutInputError, match="spatial_merge_size"):
         model(input_ids=ids, pixel_values=_pixels([(1, 6, 6)])[:45], image_grid_thw=torch.tensor([[1, 5, 9]]))
-    with pytest.raises(FlowCutInputError, match="videos"):
-        model(input_ids=ids, pixel_values_videos=_pixels([(2, 8, 8)]), video_grid_thw=torch.tensor([[2, 8, 8]]))
+    with pytest.raises(FlowCutInputError, match="video placeholder"):  # a video without its placeholders
+        model(input_ids=ids, pixel_values=_pixels([(1, 8, 8)]), image_grid_thw=torch.tensor([[1, 8, 8]]),
+              pixel_values_videos=_pixels([(2, 8, 8)]), video_grid_thw=torch.tensor([[2, 8, 8]]))
+    clip, _ = _prompts([[10, "v", 11]], [], videos=[(6, 4, 4)])
+    with pytest.raises(FlowCutInputError, match="at least one token of each frame"):
+        model(input_ids=clip, pixel_values_videos=_pixels([(6, 4, 4)]), video_grid_thw=torch.tensor([[6, 4, 4]]))
     wrong, _ = _prompts([[10, None, 11]], [(1, 8, 8)], target=16)
     for call in (model, model.generate):  # generate asks for the positions before the images are encoded
         with pytest.raises(FlowCutInputError, match="pass it when patching"):
@@ -280,3 +285,95 @@ def test_stage_prefill_matches_oracle(case, name):
     model = MODELS[name][0]()
     check_prefill(model, prompts, grids, lambda *args: naive_stage_logits(*args, TARGET))
     assert model.flowcut_config.llm_stage
+
+
+#: Videos: (prompts, image grids, video grids); "v" is a video. The grids keep a video's last temporal position below
+#: the text after it (⌊(t − 1)·interval⌋ < max(h', w'), Qwen2.5-VL's interval 4 included), where the releases agree.
+VIDEO_CASES = {
+    "one video": ([[10, "v", 11, 12]], [], [(2, 8, 12)]),
+    "an image and videos, two prompts": ([[10, None, 11, "v", 12], [13, "v", 14]], [(1, 8, 8)],
+                                         [(2, 8, 12), (2, 4, 10)]),
+}
+
+
+def _video_inputs(prompts, grids, videos):
+    ids, mask = _prompts(prompts, grids, videos=videos)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values_videos=_pixels(videos, seed=1),
+                  video_grid_thw=torch.tensor(videos))
+    if grids:
+        inputs.update(pixel_values=_pixels(grids), image_grid_thw=torch.tensor(grids))
+    return inputs
+
+
+@pytest.mark.parametrize("stage", [False, True])
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("case", sorted(VIDEO_CASES))
+def test_video_prefill_matches_oracle(case, name, stage):
+    """K = min(target_num, G₀) tokens per video, its frames' shares (K // t, the first K mod t one more), each frame
+    pruned as an image (the tower keeping its share of min(2K, G₀) with the stage); kept groups and last-position
+    logits as the float64 oracle's (video tokens at (p + ⌊f·interval⌋, p + h, p + w))."""
+    prompts, grids, videos = VIDEO_CASES[case]
+    model = MODELS[name][0]()
+    inputs = _video_inputs(prompts, grids, videos)
+    clips = (inputs["pixel_values_videos"], videos, [1.0] * len(videos))
+    oracle = naive_stage_logits if stage else naive_logits
+    expected, kept, *_ = oracle(model, inputs["input_ids"], inputs["attention_mask"], _pixels(grids), grids, TARGET,
+                                videos=clips)
+    flowcut(model, TARGET, llm_stage=stage)
+    with torch.no_grad():
+        features = model.model.get_video_features(inputs["pixel_values_videos"], torch.tensor(videos))
+        logits = model(**inputs).logits
+    for (t, h, w), groups, want in zip(videos, features.keep_groups, kept[len(grids):]):
+        assert not stage and torch.equal(groups, want)
+    for (t, h, w), groups in zip(videos, features.keep_groups):
+        total = min((1 + stage) * TARGET, t * h * w // 4)
+        assert torch.bincount(groups // (h * w // 4), minlength=t).tolist() == [total // t + (f < total % t)
+                                                                                 for f in range(t)]
+    assert (logits[:, -1].double() - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("stage", [True, False])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_video_bfloat16_finite(name, stage):
+    model = flowcut(MODELS[name][0](dtype=torch.bfloat16), TARGET, llm_stage=stage)
+    inputs = _video_inputs(*VIDEO_CASES["an image and videos, two prompts"])
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("stage", [True, False])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_video_generate_batched_equals_single_and_cache_off(name, stage):
+    """An image and two videos in two prompts: batched = each prompt alone; cache off = on (its first token, with
+    the stage)."""
+    prompts, grids, videos = VIDEO_CASES["an image and videos, two prompts"]
+    model = flowcut(MODELS[name][0](), TARGET, llm_stage=stage)
+    both = model.generate(**_video_inputs(prompts, grids, videos), max_new_tokens=4)
+    length = _prompts(prompts, grids, videos=videos)[0].shape[1]
+    clips = _pixels(videos, seed=1).split([t * h * w for t, h, w in videos])
+    first = model.generate(**{**_video_inputs(prompts[:1], grids, videos[:1]), "pixel_values_videos": clips[0]},
+                           max_new_tokens=4)
+    second = model.generate(**{**_video_inputs(prompts[1:], [], videos[1:]), "pixel_values_videos": clips[1]},
+                            max_new_tokens=4)
+    assert torch.equal(both[0, length:], first[0, -4:]) and torch.equal(both[1, length:], second[0, -4:])
+    uncached = model.generate(**_video_inputs(prompts, grids, videos), max_new_tokens=4, use_cache=False)
+    assert torch.equal(both[:, :length + 1], uncached[:, :length + 1]) if stage else torch.equal(both, uncached)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_video_processor_hook_writes_frame_shares(name):
+    """The patched processor writes min(target_num, G₀) video placeholders per video (the stock text otherwise), and
+    refuses a video of more frames than target_num."""
+    from types import SimpleNamespace
+
+    processor = MODELS[name][1]()
+    if not hasattr(type(processor), "replace_video_token"):
+        pytest.skip("this transformers release counts video tokens inside the processor's __call__")
+    processor.video_processor = SimpleNamespace(merge_size=2)
+    flowcut(MODELS[name][0](), TARGET, processor=processor)
+    text = processor.replace_video_token({"video_grid_thw": torch.tensor([[2, 8, 12], [3, 2, 2]])}, 0)
+    assert text == "<|video_pad|>" * TARGET
+    assert processor.replace_video_token({"video_grid_thw": torch.tensor([[3, 2, 2]])}, 0) == "<|video_pad|>" * 3
+    with pytest.raises(FlowCutInputError, match="each frame"):
+        processor.replace_video_token({"video_grid_thw": torch.tensor([[6, 2, 2]])}, 0)

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from oracle.qwen2_vl import patch_coordinates
 from oracle.qwen3_vl import naive_qwen3_logits
 import test_qwen2_vl
-from test_qwen2_vl import IMAGE, TARGET, _pixels, _prompts, check_prefill
+from test_qwen2_vl import END, IMAGE, START, TARGET, VIDEO, _pixels, _prompts, check_prefill
 from tiny.qwen3 import DEEPSTACK, random_qwen3_vl, tiny_qwen3_vl_processor
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
@@ -178,3 +178,89 @@ def test_moe_generates_batched_as_single(monkeypatch, stage):
     remove_flowcut(model)
     monkeypatch.setitem(test_qwen2_vl.MODELS, "qwen3_vl_moe", (lambda **kw: random_qwen3_vl(moe=True, **kw), None))
     test_qwen2_vl.test_generate_batched_equals_single_and_cache_off("qwen3_vl_moe", stage)
+
+
+def _frames_prompt(words, video, target=TARGET):
+    """A Qwen3-VL video prompt as its processor writes it: per frame a timestamp (word 20 + f), <|vision_start|>, the
+    frame's share of min(target, G₀) video placeholders, <|vision_end|>; ``words`` around it (None: the video)."""
+    t, h, w = video
+    total = min(target, t * h * w // 4)
+    row = []
+    for word in words:
+        if word is None:
+            for f in range(t):
+                row += [20 + f, START] + [VIDEO] * (total // t + (f < total % t)) + [END]
+        else:
+            row.append(word)
+    return row
+
+
+def _left_padded(rows):
+    length = max(map(len, rows))
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    return ids, torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+
+
+#: An image prompt and a video prompt (3 frames, each its own timestamped run): image grids, video grids, rows.
+VIDEO_BATCH = ([(1, 8, 12)], [(3, 8, 8)], lambda: [_prompts([[10, None, 11, 12]], [(1, 8, 12)])[0][0].tolist(),
+                                                  _frames_prompt([13, None, 14], (3, 8, 8))])
+
+
+@pytest.mark.parametrize("stage", [False, True])
+def test_video_prefill_matches_oracle(stage):
+    """An image prompt and a video prompt (3 frames, each its own timestamped run) in one left-padded batch: the
+    frames' kept groups, DeepStack included, and last-position logits as the float64 oracle's."""
+    grids, videos, rows = VIDEO_BATCH
+    ids, mask = _left_padded(rows())
+    pixels, clips = _pixels(grids), _pixels(videos, seed=1)
+    model = random_qwen3_vl()
+    expected, kept, _ = naive_qwen3_logits(model, ids, mask, pixels, grids, TARGET, stage, videos=(clips, videos))
+    flowcut(model, TARGET, llm_stage=stage)
+    with torch.no_grad():
+        features = model.model.get_video_features(clips, torch.tensor(videos))
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=torch.tensor(grids),
+                       pixel_values_videos=clips, video_grid_thw=torch.tensor(videos)).logits
+    frames = torch.cat([groups + f * 16 for f, groups in enumerate(kept[1:])])
+    assert torch.equal(features.keep_groups[0], frames)
+    assert (logits[:, -1].double() - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def _video_generate(model, rows, grids, videos, pixels, clips, **kwargs):
+    ids, mask = _left_padded(rows)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values_videos=clips, video_grid_thw=torch.tensor(videos))
+    if grids:
+        inputs.update(pixel_values=pixels, image_grid_thw=torch.tensor(grids))
+    return model.generate(**inputs, max_new_tokens=4, **kwargs)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("stage", [False, True])
+@pytest.mark.parametrize("build", ["qwen3_vl", "qwen3_5"])
+def test_video_generate_batched_equals_single_and_cache_off(build, stage):
+    """Greedy batched = each prompt alone; cache off = on (its first token, with the stage); exactly K video tokens
+    reach the decoder layers after the prune."""
+    if build == "qwen3_5":
+        from flowcut_kernels.models import seams
+        from tiny.qwen3 import random_qwen3_5
+
+        if not seams.qwen3_5_classes() or stage:
+            pytest.skip("Qwen3.5: on releases that have it, tower stage only")
+        model = random_qwen3_5()
+    else:
+        model = random_qwen3_vl()
+    flowcut(model, TARGET, llm_stage=stage)
+    grids, videos, rows = VIDEO_BATCH
+    pixels, clips = _pixels(grids), _pixels(videos, seed=1)
+    seen = []
+    handle = model.model.language_model.layers[2].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True)
+    both = _video_generate(model, rows(), grids, videos, pixels, clips)
+    handle.remove()
+    assert seen[0] == _left_padded(rows())[0].shape[1] and int((_left_padded(rows())[0] == VIDEO).sum()) == TARGET
+    ids, mask = _left_padded(rows()[:1])
+    image = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=torch.tensor(grids),
+                           max_new_tokens=4)[:, ids.shape[1]:]
+    video = _video_generate(model, rows()[1:], [], videos, None, clips)
+    assert torch.equal(both[0], image[0]) and torch.equal(both[1], video[0])
+    uncached = _video_generate(model, rows(), grids, videos, pixels, clips, use_cache=False)
+    assert torch.equal(both[:, :1], uncached[:, :1]) if stage else torch.equal(both, uncached)

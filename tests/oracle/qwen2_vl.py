@@ -157,35 +157,60 @@ def naive_tower(visual, pixels, grid, target_groups):
     return merged, torch.tensor(groups), stacks
 
 
-def naive_positions(input_ids, mask, image_token_id, grids, kept, merge=2):
+@torch.no_grad()
+def naive_video(visual, pixels, grid, target_num):
+    """One video (pixels (t·h·w, C_in·t·p·p), grid (t, h, w)) → merged tokens (K, C_text) float64 and kept groups
+    (K,), numbered in the video (frame f's group g is f·h'·w' + g): each frame alone through :func:`naive_image`,
+    keeping its share of K = min(target_num, t·h'·w') (K // t each, the first K mod t frames one more)."""
+    t, h, w = grid
+    total = min(target_num, t * h * w // 4)
+    merged, groups = [], []
+    for f, frame in enumerate(pixels.split(h * w)):
+        tokens, kept = naive_image(visual, frame, (1, h, w), total // t + (f < total % t))
+        merged.append(tokens)
+        groups.append(kept + f * (h * w // 4))
+    return torch.cat(merged), torch.cat(groups)
+
+
+def naive_positions(input_ids, mask, image_token_id, grids, kept, merge=2, video_token_id=None, videos=()):
     """(3, B, L) M-RoPE positions: text counts on from the unpruned sequence, a kept group (t, h, w) of an image
-    starting at p sits at p + (t, h, w); after an image of merged grid (h', w'), text resumes at p + max(h', w')."""
+    starting at p sits at p + (t, h, w); after an image of merged grid (h', w'), text resumes at p + max(h', w').
+    ``videos``: (grid, kept groups, seconds between frames' positions) per video, whose placeholders are one run of
+    ``video_token_id``: a kept group (f, h, w) at (p + ⌊f·interval⌋, p + h, p + w), text after at p + max(h', w')
+    (the grids of the tests keep the last frame's position below that)."""
     B, L = input_ids.shape
     out = torch.zeros(3, B, L, dtype=torch.long)
-    image = 0
+    image, video = 0, 0
     for b in range(B):
         current, j = 0, 0
         spots = [s for s in range(L) if mask[b, s]]
         while j < len(spots):
             s = spots[j]
-            if input_ids[b, s] != image_token_id:
+            if input_ids[b, s] == video_token_id:
+                grid, groups, interval = videos[video]
+                video += 1
+            elif input_ids[b, s] == image_token_id:
+                grid, groups, interval = grids[image], kept[image], 1
+                image += 1
+            else:
                 out[:, b, s] = current
                 current, j = current + 1, j + 1
                 continue
-            _, h, w = (x // merge for x in grids[image])
-            for g in kept[image].tolist():
-                out[:, b, spots[j]] = torch.tensor([current + g // (h * w), current + g // w % h, current + g % w])
+            _, h, w = (x // merge for x in grid)
+            for g in groups.tolist():
+                frame = int(g // (h * w) * interval)
+                out[:, b, spots[j]] = torch.tensor([current + frame, current + g // w % h, current + g % w])
                 j += 1
             current += max(h, w)
-            image += 1
     return out
 
 
 @torch.no_grad()
-def naive_logits(model, input_ids, mask, pixel_values, grids, target_num):
+def naive_logits(model, input_ids, mask, pixel_values, grids, target_num, videos=None):
     """Last-position logits (B, V) float64 of FlowCut on a Qwen2(.5)VLForConditionalGeneration (llm_stage=False): the
     oracle's merged tokens in the placeholders, the oracle's positions, the stock language model in float64.
-    Also returns the kept groups of each image."""
+    ``videos``: (pixels, grids, seconds per temporal patch) of the prompts' videos, or None.
+    Also returns the kept groups of each image, and of each video after them."""
     visual = model.model.visual
     sizes = [t * h * w for t, h, w in grids]
     merged, kept = [], []
@@ -193,16 +218,27 @@ def naive_logits(model, input_ids, mask, pixel_values, grids, target_num):
         tokens, groups = naive_image(visual, pixels, grid, target_num)
         merged.append(tokens)
         kept.append(groups)
+    clips = []
+    if videos is not None:
+        video_pixels, video_grids, seconds = videos
+        per_second = getattr(visual.config, "tokens_per_second", None)  # Qwen2.5-VL's temporal position scale
+        for pixels, grid, second in zip(video_pixels.split([t * h * w for t, h, w in video_grids]), video_grids,
+                                        seconds):
+            tokens, groups = naive_video(visual, pixels, grid, target_num)
+            clips.append((grid, groups, tokens, per_second * second if per_second else 1))
     reference = copy.deepcopy(model).double()
     embeds = reference.get_input_embeddings()(input_ids).clone()
-    spots = (input_ids == model.config.image_token_id).nonzero().tolist()
-    rows = torch.cat(merged)
-    assert len(spots) == len(rows), (len(spots), rows.shape)
-    for (b, s), row in zip(spots, rows):
-        embeds[b, s] = row
-    positions = naive_positions(input_ids, mask, model.config.image_token_id, grids, kept)
+    for token, rows in ((model.config.image_token_id, merged), (model.config.video_token_id, [c[2] for c in clips])):
+        spots = (input_ids == token).nonzero().tolist()
+        rows = torch.cat(rows) if rows else torch.zeros(0)
+        assert len(spots) == len(rows), (len(spots), rows.shape)
+        for (b, s), row in zip(spots, rows):
+            embeds[b, s] = row
+    positions = naive_positions(input_ids, mask, model.config.image_token_id, grids, kept,
+                                video_token_id=model.config.video_token_id,
+                                videos=[(grid, groups, interval) for grid, groups, _, interval in clips])
     out = reference(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-    return out.logits[:, -1], kept
+    return out.logits[:, -1], kept + [c[1] for c in clips]
 
 
 def _mrope(x, positions, theta, sections):
@@ -228,14 +264,28 @@ class QwenDecoder(Decoder):
         return _mrope(x, positions, self.theta, self.sections)
 
 
-def long_layout(decoder, ids, image_token, images, grids, image, target_num):
+def long_layout(decoder, ids, image_token, images, grids, image, target_num, video_token=None, clips=None):
     """One prompt's long layout (``ids``: its real token ids): text embedded at consecutive positions on the three
     axes; an image (the ``image``-th onward: kept tower tokens and groups in ``images``, (t, h, w) in ``grids``) in
     place of its min(target_num, G₀) placeholders, a group (t, h, w) of an image starting at p at p + (t, h, w), text
-    after it from p + max(h', w'). Returns rows (L, C), positions (3, L), each image's (first row, width, image,
+    after it from p + max(h', w'). ``clips``: an iterator over the videos (their run of ``video_token``
+    placeholders): (grid, seconds between frames' positions, per frame (tokens, groups in the frame, placeholders));
+    frame f's group (h, w) at (p + ⌊f·interval⌋, p + h, p + w), text after the video from p + max(h', w').
+    Returns rows (L, C), positions (3, L), each image's and frame's (first row, width, image (None: a frame),
     placeholders) and the position text after the prompt takes."""
     rows, positions, segments, current, i = [], [], [], 0, 0
     while i < len(ids):
+        if ids[i] == video_token:
+            grid, interval, frames = next(clips)
+            h, w = grid[1] // 2, grid[2] // 2
+            for f, (tokens, groups, count) in enumerate(frames):
+                segments.append((len(rows), len(tokens), None, count))
+                rows.extend(tokens)
+                offset = torch.tensor([int(f * interval), 0, 0])
+                positions.extend(torch.stack([groups * 0, groups // w, groups % w], 1) + offset + current)
+                i += count
+            current += max(h, w)
+            continue
         if ids[i] != image_token:
             rows.append(decoder.embed[ids[i]])
             positions.append(torch.full((3,), current))
@@ -253,32 +303,46 @@ def long_layout(decoder, ids, image_token, images, grids, image, target_num):
 
 
 @torch.no_grad()
-def naive_stage_logits(model, input_ids, mask, pixel_values, grids, target_num):
+def naive_stage_logits(model, input_ids, mask, pixel_values, grids, target_num, videos=None):
     """Last-position logits (B, V) float64 of FlowCut with the language-model stage on a Qwen2(.5)-VL: each image's
     tower keeps min(2·target_num, G₀) groups (naive_image); per prompt (real tokens only), layers 0 … lp run on the
     long sequence, each token at its M-RoPE position (a group (t, h, w) of an image starting at p at p + (t, h, w),
     text after it from p + max(h', w')); at lp each image keeps min(target_num, W) tokens by the stage score
     (oracle/lm_stage.py, relay the last token); the later layers run on the text and kept tokens at their positions.
-    Also returns the tower's kept groups and the stage's kept indices of each image."""
+    ``videos``: (pixels, grids, seconds per temporal patch) of the prompts' videos, or None: each frame alone through
+    the tower keeps its share of min(2·target_num, G₀) (K // t each, the first K mod t frames one more) and layer lp
+    keeps its share of min(target_num, G₀).
+    Also returns the tower's kept groups and the stage's kept indices of each image (and video frame)."""
     from oracle.lm_stage import PRUNE_LAYER, _top, stage_scores
 
     visual = model.model.visual
     images = [naive_image(visual, p, g, 2 * target_num) for p, g in
               zip(pixel_values.split([t * h * w for t, h, w in grids]), grids)]
+    clips = []
+    if videos is not None:
+        per_second = getattr(visual.config, "tokens_per_second", None)
+        for p, (t, h, w), second in zip(videos[0].split([t * h * w for t, h, w in videos[1]]), videos[1], videos[2]):
+            wide, short = ([n // t + (f < n % t) for f in range(t)] for n in
+                           (min(2 * target_num, t * h * w // 4), min(target_num, t * h * w // 4)))
+            frames = [(*naive_image(visual, frame, (1, h, w), wide[f]), short[f]) for f, frame in
+                      enumerate(p.split(h * w))]
+            clips.append(((t, h, w), per_second * second if per_second else 1, frames))
+    clips = iter(clips)
     decoder = QwenDecoder(model)
     image_token = model.config.image_token_id
     out, towers, stages, image = [], [], [], 0
     for b in range(input_ids.shape[0]):
         ids = input_ids[b][mask[b].bool()].tolist()
-        x, positions, segments, _ = long_layout(decoder, ids, image_token, images, grids, image, target_num)
-        towers += [images[n][1] for _, _, n, _ in segments]
-        image += len(segments)
+        x, positions, segments, _ = long_layout(decoder, ids, image_token, images, grids, image, target_num,
+                                                model.config.video_token_id, clips)
+        towers += [images[n][1] for _, _, n, _ in segments if n is not None]
+        image += len([n for _, _, n, _ in segments if n is not None])
         for layer in range(PRUNE_LAYER + 1):
             x, q, k, v = decoder.layer(layer, x, positions)
         short = [j for j in range(len(x)) if not any(s <= j < s + n for s, n, _, _ in segments)]
-        for first, width, _, _ in segments:
+        for first, width, _, count in segments:
             segment = slice(first, first + width)
-            kept = _top(stage_scores(q[:, -1], v[:, -1], k[:, segment], v[:, segment]), min(target_num, width))
+            kept = _top(stage_scores(q[:, -1], v[:, -1], k[:, segment], v[:, segment]), count)
             stages.append(torch.tensor(kept))
             short += [first + j for j in kept]
         short.sort()

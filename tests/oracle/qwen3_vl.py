@@ -40,40 +40,59 @@ class Qwen3Decoder(QwenDecoder):
         return _interleaved_mrope(x, positions, self.theta, self.sections)
 
 
+def _split(total, frames):
+    """A video's tokens over its frames: total // t each, the first total mod t one more."""
+    return [total // frames + (f < total % frames) for f in range(frames)]
+
+
 @torch.no_grad()
-def naive_qwen3_logits(model, input_ids, mask, pixel_values, grids, target_num, stage):
+def naive_qwen3_logits(model, input_ids, mask, pixel_values, grids, target_num, stage, videos=None):
     """Last-position logits (B, V) float64 of FlowCut on a Qwen3VLForConditionalGeneration, with (``stage``) or
     without the language-model stage. Each image's tower keeps min(target_num, G₀) groups (2·target_num with the
     stage); per prompt (real tokens only) every decoder layer runs, each token at its M-RoPE position (group (t, h, w)
     of an image starting at p at p + (t, h, w), text after it from p + max(h', w')), DeepStack added after the first
     layers; with the stage, layer 1 keeps min(target_num, W) tokens per image (module docstring).
-    Returns the logits, the tower's kept groups and each image's DeepStack features (per layer, (W, C))."""
+    ``videos``: (pixels, grids) of the prompts' videos, or None. A video's frames are images of their own in the prompt
+    (each frame's run of video placeholders between its timestamp and vision tokens): frame f alone through the
+    tower, keeping its share of the video's min(target_num, G₀) (2·target_num with the stage): K // t each, the first
+    K mod t one more; its run holds its share of min(target_num, G₀).
+    Returns the logits, the tower's kept groups and each image's DeepStack features (per layer, (W, C)), images then
+    video frames (a frame's groups numbered in its frame)."""
     visual = model.model.visual
-    towers = [naive_tower(visual, p, g, (2 if stage else 1) * target_num) for p, g in
-              zip(pixel_values.split([t * h * w for t, h, w in grids]), grids)]
+    factor = 2 if stage else 1
+    units = {model.config.image_token_id: [
+        (naive_tower(visual, p, g, factor * target_num), min(target_num, g[0] * g[1] * g[2] // 4), g)
+        for p, g in zip(pixel_values.split([t * h * w for t, h, w in grids]), grids)
+    ]}
+    if videos is not None:
+        frames = units[model.config.video_token_id] = []
+        for p, (t, h, w) in zip(videos[0].split([t * h * w for t, h, w in videos[1]]), videos[1]):
+            wide, short = (_split(min(n * target_num, t * h * w // 4), t) for n in (factor, 1))
+            frames += [(naive_tower(visual, frame, (1, h, w), wide[f]), short[f], (1, h, w))
+                       for f, frame in enumerate(p.split(h * w))]
+    towers = [tower for kind in units.values() for tower, _, _ in kind]
+    pending = {token: iter(kind) for token, kind in units.items()}
     decoder = Qwen3Decoder(model)
-    image_token = model.config.image_token_id
-    out, image = [], 0
+    out = []
     for b in range(input_ids.shape[0]):
         ids = input_ids[b][mask[b].bool()].tolist()
         rows, positions, deepstack, current, i = [], [], [], 0, 0
-        segments = []  # (first row, image) of each image in this prompt
+        segments = []  # (first row, width) of each image (video frame) in this prompt
         while i < len(ids):
-            if ids[i] != image_token:
+            if ids[i] not in units:
                 rows.append(decoder.embed[ids[i]])
                 positions.append(torch.full((3,), current))
                 deepstack.append(None)
                 current, i = current + 1, i + 1
                 continue
-            tokens, groups, stacks = towers[image]
-            _, h, w = (x // 2 for x in grids[image])
-            segments.append((len(rows), image))
+            (tokens, groups, stacks), count, grid = next(pending[ids[i]])
+            _, h, w = (x // 2 for x in grid)
+            segments.append((len(rows), len(tokens), count))
             rows.extend(tokens)
             positions.extend(torch.stack([groups // (h * w), groups // w % h, groups % w], 1) + current)
             deepstack.extend(torch.stack(stacks, 0).unbind(1) if stacks else [None] * len(tokens))
             current += max(h, w)
-            i += min(target_num, grids[image][0] * h * w)
-            image += 1
+            i += count
         x, positions = torch.stack(rows), torch.stack(positions, 1)
         for layer in range(len(decoder.text.layers)):
             x, q, k, v = decoder.layer(layer, x, positions)
@@ -81,11 +100,10 @@ def naive_qwen3_logits(model, input_ids, mask, pixel_values, grids, target_num, 
                 if extra is not None and layer < len(extra):
                     x[j] = x[j] + extra[layer]
             if stage and layer == PRUNE_LAYER:
-                keep = [j for j in range(len(rows)) if not any(s <= j < s + len(towers[g][0]) for s, g in segments)]
-                for first, g in segments:
-                    width = len(towers[g][0])
+                keep = [j for j in range(len(rows)) if not any(s <= j < s + n for s, n, _ in segments)]
+                for first, width, count in segments:
                     segment = slice(first, first + width)
-                    kept = _top(stage_scores(q[:, -1], v[:, -1], k[:, segment], v[:, segment]), min(target_num, width))
+                    kept = _top(stage_scores(q[:, -1], v[:, -1], k[:, segment], v[:, segment]), count)
                     keep += [first + j for j in kept]
                 keep.sort()
                 x, positions = x[keep], positions[:, keep]
