@@ -24,15 +24,16 @@ of one group:
 
 Which tiles form an image: the patched forward counts the prompts' images (each a run of placeholders between
 ``<img>`` and ``</img>``, which must hold K); ``image_num_patches`` (tiles per image, which the patched processor
-adds to its outputs where the release lets it, 5.1+) says how they split the tiles; without it, T tiles of G images
-are one tile each (T = G) or one image (G = 1), any other split is refused. All tiles run in one padded pass (their
-group counts differ; the padding is hidden from attention by a key mask).
+adds to its outputs on releases with its per-image hook: 5.25, not 5.0) says how they split the tiles; without it,
+T tiles of G images are one tile each (T = G) or one image (G = 1), any other split is refused. All tiles run in one
+padded pass (their group counts differ; the padding is hidden from attention by a key mask).
 
 The patch replaces, on the one ``InternVLModel`` instance, ``get_image_features`` (the above), ``get_placeholder_mask``
 (a count mismatch names the fix) and ``forward`` (a call with pixels encodes them as above and hands the stock forward
 the embeddings; any other call is stock); the outer model gets its pixels in the prefill (not pre-encoded) and, for
 beams, expands them prompt by prompt. The processor, when given, writes K context tokens per image and each video
-frame (a frame is an image of one tile).
+frame (a frame is an image of one tile; a call mixing videos with ``image_num_patches`` is refused, as its counts
+miss the frames).
 
 The language-model stage is refused (tower stage only).
 """
@@ -288,7 +289,7 @@ def tiles_per_image(tiles: int, runs: list[int], image_num_patches) -> list[int]
     raise FlowCutInputError(
         f"the prompts hold {len(runs)} images and pixel_values {tiles} tiles, but not how the tiles split over the "
         f"images: pass image_num_patches (each image's tile count, the image processor's num_patches; the processor "
-        f"passed to flowcut() adds it on transformers 5.1+), or process the images with crop_to_patches=False"
+        f"passed to flowcut() adds it on transformers 5.25), or process the images with crop_to_patches=False"
     )
 
 

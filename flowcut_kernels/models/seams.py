@@ -406,10 +406,10 @@ def run_vit_layer(layer: nn.Module, hidden: Tensor, mask: Tensor | None, **kwarg
 def internvl_count(processor, count: int) -> dict:
     """Attributes that make an ``InternVLProcessor`` write ``count`` context tokens per image, whatever its tiles, and
     per video frame (its ``image_seq_length`` per frame), and, where the release lets it, add ``image_num_patches``
-    (each image's tiles) to its outputs. 5.1+: the ``replace_image_token`` hook per image, and ``_process_images``
-    (the image processor's outputs, of which ``num_patches`` is copied); 5.0 counts ``image_seq_length`` times each
-    image's tiles inside ``_insert_media_placeholders``, which is given one tile per image (its slicing of the pixels
-    uses the separate cumulative counts) and reports no tiles."""
+    (each image's tiles) to its outputs. Releases with the ``replace_image_token`` hook (5.25 tested): that hook per
+    image, and ``_process_images`` (the image processor's outputs, of which ``num_patches`` is copied); 5.0 counts
+    ``image_seq_length`` times each image's tiles inside ``_insert_media_placeholders``, which is given one tile per
+    image (its slicing of the pixels uses the separate cumulative counts) and reports no tiles."""
     cls = type(processor)
     attrs = {"image_seq_length": count}
     if hasattr(cls, "replace_image_token") and hasattr(cls, "_process_images"):

@@ -291,3 +291,13 @@ def test_a_missing_processor_hook_is_refused(monkeypatch):
             monkeypatch.delattr(owner, name)
     refused(model, rf"transformers {seams.RELEASE} has no InternVLProcessor", processor, target_num=K,
             processor=processor)
+
+
+def test_reapply_replaces_the_target_and_keeps_the_processor():
+    model, processor = patched()
+    flowcut(model, 7)
+    batch = inputs(processor, PAIR)
+    assert runs(batch) == [7, 7]
+    assert model.generate(**batch, max_new_tokens=2).shape[1] == batch["input_ids"].shape[1] + 2
+    assert model.model.get_image_features(batch["pixel_values"], image_num_patches=batch["image_num_patches"]
+                                          ).pooler_output.shape == (2, 7, 32)
