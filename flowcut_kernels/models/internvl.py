@@ -30,8 +30,9 @@ padded pass (their group counts differ; the padding is hidden from attention by 
 
 The patch replaces, on the one ``InternVLModel`` instance, ``get_image_features`` (the above), ``get_placeholder_mask``
 (a count mismatch names the fix) and ``forward`` (a call with pixels encodes them as above and hands the stock forward
-the embeddings; any other call is stock); the outer model gets its pixels in the prefill (not pre-encoded) and, for
-beams, expands them prompt by prompt. The processor, when given, writes K context tokens per image and each video
+the embeddings; any other call is stock); the outer model's ``forward`` names ``image_num_patches`` (so that
+``generate`` takes it), gets its pixels in the prefill (not pre-encoded) and, for beams, expands them prompt by
+prompt. The processor, when given, writes K context tokens per image and each video
 frame (a frame is an image of one tile; a call mixing videos with ``image_num_patches`` is refused, as its counts
 miss the frames).
 
