@@ -6,7 +6,8 @@
 - :func:`flowcut` / :func:`remove_flowcut` — patch one model instance and its processor, reversibly: LLaVA-1.5
   (CLIP or SigLIP tower), LLaVA-NeXT (anyres), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 (with the
   language-model stage where the family's recipe has it), Gemma 3 (whole pooling windows), LLaVA-OneVision (anyres
-  SigLIP crops, images), and bare CLIP, SigLIP, ViT and DINOv2 vision towers.
+  SigLIP crops, images), InternVL (whole pixel-shuffle groups over tiles), and bare CLIP, SigLIP, ViT and DINOv2
+  vision towers.
 - :func:`calibrate_schedule` / :class:`StaticSchedule` — FlowCut with per-layer counts fixed in advance: no host
   reads, ``torch.compile(fullgraph=True)`` and CUDA graphs.
 - :func:`build_info` — how the native extension was built (or why it is unavailable).

@@ -1,5 +1,5 @@
-"""LLaVA-NeXT, Qwen2-VL, Gemma 3, LLaVA-OneVision, ViT and DINOv2 presets of :mod:`flowcut_kernels.bench`: whole HF
-models, or their vision towers.
+"""LLaVA-NeXT, Qwen2-VL, Gemma 3, LLaVA-OneVision, ViT, DINOv2 and InternVL presets of
+:mod:`flowcut_kernels.bench`: whole HF models, or their vision towers.
 
 Each preset is a :class:`Scenario`; built, it gives the same zero-argument methods as :mod:`.presets` (each
 returning a :class:`~.presets.MethodResult`), timed, tabled and plotted by the same machinery. Random seeded
@@ -39,6 +39,11 @@ Qwen2-VL's (the fused ``qkv``'s q and k thirds, default 8 at the 7B shapes, 4 on
   stock tower (all layers, ``hidden_states[-1]``, every patch: OneVision's ``full`` strategy) against FlowCut's crop
   pass (the crops of an image on one shared schedule, the mean-query variant, ⌊K/2⌋ patches each; no projector, no
   layout).
+- ``internvl-tower`` (CPU or CUDA): InternVL's vision path, ``InternVLModel.get_image_features``: the InternViT-300M
+  tower (24 layers × 1024, 16 heads, 14-px patches, a CLS row) on 448×448 tiles (32×32 = 1024 patches), the pixel
+  shuffle (2×2 into 256 tokens) and the projector (to InternVL3-1B's width 896; the model around it a one-layer
+  stand-in decoder, never run), each tile an image: the stock method against the method after ``flowcut(model, K)``
+  (whole pixel-shuffle groups, K of the 256 tokens, :mod:`flowcut_kernels.models.internvl`).
 - ``vit-tower`` / ``dinov2-tower`` (CPU or CUDA): ``ViTModel`` at ViT-B/16 (12 layers × 768, 12 heads, 224×224: 196
   patches + CLS) and ``Dinov2WithRegistersModel`` at DINOv2-L/14 with 4 registers (24 layers × 1024, 16 heads, 224×224:
   256 patches + CLS + 4 registers, never pruned): the stock last layer's patches (``hidden_states[-1]``) against
@@ -117,6 +122,13 @@ VIT_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_a
                 patch_size=4)
 DINOV2_TINY = dict(hidden_size=32, mlp_ratio=2, num_hidden_layers=6, num_attention_heads=4, image_size=32, patch_size=4,
                    num_register_tokens=4)
+#: InternViT-300M (InternVL 2.5/3 1B–8B) at 448² tiles, and InternVL's layout (downsample 0.5; InternVL3-1B's width).
+INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=448, patch_size=14, attention_bias=True)
+INTERNVIT_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, image_size=64,
+                      patch_size=4, attention_bias=True)
+INTERNVL3_1B = dict(text_hidden=896)
+INTERNVL_TINY = dict(text_hidden=32)
 #: Gemma 3's image-token layout (4B's text width; the stand-in decoder's ids within its 64-word vocabulary).
 GEMMA3_4B = dict(mm_tokens_per_image=256, text_hidden=2560)
 GEMMA3_TINY = dict(mm_tokens_per_image=64, text_hidden=32)
@@ -135,7 +147,8 @@ TARGET_WORDS = {"next": "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)",
                 "gemma3-tower": "K (pooling windows kept per image)",
                 "qwen-tower": "K (merged tokens kept per image, or per video: at least 1 a frame)",
                 "vit-tower": "K (patches kept per image)",
-                "dinov2-tower": "K (patches kept per image)"}
+                "dinov2-tower": "K (patches kept per image)",
+                "internvl-tower": "K (pixel-shuffle groups kept per tile)"}
 
 
 @dataclass(frozen=True)
@@ -143,7 +156,8 @@ class Scenario:
     """A LLaVA-NeXT or Qwen2-VL preset (module docstring).
 
     kind: "next" (whole LLaVA-NeXT), "next-crops" (its tower on crops), "qwen" (whole Qwen2-VL), "qwen-tower",
-        "qwen3-tower" (Qwen3-VL's), "gemma3-tower", "onevision-crops", "vit-tower", "dinov2-tower".
+        "qwen3-tower" (Qwen3-VL's), "gemma3-tower", "onevision-crops", "vit-tower", "dinov2-tower",
+        "internvl-tower".
     tower: a CLIP shape of :data:`.random_models.PRESETS` (LLaVA-NeXT), or the tower's config fields.
     lm: LlamaConfig / Qwen2-VL text fields (whole models; Gemma 3: its token layout). image: (H, W) pixels of each
     image (LLaVA-NeXT, LLaVA-OneVision), or (h, w) patches (the others). max_target: the largest K. frames: the
@@ -220,6 +234,11 @@ SCENARIOS = {s.name: s for s in [
     Scenario("gemma3-tower-tiny", "gemma3-tower", "gemma3-tower at tiny sizes (16x16 patches pooled 2x2 into 64 "
              "tokens), for tests", dict(SIGLIP_TINY, image_size=64), (16, 16), 63, (16,), lm=GEMMA3_TINY,
              sharpen=8.0),
+    Scenario("internvl-tower", "internvl-tower", "InternVL's InternViT-300M tower (24 layers x 1024) on 448x448 "
+             "tiles (1024 patches + CLS) + pixel shuffle (2x2 into 256 tokens) + projector: unpruned vs flowcut(model, "
+             "K) (whole pixel-shuffle groups)", INTERNVIT_300M, (32, 32), 255, (64,), lm=INTERNVL3_1B),
+    Scenario("internvl-tower-tiny", "internvl-tower", "internvl-tower at tiny sizes (16x16 patches shuffled 2x2 into "
+             "64 tokens), for tests", INTERNVIT_TINY, (16, 16), 63, (16,), lm=INTERNVL_TINY, sharpen=8.0),
     Scenario("llava-onevision-tower", "onevision-crops", "LLaVA-OneVision's SigLIP So400m tower (27 layers x 1152, 729 "
              "patches a crop) on one 768x768 image's 5 anyres crops (3645 patches): unpruned vs FlowCut's per-image "
              "shared-schedule crop pass (K/2 per crop)", dict(SO400M, image_size=384), (768, 768), 1457, (64,),
@@ -635,6 +654,50 @@ def _build_gemma3_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScena
                          dict(pixels=lambda batch, seed: _pixels(batch, side, device, dtype, seed)))
 
 
+def internvl_config(s: Scenario):
+    """The ``InternVLConfig`` of an ``internvl-tower`` scenario: its InternViT tower, pixel shuffle and projector,
+    around a one-layer stand-in decoder of the text width (which the tower presets never run)."""
+    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig
+
+    text = LlamaConfig(vocab_size=64, hidden_size=s.lm["text_hidden"], intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=1, num_key_value_heads=1, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return InternVLConfig(vision_config=InternVLVisionConfig(**s.tower).to_dict(), text_config=text.to_dict(),
+                          image_token_id=63, image_seq_length=s.image[0] * s.image[1] // 4, downsample_ratio=0.5)
+
+
+def _build_internvl_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers import InternVLModel
+
+    model = random_models.seeded_model(InternVLModel, internvl_config(s), seed, device, dtype=dtype).eval()
+    tower = model.vision_tower
+    with torch.no_grad():  # the stock CLS row and position table start at zero: give them values; sharpen q and k
+        tower.embeddings.cls_token.normal_(std=0.02)
+        tower.embeddings.position_embeddings.normal_(std=0.02)
+        for layer in tower.encoder.layer:
+            for proj in (layer.attention.q_proj, layer.attention.k_proj):
+                proj.weight.mul_(sharpen)
+                proj.bias.mul_(sharpen)
+    side = s.tower["image_size"]
+    layers = s.tower["num_hidden_layers"]
+
+    def make(batch, target, backends, include, seed):
+        pixels = _pixels(batch, side, device, dtype, seed)
+
+        def unpruned():
+            pooled = model.get_image_features(pixels, return_dict=True).pooler_output
+            return MethodResult(pooled, None, [1 + s.image[0] * s.image[1]] * layers, pooled.shape[1])
+
+        def pruned(backend):
+            with _Patched(model, target, backend):
+                out = model.get_image_features(pixels, return_dict=True)
+            return MethodResult(out.pooler_output, out.keep_indices[..., 1], out.tokens_per_layer[0], target)
+
+        return _methods(include, backends, unpruned, pruned)
+
+    return BuiltScenario(s.name, weights_mb(tower) + weights_mb(model.multi_modal_projector), make, model,
+                         dict(pixels=lambda batch, seed: _pixels(batch, side, device, dtype, seed)))
+
+
 def onevision_crops(s: Scenario) -> int:
     """The crops of a ``onevision-crops`` scenario's image: the base crop and its anyres grid (OneVision's default
     ``image_grid_pinpoints`` unless the scenario gives its own)."""
@@ -726,4 +789,5 @@ def _build_vit_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario
 
 BUILDERS = {"next": _build_next, "next-crops": _build_next_crops, "qwen-tower": _build_qwen_tower,
             "qwen3-tower": _build_qwen_tower, "qwen": _build_qwen, "gemma3-tower": _build_gemma3_tower,
-            "onevision-crops": _build_onevision_crops, "vit-tower": _build_vit_tower, "dinov2-tower": _build_vit_tower}
+            "onevision-crops": _build_onevision_crops, "vit-tower": _build_vit_tower, "dinov2-tower": _build_vit_tower,
+            "internvl-tower": _build_internvl_tower}

@@ -10,11 +10,12 @@
 - :mod:`.tower`, :mod:`.vision`, :mod:`.instance` — what a tower is, the bare-tower patch, and the
   per-instance attribute bookkeeping every patch uses.
 - one module per family: :mod:`.clip`, :mod:`.siglip`, :mod:`.vit` (ViT, DINOv2), :mod:`.llava`,
-  :mod:`.llava_next`, :mod:`.qwen2_vl`, :mod:`.qwen3_vl`, :mod:`.qwen3_5`, :mod:`.gemma3`, :mod:`.llava_onevision`.
+  :mod:`.llava_next`, :mod:`.qwen2_vl`, :mod:`.qwen3_vl`, :mod:`.qwen3_5`, :mod:`.gemma3`, :mod:`.llava_onevision`,
+  :mod:`.internvl`.
   A new family is a module that exports a ``FAMILY`` and one ``register`` line below.
 """
 
-from . import clip, gemma3, llava, llava_next, llava_onevision, qwen2_vl, qwen3_5, qwen3_vl, siglip, vit
+from . import clip, gemma3, internvl, llava, llava_next, llava_onevision, qwen2_vl, qwen3_5, qwen3_vl, siglip, vit
 from .registry import register
 
 register(clip.FAMILY)
@@ -30,3 +31,4 @@ register(gemma3.FAMILY)
 register(llava_onevision.FAMILY)
 register(vit.FAMILY)
 register(vit.FAMILY_DINOV2)
+register(internvl.FAMILY)

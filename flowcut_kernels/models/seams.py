@@ -424,3 +424,41 @@ def run_vit_layer(layer: nn.Module, hidden: Tensor, mask: Tensor | None, **kwarg
     if "attention_mask" in inspect.signature(type(layer).forward).parameters:
         return layer(hidden, mask, **kwargs)
     return layer(hidden)
+
+
+# -- InternVL's processor: how it writes image tokens and reports each image's tiles. ---------------------------
+
+
+def internvl_count(processor, count: int) -> dict:
+    """Attributes that make an ``InternVLProcessor`` write ``count`` context tokens per image, whatever its tiles, and
+    per video frame (its ``image_seq_length`` per frame), and, where the release lets it, add ``image_num_patches``
+    (each image's tiles) to its outputs. Releases with the ``replace_image_token`` hook (5.25 tested): that hook per
+    image, and ``_process_images`` (the image processor's outputs, of which ``num_patches`` is copied); 5.0 counts
+    ``image_seq_length`` times each image's tiles inside ``_insert_media_placeholders``, which is given one tile per
+    image (its slicing of the pixels uses the separate cumulative counts) and reports no tiles."""
+    cls = type(processor)
+    attrs = {"image_seq_length": count}
+    if hasattr(cls, "replace_image_token") and hasattr(cls, "_process_images"):
+        stock = inspect.getattr_static(cls, "_process_images").__get__(processor, cls)
+
+        def replace_image_token(image_inputs, image_idx, **kwargs):
+            return f"{processor.start_image_token}{processor.image_token * count}{processor.end_image_token}"
+
+        def process_images(images, **kwargs):
+            processed, replacements = stock(images, **kwargs)
+            patches = processed["num_patches"]
+            processed["image_num_patches"] = patches.tolist() if hasattr(patches, "tolist") else list(patches)
+            return processed, replacements
+
+        attrs.update(replace_image_token=replace_image_token, _process_images=process_images)
+        return attrs
+    require(hasattr(cls, "_insert_media_placeholders"),
+            "InternVLProcessor.replace_image_token or _insert_media_placeholders (how InternVL's processor writes "
+            "image tokens)")
+    insert = inspect.getattr_static(cls, "_insert_media_placeholders").__get__(processor, cls)
+
+    def insert_media_placeholders(text, image_pixel_values, video_pixel_values, image_num_patches, *rest):
+        return insert(text, image_pixel_values, video_pixel_values, [1] * len(image_num_patches), *rest)
+
+    attrs["_insert_media_placeholders"] = insert_media_placeholders
+    return attrs

@@ -152,6 +152,7 @@ def test_kernel_rows_time_every_primitive_against_its_composition():
     ("llava-onevision-tower-tiny", 5 * 64, 5 * 8, False),  # 5 crops of 64 patches, ⌊K/2⌋ per crop
     ("vit-tower-tiny", 64, 16, False),
     ("dinov2-tower-tiny", 64, 16, False),  # CLS and 4 registers not counted
+    ("internvl-tower-tiny", 64, 16, False),  # 16×16 patches pixel-shuffled 2×2: 64 tokens, K whole groups
 ])
 def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, tmp_path):
     pytest.importorskip("matplotlib")
@@ -175,7 +176,7 @@ def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, t
 def _stock_output(name, built, pixels):
     """The stock model's output that a tower preset's unpruned method reports, computed here from its public API."""
     model = built.model
-    if name.startswith("gemma3"):
+    if name.startswith(("gemma3", "internvl")):
         return model.get_image_features(pixels, return_dict=True).pooler_output
     out = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
     return out if name.startswith("llava-onevision") else out[:, 1 + model.config.to_dict().get(
@@ -183,7 +184,7 @@ def _stock_output(name, built, pixels):
 
 
 @pytest.mark.parametrize("name", ["gemma3-tower-tiny", "llava-onevision-tower-tiny", "vit-tower-tiny",
-                                  "dinov2-tower-tiny"])
+                                  "dinov2-tower-tiny", "internvl-tower-tiny"])
 def test_family_tower_presets_keep_k_and_unpruned_is_the_stock_model(name):
     s = scenarios.SCENARIOS[name]
     built = s.build("cpu", torch.float32, 0, s.sharpen)
@@ -213,7 +214,12 @@ def test_family_tower_presets_have_the_real_shapes():
     assert scenarios.onevision_crops(onevision) == 5  # 768×768: the base crop + a 2×2 grid
     assert scenarios.SCENARIOS["vit-tower"].tower == scenarios.VIT_B16
     assert scenarios.SCENARIOS["dinov2-tower"].tower["num_register_tokens"] == 4
-    for name in ("gemma3-tower", "llava-onevision-tower", "vit-tower", "dinov2-tower"):
+    internvl = scenarios.internvl_config(scenarios.SCENARIOS["internvl-tower"])
+    vision = internvl.vision_config
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.num_attention_heads, *vision.patch_size,
+            *vision.image_size) == (24, 1024, 16, 14, 14, 448, 448)
+    assert internvl.image_seq_length == 256 and internvl.downsample_ratio == 0.5
+    for name in ("gemma3-tower", "llava-onevision-tower", "vit-tower", "dinov2-tower", "internvl-tower"):
         assert scenarios.SCENARIOS[name].default_targets == (64,) and scenarios.SCENARIOS[name].cuda_only is None
 
 
