@@ -18,7 +18,7 @@ from ..models.encoder import feature_index
 from ..models.policy import FlowCutPolicy, LayerView
 from . import seams
 from .config import options
-from .processing import FlowCutInfo, served
+from .processing import FlowCutInfo, require_pixels, served
 
 #: The ops the CLIP tower runs.
 CLIP_OPS = ("flow_scores", "select_gather")
@@ -103,9 +103,7 @@ class FlowCutLlavaModel:
     def _process_image_input(self, image_input):
         if self.flowcut is None:
             return super()._process_image_input(image_input)
-        require(image_input["type"] == "pixel_values",
-                "image embeddings cannot be pruned by FlowCut (its scores come from the vision tower); pass images, "
-                "or serve without the 'flowcut' key")
+        require_pixels(image_input)
         tower = self.vision_tower
         backend = ops.resolve_backend(self.flowcut.backend, tower.device, tower.dtype, CLIP_OPS)
         features, _ = pruned_clip(tower, image_input["pixel_values"], self.flowcut.target_num,

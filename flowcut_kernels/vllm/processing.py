@@ -58,6 +58,13 @@ class FlowCutProcessor:
         return [seams.truncated_update(u, target) if u.modality == "image" else u for u in updates]
 
 
+def require_pixels(image_input) -> None:
+    """A served model's image input must be pixels: FlowCut's scores come from the vision tower."""
+    require(image_input["type"] == "pixel_values",
+            "image embeddings cannot be pruned by FlowCut (its scores come from the vision tower); pass images, "
+            "or serve without the 'flowcut' key")
+
+
 def served(stock_module, family: str, mixins: tuple[type, type], module: str, *, other=None) -> type:
     """vLLM's ``{family}ForConditionalGeneration`` of ``stock_module`` with the model mixin ``mixins[0]``, tied to
     its ``{family}ProcessingInfo`` with ``mixins[1]`` (a :class:`FlowCutInfo`), its ``{family}MultiModalProcessor``

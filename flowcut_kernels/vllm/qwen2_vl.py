@@ -22,11 +22,10 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..checks import require
 from . import seams
 from .config import options
 from .positions import prompt_positions, with_kept
-from .processing import FlowCutInfo, served
+from .processing import FlowCutInfo, require_pixels, served
 from .tower import TOWER_OPS, group_positions, pruned_tower
 
 #: The channels appended to each image embedding: its kept group's (t, h, w) offsets.
@@ -54,9 +53,7 @@ class FlowCutModel:
     def _process_image_input(self, image_input):
         if self.flowcut is None:
             return super()._process_image_input(image_input)
-        require(image_input["type"] == "pixel_values",
-                "image embeddings cannot be pruned by FlowCut (its scores come from the vision tower); pass images, "
-                "or serve without the 'flowcut' key")
+        require_pixels(image_input)
         grid = image_input["image_grid_thw"]
         merge = self.visual.spatial_merge_size
         groups = (grid.prod(-1) // merge**2).tolist()
