@@ -3,15 +3,18 @@
 A served model prunes when its config carries ``{"flowcut": {"target_num": K}}``, e.g.
 ``vllm serve Qwen/Qwen2-VL-2B-Instruct --hf-overrides '{"flowcut": {"target_num": 64}}'`` or
 ``vllm.LLM(model=..., hf_overrides={"flowcut": {"target_num": 64}})``; without the key it runs as stock vLLM.
-Served: Qwen2-VL and Qwen2.5-VL (:mod:`.qwen2_vl`), the tower stage only (docs/vllm.md says why).
+Served: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (:mod:`.qwen2_vl`), LLaVA-1.5 (:mod:`.llava`), the tower stage only
+(docs/vllm.md says why).
 """
 
 from __future__ import annotations
 
-#: The architectures the plug-in serves, and their classes in :mod:`.qwen2_vl`.
+#: The architectures the plug-in serves, and their classes ("module:Class" in this package).
 ARCHITECTURES = {
-    "Qwen2VLForConditionalGeneration": "FlowCutQwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "FlowCutQwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl:FlowCutQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl:FlowCutQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "qwen2_vl:FlowCutQwen3VLForConditionalGeneration",
+    "LlavaForConditionalGeneration": "llava:FlowCutLlavaForConditionalGeneration",
 }
 
 
@@ -22,7 +25,7 @@ def register() -> None:
     from . import seams
 
     for architecture, name in ARCHITECTURES.items():
-        seams.register_model(architecture, f"{__name__}.qwen2_vl:{name}")
+        seams.register_model(architecture, f"{__name__}.{name}")
     seams.on_model_config(check_served)
 
 

@@ -1,4 +1,5 @@
-"""FlowCut for vLLM's Qwen2-VL and Qwen2.5-VL: the served classes that replace vLLM's for those architectures.
+"""FlowCut for vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL: the served classes that replace vLLM's for those
+architectures.
 
 Each class is vLLM's own, subclassed; without ``flowcut`` in the model's config every override hands over to it, so
 the model runs as stock vLLM. With ``{"flowcut": {"target_num": K}}`` (docs/vllm.md):
@@ -7,8 +8,10 @@ the model runs as stock vLLM. With ``{"flowcut": {"target_num": K}}`` (docs/vllm
   K_b of the stock ones — and the token budgeting (``get_num_image_tokens``, the profiling's largest image) sees K_b;
   videos are refused (their limit is 0);
 - encoder: :func:`.tower.pruned_tower` runs the tower with FlowCut, the model's merger makes the K_b tokens of each
-  image, and the kept groups' M-RoPE (t, h, w) offsets travel as 3 extra channels of each image's embeddings (the
-  encoder cache keeps them with the tokens, so a later prefill chunk finds them too);
+  image (Qwen3-VL: each followed by its group's DeepStack features, the channels vLLM's own tower appends, which
+  vLLM adds to the first decoder layers' outputs at that token), and the kept groups' M-RoPE (t, h, w) offsets
+  travel as 3 extra channels of each image's embeddings (the encoder cache keeps them with the tokens, so a later
+  prefill chunk finds them too);
 - positions: :func:`.positions.prompt_positions` when the request is scheduled (each image's placeholders at the
   image's first position); in each step ``embed_input_ids`` strips the channels and the ``forward`` adds each kept
   token's offsets to its position (:func:`.positions.with_kept`): every kept token keeps its original (t, h, w).
@@ -19,60 +22,25 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..checks import require
 from . import seams
 from .config import options
 from .positions import prompt_positions, with_kept
+from .processing import FlowCutInfo, require_pixels, served
 from .tower import TOWER_OPS, group_positions, pruned_tower
 
 #: The channels appended to each image embedding: its kept group's (t, h, w) offsets.
 POSITION_CHANNELS = 3
 
 
-class FlowCutInfo:
-    """Mixin for a Qwen processing-info class: K_b placeholders per image, no videos."""
+class FlowCutQwenInfo(FlowCutInfo):
+    """:class:`.processing.FlowCutInfo` for a Qwen processing-info class, whose count takes the image processor."""
 
-    def flowcut_target(self) -> int | None:
-        found = options(self.get_hf_config())
-        return None if found is None else found.target_num
-
-    def get_num_image_tokens(self, **kwargs) -> int:
-        tokens = super().get_num_image_tokens(**kwargs)
-        target = self.flowcut_target()
-        return tokens if target is None else min(target, tokens)
-
-    def get_max_image_tokens(self) -> int:
-        target = self.flowcut_target()
-        if target is None:
-            return super().get_max_image_tokens()
-        width, height = self.get_image_size_with_most_features()
-        most = super().get_num_image_tokens(image_width=width, image_height=height,
-                                            image_processor=self.get_image_processor(), mm_kwargs={})
-        require(target <= most, f"flowcut.target_num={target} is more than the {most} merge groups of the largest "
-                                f"image this model's processor makes (its max_pixels); set flowcut.target_num <= "
-                                f"{most}")
-        return target
-
-    def get_supported_mm_limits(self):
-        limits = dict(super().get_supported_mm_limits())
-        if self.flowcut_target() is not None:
-            limits["video"] = 0  # FlowCut prunes images only
-        return limits
-
-
-class FlowCutProcessor:
-    """Mixin for a Qwen multimodal processor: each image's placeholders are the first K_b of the stock ones."""
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        target = self.info.flowcut_target()
-        if target is None:
-            return updates
-        return [seams.truncated_update(u, target) if u.modality == "image" else u for u in updates]
+    def count_kwargs(self) -> dict:
+        return dict(image_processor=self.get_image_processor(), mm_kwargs={})
 
 
 class FlowCutModel:
-    """Mixin for a Qwen2-VL (2.5-VL) model class: the pruned tower, the kept tokens' positions."""
+    """Mixin for a Qwen2-VL (2.5-VL, 3-VL) model class: the pruned tower, the kept tokens' positions."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -85,16 +53,15 @@ class FlowCutModel:
     def _process_image_input(self, image_input):
         if self.flowcut is None:
             return super()._process_image_input(image_input)
-        require(image_input["type"] == "pixel_values",
-                "image embeddings cannot be pruned by FlowCut (its scores come from the vision tower); pass images, "
-                "or serve without the 'flowcut' key")
+        require_pixels(image_input)
         grid = image_input["image_grid_thw"]
         merge = self.visual.spatial_merge_size
         groups = (grid.prod(-1) // merge**2).tolist()
         targets = [min(self.flowcut.target_num, g) for g in groups]
         backend = ops.resolve_backend(self.flowcut.backend, self.visual.device, self.visual.dtype, TOWER_OPS)
-        hidden, keep_groups = pruned_tower(self.visual, image_input["pixel_values"], grid, targets, backend)
-        merged = self.visual.merger(hidden).split(targets)
+        hidden, keep_groups, deepstack = pruned_tower(self.visual, image_input["pixel_values"], grid, targets,
+                                                      backend)
+        merged = torch.cat([self.visual.merger(hidden), *deepstack], dim=1).split(targets)
         return tuple(
             torch.cat([emb, group_positions(kept, g, merge).to(emb.device, emb.dtype)], dim=1)
             for emb, kept, g in zip(merged, keep_groups, grid.tolist())
@@ -103,9 +70,12 @@ class FlowCutModel:
     def get_mrope_input_positions(self, input_tokens, mm_features):
         if self.flowcut is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        images = [(offset, seams.placeholder_count(f), (t, h, w))
-                  for f, (offset, t, h, w, _) in zip(sorted(mm_features, key=seams.feature_offset),
-                                                     self.iter_mm_grid_thw(mm_features))]
+        merge = self.visual.spatial_merge_size
+        images = []
+        for feature in sorted(mm_features, key=seams.feature_offset):
+            t, h, w = seams.image_grid(feature)
+            count = seams.placeholder_count(feature)
+            images.append((seams.feature_offset(feature), count, (t, h // merge, w // merge)))
         return prompt_positions(len(input_tokens), images)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, **kwargs):
@@ -124,20 +94,12 @@ class FlowCutModel:
         return super().forward(input_ids, positions, *args, **kwargs)
 
 
-def _served(stock_module, name: str, info: str, processor: str, dummy: str) -> type:
-    """vLLM's ``name`` class with the FlowCut mixins, and its processor factories with theirs."""
-    stock = getattr(stock_module, name)
-    info_cls = type(f"FlowCut{info}", (FlowCutInfo, getattr(stock_module, info)), {})
-    processor_cls = type(f"FlowCut{processor}", (FlowCutProcessor, getattr(stock_module, processor)), {})
-    model = type(f"FlowCut{name}", (FlowCutModel, stock), {"__module__": __name__})
-    return seams.register_processor(model, processor_cls, info_cls, getattr(stock_module, dummy))
-
-
-FlowCutQwen2VLForConditionalGeneration = _served(
-    seams.qwen2_vl(), "Qwen2VLForConditionalGeneration", "Qwen2VLProcessingInfo", "Qwen2VLMultiModalProcessor",
-    "Qwen2VLDummyInputsBuilder",
+FlowCutQwen2VLForConditionalGeneration = served(
+    seams.qwen2_vl(), "Qwen2VL", (FlowCutModel, FlowCutQwenInfo), __name__,
 )
-FlowCutQwen2_5_VLForConditionalGeneration = _served(
-    seams.qwen2_5_vl(), "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessingInfo",
-    "Qwen2_5_VLMultiModalProcessor", "Qwen2_5_VLDummyInputsBuilder",
+FlowCutQwen2_5_VLForConditionalGeneration = served(
+    seams.qwen2_5_vl(), "Qwen2_5_VL", (FlowCutModel, FlowCutQwenInfo), __name__,
+)
+FlowCutQwen3VLForConditionalGeneration = served(
+    seams.qwen3_vl(), "Qwen3VL", (FlowCutModel, FlowCutQwenInfo), __name__,
 )

@@ -1,7 +1,7 @@
-"""FlowCut in vLLM's engine on tiny Qwen2-VL / Qwen2.5-VL checkpoints: K placeholders per image, the served tower's
-kept groups and tokens equal the transformers patch's, the first greedy token equals the patched HF model's, a
-batch of images of different sizes equals each alone, stock without the key, bad configs and architectures the
-plug-in does not serve fail at load."""
+"""FlowCut in vLLM's engine on tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints: K placeholders per image, the
+served tower's kept groups and tokens (Qwen3-VL: and DeepStack features) equal the transformers patch's, the first
+greedy token equals the patched HF model's, a batch of images of different sizes equals each alone, stock without
+the key, bad configs and architectures the plug-in does not serve fail at load."""
 
 import os
 import sys
@@ -16,11 +16,16 @@ from runner import run_engine
 from tiny.vllm_qwen import IMAGE, image, prompt, save_tiny_qwen
 
 TARGET = 6
-#: (width, height, seed): 24, 24 and 64 merge groups (the last the processor's largest)
+#: (width, height, seed): 24, 24 and 64 merge groups (the last the processor's largest; Qwen3-VL's 16-pixel patches:
+#: 20, 20 and 49)
 IMAGES = [[112, 168, 0], [168, 112, 1], [224, 224, 2]]
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+ARCHS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+         "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
 def served(request, tmp_path_factory):
     """(arch, folder, the engine's result with FlowCut)."""
     folder = save_tiny_qwen(str(tmp_path_factory.mktemp(request.param)), request.param)
@@ -34,9 +39,7 @@ def _hf(arch: str, folder: str):
 
     from flowcut_kernels import flowcut
 
-    cls = transformers.Qwen2VLForConditionalGeneration if arch == "qwen2_vl" else \
-        transformers.Qwen2_5_VLForConditionalGeneration
-    model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+    model = getattr(transformers, ARCHS[arch]).from_pretrained(folder, dtype=torch.float32).eval()
     processor = transformers.AutoProcessor.from_pretrained(folder)
     flowcut(model, TARGET, processor=processor, llm_stage=False)
     return model, processor
@@ -57,9 +60,6 @@ def test_tower_keeping_every_group_equals_vllms_tower(served):
     assert result["unpruned_error"] < 1e-5
 
 
-@pytest.mark.xfail(reason="vLLM 0.33's Qwen2-VL tower and transformers 5.20's differ on these tiny checkpoints (their "
-                          "stock tower outputs differ by ~0.3-0.9, rotary q/k already at block 0), so their kept "
-                          "groups differ too; docs/vllm.md", strict=False)
 def test_tower_and_first_token_match_the_hf_patch(served):
     arch, folder, result = served
     model, processor = _hf(arch, folder)
@@ -74,7 +74,9 @@ def test_tower_and_first_token_match_the_hf_patch(served):
         kept = features.keep_groups[0]
         offsets = torch.stack([kept // (h * w), kept // w % h, kept % w], dim=1)
         assert served_tower[:, -3:].round().long().tolist() == offsets.tolist(), "kept groups differ"
-        torch.testing.assert_close(served_tower[:, :-3], features.pooler_output[0], rtol=1e-4, atol=1e-4)
+        assert len(kept) == TARGET
+        tokens = [features.pooler_output[0]] + [layer[0] for layer in features.deepstack_features or ()]
+        torch.testing.assert_close(served_tower[:, :-3], torch.cat(tokens, dim=1), rtol=1e-4, atol=1e-4)
         assert result["alone"][i][0] == first
 
 
@@ -102,12 +104,12 @@ def test_bad_target_num_fails_at_load_naming_the_key(tmp_path, target):
 
 
 def test_an_architecture_not_served_fails_at_load_naming_it(tmp_path):
-    from tiny.llava import random_llava, tiny_llava_processor
+    from tiny.llava_next import random_llava_next, tiny_llava_next_processor
 
-    folder = str(tmp_path / "llava")
-    model = random_llava()
+    folder = str(tmp_path / "llava_next")
+    model = random_llava_next()
     model.save_pretrained(folder)
-    tiny_llava_processor(model).save_pretrained(folder)
+    tiny_llava_next_processor(model).save_pretrained(folder)
     code, output, result = run_engine(folder, {"flowcut": {"target_num": TARGET}}, IMAGES[:1], timeout=200)
     assert code != 0 and result is None
-    assert "architecture LlavaForConditionalGeneration is not one of them" in output, output[-4000:]
+    assert "architecture LlavaNextForConditionalGeneration is not one of them" in output, output[-4000:]
