@@ -306,6 +306,17 @@ def test_video_generate_batched_equals_single_and_cache(llm_stage):
     check_generate_batched(model, batch, [first, second], 5, llm_stage)
 
 
+@pytest.mark.parametrize("llm_stage", [True, False], ids=["stage", "tower-only"])
+def test_video_beams_keep_each_prompts_video(llm_stage):
+    model, processor = patched(llm_stage=llm_stage)
+    batch = video_batch(processor, "image and videos in prompts")
+    out = model.generate(**batch, max_new_tokens=3, num_beams=2, num_return_sequences=2)
+    second = {"input_ids": batch["input_ids"][1:], "attention_mask": batch["attention_mask"][1:],
+              "pixel_values_videos": batch["pixel_values_videos"][1:]}
+    alone = model.generate(**second, max_new_tokens=3, num_beams=2, num_return_sequences=2)
+    assert out.shape == (4, batch["input_ids"].shape[1] + 3) and torch.equal(out[2:, -3:], alone[:, -3:])
+
+
 def test_video_bfloat16_is_finite():
     model, processor = patched(dtype=torch.bfloat16)
     assert_bfloat16_finite(model, video_batch(processor, "image and videos in prompts", torch.bfloat16))
