@@ -54,6 +54,16 @@ Qwen2-VL's (the fused ``qkv``'s q and k thirds, default 8 at the 7B shapes, 4 on
 - ``qwen2-vl-2b-cpu`` (CPU or CUDA): the same at Qwen2-VL-2B's shapes (the tower above; LLM 28 layers × 1536, GQA
   12/2, intermediate 8960, vocabulary 151936) on a 336×336 image (24×24 patches, 144 merged tokens), K = 64 and 128:
   the end-to-end prefill a CPU runs in seconds. Its rows carry the FLOP-limit speed-up (:func:`qwen_prefill_flops`).
+- ``gemma3-4b`` (CUDA): ``Gemma3ForConditionalGeneration`` at Gemma 3 4B's shapes (the ``gemma3-tower`` tower and
+  projector: an 896×896 image, 4096 patches, 256 soft tokens; LLM 34 layers × 2560, GQA 8/4, head_dim 256, 5
+  sliding-window layers to 1 global, vocabulary 262208) in a 60-token prompt (begin-of-image, the soft tokens,
+  end-of-image after 35; ``token_type_ids`` 1 at the soft tokens, as the processor's): the stock forward against
+  ``flowcut(model, K)`` (whole pooling windows, K soft tokens).
+- ``llava-onevision-7b`` (CUDA): ``LlavaOnevisionForConditionalGeneration`` at 7B shapes (the ``llava-onevision-tower``
+  tower on one 768×768 image's 5 anyres crops, 3645 patches; the stock packing gives 3699 tokens: 729 base, 2916
+  grid, 54 newlines; a Qwen2-7B-shaped LLM: 28 layers × 3584, GQA 28/4, intermediate 18944, vocabulary 152064) in a
+  60-token prompt: the stock forward against ``flowcut(model, K)`` (⌊K/2⌋ per crop, the language-model stage to K).
+  Both: ``input_ids`` + pixels (+ ``image_sizes``), ``use_cache=True``, last-position logits (one prefill).
 - ``…-tiny`` variants: the same code at tiny sizes, for the tests (they run on a CPU).
 
 The FlowCut methods of the whole-model presets patch the model before each call and remove the patch after it
@@ -133,6 +143,25 @@ INTERNVL_TINY = dict(text_hidden=32)
 GEMMA3_4B = dict(mm_tokens_per_image=256, text_hidden=2560)
 GEMMA3_TINY = dict(mm_tokens_per_image=64, text_hidden=32)
 
+#: Gemma 3 4B's decoder (5 sliding-window layers to 1 global one) and its image-token ids; a tiny one for tests.
+GEMMA3_TEXT_4B = dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                      sliding_window=1024, max_position_embeddings=131072, rope_theta=1e6, rope_local_base_freq=1e4)
+GEMMA3_IDS_4B = dict(boi_token_index=255999, eoi_token_index=256000, image_token_index=262144)
+GEMMA3_TEXT_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                        sliding_window=64, max_position_embeddings=1024,
+                        layer_types=["sliding_attention", "full_attention"])
+GEMMA3_IDS_TINY = dict(boi_token_index=61, eoi_token_index=62, image_token_index=63)
+#: LLaVA-OneVision-7B's Qwen2-7B-shaped decoder and its image/video ids; a tiny one for tests.
+ONEVISION_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                         rms_norm_eps=1e-6, rope_theta=1e6)
+ONEVISION_IDS_7B = dict(image_token_index=151646, video_token_index=151647)
+ONEVISION_TEXT_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+ONEVISION_IDS_TINY = dict(image_token_index=62, video_token_index=63)
+
 SCENARIO_FAMILIES = ("unpruned", "flowcut")
 #: q/k factor of the Qwen2-VL-7B-shaped random towers: at 448×448, target 64 the schedule then prunes
 #: progressively (1024 → 932 → 840 → … → 276 patches before the last prune to 256), as on a trained tower; 4 keeps
@@ -144,7 +173,8 @@ QWEN_SHARPEN = 8.0
 TARGET_WORDS = {"next": "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)",
                 "next-crops": "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)",
                 "onevision-crops": "K (the LLaVA-OneVision target_num: ⌊K/2⌋ per crop)",
-                "gemma3-tower": "K (pooling windows kept per image)",
+                "gemma3-tower": "K (pooling windows kept per image)", "gemma3": "K (pooling windows kept per image)",
+                "onevision": "K (the LLaVA-OneVision target_num: ⌊K/2⌋ per crop, the LM stage to K)",
                 "qwen-tower": "K (merged tokens kept per image, or per video: at least 1 a frame)",
                 "vit-tower": "K (patches kept per image)",
                 "dinov2-tower": "K (patches kept per image)",
@@ -156,8 +186,8 @@ class Scenario:
     """A LLaVA-NeXT or Qwen2-VL preset (module docstring).
 
     kind: "next" (whole LLaVA-NeXT), "next-crops" (its tower on crops), "qwen" (whole Qwen2-VL), "qwen-tower",
-        "qwen3-tower" (Qwen3-VL's), "gemma3-tower", "onevision-crops", "vit-tower", "dinov2-tower",
-        "internvl-tower".
+        "qwen3-tower" (Qwen3-VL's), "gemma3-tower", "gemma3" (whole Gemma 3), "onevision-crops", "onevision" (whole
+        LLaVA-OneVision), "vit-tower", "dinov2-tower", "internvl-tower".
     tower: a CLIP shape of :data:`.random_models.PRESETS` (LLaVA-NeXT), or the tower's config fields.
     lm: LlamaConfig / Qwen2-VL text fields (whole models; Gemma 3: its token layout). image: (H, W) pixels of each
     image (LLaVA-NeXT, LLaVA-OneVision), or (h, w) patches (the others). max_target: the largest K. frames: the
@@ -254,6 +284,24 @@ SCENARIOS = {s.name: s for s in [
              (64,)),
     Scenario("dinov2-tower-tiny", "dinov2-tower", "dinov2-tower at tiny sizes, for tests", DINOV2_TINY, (8, 8), 63,
              (16,)),
+    Scenario("gemma3-4b", "gemma3", "Gemma 3 4B prefill (SigLIP So400m 27x1152 at 896x896, 4096 patches pooled to 256 "
+             "tokens; LLM 34x2560, GQA 8/4, 5:1 sliding/global) vs flowcut(model, K) (whole pooling windows) (CUDA "
+             "only)", dict(SO400M, image_size=896), (64, 64), 255, (32, 64, 128), (1, 8),
+             lm=dict(GEMMA3_4B, text=GEMMA3_TEXT_4B), ids=GEMMA3_IDS_4B,
+             cuda_only=COLD.format("Gemma 3 4B", 9, "gemma3-tower")),
+    Scenario("gemma3-tiny", "gemma3", "gemma3-4b at tiny sizes (16x16 patches pooled 2x2 into 64 tokens, 2-layer LM), "
+             "for tests", dict(SIGLIP_TINY, image_size=64), (16, 16), 63, (16,),
+             lm=dict(GEMMA3_TINY, text=GEMMA3_TEXT_TINY), ids=GEMMA3_IDS_TINY, prompt_tokens=12, image_position=7,
+             sharpen=8.0),
+    Scenario("llava-onevision-7b", "onevision", "LLaVA-OneVision-7B prefill (SigLIP So400m 27x1152 at 384x384 on one "
+             "768x768 image's 5 anyres crops, 3699 tokens unpruned; Qwen2-7B-shaped LLM 28x3584, GQA 28/4) vs "
+             "flowcut(model, K) (K/2 per crop, the LM stage to K) (CUDA only)", dict(SO400M, image_size=384),
+             (768, 768), 364, (32, 64, 128, 160), (1, 8), lm=ONEVISION_TEXT_7B, ids=ONEVISION_IDS_7B,
+             cuda_only=COLD.format("LLaVA-OneVision-7B", 16, "llava-onevision-tower"), min_target=2),
+    Scenario("llava-onevision-tiny", "onevision", "llava-onevision-7b at tiny sizes (5 crops of 32 px, 2-layer LM), "
+             "for tests", dict(SIGLIP_TINY, image_size=32), (64, 64), 31, (16,), lm=ONEVISION_TEXT_TINY,
+             ids=ONEVISION_IDS_TINY, pinpoints=random_models.TINY_PINPOINTS, prompt_tokens=12, image_position=7,
+             min_target=2, sharpen=8.0),
     Scenario("qwen2-vl-7b", "qwen", "Qwen2-VL-7B prefill (ViT 32x1280, LLM 28x3584, GQA 28/4) on a 1288x1288 image "
              "(2116 merged tokens) vs FlowCut's tower stage (CUDA only)", QWEN_VISION_7B, (92, 92), 2115,
              (64, 128, 256, 512), (1, 8), lm=QWEN_TEXT_7B, ids=QWEN_IDS_7B, sharpen=QWEN_SHARPEN,
@@ -336,6 +384,52 @@ class _Patched:
         remove_flowcut(self.args[0])
 
 
+def _prefill_methods(s: Scenario, model: nn.Module, device, image_ids: Callable[[int], list[int]], inputs,
+                     call: Callable[..., object], stock_tokens: list[int]):
+    """``make(batch, target, backends, include, seed)`` of a whole-VLM prefill preset (one image per prompt).
+
+    image_ids(count): a prompt's image ids for ``count`` visual tokens. inputs(batch, seed): (the image inputs of
+    ``call``, the visual tokens the stock model gives an image), cached by the builder. call(ids, **image_inputs): the
+    prefill's output (``use_cache=True``, last-position logits). stock_tokens: the tokens each stock tower layer
+    processes per crop. ``unpruned`` is the stock forward with the stock count of placeholders; ``flowcut-<backend>``
+    the forward after ``flowcut(model, K, backend=...)`` with K of them (its tower schedule read once beforehand from
+    the patched ``get_image_features``)."""
+    vocab = model.config.get_text_config().vocab_size
+
+    def make(batch, target, backends, include, seed):
+        image, stock_count = inputs(batch, seed)
+        found = {}
+        if "unpruned" in include:
+            ids = _prompt(s, image_ids(stock_count), device, seed, vocab, batch)
+
+            def unpruned(ids=ids):
+                return MethodResult(call(ids, **image).logits, None, stock_tokens, stock_count, ids.shape[1])
+
+            found["unpruned"] = unpruned
+        if "flowcut" in include:
+            ids = _prompt(s, image_ids(target), device, seed, vocab, batch)
+            for backend in backends:
+                with _Patched(model, target, backend), torch.inference_mode():
+                    out = model.model.get_image_features(**image, return_dict=True)
+                tokens = out.tokens_per_layer[0]
+
+                def run(backend=backend, tokens=tokens, ids=ids):
+                    with _Patched(model, target, backend):
+                        logits = call(ids, **image).logits
+                    return MethodResult(logits, None, tokens, target, ids.shape[1])
+
+                found[f"flowcut-{backend}"] = run
+        return found
+
+    return make
+
+
+def _stock_count(model: nn.Module, image: dict) -> int:
+    """The visual tokens the stock ``get_image_features`` gives the first image of ``image`` (its inputs)."""
+    with torch.inference_mode():
+        return model.model.get_image_features(**image, return_dict=True).pooler_output[0].shape[0]
+
+
 def _build_next(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     from transformers import LlavaNextForConditionalGeneration
 
@@ -344,48 +438,22 @@ def _build_next(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     random_models.sharpen_attention(model.model.vision_tower, sharpen)
     side = random_models.PRESETS[s.tower]["image_size"]
     crops = 1 + (s.image[0] // side) * (s.image[1] // side)
-    vocab = s.lm["vocab_size"]
     cache = {}
 
     def inputs(batch, seed):
         if batch not in cache:
             pixels = torch.randn(batch, crops, 3, side, side, generator=_generator(device, seed), device=device,
                                  dtype=dtype)
-            sizes = torch.tensor([list(s.image)] * batch, device=device)
-            with torch.inference_mode():
-                count = model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output[0].shape[0]
-            cache[batch] = pixels, sizes, count
+            image = dict(pixel_values=pixels, image_sizes=torch.tensor([list(s.image)] * batch, device=device))
+            cache[batch] = image, _stock_count(model, image)
         return cache[batch]
 
-    def make(batch, target, backends, include, seed):
-        pixels, sizes, stock_count = inputs(batch, seed)
-        found = {}
+    def call(ids, **image):
+        return model(input_ids=ids, **image, use_cache=True, logits_to_keep=1)
 
-        def call(ids):
-            return model(input_ids=ids, pixel_values=pixels, image_sizes=sizes, use_cache=True, logits_to_keep=1)
-
-        if "unpruned" in include:
-            ids = _prompt(s, [IMAGE_TOKEN] * stock_count, device, seed, vocab, batch)
-            n_layers = len(find_tower(model.model.vision_tower).layers)
-
-            def unpruned(ids=ids):
-                return MethodResult(call(ids).logits, None, [_tokens(model)] * n_layers, stock_count, ids.shape[1])
-
-            found["unpruned"] = unpruned
-        if "flowcut" in include:
-            ids = _prompt(s, [IMAGE_TOKEN] * target, device, seed, vocab, batch)
-            for backend in backends:
-                with _Patched(model, target, backend), torch.inference_mode():
-                    tokens = model.model.get_image_features(pixels, sizes, return_dict=True).tokens_per_layer[0]
-
-                def run(backend=backend, tokens=tokens, ids=ids):
-                    with _Patched(model, target, backend):
-                        logits = call(ids).logits
-                    return MethodResult(logits, None, tokens, target, ids.shape[1])
-
-                found[f"flowcut-{backend}"] = run
-        return found
-
+    n_layers = len(find_tower(model.model.vision_tower).layers)
+    make = _prefill_methods(s, model, device, lambda count: [IMAGE_TOKEN] * count, inputs, call,
+                            [_tokens(model)] * n_layers)
     return BuiltScenario(s.name, weights_mb(model), make, model, dict(crops=crops))
 
 
@@ -613,16 +681,18 @@ def _siglip(fields: dict, device, dtype, seed, sharpen) -> nn.Module:
 
 def gemma3_config(s: Scenario):
     """The ``Gemma3Config`` of a ``gemma3-tower`` scenario: its SigLIP tower and projector, around a one-layer stand-in
-    decoder of the text width (which the tower presets never run)."""
+    decoder of the text width (which the tower presets never run); of a whole-model ``gemma3`` scenario: with its
+    decoder (``s.lm["text"]``) and image-token ids (``s.ids``)."""
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
-    text = Gemma3TextConfig(vocab_size=64, hidden_size=s.lm["text_hidden"], intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=1, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                            sliding_window=512, layer_types=["full_attention"], pad_token_id=0, bos_token_id=2,
-                            eos_token_id=3)
+    fields = s.lm.get("text") or dict(
+        vocab_size=64, hidden_size=s.lm["text_hidden"], intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=32, max_position_embeddings=512, sliding_window=512,
+        layer_types=["full_attention"])
+    text = Gemma3TextConfig(**fields, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     return Gemma3Config(vision_config=SiglipVisionConfig(**s.tower), text_config=text,
-                        mm_tokens_per_image=s.lm["mm_tokens_per_image"], boi_token_index=61, eoi_token_index=62,
-                        image_token_index=63)
+                        mm_tokens_per_image=s.lm["mm_tokens_per_image"],
+                        **(s.ids or dict(boi_token_index=61, eoi_token_index=62, image_token_index=63)))
 
 
 def _build_gemma3_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
@@ -741,6 +811,69 @@ def _build_onevision_crops(s: Scenario, device, dtype, seed, sharpen) -> BuiltSc
     return BuiltScenario(s.name, weights_mb(tower_model), make, tower_model, dict(crops=crops, pixels=pixels_of))
 
 
+def onevision_config(s: Scenario):
+    """The ``LlavaOnevisionConfig`` of a whole-model ``onevision`` scenario (OneVision's default
+    ``image_grid_pinpoints`` unless the scenario gives its own; vision feature layer -1, strategy "full")."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    pinpoints = {"image_grid_pinpoints": s.pinpoints} if s.pinpoints else {}
+    return LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**s.tower),
+                                text_config=Qwen2Config(**s.lm, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                                vision_feature_layer=-1, vision_feature_select_strategy="full", **pinpoints, **s.ids)
+
+
+def _build_gemma3(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers import Gemma3ForConditionalGeneration
+
+    model = random_models.seeded_model(Gemma3ForConditionalGeneration, gemma3_config(s), seed, device,
+                                       dtype=dtype).eval()
+    with torch.no_grad():  # the stock projection starts at zero: give it weights
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
+    random_models.sharpen_attention(model.model.vision_tower, sharpen)
+    ids = s.ids
+    side = s.tower["image_size"]
+
+    def inputs(batch, seed):
+        return dict(pixel_values=_pixels(batch, side, device, dtype, seed)), model.config.mm_tokens_per_image
+
+    def call(prompt, **image):
+        marks = (prompt == ids["image_token_index"]).long()  # the processor's token_type_ids
+        return model(input_ids=prompt, **image, token_type_ids=marks, use_cache=True, logits_to_keep=1)
+
+    make = _prefill_methods(s, model, device,
+                            lambda count: [ids["boi_token_index"], *[ids["image_token_index"]] * count,
+                                           ids["eoi_token_index"]],
+                            inputs, call, [s.image[0] * s.image[1]] * s.tower["num_hidden_layers"])
+    return BuiltScenario(s.name, weights_mb(model), make, model)
+
+
+def _build_onevision(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = random_models.seeded_model(LlavaOnevisionForConditionalGeneration, onevision_config(s), seed, device,
+                                       dtype=dtype).eval()
+    random_models.sharpen_attention(model.model.vision_tower, sharpen)
+    side = s.tower["image_size"]
+    crops = onevision_crops(s)
+    cache = {}
+
+    def inputs(batch, seed):
+        if batch not in cache:
+            image = dict(pixel_values=_pixels(batch * crops, side, device, dtype, seed).view(batch, crops, 3, side,
+                                                                                              side),
+                         image_sizes=torch.tensor([list(s.image)] * batch, device=device))
+            cache[batch] = image, _stock_count(model, image)
+        return cache[batch]
+
+    def call(prompt, **image):
+        return model(input_ids=prompt, **image, use_cache=True, logits_to_keep=1)
+
+    patches = (side // s.tower["patch_size"]) ** 2
+    make = _prefill_methods(s, model, device, lambda count: [s.ids["image_token_index"]] * count, inputs, call,
+                            [patches] * s.tower["num_hidden_layers"])
+    return BuiltScenario(s.name, weights_mb(model), make, model, dict(crops=crops))
+
+
 def vit_model(s: Scenario, device, dtype, seed, sharpen) -> nn.Module:
     """The seeded random ``ViTModel`` (no pooler) or ``Dinov2WithRegistersModel`` of a ``vit-tower`` /
     ``dinov2-tower`` scenario: q/k sharpened, CLS (and registers) random rather than DINOv2's zero start."""
@@ -790,4 +923,4 @@ def _build_vit_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario
 BUILDERS = {"next": _build_next, "next-crops": _build_next_crops, "qwen-tower": _build_qwen_tower,
             "qwen3-tower": _build_qwen_tower, "qwen": _build_qwen, "gemma3-tower": _build_gemma3_tower,
             "onevision-crops": _build_onevision_crops, "vit-tower": _build_vit_tower, "dinov2-tower": _build_vit_tower,
-            "internvl-tower": _build_internvl_tower}
+            "internvl-tower": _build_internvl_tower, "gemma3": _build_gemma3, "onevision": _build_onevision}

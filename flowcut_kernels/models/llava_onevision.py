@@ -1,5 +1,5 @@
 """FlowCut for HF LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration`` / ``LlavaOnevisionModel``, SigLIP tower,
-anyres) and its ``LlavaOnevisionProcessor``; images only.
+anyres) and its ``LlavaOnevisionProcessor``: images and videos.
 
 An image alone in its prompt is, as in LLaVA-NeXT, a base crop (the whole image) and the gh × gw grid of crops of its
 best ``image_grid_pinpoints`` resolution; an image of a prompt with several images is its base crop alone (the stock
@@ -19,11 +19,21 @@ with K = ``target_num``, the mean-query variant (relay = each crop's mean query;
 3. **Language-model stage** (``llm_stage=True``, the default, as for LLaVA-NeXT): decoder layer 1 keeps K of each
    image's W ≥ K tokens (:mod:`.lm_stage`).
 
+**Videos** (``pixel_values_videos`` (V, F, 3, S, S): F frames per video) keep K tokens per video, tower stage only
+(with or without ``llm_stage``, whose decoder prune sees images only): every frame keeps k = ⌈K/F⌉ patches, the F
+frames of a video sharing one schedule (the batch rule over its frames, as an image's crops), videos independent, all
+in one padded pass; then the K with the best S_cum (S_cum of the frame's last prune; ties: the earlier frame, then the
+lower patch) stay, frame by frame in patch order. There is no 2 × 2 bilinear pooling of the frames (it would average
+kept with dropped patches) and no newline token after the video: exactly K tokens per video, a count the processor
+writes before the tower runs. Every K the patch admits (K < N₀) is met by a video of at least one frame.
+
 The patch replaces, on the one ``LlavaOnevisionModel`` instance, ``get_image_features`` (steps 1–2, then the model's
-own projector), ``get_placeholder_mask`` (a count mismatch names the fix), ``get_video_features`` (videos are
-refused) and, with the stage, ``forward`` (a prefill with images encodes them, then runs :func:`.vlm.staged_forward`;
-other calls are stock). The processor, when given, writes K placeholders per image, in single- and multi-image
-prompts.
+own projector), ``get_video_features`` (the video recipe, then the projector), ``get_placeholder_mask`` (a count
+mismatch names the fix) and ``forward``: videos (pixels, or pre-encoded in ``mm_encoder_outputs``) go into the
+embeddings at their placeholders, then, with the stage, a prefill with images encodes them and runs
+:func:`.vlm.staged_forward`; other calls are stock. The processor, when given, writes K placeholders per image, in
+single- and multi-image prompts, and K per video (5.1+; 5.0's processor counts videos inside ``__call__``, a count
+the patched model refuses: write K ``<video>`` tokens per video there).
 """
 
 from __future__ import annotations
@@ -35,14 +45,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..checks import FlowCutInputError, require
+from ..checks import require
 from . import seams
-from .encoder import PACKED_OPS, run_pruned
-from .instance import restore_patch, returned, set_attrs
+from .encoder import PACKED_OPS, check_pixels, run_pruned
+from .instance import prior_attr, restore_patch, returned, set_attrs
 from .anyres import (CropImageFeatures, CropPolicy, arrange, check_crop_processor, check_fewest_crops, crop_inputs,
                      stage_on)
 from .registry import Family, FlowCutConfig
-from .vlm import check_feature_layer, check_rest, expand_by_prompt, install, llava_tower, staged_forward
+from .vlm import (check_feature_layer, check_rest, expand_by_prompt, install, llava_tower, requested_layer,
+                  staged_forward)
 
 
 @dataclass
@@ -136,40 +147,128 @@ def _pruned_image_features(
     return returned(self, out, return_dict)
 
 
-def _staged_forward(
+@dataclass
+class FlowCutOnevisionVideoFeatures(seams.BaseModelOutputWithPooling):
+    r"""What a patched LLaVA-OneVision's ``get_video_features`` returns (V videos of F frames, K = target_num).
+
+    pooler_output: (V, K, C_text) each video's projected features, frame by frame in patch order.
+    keep_indices: (V, K, 2) int64 the (frame, patch) each row came from; patch in the frame's raster numbering.
+    tokens_per_layer: one list per video: the tokens each of its frames processed in each run layer 0 … F.
+    """
+
+    keep_indices: Tensor | None = None
+    tokens_per_layer: list[list[int]] | None = None
+
+
+def _pruned_video_features(
+    self: nn.Module,
+    pixel_values_videos: Tensor,
+    vision_feature_layer: int | list[int] | None = None,
+    vision_feature_select_strategy: str | None = None,
+    **kwargs,
+):
+    """Patched ``LlavaOnevisionModel.get_video_features``: pixels (V, F, 3, S, S) → a
+    :class:`FlowCutOnevisionVideoFeatures` (a tuple with ``return_dict=False``), the video recipe of the module
+    docstring."""
+    tower = llava_tower(self)
+    feature_layer = requested_layer(self, tower, vision_feature_layer, vision_feature_select_strategy)
+    return_dict = kwargs.pop("return_dict", None)
+    for option in ("output_attentions", "output_hidden_states"):
+        require(not kwargs.pop(option, None), f"{option}=True is unavailable on a FlowCut-patched LLaVA-OneVision "
+                                               f"vision tower; call flowcut_kernels.remove_flowcut(model) first")
+    require(isinstance(pixel_values_videos, Tensor) and pixel_values_videos.dim() == 5
+            and pixel_values_videos.shape[1] >= 1,
+            f"pixel_values_videos must be a (videos, frames, 3, height, width) tensor with at least one frame, got "
+            f"{tuple(getattr(pixel_values_videos, 'shape', ()))}: pass the processor's pixel_values_videos")
+    videos, frames = pixel_values_videos.shape[:2]
+    pixels = pixel_values_videos.to(tower.device).flatten(0, 1)
+    check_pixels(pixels, tower)
+    target = self.flowcut_config.target_num
+    per_frame = -(-target // frames)
+    backend = ops.resolve_backend(self.flowcut_config.backend, tower.device, tower.dtype, PACKED_OPS)
+    policy = CropPolicy(per_frame, [frames] * videos, has_cls=False)
+    last, keep, tokens = run_pruned(tower, tower.embed(pixels), policy, len(tower.layers) + feature_layer, backend,
+                                    per_image=True, **kwargs)
+    cum = policy.kept_cum.view(videos, frames * per_frame)
+    order = cum.argsort(dim=1, descending=True, stable=True)[:, :target].sort(1).values  # (V, K): ties the earlier
+    projected = self.multi_modal_projector(last).reshape(videos, frames * per_frame, -1)
+    features = projected.gather(1, order[..., None].expand(-1, -1, projected.shape[-1]))
+    where = torch.stack([order // per_frame, keep.reshape(videos, -1).gather(1, order)], -1)
+    out = FlowCutOnevisionVideoFeatures(pooler_output=features, keep_indices=where,
+                                        tokens_per_layer=tokens[::frames])
+    return returned(self, out, return_dict)
+
+
+def _with_videos(self: nn.Module, input_ids, inputs_embeds, videos) -> Tensor:
+    """The prompts' embeddings (B, L, C) with each video's K features (``videos.pooler_output`` (V, K, C)) at its
+    K placeholders; their count must be K per video."""
+    require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+    token = self.config.video_token_id
+    if input_ids is not None:
+        marks = input_ids == token
+    else:
+        marks = (inputs_embeds == self.get_input_embeddings()(torch.tensor(token, device=inputs_embeds.device))).all(-1)
+    features = videos.pooler_output
+    target = self.flowcut_config.target_num
+    require(
+        int(marks.sum()) == features.shape[0] * features.shape[1],
+        f"the prompts hold {int(marks.sum())} video placeholder tokens, but FlowCut gives the language model "
+        f"{features.shape[0] * features.shape[1]} for {features.shape[0]} video(s) ({target} per video): pass the "
+        f"processor when patching, flowcut(model, {target}, processor=processor), and process the prompts again "
+        f"(transformers 5.0's processor cannot: write {target} video tokens per video)",
+    )
+    features = features.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
+    return inputs_embeds.masked_scatter(marks[..., None].to(inputs_embeds.device), features)
+
+
+def _patched_forward(
     self: nn.Module,
     input_ids=None,
     pixel_values=None,
     image_sizes=None,
     pixel_values_videos=None,
     image_sizes_videos=None,
+    inputs_embeds=None,
     vision_feature_layer=None,
     vision_feature_select_strategy=None,
-    vision_aspect_ratio=None,
     batch_num_images=None,
     mm_encoder_outputs=None,
     **kwargs,
 ):
-    """The patched forward with the language-model stage: the images are encoded here (their crops follow
-    ``batch_num_images``), then :func:`.vlm.staged_forward` prefills on their tower-stage features."""
-    if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
-        _refused_video_features(self)
-    if pixel_values is not None:
-        require(mm_encoder_outputs is None, "pass pixel_values or mm_encoder_outputs, not both")
-        mm_encoder_outputs = {"image": self.get_image_features(
+    """The patched forward: the videos (pixels, encoded here, or ``mm_encoder_outputs["video"]``) go into the
+    embeddings at their placeholders; then, with the language-model stage, a prefill with images encodes them (their
+    crops follow ``batch_num_images``) and runs :func:`.vlm.staged_forward` on their tower-stage features; otherwise
+    the stock forward runs on the embeddings."""
+    encoded = dict(mm_encoder_outputs or {})
+    videos = encoded.pop("video", None)
+    if pixel_values_videos is not None:
+        require(videos is None, "pass pixel_values_videos or mm_encoder_outputs['video'], not both")
+        videos = self.get_video_features(pixel_values_videos, vision_feature_layer=vision_feature_layer,
+                                         vision_feature_select_strategy=vision_feature_select_strategy,
+                                         return_dict=True)
+    if videos is not None:
+        inputs_embeds, input_ids = _with_videos(self, input_ids, inputs_embeds, videos), None
+    if mm_encoder_outputs is not None:  # transformers > 5.0 only
+        kwargs["mm_encoder_outputs"] = encoded or None
+    if self.flowcut_config.llm_stage and pixel_values is not None:
+        require(not encoded.get("image"), "pass pixel_values or mm_encoder_outputs, not both")
+        kwargs["mm_encoder_outputs"] = {"image": self.get_image_features(
             pixel_values, image_sizes, vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy, batch_num_images=batch_num_images,
             return_dict=True,
         )}
-    return staged_forward(self, input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
-
-
-def _refused_video_features(self: nn.Module, *args, **kwargs):
-    """Patched ``LlavaOnevisionModel.get_video_features``: videos are refused."""
-    raise FlowCutInputError(
-        "FlowCut's LLaVA-OneVision patch prunes images only: videos are not supported; pass images, or call "
-        "flowcut_kernels.remove_flowcut(model) to process videos"
-    )
+        pixel_values = None
+    if self.flowcut_config.llm_stage:
+        out = staged_forward(self, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+    else:
+        out = prior_attr(self, "forward")(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+            batch_num_images=batch_num_images, **kwargs,
+        )
+    return out if videos is None else seams.with_video_outputs(out, videos)
 
 
 def check_processor(processor, core: nn.Module) -> None:
@@ -212,9 +311,11 @@ def patch_llava_onevision(
     core = onevision_core(model)
     install(model, core, config, processor, seams.onevision_count, unpatch_llava_onevision, _pruned_image_features,
             expand_by_prompt("pixel_values", "image_sizes"))
-    set_attrs(core, get_video_features=types.MethodType(_refused_video_features, core))
-    if llm_stage:
-        set_attrs(core, forward=types.MethodType(_staged_forward, core))
+    set_attrs(core, get_video_features=types.MethodType(_pruned_video_features, core),
+              forward=types.MethodType(_patched_forward, core))
+    processor = vars(core).get("_flowcut_processor")  # the one given, or a re-apply's kept one
+    if processor is not None:
+        set_attrs(processor, **seams.onevision_video_count(processor, target_num))
 
 
 def unpatch_llava_onevision(model: nn.Module) -> None:
@@ -227,5 +328,5 @@ FAMILY = Family(
     classes,
     patch_llava_onevision,
     unpatch_llava_onevision,
-    label="LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel (with its SigLIP vision tower; images only)",
+    label="LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel (with its SigLIP vision tower; images, videos)",
 )

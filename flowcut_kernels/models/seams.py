@@ -164,6 +164,18 @@ def with_image_outputs(output, image_outputs, video_outputs=None):
     return output
 
 
+def with_video_outputs(output, video_outputs):
+    """``output`` of a LLaVA-OneVision core's forward, given the videos' encoder output (its ``pooler_output``: (V, T,
+    C_text)) where the class has a place for it: ``video_outputs`` (5.24+) or ``video_hidden_states``, the features
+    (V·T, C_text) (≤ 5.23), for a forward that put the videos into the embeddings before calling the stock one."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    if "video_outputs" in fields:
+        output.video_outputs = video_outputs
+    elif "video_hidden_states" in fields:
+        output.video_hidden_states = video_outputs.pooler_output.flatten(0, 1)
+    return output
+
+
 def image_features(output) -> Tensor:
     """(ΣW_g, C_text): the projected image features a VLM core's output carries, concatenated image by image
     (``image_outputs.pooler_output`` in 5.24+, one tensor per image; ``image_hidden_states`` in ≤ 5.23)."""
@@ -269,8 +281,8 @@ def next_count(processor, count: int) -> dict:
 def onevision_count(processor, count: int) -> dict:
     """Attributes that make a ``LlavaOnevisionProcessor`` give ``count`` tokens per image (every 5.x: an image alone
     in its prompt counts ``_get_number_of_features(...)``, one of a multi-image prompt ``num_image_tokens + 1``, each
-    − 1 with the "default" strategy). ``num_image_tokens`` also sizes the processor's video count, which the patched
-    model refuses anyway."""
+    − 1 with the "default" strategy). ``num_image_tokens`` also sizes 5.0's video count (:func:`onevision_video_count`
+    replaces it from 5.1)."""
     require(
         hasattr(type(processor), "_get_number_of_features") and hasattr(processor, "num_image_tokens"),
         "LlavaOnevisionProcessor._get_number_of_features / num_image_tokens (how OneVision's processor counts image "
@@ -281,6 +293,15 @@ def onevision_count(processor, count: int) -> dict:
         "_get_number_of_features": lambda *sizes: count + int(default),
         "num_image_tokens": count - 1 + int(default),
     }
+
+
+def onevision_video_count(processor, count: int) -> dict:
+    """Attributes that make a ``LlavaOnevisionProcessor`` write ``count`` placeholders per video: its
+    ``replace_video_token`` hook (5.1+). 5.0 counts videos inside ``__call__`` (frames · pooled tokens + 1): nothing
+    to set there, the patched model refuses that count, naming it."""
+    if not hasattr(type(processor), "replace_video_token"):
+        return {}
+    return {"replace_video_token": lambda *args, **kwargs: processor.video_token * count}
 
 
 def qwen_counts(processor, image_token, video_token) -> dict:

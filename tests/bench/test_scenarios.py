@@ -149,6 +149,8 @@ def test_kernel_rows_time_every_primitive_against_its_composition():
     ("qwen3-vl-tower-tiny", 64, 16, False),
     ("qwen2-vl-tiny", 64, 16, True),
     ("gemma3-tower-tiny", 64, 16, False),  # 16×16 patches pooled 2×2: 64 tokens, K whole windows
+    ("gemma3-tiny", 64, 16, True),  # the whole model: K soft tokens between begin- and end-of-image
+    ("llava-onevision-tiny", 64 + 16 * 16 + 16, 16, True),  # base crop, 2×2 grid of 8×8 patches and 16 newlines
     ("llava-onevision-tower-tiny", 5 * 64, 5 * 8, False),  # 5 crops of 64 patches, ⌊K/2⌋ per crop
     ("vit-tower-tiny", 64, 16, False),
     ("dinov2-tower-tiny", 64, 16, False),  # CLS and 4 registers not counted
@@ -169,7 +171,7 @@ def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, t
             assert row["tokens_out"] == out_flowcut and row["speedup_vs_unpruned"] > 0
         assert (row["lm_tokens"] is not None) == lm
         if lm:
-            assert row["lm_tokens"] == 12 + row["tokens_out"] + (2 if preset.startswith("qwen") else 0)
+            assert row["lm_tokens"] == 12 + row["tokens_out"] + (2 if preset.startswith(("qwen", "gemma3")) else 0)
         assert row["tokens_per_layer"]
 
 
@@ -221,6 +223,44 @@ def test_family_tower_presets_have_the_real_shapes():
     assert internvl.image_seq_length == 256 and internvl.downsample_ratio == 0.5
     for name in ("gemma3-tower", "llava-onevision-tower", "vit-tower", "dinov2-tower", "internvl-tower"):
         assert scenarios.SCENARIOS[name].default_targets == (64,) and scenarios.SCENARIOS[name].cuda_only is None
+
+
+@pytest.mark.parametrize("name", ["gemma3-tiny", "llava-onevision-tiny"])
+def test_whole_family_presets_run_the_stock_model_and_flowcut(name):
+    """unpruned is the stock model's prefill (here from its public API), flowcut-<backend> the same call after
+    flowcut(model, K): K visual tokens in the prompt; the model is left unpatched."""
+    from flowcut_kernels import flowcut, remove_flowcut
+
+    s = scenarios.SCENARIOS[name]
+    built = s.build("cpu", torch.float32, 0, s.sharpen)
+    model = built.model
+    fns = built.methods(2, 16, ["torch"], {"unpruned", "flowcut"}, 3)
+    with torch.inference_mode():
+        results = {method: fn() for method, fn in fns.items()}
+    assert not hasattr(model, "flowcut_config")
+    config = model.config
+    image_token = config.image_token_id
+    crops = built.extras.get("crops", 1)
+    side = config.vision_config.image_size
+    pixels = torch.randn(2 * crops, 3, side, side, generator=torch.Generator().manual_seed(3))
+    image = {"pixel_values": pixels}
+    if crops > 1:
+        image = {"pixel_values": pixels.view(2, crops, 3, side, side), "image_sizes": torch.tensor([s.image] * 2)}
+    for method, result in results.items():
+        assert result.lm_tokens == 12 + result.tokens_out + (2 if name.startswith("gemma3") else 0)
+        text = scenarios.random_prompt(12, config.get_text_config().vocab_size, "cpu", 3) % min(s.ids.values())
+        text = text.clamp(min=3)
+        extra = ([config.boi_token_id] if name.startswith("gemma3") else [])
+        visual = extra + [image_token] * result.tokens_out + ([config.eoi_token_id] if extra else [])
+        ids = torch.cat([text[:, :7], torch.tensor([visual]), text[:, 7:]], 1).expand(2, -1)
+        kwargs = {"token_type_ids": (ids == image_token).long()} if extra else {}
+        if method != "unpruned":
+            flowcut(model, 16)
+        with torch.inference_mode():
+            want = model(input_ids=ids, **image, **kwargs).logits[:, -1:]
+        remove_flowcut(model)
+        torch.testing.assert_close(result.output, want, rtol=1e-4, atol=1e-5)
+    assert results["flowcut-torch"].tokens_per_layer[0] > results["flowcut-torch"].tokens_per_layer[-1]
 
 
 def test_qwen_flop_model_counts_what_an_eager_prefill_multiplies():
@@ -277,6 +317,22 @@ def test_gpu_scenarios_have_the_7b_shapes():
     assert scenarios.SCENARIOS["qwen2-vl-tower"].image == (32, 32)  # 448×448 px
     tower = scenarios.qwen_config(scenarios.SCENARIOS["qwen2-vl-tower"])
     assert (tower.depth, tower.embed_dim, tower.num_heads, tower.patch_size) == (32, 1280, 16, 14)
+    gemma = scenarios.gemma3_config(scenarios.SCENARIOS["gemma3-4b"])
+    vision, text = gemma.vision_config, gemma.text_config
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.image_size, vision.patch_size) == (27, 1152, 896, 14)
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.num_key_value_heads,
+            text.head_dim, text.vocab_size) == (34, 2560, 8, 4, 256, 262208)
+    assert text.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert gemma.mm_tokens_per_image == 256
+    onevision = scenarios.onevision_config(scenarios.SCENARIOS["llava-onevision-7b"])
+    vision, text = onevision.vision_config, onevision.text_config
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.image_size, vision.patch_size) == (27, 1152, 384, 14)
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size) == (28, 3584, 28, 4, 18944)
+    assert (onevision.vision_feature_layer, onevision.vision_feature_select_strategy) == (-1, "full")
+    assert scenarios.onevision_crops(scenarios.SCENARIOS["llava-onevision-7b"]) == 5  # 768×768: base + 2×2 grid
+    for name in ("gemma3-4b", "llava-onevision-7b"):
+        assert scenarios.SCENARIOS[name].cuda_only and scenarios.SCENARIOS[name].default_batch == (1, 8)
 
 
 def test_help_lists_every_preset_with_a_line(capsys):
@@ -290,6 +346,9 @@ def test_help_lists_every_preset_with_a_line(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "llava-next-7b"], "--preset llava-next-7b runs on CUDA only"),
     (["--preset", "qwen2-vl-7b"], "--preset qwen2-vl-7b runs on CUDA only"),
+    (["--preset", "gemma3-4b"], "--preset gemma3-4b runs on CUDA only"),
+    (["--preset", "llava-onevision-7b"], "--preset llava-onevision-7b runs on CUDA only"),
+    (["--preset", "llava-onevision-tiny", "--target", "32"], "the LM stage to K) must be in [2, 31]"),
     (["--preset", "llava-next-crops-tiny", "--feature-layer", "-2"], "--feature-layer does not apply"),
     (["--preset", "qwen2-vl-tower-tiny", "--methods", "original"], "--methods original does not apply"),
     (["--preset", "clip-tiny", "--methods", "stage"], "--methods stage does not apply"),
