@@ -21,7 +21,7 @@ from .encoder import check_pixels
 from .policy import FlowCutPolicy, LayerView
 from .schedule import refuse_schedule
 from .tower import Tower
-from .vlm import check_processor_owner, requested_layer
+from .vlm import check_processor_class, check_processor_fields, requested_layer
 
 
 @dataclass
@@ -130,27 +130,16 @@ def check_crop_processor(processor, core: nn.Module, processor_class: type, crop
     """``processor`` must be a ``processor_class`` for this model (image token, grid resolutions, and
     ``crop_size``, its image processor's crop (a dict or an object with height and width), the tower's image size),
     not patched for another model."""
-    require(
-        isinstance(processor, processor_class),
-        f"processor is a {type(processor).__name__}; pass the model's {processor_class.__name__} (e.g. "
-        f"AutoProcessor.from_pretrained of the same checkpoint), whose image-token count FlowCut adjusts",
-    )
-    check_processor_owner(processor, core)
+    check_processor_class(processor, core, processor_class)
     crop = crop_size or {}
     crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop.height, crop.width)
     side = core.config.vision_config.image_size
-    mismatches = [
-        f"{name} {theirs!r} (the model's {ours!r})"
-        for name, theirs, ours in (
-            ("image token id", processor.image_token_id, core.config.image_token_id),
-            ("image_grid_pinpoints", [list(p) for p in processor.image_processor.image_grid_pinpoints],
-             [list(p) for p in core.config.image_grid_pinpoints]),
-            ("crop size", crop, (side, side)),
-        )
-        if theirs != ours
-    ]
-    require(not mismatches, f"processor does not match the model: its {', '.join(mismatches)}; pass the processor "
-                            f"of the model's checkpoint")
+    check_processor_fields([
+        ("image token id", processor.image_token_id, core.config.image_token_id),
+        ("image_grid_pinpoints", [list(p) for p in processor.image_processor.image_grid_pinpoints],
+         [list(p) for p in core.config.image_grid_pinpoints]),
+        ("crop size", crop, (side, side)),
+    ])
 
 
 def check_fewest_crops(core: nn.Module, target_num: int) -> None:

@@ -42,7 +42,7 @@ from .policy import LayerView, scheduled_keep
 from .registry import Family, FlowCutConfig, find_tower, is_tower
 from .schedule import refuse_schedule
 from .tower import Tower
-from .vlm import check_processor_owner, install
+from .vlm import check_processor_class, check_processor_fields, install
 
 #: The ops the tower runs.
 TOWER_OPS = ("flow_scores_varlen", "topk_select")
@@ -189,18 +189,11 @@ def check_processor(processor, core: nn.Module) -> None:
     for another model."""
     from transformers import Gemma3Processor
 
-    require(
-        isinstance(processor, Gemma3Processor),
-        f"processor is a {type(processor).__name__}; pass the model's Gemma3Processor (e.g. "
-        f"AutoProcessor.from_pretrained of the same checkpoint), whose image-token count FlowCut adjusts",
-    )
-    check_processor_owner(processor, core)
+    check_processor_class(processor, core, Gemma3Processor)
     pairs = [("image token id", processor.tokenizer.image_token_id, core.config.image_token_id)]
     if not is_patched(processor):  # else this model's own (a re-apply): its count is FlowCut's
         pairs.append(("image_seq_length", processor.image_seq_length, core.config.mm_tokens_per_image))
-    mismatches = [f"{name} {theirs!r} (the model's {ours!r})" for name, theirs, ours in pairs if theirs != ours]
-    require(not mismatches, f"processor does not match the model: its {', '.join(mismatches)}; pass the processor "
-                            f"of the model's checkpoint")
+    check_processor_fields(pairs)
 
 
 def _check_gemma3(model: nn.Module, target_num, feature_layer, backend: str, processor, llm_stage) -> int:

@@ -36,7 +36,9 @@ prompt. The processor, when given, writes K context tokens per image and each vi
 frame (a frame is an image of one tile; a call mixing videos with ``image_num_patches`` is refused, as its counts
 miss the frames).
 
-The language-model stage is refused (tower stage only).
+With ``llm_stage=True`` (off by default; docs/semantics.md, the language-model stage) the tower keeps 2K tokens per
+image (split over its tiles as above), and the patched forward prefills the prompts with
+:func:`.vlm.stage_prefill`: decoder layer 1 keeps the K best of each image's 2K, in its K placeholders.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import FlowCutInputError, check_int, require
-from . import seams
+from . import lm_stage, seams
 from .attention import capturing
 from .encoder import Ragged, check_pixels
 from .gemma3 import window_order
@@ -58,7 +60,8 @@ from .policy import LayerView, scheduled_keep
 from .registry import Family, FlowCutConfig
 from .schedule import refuse_schedule
 from .vit import ViTTower
-from .vlm import check_count, check_processor_owner, install, placeholders
+from .vlm import (check_count, check_processor_class, check_processor_fields, check_stage_call, install, placeholders,
+                  stage_prefill)
 
 #: The ops the tower runs.
 TOWER_OPS = ("flow_scores_varlen", "topk_select")
@@ -66,8 +69,8 @@ TOWER_OPS = ("flow_scores_varlen", "topk_select")
 
 @dataclass
 class FlowCutInternVLImageFeatures(seams.BaseModelOutputWithPooling):
-    r"""What a patched InternVL's ``get_image_features`` returns (G images of ΣT tiles, K = target_num, m patches a
-    group).
+    r"""What a patched InternVL's ``get_image_features`` returns (G images of ΣT tiles, K = target_num — 2·target_num
+    with ``llm_stage`` —, m patches a group).
 
     last_hidden_state: list of ΣT tensors (1 + f_j·m, C_vision): each tile's last layer (after the tower's final
         norm) on its CLS row and its kept groups' patches, group by group (ascending), members in raster order.
@@ -219,11 +222,13 @@ def _pruned_image_features(self: nn.Module, pixel_values: Tensor, vision_feature
     tiles = [1] * len(pixel_values) if image_num_patches is None else _tile_counts(image_num_patches)
     require(sum(tiles) == len(pixel_values), f"image_num_patches gives {sum(tiles)} tiles, but pixel_values holds "
                                              f"{len(pixel_values)}: pass the processor's outputs together")
-    target = self.flowcut_config.target_num
-    require(max(tiles) <= target, f"an image of {max(tiles)} tiles cannot keep target_num={target} tokens: each "
-                                  f"tile keeps at least one group; use target_num >= {max(tiles)}, or fewer tiles "
-                                  f"(the image processor's max_patches)")
-    backend = ops.resolve_backend(self.flowcut_config.backend, tower.device, tower.dtype, TOWER_OPS)
+    config = self.flowcut_config
+    target = config.tower_target
+    require(max(tiles) <= target, f"an image of {max(tiles)} tiles cannot keep {target} tokens (target_num="
+                                  f"{config.target_num}{', doubled by llm_stage' if config.llm_stage else ''}): each "
+                                  f"tile keeps at least one group; use a target_num that keeps >= {max(tiles)}, or "
+                                  f"fewer tiles (the image processor's max_patches)")
+    backend = ops.resolve_backend(config.backend, tower.device, tower.dtype, TOWER_OPS)
     side, kernel = shuffle_kernel(self, tower)
     group = kernel * kernel
     order = window_order(side, kernel, tower.device)
@@ -298,7 +303,8 @@ def _forward(self: nn.Module, input_ids=None, pixel_values=None, attention_mask=
              inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
              image_num_patches=None, **kwargs):
     """Patched ``InternVLModel.forward``: with pixels, K tokens per image (module docstring) put into the prompts'
-    placeholders, then the stock forward on those embeddings; any other call is stock."""
+    placeholders, then the stock forward on those embeddings (with the language-model stage: the stage's prefill on
+    each image's 2K tower tokens); any other call is stock."""
     stock = prior_attr(self, "forward")
     kwargs.pop("image_sizes", None)  # the outer model's, unused by InternVL
     if pixel_values is None:
@@ -317,8 +323,13 @@ def _forward(self: nn.Module, input_ids=None, pixel_values=None, attention_mask=
                                             f"{target} each: pass the processor when patching, flowcut(model, "
                                             f"{target}, processor=processor), and process the prompts again")
     tiles = tiles_per_image(len(pixel_values), runs, image_num_patches)
+    if self.flowcut_config.llm_stage:
+        cache = seams.pop_cache(kwargs)
+        check_stage_call(attention_mask, kwargs)
     encoded = self.get_image_features(pixel_values, vision_feature_layer, vision_feature_select_strategy,
                                       image_num_patches=tiles, return_dict=True)
+    if self.flowcut_config.llm_stage:
+        return stage_prefill(self, inputs_embeds, marks, encoded, attention_mask, position_ids, cache, kwargs)
     features = encoded.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
     inputs_embeds = inputs_embeds.masked_scatter(marks[..., None].to(inputs_embeds.device), features)
     out = stock(input_ids=None, attention_mask=attention_mask, position_ids=position_ids,
@@ -365,37 +376,35 @@ def check_processor(processor, core: nn.Module) -> None:
     patched for another model."""
     from transformers import InternVLProcessor
 
-    require(
-        isinstance(processor, InternVLProcessor),
-        f"processor is a {type(processor).__name__}; pass the model's InternVLProcessor (e.g. "
-        f"AutoProcessor.from_pretrained of the same checkpoint), whose image-token count FlowCut adjusts",
-    )
-    check_processor_owner(processor, core)
+    check_processor_class(processor, core, InternVLProcessor)
     size = getattr(processor.image_processor, "size", None) or {}
     size = (size.get("height"), size.get("width")) if isinstance(size, dict) else (size.height, size.width)
     pairs = [("image token id", processor.image_token_id, core.config.image_token_id),
              ("tile size", size, tuple(core.config.vision_config.image_size))]
     if not is_patched(processor):  # else this model's own (a re-apply): its count is FlowCut's
         pairs.append(("image_seq_length", processor.image_seq_length, core.config.image_seq_length))
-    mismatches = [f"{name} {theirs!r} (the model's {ours!r})" for name, theirs, ours in pairs if theirs != ours]
-    require(not mismatches, f"processor does not match the model: its {', '.join(mismatches)}; pass the processor "
-                            f"of the model's checkpoint")
+    check_processor_fields(pairs)
 
 
 def _check_internvl(model: nn.Module, target_num, feature_layer, backend: str, processor, llm_stage) -> int:
     """Validate an InternVL patch before anything changes; returns target_num."""
     core = internvl_core(model)
     tower = internvl_tower(core)
-    require(llm_stage in (None, False),
-            f"llm_stage={llm_stage!r}: the language-model stage is not available for InternVL (FlowCut prunes its "
-            f"tower only); leave llm_stage unset or False")
+    require(llm_stage in (None, False, True), f"llm_stage must be True, False or None, got {llm_stage!r}")
     require(feature_layer in (None, -1),
             f"feature_layer={feature_layer!r}: InternVL's projector takes the tower's last layer; leave feature_layer "
             f"unset")
     _check_layer_and_strategy(core, None, None)
     side, kernel = shuffle_kernel(core, tower)
-    target_num = check_int("target_num", target_num, 1, (side // kernel) ** 2 - 1)
+    groups = (side // kernel) ** 2
+    target_num = check_int("target_num", target_num, 1, groups - 1)
     ops.resolve_backend(backend, tower.device, tower.dtype, TOWER_OPS)
+    if llm_stage:
+        require(2 * target_num < groups,
+                f"target_num={target_num} is too large for llm_stage=True: a one-tile image's tower keeps 2·target_num "
+                f"= {2 * target_num} of its {groups} tokens, which must be fewer; use target_num <= "
+                f"{(groups - 1) // 2}, or leave llm_stage unset")
+        lm_stage.check_decoder(core.language_model, backend)
     if processor is not None:
         check_processor(processor, core)
     return target_num
@@ -409,8 +418,8 @@ def patch_internvl(
     refuse_schedule(schedule, "InternVL")
     target_num = _check_internvl(model, target_num, feature_layer, backend, processor, llm_stage)
     core = internvl_core(model)
-    install(model, core, FlowCutConfig(target_num, -1, backend), processor, seams.internvl_count, unpatch_internvl,
-            _pruned_image_features, None)
+    install(model, core, FlowCutConfig(target_num, -1, backend, bool(llm_stage)), processor, seams.internvl_count,
+            unpatch_internvl, _pruned_image_features, _expand_by_prompt)
     set_attrs(core, forward=_forward.__get__(core, type(core)))
     if model is not core:
         set_attrs(model, **seams.generate_hooks(model, _expand_by_prompt))

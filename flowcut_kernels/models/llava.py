@@ -55,7 +55,7 @@ from .registry import Family, FlowCutConfig
 from .schedule import StaticPolicy, check_schedule
 from .vlm import (
     check_feature_layer,
-    check_processor_owner,
+    check_processor_class,
     check_rest,
     expand_by_prompt,
     install,
@@ -168,11 +168,7 @@ def check_processor(processor, core: nn.Module) -> None:
     """``processor`` must be a ``LlavaProcessor`` with the model's image token, not patched for another model."""
     from transformers import LlavaProcessor
 
-    require(
-        isinstance(processor, LlavaProcessor),
-        f"processor is a {type(processor).__name__}; pass the model's LlavaProcessor (e.g. "
-        f"AutoProcessor.from_pretrained of the same checkpoint), whose image-token expansion FlowCut adjusts",
-    )
+    check_processor_class(processor, core, LlavaProcessor)
     model_token = core.config.image_token_id
     require(
         processor.image_token_id == model_token,
@@ -180,7 +176,6 @@ def check_processor(processor, core: nn.Module) -> None:
         f"{processor.image_token_id}, but the model's config.image_token_id is {model_token}; pass the processor "
         f"of the model's checkpoint",
     )
-    check_processor_owner(processor, core)
 
 
 def _check_llava(

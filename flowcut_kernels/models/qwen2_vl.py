@@ -69,7 +69,7 @@ from .instance import prior_attr, restore_patch, returned, set_attrs
 from .policy import scheduled_keep
 from .registry import Family, FlowCutConfig
 from .schedule import refuse_schedule
-from .vlm import check_count, check_processor_owner
+from .vlm import check_count, check_processor_class
 
 #: The ops the tower stage runs.
 TOWER_OPS = ("flow_scores_varlen", "topk_select")
@@ -707,11 +707,7 @@ def check_processor(processor, core: nn.Module, processor_class: str) -> None:
     import transformers
 
     expected = getattr(transformers, processor_class)
-    require(
-        isinstance(processor, expected),
-        f"processor is a {type(processor).__name__}; pass the model's {expected.__name__} (AutoProcessor."
-        f"from_pretrained of the same checkpoint), whose image-token count FlowCut adjusts",
-    )
+    check_processor_class(processor, core, expected)
     require(
         processor.image_token_id == core.config.image_token_id
         and processor.image_processor.merge_size == core.visual.spatial_merge_size,
@@ -719,7 +715,6 @@ def check_processor(processor, core: nn.Module, processor_class: str) -> None:
         f"{processor.image_processor.merge_size}, the model's are {core.config.image_token_id} and "
         f"{core.visual.spatial_merge_size}; pass the processor of the model's checkpoint",
     )
-    check_processor_owner(processor, core)
 
 
 def patch_qwen(model: nn.Module, target_num: int, *, name: str, processor_class: str, feature_layer=None,

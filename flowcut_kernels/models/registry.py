@@ -131,8 +131,9 @@ def flowcut(
             image processor does not depend on the token count); accepted and left untouched.
         llm_stage: the language-model stage (docs/semantics.md): the tower keeps about 2·target_num tokens per
             image and decoder layer 1 keeps target_num of them, text-guided. None: the family's recipe
-            default (off for LLaVA-1.5, on for LLaVA-NeXT and Qwen2-VL/2.5-VL); refused by families without a
-            language model.
+            default (off for LLaVA-1.5 and InternVL; on for LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL/2.5-VL and
+            Qwen3-VL); refused by families without a language model or whose decoder the stage cannot run (Gemma 3,
+            Qwen3.5).
         schedule: a :class:`~flowcut_kernels.StaticSchedule` (from :func:`~flowcut_kernels.calibrate_schedule`
             on this model) to prune with fixed per-layer counts — no host reads, compiles with
             ``torch.compile(fullgraph=True)`` — or None for FlowCut's adaptive schedule. CLIP/SigLIP towers and

@@ -89,6 +89,24 @@ def check_processor_owner(processor, core: nn.Module) -> None:
     )
 
 
+def check_processor_class(processor, core: nn.Module, processor_class: type) -> None:
+    """``processor`` must be a ``processor_class``, not patched for another model (:func:`check_processor_owner`)."""
+    require(
+        isinstance(processor, processor_class),
+        f"processor is a {type(processor).__name__}; pass the model's {processor_class.__name__} (e.g. "
+        f"AutoProcessor.from_pretrained of the same checkpoint), whose image-token count FlowCut adjusts",
+    )
+    check_processor_owner(processor, core)
+
+
+def check_processor_fields(pairs) -> None:
+    """A processor must match its model: ``pairs`` holds (what, the processor's value, the model's) for each thing
+    they must share."""
+    mismatches = [f"{name} {theirs!r} (the model's {ours!r})" for name, theirs, ours in pairs if theirs != ours]
+    require(not mismatches, f"processor does not match the model: its {', '.join(mismatches)}; pass the processor "
+                            f"of the model's checkpoint")
+
+
 def check_feature_layer(core: nn.Module, tower: Tower, feature_layer, family: str) -> int:
     """A LLaVA-like core's feature layer (negative) from its config; ``feature_layer``, if given, must be it."""
     num_layers = len(tower.layers)
@@ -183,16 +201,7 @@ def staged_forward(
         )
     require(pixel_values is None or encoded is None, "pass pixel_values or mm_encoder_outputs, not both")
     require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
-    require(
-        not kwargs.pop("output_attentions", None),
-        "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention "
-        "matrix; call flowcut_kernels.remove_flowcut(model) first",
-    )
-    require(
-        attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
-        "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
-        "relay): set tokenizer.padding_side = 'left'",
-    )
+    check_stage_call(attention_mask, kwargs)
     if inputs_embeds is None:
         inputs_embeds = self.get_input_embeddings()(input_ids)
     marks = placeholders(self, input_ids, inputs_embeds)
@@ -204,6 +213,30 @@ def staged_forward(
             vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
             return_dict=True,
         )
+    return stage_prefill(self, inputs_embeds, marks, encoded, attention_mask, position_ids, cache, kwargs)
+
+
+def check_stage_call(attention_mask, kwargs: dict) -> None:
+    """A prefill call the language-model stage can run: no ``output_attentions`` (popped from ``kwargs``), prompts
+    padded on the left."""
+    require(
+        not kwargs.pop("output_attentions", None),
+        "output_attentions=True is unavailable with llm_stage: the stage's prefill never builds the attention "
+        "matrix; call flowcut_kernels.remove_flowcut(model) first",
+    )
+    require(
+        attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all())),
+        "llm_stage takes a (B, L) attention_mask of prompts padded on the left (the last token is each prompt's "
+        "relay): set tokenizer.padding_side = 'left'",
+    )
+
+
+def stage_prefill(self: nn.Module, inputs_embeds: Tensor, marks: Tensor, encoded, attention_mask, position_ids, cache,
+                  kwargs: dict):
+    """The language-model stage's prefill (:func:`.lm_stage.prefill`) of a core's prompts, ``inputs_embeds`` (B, L,
+    C) with the placeholders ``marks`` (B, L) bool, K = target_num per image, and the images' tower-stage features
+    ``encoded.pooler_output`` (one (W_g ≥ K, C) per image, in prompt order); the output is the stock forward's class
+    (:func:`.seams.vlm_output`)."""
     features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in encoded.pooler_output]  # (W_g, C) each
     check_count(self, int(marks.sum()), [self.flowcut_config.target_num] * len(features))
     mask = attention_mask if attention_mask is not None else torch.ones_like(marks, dtype=torch.long)

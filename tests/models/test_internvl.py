@@ -1,5 +1,6 @@
-"""flowcut() on HF InternVL: the recipe against a float64 oracle (tests/oracle/internvl.py), whole pixel-shuffle
-groups, tiles sharing one schedule, generate, per instance and reversible, bad inputs.
+"""flowcut() on HF InternVL: the recipe against a float64 oracle (tests/oracle/internvl.py; with the language-model
+stage, tests/oracle/lm_stage.py), whole pixel-shuffle groups, tiles sharing one schedule, generate, per instance and
+reversible, bad inputs.
 
 Tiny random models (tests/tiny/internvl.py: an InternViT of 8 × 8 patches and a CLS row, 6 layers, q/k RMS-normed and
 sharpened, pixel-shuffled 2 × 2 into 16 tokens a tile; a 2-layer Llama decoder). The processor crops an image into up
@@ -10,10 +11,11 @@ import copy
 
 import pytest
 import torch
-from oracle.internvl import naive_logits
+from oracle.internvl import naive_image, naive_logits
+from oracle.lm_stage import naive_lm_stage
 from tiny.internvl import END, IMAGE, START, TILE_TOKENS, random_internvl, tiny_internvl_processor
 from vlm_cases import (
-    assert_bfloat16_finite, check_remove_gives_back, check_shared_processor_refused, check_stock_placeholders_refused,
+    assert_bfloat16_finite, check_generate_batched, check_remove_gives_back, check_shared_processor_refused, check_stock_placeholders_refused,
     random_images, refused,
 )
 
@@ -53,11 +55,24 @@ def inputs(processor, prompts, sizes=SIZES, **kwargs):
     return batch
 
 
-def patched(target=K, **kwargs):
+def patched(target=K, llm_stage=None, **kwargs):
     model = random_internvl(**kwargs)
     processor = tiny_internvl_processor(model)
-    flowcut(model, target, processor=processor)
+    flowcut(model, target, processor=processor, llm_stage=llm_stage)
     return model, processor
+
+
+def singles(processor, prompts):
+    """Each prompt alone with its images (those :func:`inputs` gives the batch)."""
+    images = iter(random_images(SIZES))
+    out = []
+    for prompt in prompts:
+        mine = [next(images) for _ in range(prompt.count("<IMG_CONTEXT>"))]
+        single = processor(text=[prompt], images=[mine], return_tensors="pt")
+        if "image_num_patches" not in single:  # 5.0
+            single["image_num_patches"] = torch.as_tensor(processor.image_processor(mine)["num_patches"])
+        out.append(single)
+    return out
 
 
 def runs(batch):
@@ -164,36 +179,46 @@ def test_tiles_without_counts():
         model(**tiled)
 
 
+@pytest.mark.parametrize("prompts", [SINGLE, PAIR, TWO], ids=["single", "left-padded pair", "two images"])
+def test_stage_prefill_and_first_decode_step_equal_oracle(prompts):
+    """llm_stage=True: each image's tower keeps 2K tokens (the oracle's tower at 2K), decoder layer 1 the K best;
+    the prefill logits (forward and generate) and the next step's, which reads the cut cache, against float64."""
+    model, processor = patched(llm_stage=True, dtype=torch.float64)
+    batch = inputs(processor, prompts)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    tiles = batch["image_num_patches"].tolist()
+    logits = model(**batch).logits[:, -1]
+    out = model.generate(**batch, max_new_tokens=2, output_logits=True, return_dict_in_generate=True)
+    first = out.sequences[:, batch["input_ids"].shape[1]]
+    tower = torch.stack([naive_image(model, chunk, 2 * K)[0] for chunk in batch["pixel_values"].split(tiles)])
+    want, step, kept = naive_lm_stage(model, batch["input_ids"], batch["attention_mask"], tower, K, first)
+    assert [len(k) for k in kept] == [K] * len(tiles) and any(k != list(range(K)) for k in kept)
+    for got, expected in ((logits, want), (out.logits[0], want), (out.logits[1], step)):
+        assert (got.double() - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
 # --- generate -------------------------------------------------------------------------------------
 
 
-def test_generate_batched_equals_single_and_cache():
-    model, processor = patched()
-    batch = inputs(processor, TWO)
-    new = 5
-    out = model.generate(**batch, max_new_tokens=new)
-    images = iter(random_images(SIZES))
-    for i, prompt in enumerate(TWO):
-        mine = [next(images) for _ in range(prompt.count("<IMG_CONTEXT>"))]
-        single = processor(text=[prompt], images=[mine], return_tensors="pt")
-        if "image_num_patches" not in single:  # 5.0
-            single["image_num_patches"] = torch.as_tensor(processor.image_processor(mine)["num_patches"])
-        assert torch.equal(model.generate(**single, max_new_tokens=new)[0, -new:], out[i, -new:])
-    assert torch.equal(model.generate(**batch, max_new_tokens=new, use_cache=False), out)
+@pytest.mark.parametrize("llm_stage", [False, True], ids=["tower", "stage"])
+def test_generate_batched_equals_single_and_cache(llm_stage):
+    model, processor = patched(llm_stage=llm_stage)
+    check_generate_batched(model, inputs(processor, TWO), singles(processor, TWO), 5, llm_stage)
 
 
-def test_generate_beams_and_several_sequences():
-    model, processor = patched()
+@pytest.mark.parametrize("llm_stage", [False, True], ids=["tower", "stage"])
+def test_generate_beams_and_several_sequences(llm_stage):
+    model, processor = patched(llm_stage=llm_stage)
     batch = inputs(processor, PAIR)
     out = model.generate(**batch, max_new_tokens=3, num_beams=2, num_return_sequences=2)
     assert out.shape == (4, batch["input_ids"].shape[1] + 3)
-    for i, prompt in enumerate(PAIR):  # each prompt's best beam is its own single-prompt one
-        single = inputs(processor, [prompt], sizes=SIZES[i:])
+    for i, single in enumerate(singles(processor, PAIR)):  # each prompt's best beam is its own single-prompt one
         assert torch.equal(model.generate(**single, max_new_tokens=3, num_beams=2)[0, -3:], out[2 * i, -3:])
 
 
-def test_bfloat16_is_finite():
-    model, processor = patched(dtype=torch.bfloat16)
+@pytest.mark.parametrize("llm_stage", [False, True], ids=["tower", "stage"])
+def test_bfloat16_is_finite(llm_stage):
+    model, processor = patched(llm_stage=llm_stage, dtype=torch.bfloat16)
     batch = inputs(processor, PAIR)
     batch["pixel_values"] = batch["pixel_values"].bfloat16()
     assert_bfloat16_finite(model, batch)
@@ -243,8 +268,9 @@ def test_bad_arguments_leave_model_unchanged():
     model = random_internvl()
     refused(model, r"target_num", target_num=TILE_TOKENS)
     refused(model, r"target_num", target_num=0)
-    refused(model, r"llm_stage=True: the language-model stage is not available for InternVL", target_num=K,
+    refused(model, r"target_num=8 is too large for llm_stage=True: .* use target_num <= 7", target_num=8,
             llm_stage=True)
+    refused(model, r"llm_stage must be True, False or None", target_num=K, llm_stage="yes")
     refused(model, r"feature_layer=-2", target_num=K, feature_layer=-2)
     refused(model, "backend='nope'", target_num=K, backend="nope")
     refused(model, "static schedule", target_num=K, schedule=object())
@@ -272,10 +298,14 @@ def test_mismatched_placeholders_name_the_processor():
     check_stock_placeholders_refused(model, stock, K)
 
 
-def test_too_many_tiles_for_target_are_refused():
-    model, processor = patched(target=2)
+@pytest.mark.parametrize("llm_stage,target,match", [
+    (False, 2, r"an image of 3 tiles cannot keep 2 tokens \(target_num=2\)"),
+    (True, 1, r"an image of 3 tiles cannot keep 2 tokens \(target_num=1, doubled by llm_stage\)"),
+], ids=["tower", "stage"])
+def test_too_many_tiles_for_target_are_refused(llm_stage, target, match):
+    model, processor = patched(target=target, llm_stage=llm_stage)
     batch = inputs(processor, SINGLE)
-    with pytest.raises(FlowCutInputError, match="an image of 3 tiles cannot keep target_num=2"):
+    with pytest.raises(FlowCutInputError, match=match):
         model(**batch)
 
 

@@ -19,28 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from oracle.flowcut import naive_group_prune
+from oracle.vlm import placeholder_logits, prenorm_layer
 
 
 def siglip_layer(layer, x):
     """One SigLIP encoder layer on x (1, S, C) float64 → (out, q, k, v (1, H, S, D), scale)."""
     attn = layer.self_attn
-    _, S, C = x.shape
-    H = attn.num_heads
-    D = C // H
-    scale = D ** -0.5
-
-    def norm(module, h):
-        return F.layer_norm(h, (C,), module.weight.double(), module.bias.double(), module.eps)
-
-    def linear(module, h):
-        return h @ module.weight.double().T + module.bias.double()
-
-    h = norm(layer.layer_norm1, x)
-    q, k, v = (linear(p, h).view(1, S, H, D).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    probs = torch.softmax(scale * q @ k.transpose(-1, -2), dim=-1)
-    x = x + linear(attn.out_proj, (probs @ v).transpose(1, 2).reshape(1, S, C))
-    x = x + copy.deepcopy(layer.mlp).double()(norm(layer.layer_norm2, x))
-    return x, q, k, v, scale
+    return prenorm_layer(x, attn.num_heads, layer.layer_norm1, (attn.q_proj, attn.k_proj, attn.v_proj),
+                         attn.out_proj, layer.layer_norm2, layer.mlp)
 
 
 def window_of(patches_per_side, kernel):
@@ -104,14 +90,7 @@ def naive_logits(model, input_ids, mask, pixel_values, target):
     """Last-position logits (B, V) float64 of FlowCut on a Gemma3ForConditionalGeneration; also the kept windows of
     each image (in prompt order)."""
     images = [naive_image(model, pixels, target) for pixels in pixel_values]
-    reference = copy.deepcopy(model).double()
-    image = input_ids == model.config.image_token_id
-    embeds = reference.get_input_embeddings()(input_ids).clone()
     rows = torch.cat([tokens for tokens, _ in images])
-    assert int(image.sum()) == len(rows), (int(image.sum()), rows.shape)
-    embeds[image] = rows
-    text = reference.model.language_model
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = text(inputs_embeds=embeds, position_ids=positions,
-               attention_mask=attention_masks(mask, image, text.config.sliding_window))
-    return reference.lm_head(out.last_hidden_state[:, -1]), [kept for _, kept in images]
+    image = input_ids == model.config.image_token_id
+    masks = attention_masks(mask, image, model.config.get_text_config().sliding_window)
+    return placeholder_logits(model, input_ids, mask, rows, masks), [kept for _, kept in images]

@@ -15,36 +15,17 @@ placeholders), positions counting each prompt's real tokens.
 import copy
 
 import torch
-import torch.nn.functional as F
 
 from oracle.flowcut import naive_flow_scores, naive_prune_count
+from oracle.vlm import placeholder_logits, prenorm_layer
 
 
 def internvit_layer(layer, x):
     """One InternViT layer on x (1, S, C) float64 → (out, q, k, v (1, H, S, D), scale)."""
     attn = layer.attention
-    _, S, C = x.shape
-    H = attn.num_heads
-    D = C // H
-    scale = D ** -0.5
-
-    def norm(module, h):
-        return F.layer_norm(h, (C,), module.weight.double(), module.bias.double(), module.eps)
-
-    def rms(module, h):
-        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon) * module.weight.double()
-
-    def linear(module, h):
-        out = h @ module.weight.double().T
-        return out + module.bias.double() if module.bias is not None else out
-
-    h = norm(layer.layernorm_before, x)
-    q, k = rms(attn.q_norm, linear(attn.q_proj, h)), rms(attn.k_norm, linear(attn.k_proj, h))
-    q, k, v = (t.view(1, S, H, D).transpose(1, 2) for t in (q, k, linear(attn.v_proj, h)))
-    probs = torch.softmax(scale * q @ k.transpose(-1, -2), dim=-1)
-    x = x + layer.lambda_1.double() * linear(attn.projection_layer, (probs @ v).transpose(1, 2).reshape(1, S, C))
-    x = x + layer.lambda_2.double() * copy.deepcopy(layer.mlp).double()(norm(layer.layernorm_after, x))
-    return x, q, k, v, scale
+    return prenorm_layer(x, attn.num_heads, layer.layernorm_before, (attn.q_proj, attn.k_proj, attn.v_proj),
+                         attn.projection_layer, layer.layernorm_after, layer.mlp, (attn.q_norm, attn.k_norm),
+                         (layer.lambda_1.double(), layer.lambda_2.double()))
 
 
 def tile_shares(target, tiles):
@@ -105,12 +86,5 @@ def naive_logits(model, input_ids, mask, pixel_values, tiles, target):
     """Last-position logits (B, V) float64 of FlowCut on an InternVLForConditionalGeneration whose images have
     ``tiles`` tiles each (in prompt order); also each image's kept (tile, group) pairs."""
     images = [naive_image(model, chunk, target) for chunk in pixel_values.split(tiles)]
-    reference = copy.deepcopy(model).double()
-    image = input_ids == model.config.image_token_id
-    embeds = reference.get_input_embeddings()(input_ids).clone()
     rows = torch.cat([tokens for tokens, _ in images])
-    assert int(image.sum()) == len(rows), (int(image.sum()), rows.shape)
-    embeds[image] = rows
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = reference.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask)
-    return reference.lm_head(out.last_hidden_state[:, -1]), [kept for _, kept in images]
+    return placeholder_logits(model, input_ids, mask, rows), [kept for _, kept in images]
