@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..checks import require
-from ..models.encoder import feature_index
 from ..models.policy import FlowCutPolicy, LayerView
+from ..models.vlm import feature_layer_of
 from . import seams
 from .config import options
 from .processing import FlowCutInfo, require_pixels, served
@@ -96,8 +96,8 @@ class FlowCutLlavaModel:
         require(target <= patches, f"flowcut.target_num={target} is more than the {patches} patches of this model's "
                                    f"vision tower ({vision.image_size}² pixels in {vision.patch_size}-pixel patches); "
                                    f"set flowcut.target_num <= {patches}")
-        self._flowcut_feature = feature_index(config.vision_feature_layer, config.vision_config.num_hidden_layers,
-                                              "vision_feature_layer")
+        layers = config.vision_config.num_hidden_layers
+        self._flowcut_feature = layers + feature_layer_of(config.vision_feature_layer, layers)
         ops.resolve_backend(self.flowcut.backend, self.vision_tower.device, self.vision_tower.dtype, CLIP_OPS)
 
     def _process_image_input(self, image_input):

@@ -1,8 +1,11 @@
 """FlowCut in vLLM's engine on a tiny LLaVA-1.5 checkpoint (CLIP tower): K placeholders per image, the served tower's
 kept patches and tokens equal the transformers patch's, the first greedy token equals the patched HF model's, a batch
-equals each image alone, stock without the key, bad target_num values fail at load."""
+equals each image alone, stock without the key, bad target_num values and configurations the plug-in does not prune
+fail at load."""
 
+import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -89,3 +92,19 @@ def test_bad_target_num_fails_at_load_naming_the_key(folder, target):
     code, output, result = run_engine(folder, {"flowcut": {"target_num": target}}, IMAGES[:1], timeout=200)
     assert code != 0 and result is None
     assert f"flowcut.target_num={target}" in output
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy 'default'"),
+    ({"vision_feature_layer": [-2, -1]}, "vision_feature_layer=[-2, -1] selects several feature layers"),
+], ids=["strategy", "feature-layers"])
+def test_unsupported_configurations_fail_at_load_naming_them(folder, tmp_path, change, message):
+    """A configuration stock vLLM serves but the plug-in does not prune fails at load with the key, not silently."""
+    edited = shutil.copytree(folder, tmp_path / "edited")
+    with open(edited / "config.json") as f:
+        config = json.load(f)
+    with open(edited / "config.json", "w") as f:
+        json.dump({**config, **change}, f)
+    code, output, result = run_engine(str(edited), {"flowcut": {"target_num": TARGET}}, IMAGES[:1], timeout=200)
+    assert code != 0 and result is None
+    assert message in output
