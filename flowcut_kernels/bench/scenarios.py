@@ -66,10 +66,11 @@ Qwen2-VL's (the fused ``qkv``'s q and k thirds, default 8 at the 7B shapes, 4 on
 - ``internvl3-8b`` (CUDA): ``InternVLForConditionalGeneration`` at InternVL3-8B's shapes (the ``internvl-tower``
   tower, pixel shuffle and projector on one 896×896 image cropped as InternVL's image processor does: a 2×2 grid of
   448×448 tiles + a thumbnail, 5 tiles of 256 tokens, 1280 unpruned; a Qwen2.5-7B-shaped LLM: 28 layers × 3584, GQA
-  28/4, intermediate 18944, vocabulary 151674) in a 60-token prompt (``<img>``, the image-context tokens, ``</img>``
-  after 35): the stock forward against ``flowcut(model, K)`` (K ≥ 5: ⌊K/5⌋ whole pixel-shuffle groups per tile, one
-  more for the last K mod 5 tiles), the patched call also given ``image_num_patches`` (the tiles of each image, as
-  the processor patched by ``flowcut`` adds it on transformers 5.25).
+  28/4, intermediate 18944, vocabulary 151674, its own ``lm_head``: 7.94 B weights) in a 60-token prompt
+  (``<img>``, the image-context tokens, ``</img>`` after 35): the stock forward against ``flowcut(model, K)`` (K ≥ 5:
+  ⌊K/5⌋ whole pixel-shuffle groups per tile, one more for the last K mod 5 tiles), the patched call also given
+  ``image_num_patches`` (the tiles of each image, as the processor patched by ``flowcut`` adds it on transformers
+  5.25).
   Both: ``input_ids`` + pixels (+ ``image_sizes``), ``use_cache=True``, last-position logits (one prefill).
 - ``…-tiny`` variants: the same code at tiny sizes, for the tests (they run on a CPU).
 
@@ -786,7 +787,7 @@ def internvl_config(s: Scenario):
     tokens = (s.tower["image_size"] // s.tower["patch_size"]) ** 2 // 4  # a tile's tokens after the 2×2 shuffle
     return InternVLConfig(vision_config=InternVLVisionConfig(**s.tower).to_dict(), text_config=text.to_dict(),
                           image_token_id=(s.ids or INTERNVL_IDS_TINY)["image_token_id"], image_seq_length=tokens,
-                          downsample_ratio=0.5)
+                          downsample_ratio=0.5, tie_word_embeddings=text.tie_word_embeddings)  # 5.25 ties by default
 
 
 def internvl_model(cls, s: Scenario, device, dtype, seed, sharpen) -> nn.Module:

@@ -383,6 +383,7 @@ def test_gpu_scenarios_have_the_7b_shapes():
     assert (text.model_type, text.num_hidden_layers, text.hidden_size, text.num_attention_heads,
             text.num_key_value_heads, text.intermediate_size) == ("qwen2", 28, 3584, 28, 4, 18944)
     assert (internvl.image_seq_length, internvl.downsample_ratio, internvl.image_token_id) == (256, 0.5, 151667)
+    assert internvl.tie_word_embeddings is False and text.vocab_size == 151674  # InternVL3-8B's own lm_head
     assert scenarios.internvl_tiles(s) == 5 and s.image == (896, 896)  # a 2×2 grid of 448² tiles + the thumbnail
     assert s.default_targets == (64, 128, 256) and s.min_target == 5  # each tile keeps at least one group
     for name in ("gemma3-4b", "llava-onevision-7b", "internvl3-8b"):
