@@ -206,8 +206,8 @@ class Scenario:
     tower: a CLIP shape of :data:`.random_models.PRESETS` (LLaVA-NeXT), or the tower's config fields.
     lm: LlamaConfig / Qwen2-VL text fields (whole models; Gemma 3, InternVL: their token layout, or the decoder's
     fields under "text"). image: (H, W) pixels of each image (LLaVA-NeXT, LLaVA-OneVision, whole InternVL), or (h, w)
-    patches (the others). max_target: the largest K. frames: the
-    temporal patches t of a Qwen tower's input (1: an image; more: a video of 2t frames, K tokens per video).
+    patches (the others). max_target: the largest K. frames: the temporal patches t of a Qwen tower's input (1: an
+    image; more: a video of 2t frames, K tokens per video).
     """
 
     name: str
