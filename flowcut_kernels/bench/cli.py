@@ -182,8 +182,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if isinstance(shape, scenarios.Scenario):
         args.sharpen = shape.sharpen if args.sharpen is None else args.sharpen
         if args.feature_layer is not None:
-            parser.error(f"--feature-layer does not apply to --preset {args.preset}: its feature layer is the "
-                         "model's own (LLaVA-NeXT: -2; Qwen2-VL: the merger after the last layer)")
+            parser.error(f"--feature-layer does not apply to --preset {args.preset}: it measures the model's own "
+                         "feature layer, as its config sets it; leave --feature-layer out")
         args.target = args.target or list(shape.default_targets)
         for t in args.target:
             why = shape.check_target(t)

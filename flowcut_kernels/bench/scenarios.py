@@ -63,6 +63,14 @@ Qwen2-VL's (the fused ``qkv``'s q and k thirds, default 8 at the 7B shapes, 4 on
   tower on one 768×768 image's 5 anyres crops, 3645 patches; the stock packing gives 3699 tokens: 729 base, 2916
   grid, 54 newlines; a Qwen2-7B-shaped LLM: 28 layers × 3584, GQA 28/4, intermediate 18944, vocabulary 152064) in a
   60-token prompt: the stock forward against ``flowcut(model, K)`` (⌊K/2⌋ per crop, the language-model stage to K).
+- ``internvl3-8b`` (CUDA): ``InternVLForConditionalGeneration`` at InternVL3-8B's shapes (the ``internvl-tower``
+  tower, pixel shuffle and projector on one 896×896 image cropped as InternVL's image processor does: a 2×2 grid of
+  448×448 tiles + a thumbnail, 5 tiles of 256 tokens, 1280 unpruned; a Qwen2.5-7B-shaped LLM: 28 layers × 3584, GQA
+  28/4, intermediate 18944, vocabulary 151674, its own ``lm_head``: 7.94 B weights) in a 60-token prompt
+  (``<img>``, the image-context tokens, ``</img>`` after 35): the stock forward against ``flowcut(model, K)`` (K ≥ 5:
+  ⌊K/5⌋ whole pixel-shuffle groups per tile, one more for the last K mod 5 tiles), the patched call also given
+  ``image_num_patches`` (the tiles of each image, as the processor patched by ``flowcut`` adds it on transformers
+  5.25).
   Both: ``input_ids`` + pixels (+ ``image_sizes``), ``use_cache=True``, last-position logits (one prefill).
 - ``…-tiny`` variants: the same code at tiny sizes, for the tests (they run on a CPU).
 
@@ -161,6 +169,11 @@ ONEVISION_IDS_7B = dict(image_token_index=151646, video_token_index=151647)
 ONEVISION_TEXT_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 ONEVISION_IDS_TINY = dict(image_token_index=62, video_token_index=63)
+#: InternVL3-8B's Qwen2.5-7B-shaped decoder (OneVision's Qwen2-7B shape, InternVL3's vocabulary) and its ``<img>``,
+#: ``</img>`` and image-context ids; a tiny one for tests.
+INTERNVL3_TEXT_8B = dict(ONEVISION_TEXT_7B, vocab_size=151674)
+INTERNVL3_IDS_8B = dict(start_image_token_id=151665, end_image_token_id=151666, image_token_id=151667)
+INTERNVL_IDS_TINY = dict(start_image_token_id=61, end_image_token_id=62, image_token_id=63)
 
 SCENARIO_FAMILIES = ("unpruned", "flowcut")
 #: q/k factor of the Qwen2-VL-7B-shaped random towers: at 448×448, target 64 the schedule then prunes
@@ -178,7 +191,9 @@ TARGET_WORDS = {"next": "K (the LLaVA-NeXT target_num: ⌊K/2⌋ per crop)",
                 "qwen-tower": "K (merged tokens kept per image, or per video: at least 1 a frame)",
                 "vit-tower": "K (patches kept per image)",
                 "dinov2-tower": "K (patches kept per image)",
-                "internvl-tower": "K (pixel-shuffle groups kept per tile)"}
+                "internvl-tower": "K (pixel-shuffle groups kept per tile)",
+                "internvl": "K (tokens kept per image: K/n whole pixel-shuffle groups from each of its n tiles, at "
+                            "least 1 a tile)"}
 
 
 @dataclass(frozen=True)
@@ -187,11 +202,12 @@ class Scenario:
 
     kind: "next" (whole LLaVA-NeXT), "next-crops" (its tower on crops), "qwen" (whole Qwen2-VL), "qwen-tower",
         "qwen3-tower" (Qwen3-VL's), "gemma3-tower", "gemma3" (whole Gemma 3), "onevision-crops", "onevision" (whole
-        LLaVA-OneVision), "vit-tower", "dinov2-tower", "internvl-tower".
+        LLaVA-OneVision), "vit-tower", "dinov2-tower", "internvl-tower", "internvl" (whole InternVL).
     tower: a CLIP shape of :data:`.random_models.PRESETS` (LLaVA-NeXT), or the tower's config fields.
-    lm: LlamaConfig / Qwen2-VL text fields (whole models; Gemma 3: its token layout). image: (H, W) pixels of each
-    image (LLaVA-NeXT, LLaVA-OneVision), or (h, w) patches (the others). max_target: the largest K. frames: the
-    temporal patches t of a Qwen tower's input (1: an image; more: a video of 2t frames, K tokens per video).
+    lm: LlamaConfig / Qwen2-VL text fields (whole models; Gemma 3, InternVL: their token layout, or the decoder's
+    fields under "text"). image: (H, W) pixels of each image (LLaVA-NeXT, LLaVA-OneVision, whole InternVL), or (h, w)
+    patches (the others). max_target: the largest K. frames: the temporal patches t of a Qwen tower's input (1: an
+    image; more: a video of 2t frames, K tokens per video).
     """
 
     name: str
@@ -302,6 +318,15 @@ SCENARIOS = {s.name: s for s in [
              "for tests", dict(SIGLIP_TINY, image_size=32), (64, 64), 31, (16,), lm=ONEVISION_TEXT_TINY,
              ids=ONEVISION_IDS_TINY, pinpoints=random_models.TINY_PINPOINTS, prompt_tokens=12, image_position=7,
              min_target=2, sharpen=8.0),
+    Scenario("internvl3-8b", "internvl", "InternVL3-8B prefill (InternViT-300M 24x1024 on an 896x896 image's 5 "
+             "448x448 tiles: a 2x2 grid + thumbnail, 1280 tokens unpruned; Qwen2.5-7B-shaped LLM 28x3584, GQA 28/4) vs "
+             "flowcut(model, K) (K/5 whole pixel-shuffle groups per tile) (CUDA only)", INTERNVIT_300M, (896, 896),
+             1279, (64, 128, 256), (1, 8), lm=dict(text=INTERNVL3_TEXT_8B), ids=INTERNVL3_IDS_8B,
+             cuda_only=COLD.format("InternVL3-8B", 16, "internvl-tower"), min_target=5),
+    Scenario("internvl3-8b-tiny", "internvl", "internvl3-8b at tiny sizes (a 128x128 image's 5 tiles of 16x16 "
+             "patches shuffled 2x2 into 64 tokens, 2-layer LM), for tests", INTERNVIT_TINY, (128, 128), 319, (16,),
+             lm=dict(text=ONEVISION_TEXT_TINY), ids=INTERNVL_IDS_TINY, prompt_tokens=12, image_position=7,
+             min_target=5, sharpen=8.0),
     Scenario("qwen2-vl-7b", "qwen", "Qwen2-VL-7B prefill (ViT 32x1280, LLM 28x3584, GQA 28/4) on a 1288x1288 image "
              "(2116 merged tokens) vs FlowCut's tower stage (CUDA only)", QWEN_VISION_7B, (92, 92), 2115,
              (64, 128, 256, 512), (1, 8), lm=QWEN_TEXT_7B, ids=QWEN_IDS_7B, sharpen=QWEN_SHARPEN,
@@ -385,19 +410,22 @@ class _Patched:
 
 
 def _prefill_methods(s: Scenario, model: nn.Module, device, image_ids: Callable[[int], list[int]], inputs,
-                     call: Callable[..., object], stock_tokens: list[int]):
+                     call: Callable[..., object], stock_tokens: list[int],
+                     patched_inputs: Callable[[int], dict] = lambda batch: {}):
     """``make(batch, target, backends, include, seed)`` of a whole-VLM prefill preset (one image per prompt).
 
     image_ids(count): a prompt's image ids for ``count`` visual tokens. inputs(batch, seed): (the image inputs of
     ``call``, the visual tokens the stock model gives an image), cached by the builder. call(ids, **image_inputs): the
     prefill's output (``use_cache=True``, last-position logits). stock_tokens: the tokens each stock tower layer
-    processes per crop. ``unpruned`` is the stock forward with the stock count of placeholders; ``flowcut-<backend>``
-    the forward after ``flowcut(model, K, backend=...)`` with K of them (its tower schedule read once beforehand from
-    the patched ``get_image_features``)."""
+    processes per crop. patched_inputs(batch): the image inputs only the patched model takes (InternVL's
+    ``image_num_patches``). ``unpruned`` is the stock forward with the stock count of placeholders;
+    ``flowcut-<backend>`` the forward after ``flowcut(model, K, backend=...)`` with K of them (its tower schedule read
+    once beforehand from the patched ``get_image_features``)."""
     vocab = model.config.get_text_config().vocab_size
 
     def make(batch, target, backends, include, seed):
         image, stock_count = inputs(batch, seed)
+        patched = dict(image, **patched_inputs(batch))
         found = {}
         if "unpruned" in include:
             ids = _prompt(s, image_ids(stock_count), device, seed, vocab, batch)
@@ -410,12 +438,12 @@ def _prefill_methods(s: Scenario, model: nn.Module, device, image_ids: Callable[
             ids = _prompt(s, image_ids(target), device, seed, vocab, batch)
             for backend in backends:
                 with _Patched(model, target, backend), torch.inference_mode():
-                    out = model.model.get_image_features(**image, return_dict=True)
+                    out = model.model.get_image_features(**patched, return_dict=True)
                 tokens = out.tokens_per_layer[0]
 
                 def run(backend=backend, tokens=tokens, ids=ids):
                     with _Patched(model, target, backend):
-                        logits = call(ids, **image).logits
+                        logits = call(ids, **patched).logits
                     return MethodResult(logits, None, tokens, target, ids.shape[1])
 
                 found[f"flowcut-{backend}"] = run
@@ -424,10 +452,12 @@ def _prefill_methods(s: Scenario, model: nn.Module, device, image_ids: Callable[
     return make
 
 
-def _stock_count(model: nn.Module, image: dict) -> int:
-    """The visual tokens the stock ``get_image_features`` gives the first image of ``image`` (its inputs)."""
+def _stock_count(model: nn.Module, image: dict, crops: int = 1) -> int:
+    """The visual tokens the stock ``get_image_features`` gives the first image of ``image`` (its inputs): its first
+    ``crops`` entries of ``pooler_output`` (InternVL: one a tile)."""
     with torch.inference_mode():
-        return model.model.get_image_features(**image, return_dict=True).pooler_output[0].shape[0]
+        pooled = model.model.get_image_features(**image, return_dict=True).pooler_output
+    return sum(x.shape[0] for x in pooled[:crops])
 
 
 def _build_next(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
@@ -695,77 +725,100 @@ def gemma3_config(s: Scenario):
                         **(s.ids or dict(boi_token_index=61, eoi_token_index=62, image_token_index=63)))
 
 
-def _build_gemma3_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
-    from transformers import Gemma3Model
+def gemma3_model(cls, s: Scenario, device, dtype, seed, sharpen) -> nn.Module:
+    """The seeded random ``cls`` (``Gemma3Model`` or ``Gemma3ForConditionalGeneration``) of :func:`gemma3_config`,
+    its projection given weights (the stock one starts at zero) and its SigLIP q/k sharpened, in eval mode."""
+    model = random_models.seeded_model(cls, gemma3_config(s), seed, device, dtype=dtype).eval()
+    core = getattr(model, "model", model)
+    with torch.no_grad():
+        core.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
+    random_models.sharpen_attention(core.vision_tower, sharpen)
+    return model
 
-    model = random_models.seeded_model(Gemma3Model, gemma3_config(s), seed, device, dtype=dtype).eval()
-    with torch.no_grad():  # the stock projection starts at zero: give it weights
-        model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
-    random_models.sharpen_attention(model.vision_tower, sharpen)
-    side = s.tower["image_size"]
-    tokens = s.lm["mm_tokens_per_image"]
-    layers = s.tower["num_hidden_layers"]
+
+def _image_features_scenario(s: Scenario, model: nn.Module, stock_rows: int, keep: Callable[[Tensor], Tensor],
+                             device, dtype) -> BuiltScenario:
+    """A tower preset of a VLM core ``model`` (its ``get_image_features``: tower and projector; each of the
+    (batch, 3, S, S) seeded pixels an image): ``unpruned`` the stock method, (batch, N, C) pooled, ``flowcut-<backend>``
+    the method after ``flowcut(model, K)``, (batch, K, C). stock_rows: the rows each stock tower layer processes;
+    keep(keep_indices): the patched method's keep_indices as the (batch, K) kept groups."""
+    side, layers = s.tower["image_size"], s.tower["num_hidden_layers"]
+
+    def pixels(batch, seed):
+        return _pixels(batch, side, device, dtype, seed)
 
     def make(batch, target, backends, include, seed):
-        pixels = _pixels(batch, side, device, dtype, seed)
+        images = pixels(batch, seed)
 
         def unpruned():
-            pooled = model.get_image_features(pixels, return_dict=True).pooler_output
-            return MethodResult(pooled, None, [s.image[0] * s.image[1]] * layers, tokens)
+            pooled = model.get_image_features(images, return_dict=True).pooler_output
+            return MethodResult(pooled, None, [stock_rows] * layers, pooled.shape[1])
 
         def pruned(backend):
             with _Patched(model, target, backend):
-                out = model.get_image_features(pixels, return_dict=True)
-            return MethodResult(out.pooler_output, out.keep_indices, out.tokens_per_layer[0], target)
+                out = model.get_image_features(images, return_dict=True)
+            return MethodResult(out.pooler_output, keep(out.keep_indices), out.tokens_per_layer[0], target)
 
         return _methods(include, backends, unpruned, pruned)
 
     return BuiltScenario(s.name, weights_mb(model.vision_tower) + weights_mb(model.multi_modal_projector), make, model,
-                         dict(pixels=lambda batch, seed: _pixels(batch, side, device, dtype, seed)))
+                         dict(pixels=pixels))
+
+
+def _build_gemma3_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers import Gemma3Model
+
+    model = gemma3_model(Gemma3Model, s, device, dtype, seed, sharpen)
+    return _image_features_scenario(s, model, s.image[0] * s.image[1], lambda keep: keep, device, dtype)
 
 
 def internvl_config(s: Scenario):
     """The ``InternVLConfig`` of an ``internvl-tower`` scenario: its InternViT tower, pixel shuffle and projector,
-    around a one-layer stand-in decoder of the text width (which the tower presets never run)."""
-    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig
+    around a one-layer stand-in decoder of the text width (which the tower presets never run); of a whole-model
+    ``internvl`` scenario: with its Qwen2 decoder (``s.lm["text"]``) and image-context id (``s.ids``)."""
+    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config
 
-    text = LlamaConfig(vocab_size=64, hidden_size=s.lm["text_hidden"], intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=1, num_key_value_heads=1, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if "text" in s.lm:
+        text = Qwen2Config(**s.lm["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    else:
+        text = LlamaConfig(vocab_size=64, hidden_size=s.lm["text_hidden"], intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=1, num_key_value_heads=1, pad_token_id=0, bos_token_id=2,
+                           eos_token_id=3)
+    tokens = (s.tower["image_size"] // s.tower["patch_size"]) ** 2 // 4  # a tile's tokens after the 2×2 shuffle
     return InternVLConfig(vision_config=InternVLVisionConfig(**s.tower).to_dict(), text_config=text.to_dict(),
-                          image_token_id=63, image_seq_length=s.image[0] * s.image[1] // 4, downsample_ratio=0.5)
+                          image_token_id=(s.ids or INTERNVL_IDS_TINY)["image_token_id"], image_seq_length=tokens,
+                          downsample_ratio=0.5, tie_word_embeddings=text.tie_word_embeddings)  # 5.25 ties by default
 
 
-def _build_internvl_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
-    from transformers import InternVLModel
-
-    model = random_models.seeded_model(InternVLModel, internvl_config(s), seed, device, dtype=dtype).eval()
-    tower = model.vision_tower
-    with torch.no_grad():  # the stock CLS row and position table start at zero: give them values; sharpen q and k
+def internvl_model(cls, s: Scenario, device, dtype, seed, sharpen) -> nn.Module:
+    """The seeded random ``cls`` (``InternVLModel`` or ``InternVLForConditionalGeneration``) of
+    :func:`internvl_config`, in eval mode: InternViT's CLS row and position table given values (the stock ones start
+    at zero), its q and k projections (weights and biases) multiplied by ``sharpen``."""
+    model = random_models.seeded_model(cls, internvl_config(s), seed, device, dtype=dtype).eval()
+    tower = getattr(model, "model", model).vision_tower
+    with torch.no_grad():
         tower.embeddings.cls_token.normal_(std=0.02)
         tower.embeddings.position_embeddings.normal_(std=0.02)
         for layer in tower.encoder.layer:
             for proj in (layer.attention.q_proj, layer.attention.k_proj):
                 proj.weight.mul_(sharpen)
                 proj.bias.mul_(sharpen)
+    return model
+
+
+def _build_internvl_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers import InternVLModel
+
+    model = internvl_model(InternVLModel, s, device, dtype, seed, sharpen)
+    return _image_features_scenario(s, model, 1 + s.image[0] * s.image[1], lambda keep: keep[..., 1], device, dtype)
+
+
+def internvl_tiles(s: Scenario) -> int:
+    """The tiles of an ``internvl`` scenario's (H, W)-pixel image: its grid of tiles of the tower's side, plus the
+    thumbnail (the whole image) when the grid holds more than one, as InternVL's image processor crops it."""
     side = s.tower["image_size"]
-    layers = s.tower["num_hidden_layers"]
-
-    def make(batch, target, backends, include, seed):
-        pixels = _pixels(batch, side, device, dtype, seed)
-
-        def unpruned():
-            pooled = model.get_image_features(pixels, return_dict=True).pooler_output
-            return MethodResult(pooled, None, [1 + s.image[0] * s.image[1]] * layers, pooled.shape[1])
-
-        def pruned(backend):
-            with _Patched(model, target, backend):
-                out = model.get_image_features(pixels, return_dict=True)
-            return MethodResult(out.pooler_output, out.keep_indices[..., 1], out.tokens_per_layer[0], target)
-
-        return _methods(include, backends, unpruned, pruned)
-
-    return BuiltScenario(s.name, weights_mb(tower) + weights_mb(model.multi_modal_projector), make, model,
-                         dict(pixels=lambda batch, seed: _pixels(batch, side, device, dtype, seed)))
+    grid = (s.image[0] // side) * (s.image[1] // side)
+    return grid + (grid > 1)
 
 
 def onevision_crops(s: Scenario) -> int:
@@ -825,11 +878,7 @@ def onevision_config(s: Scenario):
 def _build_gemma3(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
     from transformers import Gemma3ForConditionalGeneration
 
-    model = random_models.seeded_model(Gemma3ForConditionalGeneration, gemma3_config(s), seed, device,
-                                       dtype=dtype).eval()
-    with torch.no_grad():  # the stock projection starts at zero: give it weights
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
-    random_models.sharpen_attention(model.model.vision_tower, sharpen)
+    model = gemma3_model(Gemma3ForConditionalGeneration, s, device, dtype, seed, sharpen)
     ids = s.ids
     side = s.tower["image_size"]
 
@@ -872,6 +921,35 @@ def _build_onevision(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario
     make = _prefill_methods(s, model, device, lambda count: [s.ids["image_token_index"]] * count, inputs, call,
                             [patches] * s.tower["num_hidden_layers"])
     return BuiltScenario(s.name, weights_mb(model), make, model, dict(crops=crops))
+
+
+def _build_internvl(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario:
+    from transformers import InternVLForConditionalGeneration
+
+    model = internvl_model(InternVLForConditionalGeneration, s, device, dtype, seed, sharpen)
+    ids = s.ids
+    side = s.tower["image_size"]
+    tiles = internvl_tiles(s)
+    cache = {}
+
+    def inputs(batch, seed):
+        if batch not in cache:
+            image = dict(pixel_values=_pixels(batch * tiles, side, device, dtype, seed))  # image by image, tile by tile
+            cache[batch] = image, _stock_count(model, image, tiles)
+        return cache[batch]
+
+    def call(prompt, **image):
+        return model(input_ids=prompt, **image, use_cache=True, logits_to_keep=1)
+
+    def tile_counts(batch):  # the processor's per-image tile counts, which the patched model takes
+        return dict(image_num_patches=torch.tensor([tiles] * batch, device=device))
+
+    patches = (side // s.tower["patch_size"]) ** 2
+    make = _prefill_methods(s, model, device,
+                            lambda count: [ids["start_image_token_id"], *[ids["image_token_id"]] * count,
+                                           ids["end_image_token_id"]],
+                            inputs, call, [1 + patches] * s.tower["num_hidden_layers"], tile_counts)
+    return BuiltScenario(s.name, weights_mb(model), make, model, dict(crops=tiles))
 
 
 def vit_model(s: Scenario, device, dtype, seed, sharpen) -> nn.Module:
@@ -923,4 +1001,5 @@ def _build_vit_tower(s: Scenario, device, dtype, seed, sharpen) -> BuiltScenario
 BUILDERS = {"next": _build_next, "next-crops": _build_next_crops, "qwen-tower": _build_qwen_tower,
             "qwen3-tower": _build_qwen_tower, "qwen": _build_qwen, "gemma3-tower": _build_gemma3_tower,
             "onevision-crops": _build_onevision_crops, "vit-tower": _build_vit_tower, "dinov2-tower": _build_vit_tower,
-            "internvl-tower": _build_internvl_tower, "gemma3": _build_gemma3, "onevision": _build_onevision}
+            "internvl-tower": _build_internvl_tower, "gemma3": _build_gemma3, "onevision": _build_onevision,
+            "internvl": _build_internvl}

@@ -1,5 +1,5 @@
 """The benchmark's ragged-batch, language-model-stage, primitive, LLaVA-NeXT, Qwen2-VL, Gemma 3, LLaVA-OneVision,
-ViT and DINOv2 rows, at tiny sizes."""
+ViT, DINOv2 and InternVL rows, at tiny sizes."""
 
 import pytest
 import torch
@@ -155,6 +155,7 @@ def test_kernel_rows_time_every_primitive_against_its_composition():
     ("vit-tower-tiny", 64, 16, False),
     ("dinov2-tower-tiny", 64, 16, False),  # CLS and 4 registers not counted
     ("internvl-tower-tiny", 64, 16, False),  # 16×16 patches pixel-shuffled 2×2: 64 tokens, K whole groups
+    ("internvl3-8b-tiny", 5 * 64, 16, True),  # 5 tiles of 64 tokens; K between <img> and </img>
 ])
 def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, tmp_path):
     pytest.importorskip("matplotlib")
@@ -171,7 +172,8 @@ def test_scenario_presets_at_tiny_sizes(preset, out_unpruned, out_flowcut, lm, t
             assert row["tokens_out"] == out_flowcut and row["speedup_vs_unpruned"] > 0
         assert (row["lm_tokens"] is not None) == lm
         if lm:
-            assert row["lm_tokens"] == 12 + row["tokens_out"] + (2 if preset.startswith(("qwen", "gemma3")) else 0)
+            marks = 2 if preset.startswith(("qwen", "gemma3", "internvl")) else 0  # begin / end of image
+            assert row["lm_tokens"] == 12 + row["tokens_out"] + marks
         assert row["tokens_per_layer"]
 
 
@@ -225,7 +227,26 @@ def test_family_tower_presets_have_the_real_shapes():
         assert scenarios.SCENARIOS[name].default_targets == (64,) and scenarios.SCENARIOS[name].cuda_only is None
 
 
-@pytest.mark.parametrize("name", ["gemma3-tiny", "llava-onevision-tiny"])
+def _family_inputs(name, s, config, batch, pixels):
+    """What a whole-family tiny preset hands its model: (count → an image's prompt ids for ``count`` visual tokens,
+    the stock model's image inputs of ``pixels`` for ``batch`` images, the inputs only the patched model takes)."""
+    if name.startswith("gemma3"):
+        marks = [config.boi_token_id], [config.eoi_token_id]
+    elif name.startswith("internvl"):
+        marks = [s.ids["start_image_token_id"]], [s.ids["end_image_token_id"]]
+    else:
+        marks = [], []
+    image = {"pixel_values": pixels}
+    patched = {}
+    if name.startswith("llava-onevision"):
+        image = {"pixel_values": pixels.view(batch, -1, *pixels.shape[1:]),
+                 "image_sizes": torch.tensor([s.image] * batch)}
+    if name.startswith("internvl"):
+        patched = {"image_num_patches": torch.tensor([len(pixels) // batch] * batch)}
+    return (lambda count: marks[0] + [config.image_token_id] * count + marks[1]), image, patched
+
+
+@pytest.mark.parametrize("name", ["gemma3-tiny", "llava-onevision-tiny", "internvl3-8b-tiny"])
 def test_whole_family_presets_run_the_stock_model_and_flowcut(name):
     """unpruned is the stock model's prefill (here from its public API), flowcut-<backend> the same call after
     flowcut(model, K): K visual tokens in the prompt; the model is left unpatched."""
@@ -239,28 +260,51 @@ def test_whole_family_presets_run_the_stock_model_and_flowcut(name):
         results = {method: fn() for method, fn in fns.items()}
     assert not hasattr(model, "flowcut_config")
     config = model.config
-    image_token = config.image_token_id
     crops = built.extras.get("crops", 1)
-    side = config.vision_config.image_size
+    side = s.tower["image_size"]
     pixels = torch.randn(2 * crops, 3, side, side, generator=torch.Generator().manual_seed(3))
-    image = {"pixel_values": pixels}
-    if crops > 1:
-        image = {"pixel_values": pixels.view(2, crops, 3, side, side), "image_sizes": torch.tensor([s.image] * 2)}
+    visual_ids, image, patched = _family_inputs(name, s, config, 2, pixels)
     for method, result in results.items():
-        assert result.lm_tokens == 12 + result.tokens_out + (2 if name.startswith("gemma3") else 0)
+        visual = visual_ids(result.tokens_out)
+        assert result.lm_tokens == 12 + len(visual)
         text = scenarios.random_prompt(12, config.get_text_config().vocab_size, "cpu", 3) % min(s.ids.values())
         text = text.clamp(min=3)
-        extra = ([config.boi_token_id] if name.startswith("gemma3") else [])
-        visual = extra + [image_token] * result.tokens_out + ([config.eoi_token_id] if extra else [])
         ids = torch.cat([text[:, :7], torch.tensor([visual]), text[:, 7:]], 1).expand(2, -1)
-        kwargs = {"token_type_ids": (ids == image_token).long()} if extra else {}
+        kwargs = {"token_type_ids": (ids == config.image_token_id).long()} if name.startswith("gemma3") else {}
         if method != "unpruned":
             flowcut(model, 16)
+            kwargs.update(patched)
         with torch.inference_mode():
             want = model(input_ids=ids, **image, **kwargs).logits[:, -1:]
         remove_flowcut(model)
         torch.testing.assert_close(result.output, want, rtol=1e-4, atol=1e-5)
     assert results["flowcut-torch"].tokens_per_layer[0] > results["flowcut-torch"].tokens_per_layer[-1]
+    if name.startswith("internvl"):  # the stock prompt holds every tile's tokens; the patched one K per image
+        assert results["unpruned"].tokens_out == crops * config.image_seq_length == 5 * 64
+        assert results["flowcut-torch"].tokens_out == 16
+
+
+@pytest.mark.parametrize("name", ["internvl-tower-tiny", "internvl3-8b-tiny"])
+def test_internvl_random_models_are_made_realistic(name):
+    """Both InternVL presets build their model through one helper: the CLS row and position table given values
+    (the stock ones start at zero), q and k (weights and biases) scaled by the preset's factor, the rest as seeded."""
+    from transformers import InternVLForConditionalGeneration, InternVLModel
+
+    s = scenarios.SCENARIOS[name]
+    cls = InternVLModel if s.kind == "internvl-tower" else InternVLForConditionalGeneration
+    built = s.build("cpu", torch.float32, 0, s.sharpen)
+    assert type(built.model) is cls
+    plain = scenarios.internvl_model(cls, s, "cpu", torch.float32, 0, 1.0)
+    towers = [getattr(m, "model", m).vision_tower for m in (built.model, plain)]
+    for tower in towers:
+        assert tower.embeddings.cls_token.abs().min() > 0 and tower.embeddings.position_embeddings.abs().min() > 0
+    for got, want in zip(towers[0].encoder.layer, towers[1].encoder.layer):
+        for proj in ("q_proj", "k_proj"):
+            torch.testing.assert_close(getattr(got.attention, proj).weight, s.sharpen * getattr(want.attention,
+                                                                                                 proj).weight)
+            torch.testing.assert_close(getattr(got.attention, proj).bias, s.sharpen * getattr(want.attention,
+                                                                                               proj).bias)
+        assert torch.equal(got.attention.v_proj.weight, want.attention.v_proj.weight)
 
 
 def test_qwen_flop_model_counts_what_an_eager_prefill_multiplies():
@@ -331,7 +375,18 @@ def test_gpu_scenarios_have_the_7b_shapes():
             text.intermediate_size) == (28, 3584, 28, 4, 18944)
     assert (onevision.vision_feature_layer, onevision.vision_feature_select_strategy) == (-1, "full")
     assert scenarios.onevision_crops(scenarios.SCENARIOS["llava-onevision-7b"]) == 5  # 768×768: base + 2×2 grid
-    for name in ("gemma3-4b", "llava-onevision-7b"):
+    s = scenarios.SCENARIOS["internvl3-8b"]
+    internvl = scenarios.internvl_config(s)
+    vision, text = internvl.vision_config, internvl.text_config
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.num_attention_heads, *vision.patch_size,
+            *vision.image_size) == (24, 1024, 16, 14, 14, 448, 448)
+    assert (text.model_type, text.num_hidden_layers, text.hidden_size, text.num_attention_heads,
+            text.num_key_value_heads, text.intermediate_size) == ("qwen2", 28, 3584, 28, 4, 18944)
+    assert (internvl.image_seq_length, internvl.downsample_ratio, internvl.image_token_id) == (256, 0.5, 151667)
+    assert internvl.tie_word_embeddings is False and text.vocab_size == 151674  # InternVL3-8B's own lm_head
+    assert scenarios.internvl_tiles(s) == 5 and s.image == (896, 896)  # a 2×2 grid of 448² tiles + the thumbnail
+    assert s.default_targets == (64, 128, 256) and s.min_target == 5  # each tile keeps at least one group
+    for name in ("gemma3-4b", "llava-onevision-7b", "internvl3-8b"):
         assert scenarios.SCENARIOS[name].cuda_only and scenarios.SCENARIOS[name].default_batch == (1, 8)
 
 
@@ -348,6 +403,10 @@ def test_help_lists_every_preset_with_a_line(capsys):
     (["--preset", "qwen2-vl-7b"], "--preset qwen2-vl-7b runs on CUDA only"),
     (["--preset", "gemma3-4b"], "--preset gemma3-4b runs on CUDA only"),
     (["--preset", "llava-onevision-7b"], "--preset llava-onevision-7b runs on CUDA only"),
+    (["--preset", "internvl3-8b"], "--preset internvl3-8b runs on CUDA only: InternVL3-8B needs 16 GB"),
+    (["--preset", "internvl3-8b-tiny", "--target", "4"], "at least 1 a tile) must be in [5, 319]"),
+    (["--preset", "internvl3-8b-tiny", "--feature-layer", "-1"], "it measures the model's own feature layer"),
+    (["--preset", "qwen2-vl-tiny", "--feature-layer", "-2"], "it measures the model's own feature layer"),
     (["--preset", "llava-onevision-tiny", "--target", "32"], "the LM stage to K) must be in [2, 31]"),
     (["--preset", "llava-next-crops-tiny", "--feature-layer", "-2"], "--feature-layer does not apply"),
     (["--preset", "qwen2-vl-tower-tiny", "--methods", "original"], "--methods original does not apply"),
