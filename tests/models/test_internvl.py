@@ -15,8 +15,8 @@ from oracle.internvl import naive_image, naive_logits
 from oracle.lm_stage import naive_lm_stage
 from tiny.internvl import END, IMAGE, START, TILE_TOKENS, random_internvl, tiny_internvl_processor
 from vlm_cases import (
-    assert_bfloat16_finite, check_generate_batched, check_remove_gives_back, check_shared_processor_refused, check_stock_placeholders_refused,
-    random_images, refused,
+    assert_bfloat16_finite, check_generate_batched, check_remove_gives_back, check_shared_processor_refused,
+    check_stock_placeholders_refused, random_images, refused,
 )
 
 from flowcut_kernels import FlowCutInputError, flowcut, remove_flowcut
