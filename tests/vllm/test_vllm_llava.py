@@ -97,14 +97,18 @@ def test_bad_target_num_fails_at_load_naming_the_key(folder, target):
 @pytest.mark.parametrize("change,message", [
     ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy 'default'"),
     ({"vision_feature_layer": [-2, -1]}, "vision_feature_layer=[-2, -1] selects several feature layers"),
-], ids=["strategy", "feature-layers"])
+    ({"vision_config": {"model_type": "siglip_vision_model"}}, "this model's tower is SiglipVisionConfig"),
+], ids=["strategy", "feature-layers", "siglip-tower"])
 def test_unsupported_configurations_fail_at_load_naming_them(folder, tmp_path, change, message):
-    """A configuration stock vLLM serves but the plug-in does not prune fails at load with the key, not silently."""
+    """A configuration stock vLLM serves but the plug-in does not prune fails at load with the key, not silently
+    (``change``: config.json's fields replaced, a dict's own fields one by one)."""
     edited = shutil.copytree(folder, tmp_path / "edited")
     with open(edited / "config.json") as f:
         config = json.load(f)
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
     with open(edited / "config.json", "w") as f:
-        json.dump({**config, **change}, f)
+        json.dump(config, f)
     code, output, result = run_engine(str(edited), {"flowcut": {"target_num": TARGET}}, IMAGES[:1], timeout=200)
     assert code != 0 and result is None
     assert message in output
