@@ -197,6 +197,20 @@ def test_stage_prefill_and_first_decode_step_equal_oracle(prompts):
         assert (got.double() - expected).abs().max() <= 1e-6 * expected.abs().max()
 
 
+def test_stage_takes_inputs_embeds_and_runs_on_the_core_alone():
+    model, processor = patched(llm_stage=True)
+    batch = inputs(processor, PAIR)
+    logits = model(**batch).logits
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    given = {k: v for k, v in batch.items() if k != "input_ids"}
+    assert torch.equal(model(inputs_embeds=embeds, **given).logits, logits)
+    core = random_internvl().model
+    flowcut(core, K, processor=tiny_internvl_processor(random_internvl()), llm_stage=True)
+    out = core(**batch)
+    assert out.last_hidden_state.shape == (2, batch["input_ids"].shape[1], 32)
+    assert torch.allclose(model.lm_head(out.last_hidden_state), logits, rtol=1e-5, atol=1e-6)
+
+
 # --- generate -------------------------------------------------------------------------------------
 
 
