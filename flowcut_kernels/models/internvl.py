@@ -236,20 +236,22 @@ def _pruned_image_features(self: nn.Module, pixel_values: Tensor, vision_feature
     hidden = torch.cat((hidden[:, :1], hidden[:, 1:][:, order]), 1)
     last, ragged, kept, tokens = pruned_tiles(tower, hidden, group, tiles, target, backend)
     last = tower.core.layernorm(last)  # the stock tower's final norm (Identity with mean pooling)
-    patches = [x[1:n] for x, n in zip(last, ragged.lens)]
-    grid = last.new_zeros(len(last), side * side, last.shape[-1])
-    for t, (rows, groups) in enumerate(zip(patches, kept)):
-        grid[t, order[(groups[:, None] * group + torch.arange(group, device=groups.device)).flatten()]] = rows
-    shuffled = self.pixel_shuffle(grid.view(len(last), side, side, -1), scale_factor=self.config.downsample_ratio)
-    shuffled = shuffled.reshape(len(last), -1, shuffled.shape[-1])  # (T, t², m·C): the stock layout
-    chosen = torch.cat([shuffled[t, g] for t, g in enumerate(kept)])
-    projected = self.multi_modal_projector(chosen).view(len(tiles), target, -1)
-    within = [j for n in tiles for j in range(n)]  # each tile's place in its image
-    tile_of = torch.cat([torch.full((len(g),), j, device=g.device) for j, g in zip(within, kept)])
+    count, channels = len(last), last.shape[-1]
+    flat = torch.cat(kept)  # each tile's kept groups, tile by tile
+    tile_rows = torch.arange(count).repeat_interleave(torch.tensor([len(g) for g in kept]))  # host: no read back
+    tile = tile_rows.to(flat.device)
+    members = order[(flat[:, None] * group + torch.arange(group, device=flat.device)).flatten()]
+    grid = last.new_zeros(count, side * side, channels)
+    grid[tile.repeat_interleave(group), members] = torch.cat([x[1:n] for x, n in zip(last, ragged.lens)])
+    shuffled = self.pixel_shuffle(grid.view(count, side, side, channels), scale_factor=self.config.downsample_ratio)
+    shuffled = shuffled.reshape(count, -1, shuffled.shape[-1])  # (T, t², m·C): the stock layout
+    projected = self.multi_modal_projector(shuffled[tile, flat]).view(len(tiles), target, -1)
+    within = torch.tensor([j for n in tiles for j in range(n)])  # each tile's place in its image
+    tile_of = within[tile_rows].to(flat.device)
     out = FlowCutInternVLImageFeatures(
         last_hidden_state=[x[:n] for x, n in zip(last, ragged.lens)],
         pooler_output=projected,
-        keep_indices=torch.stack((tile_of, torch.cat(kept)), -1).view(len(tiles), target, 2),
+        keep_indices=torch.stack((tile_of, flat), -1).view(len(tiles), target, 2),
         tokens_per_layer=[[t[j] for t in tokens] for j in range(len(last))],
     )
     return returned(self, out, return_dict)
@@ -318,7 +320,7 @@ def _forward(self: nn.Module, input_ids=None, pixel_values=None, attention_mask=
     marks = placeholders(self, input_ids, inputs_embeds)
     runs = image_runs(marks)
     target = self.flowcut_config.target_num
-    check_count(self, int(marks.sum()), [target] * len(runs))
+    check_count(self, sum(runs), [target] * len(runs))
     require(all(n == target for n in runs), f"the prompts' images hold {runs} placeholder tokens, not target_num="
                                             f"{target} each: pass the processor when patching, flowcut(model, "
                                             f"{target}, processor=processor), and process the prompts again")
@@ -329,7 +331,8 @@ def _forward(self: nn.Module, input_ids=None, pixel_values=None, attention_mask=
     encoded = self.get_image_features(pixel_values, vision_feature_layer, vision_feature_select_strategy,
                                       image_num_patches=tiles, return_dict=True)
     if self.flowcut_config.llm_stage:
-        return stage_prefill(self, inputs_embeds, marks, encoded, attention_mask, position_ids, cache, kwargs)
+        return stage_prefill(self, inputs_embeds, marks, sum(runs), encoded, attention_mask, position_ids, cache,
+                             kwargs)
     features = encoded.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
     inputs_embeds = inputs_embeds.masked_scatter(marks[..., None].to(inputs_embeds.device), features)
     out = stock(input_ids=None, attention_mask=attention_mask, position_ids=position_ids,

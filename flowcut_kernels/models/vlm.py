@@ -205,15 +205,16 @@ def staged_forward(
     if inputs_embeds is None:
         inputs_embeds = self.get_input_embeddings()(input_ids)
     marks = placeholders(self, input_ids, inputs_embeds)
+    count = int(marks.sum())
     if encoded is None:
         images = len(image_sizes) if image_sizes is not None else len(pixel_values)
-        check_count(self, int(marks.sum()), [self.flowcut_config.target_num] * images)
+        check_count(self, count, [self.flowcut_config.target_num] * images)
         encoded = self.get_image_features(
             pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
             return_dict=True,
         )
-    return stage_prefill(self, inputs_embeds, marks, encoded, attention_mask, position_ids, cache, kwargs)
+    return stage_prefill(self, inputs_embeds, marks, count, encoded, attention_mask, position_ids, cache, kwargs)
 
 
 def check_stage_call(attention_mask, kwargs: dict) -> None:
@@ -231,14 +232,14 @@ def check_stage_call(attention_mask, kwargs: dict) -> None:
     )
 
 
-def stage_prefill(self: nn.Module, inputs_embeds: Tensor, marks: Tensor, encoded, attention_mask, position_ids, cache,
-                  kwargs: dict):
+def stage_prefill(self: nn.Module, inputs_embeds: Tensor, marks: Tensor, count: int, encoded, attention_mask,
+                  position_ids, cache, kwargs: dict):
     """The language-model stage's prefill (:func:`.lm_stage.prefill`) of a core's prompts, ``inputs_embeds`` (B, L,
-    C) with the placeholders ``marks`` (B, L) bool, K = target_num per image, and the images' tower-stage features
-    ``encoded.pooler_output`` (one (W_g ≥ K, C) per image, in prompt order); the output is the stock forward's class
-    (:func:`.seams.vlm_output`)."""
+    C) with the placeholders ``marks`` (B, L) bool (``count`` of them, read once by the caller), K = target_num per
+    image, and the images' tower-stage features ``encoded.pooler_output`` (one (W_g ≥ K, C) per image, in prompt
+    order); the output is the stock forward's class (:func:`.seams.vlm_output`)."""
     features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in encoded.pooler_output]  # (W_g, C) each
-    check_count(self, int(marks.sum()), [self.flowcut_config.target_num] * len(features))
+    check_count(self, count, [self.flowcut_config.target_num] * len(features))
     mask = attention_mask if attention_mask is not None else torch.ones_like(marks, dtype=torch.long)
     return_dict = kwargs.pop("return_dict", None)
     kwargs.pop("cache_position", None)  # 5.0's, of the short layout; the stage counts its own positions
