@@ -56,7 +56,7 @@ from .attention import capturing
 from .encoder import Ragged, check_pixels
 from .gemma3 import window_order
 from .instance import is_patched, prior_attr, restore_patch, returned, set_attrs
-from .policy import LayerView, scheduled_keep
+from .policy import LayerView
 from .registry import Family, FlowCutConfig
 from .schedule import refuse_schedule
 from .vit import ViTTower
@@ -143,15 +143,24 @@ def _offsets(lengths: list[int], device) -> Tensor:
 def _shared_keep(entropy: Tensor, groups: list[int], finals: list[int], tiles: list[int], base: list[int],
                  steps_left: int) -> list[int] | None:
     """The groups each tile keeps after a prune step (module docstring: one schedule per image), or None where the
-    layer does not prune."""
+    layer does not prune. One host read of Hn for every tile (:func:`.ops.prune_counts`): tile j's prune count, of
+    its G_j groups with T − 1 = ⌊K/n⌋, is that of G_j − ⌊K/n⌋ candidates with T = 1."""
     if steps_left % 2:
         return None
+    if steps_left == 0:
+        return list(finals)
+    shares = [share for n, share in zip(tiles, base) for _ in range(n)]
+    live = [j for j, (g, f) in enumerate(zip(groups, finals)) if g > f]
+    drops = [0] * len(groups)  # what each tile's own rule drops, down to its final count
+    if live:
+        values = entropy if len(live) == len(groups) else entropy[live]
+        counts = ops.prune_counts(values, [groups[j] - shares[j] for j in live], 1, steps_left)
+        for j, prune in zip(live, counts):
+            drops[j] = min(prune, groups[j] - finals[j])
     keep, start = [], 0
-    for n, share in zip(tiles, base):
-        rows = slice(start, start + n)
-        own = scheduled_keep(entropy[rows], groups[rows], finals[rows], steps_left, relay=0, rule_target=share + 1)
-        drop = max(g - k for g, k in zip(groups[rows], own))
-        keep += [max(g - drop, f) for g, f in zip(groups[rows], finals[rows])]
+    for n in tiles:  # an image drops the most any of its tiles drops, from every tile
+        drop = max(drops[start:start + n])
+        keep += [max(g - drop, f) for g, f in zip(groups[start:start + n], finals[start:start + n])]
         start += n
     return keep
 
@@ -171,7 +180,7 @@ def pruned_tiles(tower: InternViT, hidden: Tensor, group: int, tiles: list[int],
     groups = [(seq - 1) // group] * count
     ragged = Ragged([seq] * count, hidden.device)
     number = torch.arange(groups[0], device=hidden.device).repeat(count)  # packed group numbers
-    varlen = ops.unchecked("flow_scores_varlen", backend)
+    varlen, select = ops.unchecked("flow_scores_varlen", backend), ops.unchecked("topk_select", backend)
     cum, tokens = None, []
     with capturing(tower.core.config) as run:
         for i, layer in enumerate(layers[:feature]):
@@ -188,13 +197,11 @@ def pruned_tiles(tower: InternViT, hidden: Tensor, group: int, tiles: list[int],
             cum, entropy, _ = varlen(view.relay_query(), k, v, ragged.cu_seqlens, cum, float(scale), True, True)
             keep = _shared_keep(entropy, groups, finals, tiles, base, view.steps_left)
             if keep is not None and keep != groups:
-                kept = ops.topk_select(cum.view(-1, group).sum(1), keep, cu_seqlens=_offsets(groups, cum.device),
-                                       backend=backend).kept
+                kept = select(cum.view(-1, group).sum(1), _offsets(groups, cum.device), keep, None)[0]  # ascending
                 rows = (kept[:, None] * group + torch.arange(group, device=kept.device)).flatten()  # candidates
-                tile = torch.arange(count, device=kept.device).repeat_interleave(
-                    torch.tensor(groups, device=kept.device) * group)
+                tile = torch.tensor([t for t, n in enumerate(keep) for _ in range(n * group)], device=kept.device)
                 relays = ragged.cu_seqlens[:-1].long()
-                packed = ragged.pack(hidden)[torch.cat((relays, rows + tile[rows] + 1)).sort().values]
+                packed = ragged.pack(hidden)[torch.cat((relays, rows + tile + 1)).sort().values]
                 cum, number, groups = cum[rows], number[kept], keep
                 ragged = Ragged([1 + g * group for g in groups], hidden.device)
                 hidden = ragged.unpack(packed)
@@ -238,11 +245,11 @@ def _pruned_image_features(self: nn.Module, pixel_values: Tensor, vision_feature
     last = tower.core.layernorm(last)  # the stock tower's final norm (Identity with mean pooling)
     count, channels = len(last), last.shape[-1]
     flat = torch.cat(kept)  # each tile's kept groups, tile by tile
-    tile_rows = torch.arange(count).repeat_interleave(torch.tensor([len(g) for g in kept]))  # host: no read back
+    tile_rows = torch.tensor([t for t, g in enumerate(kept) for _ in range(len(g))])  # built on the host
     tile = tile_rows.to(flat.device)
     members = order[(flat[:, None] * group + torch.arange(group, device=flat.device)).flatten()]
     grid = last.new_zeros(count, side * side, channels)
-    grid[tile.repeat_interleave(group), members] = torch.cat([x[1:n] for x, n in zip(last, ragged.lens)])
+    grid[tile[:, None].expand(-1, group).flatten(), members] = torch.cat([x[1:n] for x, n in zip(last, ragged.lens)])
     shuffled = self.pixel_shuffle(grid.view(count, side, side, channels), scale_factor=self.config.downsample_ratio)
     shuffled = shuffled.reshape(count, -1, shuffled.shape[-1])  # (T, t², m·C): the stock layout
     projected = self.multi_modal_projector(shuffled[tile, flat]).view(len(tiles), target, -1)

@@ -151,6 +151,20 @@ def test_tiles_of_an_image_share_one_schedule():
     assert len({tuple(t) for t in out.tokens_per_layer}) > 2  # the schedules differ: a real per-image test
 
 
+def test_one_host_read_per_prune_step():
+    """Three images of 3, 1 and 3 tiles: Hn is read once per prune step before the last, not once per image."""
+    from host_reads import HostReads
+
+    model, processor = patched()
+    batch = inputs(processor, TWO)
+    tiles = batch["image_num_patches"].tolist()
+    with HostReads() as reads:
+        out = model.model.get_image_features(batch["pixel_values"], image_num_patches=tiles)
+    layers = len(out.tokens_per_layer[0])
+    steps = sum(1 for i in range(layers - 1) if (layers - 2 - i) % 2 == 0 and layers - 2 - i > 0)
+    assert len(reads.reads) == steps, reads.reads
+
+
 def test_k_tokens_per_image_reach_the_language_model():
     model, processor = patched()
     batch = inputs(processor, TWO)
