@@ -111,7 +111,7 @@ def pruned_tower(tower: Tower, hidden: Tensor, group: int, target: int, backend:
     targets = [target] * batch
     ragged = Ragged([seq] * batch, hidden.device)
     number = torch.arange(seq // group, device=hidden.device).repeat(batch)  # packed window numbers
-    varlen = ops.unchecked("flow_scores_varlen", backend)
+    varlen, select = ops.unchecked("flow_scores_varlen", backend), ops.unchecked("topk_select", backend)
     cum, tokens = None, []
     with capturing(tower.core.config) as run:
         for i, layer in enumerate(layers[:feature]):
@@ -134,8 +134,7 @@ def pruned_tower(tower: Tower, hidden: Tensor, group: int, target: int, backend:
             cum, entropy, _ = varlen(view.relay_query(), k, v, ragged.cu_seqlens, cum, float(scale), False, True)
             keep = scheduled_keep(entropy, groups, targets, view.steps_left, relay=0, rule_target=target + 1)
             if keep is not None and keep != groups:
-                kept = ops.topk_select(cum.view(-1, group).sum(1), keep, cu_seqlens=_offsets(groups, cum.device),
-                                       backend=backend).kept
+                kept = select(cum.view(-1, group).sum(1), _offsets(groups, cum.device), keep, None)[0]  # ascending
                 rows = (kept[:, None] * group + torch.arange(group, device=kept.device)).flatten()
                 packed, cum, number, groups = ragged.pack(hidden)[rows], cum[rows], number[kept], keep
                 ragged = Ragged([g * group for g in groups], hidden.device)

@@ -124,6 +124,19 @@ def test_images_are_pruned_independently_of_their_batch():
     assert len({tuple(t) for t in together.tokens_per_layer}) > 1  # the schedules differ: a real per-image test
 
 
+def test_one_host_read_per_prune_step():
+    """Hn of every image is read once per prune step before the last; nothing else is read back."""
+    from host_reads import HostReads
+
+    model, processor = patched()
+    pixels = processor(text=PAIR, images=nested(PAIR), padding=True, return_tensors="pt")["pixel_values"]
+    with HostReads() as reads:
+        out = model.model.get_image_features(pixels)
+    layers = len(out.tokens_per_layer[0])
+    steps = sum(1 for i in range(layers - 1) if (layers - 2 - i) % 2 == 0 and layers - 2 - i > 0)
+    assert steps and len(reads.reads) == steps, reads.reads
+
+
 # --- generate -------------------------------------------------------------------------------------
 
 

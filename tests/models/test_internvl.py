@@ -162,7 +162,7 @@ def test_one_host_read_per_prune_step():
         out = model.model.get_image_features(batch["pixel_values"], image_num_patches=tiles)
     layers = len(out.tokens_per_layer[0])
     steps = sum(1 for i in range(layers - 1) if (layers - 2 - i) % 2 == 0 and layers - 2 - i > 0)
-    assert len(reads.reads) == steps, reads.reads
+    assert steps and len(reads.reads) == steps, reads.reads
 
 
 def test_k_tokens_per_image_reach_the_language_model():
